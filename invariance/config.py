@@ -1,0 +1,200 @@
+"""The run config: YAML, validated up front; errors name the key and the problem.
+
+Every key, its default and its meaning is in README.md ("Config reference"); keep the two
+in step. ``settings_hash`` keys the results: every setting that changes the numbers goes
+into it, nothing else (never credentials).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from invariance import __version__
+from invariance.errors import ConfigError
+
+# Bump when a code change alters the numbers computed for unchanged settings.
+ALGORITHM_VERSION = 1
+
+TokenPolicy = Literal["flatten", "cls", "mean"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Strict):
+    """Which network: a timm architecture name + kwargs, or a user factory."""
+
+    arch: str | None = None
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    factory: str | None = None
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+    strict: bool = True
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelConfig":
+        if (self.arch is None) == (self.factory is None):
+            raise ValueError("give exactly one of model.arch (a timm name) or model.factory ('package.module:function')")
+        if self.factory is not None and ":" not in self.factory:
+            raise ValueError(f"model.factory must look like 'package.module:function', got {self.factory!r}")
+        return self
+
+
+class DataConfig(_Strict):
+    """The eval images X: n samples chosen deterministically from a dataset."""
+
+    format: Literal["cifar", "imagefolder", "parquet"]
+    path: str
+    split: str = "test"
+    n_samples: int = Field(500, gt=0)
+    selection: Literal["first", "random"] = "first"
+    selection_seed: int = 0
+    image_size: int | None = Field(None, gt=0)
+    image_column: str = "image"
+
+
+class InversionConfig(_Strict):
+    """The reference inversion (normalized gradient descent on relative L2)."""
+
+    iterations: int = Field(500, ge=1)
+    step_size: float = Field(0.5, gt=0)
+    tolerance: float | None = Field(None, gt=0)
+    micro_batch: int | Literal["auto"] = "auto"
+    bf16: bool = True
+    compile: bool = False
+
+
+class ResourcesConfig(_Strict):
+    """What each Ray task asks for, and how much work is in flight."""
+
+    num_gpus: float = Field(0.0, ge=0)
+    num_cpus: float = Field(1.0, gt=0)
+    max_in_flight: int | None = Field(None, ge=1)
+    max_retries: int = Field(3, ge=0)
+
+
+class RunConfig(_Strict):
+    """One run: a pretrained model, its finetuning checkpoints, and what to measure."""
+
+    output: str
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    model: ModelConfig
+    pretrained: str
+    checkpoints: str
+    data: DataConfig
+    layers: Literal["all"] | list[int] = "all"
+    token_policy: TokenPolicy = "flatten"
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    inversion: InversionConfig = Field(default_factory=InversionConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+
+    @field_validator("checkpoints")
+    @classmethod
+    def _has_epoch(cls, value: str) -> str:
+        if value.count("{epoch}") != 1:
+            raise ValueError("must contain {epoch} exactly once, e.g. 's3://lab/run/epoch={epoch}.safetensors'")
+        return value
+
+    @field_validator("layers")
+    @classmethod
+    def _layers_valid(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("give 'all' or a non-empty list of layer indices")
+            if any(v < 0 for v in value):
+                raise ValueError("layer indices start at 0 (block 0); the pre-logits layer is `depth`")
+            if len(set(value)) != len(value):
+                raise ValueError("layer indices must be unique")
+            return sorted(value)
+        return value
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds_unique(cls, value: list[int]) -> list[int]:
+        if len(set(value)) != len(value):
+            raise ValueError("seeds must be unique")
+        return value
+
+    def resolve_layers(self, depth: int) -> list[int]:
+        """Layer indices 0..depth (depth = pre-logits); errors name ``layers`` when out of range."""
+        if self.layers == "all":
+            return list(range(depth + 1))
+        too_deep = [k for k in self.layers if k > depth]
+        if too_deep:
+            raise ConfigError(
+                f"layers: {too_deep} out of range; this model has layers 0..{depth} "
+                f"(blocks 0..{depth - 1}, pre-logits {depth})"
+            )
+        return list(self.layers)
+
+    def numbers_settings(self) -> dict[str, Any]:
+        """Every setting that changes the STIR/CKA numbers (not output, storage or resources)."""
+        return {
+            "algorithm": ALGORITHM_VERSION,
+            "model": self.model.model_dump(mode="json"),
+            "pretrained": self.pretrained,
+            "data": self.data.model_dump(mode="json"),
+            "layers": self.layers,
+            "token_policy": self.token_policy,
+            "inversion": self.inversion.model_dump(mode="json", exclude={"micro_batch", "compile"}),
+        }
+
+    def inversion_settings(self) -> dict[str, Any]:
+        """What a pretrained-model inversion depends on: not the checkpoints, not the layer set."""
+        settings = self.numbers_settings()
+        settings.pop("layers")
+        return settings
+
+
+def settings_hash(settings: dict[str, Any]) -> str:
+    """Short stable hash of a JSON-able settings dict (key order does not matter)."""
+    canonical = json.dumps(settings, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def _format_validation_error(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key (misspelt? see the config reference in README.md)")
+        elif item["type"] == "missing":
+            lines.append(f"  {key}: required key is missing")
+        else:
+            lines.append(f"  {key}: {item['msg']} (got {item.get('input')!r})")
+    return "invalid run config:\n" + "\n".join(lines)
+
+
+def parse_config(raw: dict[str, Any]) -> RunConfig:
+    """A dict (as read from YAML) -> validated RunConfig, or ConfigError naming every bad key."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"the run config must be a YAML mapping of keys, got {type(raw).__name__}")
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc)) from None
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read and validate a YAML run config from a local path or any fsspec URL."""
+    import fsspec
+
+    try:
+        with fsspec.open(str(path), "r") as handle:
+            raw = yaml.safe_load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return parse_config(raw)
+
+
+def package_version() -> str:
+    return __version__

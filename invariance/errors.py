@@ -1,0 +1,21 @@
+"""Errors a user can act on: each names the key, the path or the expected form."""
+
+
+class InvarianceError(Exception):
+    """Base of every error this package raises on purpose."""
+
+
+class ConfigError(InvarianceError):
+    """The run config is missing a key, has a wrong type or an impossible value."""
+
+
+class CheckpointError(InvarianceError):
+    """A checkpoint cannot be found, read, trusted or matched to the model."""
+
+
+class DataError(InvarianceError):
+    """The eval data cannot be found or read, or holds fewer images than asked for."""
+
+
+class StorageError(InvarianceError):
+    """The output store cannot be reached, read or written."""

@@ -1,0 +1,143 @@
+"""Representation inversion as the STIR reference code runs it.
+
+X' = argmin ||m[j](X') - m[j](X)||_2 / ||m[j](X)||_2 per sample, by normalized gradient
+descent from N(0, 1) noise, iterates clamped to [0, 1], best iterate kept per sample
+(including one evaluation after the last step). Every quantity is per sample, so
+micro-batching is exact: each chunk is inverted on its own with identical results.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from invariance.config import InversionConfig, TokenPolicy
+from invariance.models import FeatureModel
+
+# Host syncs cost on GPU: the early-stop test reads the losses only this often.
+EARLY_STOP_CHECK_EVERY = 25
+_CPU_MICRO_BATCH = 64
+
+
+@dataclass(frozen=True)
+class InversionResult:
+    """``images: [n, 3, H, W]`` in [0, 1] (X'); ``final_loss: [n]`` best relative L2 per sample;
+    ``iterations_run``: steps taken by the longest micro-batch."""
+
+    images: torch.Tensor
+    final_loss: torch.Tensor
+    iterations_run: int
+
+
+def start_noise(seed: int, sample_indices: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+    """N(0, 1) start images ``[n, *shape]``, a function of (seed, sample index) only.
+
+    Independent of the model, the device and of which other samples are present, so pt and
+    ft inversions see the same noise (common random numbers) and chunks are exact.
+    """
+    generator = torch.Generator(device="cpu")
+    noise = torch.empty((len(sample_indices), *shape), dtype=torch.float32)
+    for row, index in enumerate(sample_indices.tolist()):
+        generator.manual_seed((int(seed) * 1_000_003 + int(index)) % (2**63 - 1))
+        noise[row] = torch.randn(shape, generator=generator)
+    return noise
+
+
+def _autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:
+    if bf16 and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _invert_chunk(
+    features: Callable[[torch.Tensor], torch.Tensor],
+    images: torch.Tensor,
+    start: torch.Tensor,
+    config: InversionConfig,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    autocast = _autocast(images.device, config.bf16)
+    with torch.no_grad(), autocast:
+        target = features(images).float()
+    target_norm = target.norm(dim=1).clamp_min(1e-12)
+
+    def relative_loss(candidate: torch.Tensor) -> torch.Tensor:
+        with autocast:
+            output = features(candidate).float()
+        return (output - target).norm(dim=1) / target_norm
+
+    current = start.clone()
+    best_images = current.clone()
+    best_loss = torch.full((len(images),), float("inf"), device=images.device)
+    steps = 0
+    for step in range(config.iterations):
+        current.requires_grad_(True)
+        loss = relative_loss(current)
+        (gradient,) = torch.autograd.grad(loss.sum(), current)
+        with torch.no_grad():
+            improved = loss < best_loss
+            best_loss = torch.where(improved, loss, best_loss)
+            best_images = torch.where(improved[:, None, None, None], current, best_images)
+            gradient_norm = gradient.flatten(1).norm(dim=1).clamp_min(1e-12)[:, None, None, None]
+            current = (current - config.step_size * gradient / gradient_norm).clamp_(0.0, 1.0)
+        steps = step + 1
+        if config.tolerance is not None and steps % EARLY_STOP_CHECK_EVERY == 0:
+            if bool((best_loss < config.tolerance).all()):
+                break
+    with torch.no_grad():
+        loss = relative_loss(current)
+        improved = loss < best_loss
+        best_loss = torch.where(improved, loss, best_loss)
+        best_images = torch.where(improved[:, None, None, None], current, best_images)
+    return best_images.detach(), best_loss.detach(), steps
+
+
+def auto_micro_batch(model: FeatureModel, layer: int, token_policy: TokenPolicy, images: torch.Tensor) -> int:
+    """Samples per chunk: on CUDA from a measured per-sample peak and the free memory, on CPU a
+    fixed size that bounds host memory."""
+    if images.device.type != "cuda":
+        return _CPU_MICRO_BATCH
+    probe = min(4, len(images))
+    torch.cuda.synchronize(images.device)
+    torch.cuda.reset_peak_memory_stats(images.device)
+    before = torch.cuda.memory_allocated(images.device)
+    probe_images = images[:probe].clone().requires_grad_(True)
+    loss = model.layer_features(probe_images, [layer], token_policy)[layer].float().norm(dim=1).sum()
+    torch.autograd.grad(loss, probe_images)
+    per_sample = max(1, (torch.cuda.max_memory_allocated(images.device) - before) // probe)
+    del loss, probe_images
+    free, _ = torch.cuda.mem_get_info(images.device)
+    # fp32 probe overestimates bf16 runs; 0.6 leaves room for the best-iterate copies
+    return max(1, int(0.6 * free // per_sample))
+
+
+def invert(
+    model: FeatureModel,
+    layer: int,
+    images: torch.Tensor,
+    noise: torch.Tensor,
+    config: InversionConfig,
+    token_policy: TokenPolicy = "flatten",
+) -> InversionResult:
+    """Invert ``model`` at ``layer`` for ``images: [n, 3, H, W]`` from ``noise: [n, 3, H, W]``.
+
+    The forward pass stops at ``layer``; parameters get no gradients.
+    """
+    model.requires_grad_(False)
+
+    def features(batch: torch.Tensor) -> torch.Tensor:
+        return model.layer_features(batch, [layer], token_policy)[layer]
+
+    if config.compile and images.device.type == "cuda":
+        features = torch.compile(features, dynamic=False)
+    noise = noise.to(images.device)
+    chunk = config.micro_batch if isinstance(config.micro_batch, int) else auto_micro_batch(model, layer, token_policy, images)
+    outputs, losses, steps = [], [], 0
+    for begin in range(0, len(images), chunk):
+        result = _invert_chunk(features, images[begin : begin + chunk], noise[begin : begin + chunk], config)
+        outputs.append(result[0])
+        losses.append(result[1])
+        steps = max(steps, result[2])
+    return InversionResult(torch.cat(outputs), torch.cat(losses), steps)

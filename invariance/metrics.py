@@ -1,0 +1,131 @@
+"""The finetuning paper's metrics as Polars functions over STIR and CKA rows.
+
+pt = pretrained, ft = a finetuning checkpoint; i = target layer, j = reference layer.
+- forgetting(ft[i] | pt[j]) = STIR(pt[i] | pt[j]) - STIR(ft[i] | pt[j])
+- learning(ft[i] | pt[j])   = STIR(ft[i] | ft[j]) - STIR(pt[i] | ft[j])
+- cka_divergence(ft[i], pt[j]) = CKA(pt[i], pt[j]) - CKA(ft[i], pt[j])
+- flow(ft[j], pt[i]) = STIR(ft[j] | pt[i]) - STIR(ft[i] | pt[i])
+Curves take i = j; mean and std (ddof=1, null for one seed) are over seeds.
+All functions accept DataFrames or LazyFrames and return the same kind.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, TypeVar
+
+import polars as pl
+
+Frame = TypeVar("Frame", pl.DataFrame, pl.LazyFrame)
+Estimator = Literal["stir", "stir_debiased"]
+CHECKPOINT_KEYS = ["checkpoint", "epoch"]
+_PAIR_KEYS = [*CHECKPOINT_KEYS, "ref_layer", "target_layer", "seed"]
+
+
+def _targets_side_by_side(stir: Frame, ref_model: str, value: Estimator) -> Frame:
+    """Rows of one reference model with the pt and ft targets as columns ``pt`` and ``ft``."""
+    rows = stir.filter(pl.col("ref_model") == ref_model)
+    by_target = {
+        name: rows.filter(pl.col("target_model") == name).select(*_PAIR_KEYS, pl.col(value).alias(name))
+        for name in ("pt", "ft")
+    }
+    return by_target["pt"].join(by_target["ft"], on=_PAIR_KEYS, how="inner")
+
+
+def forgetting(stir: Frame, value: Estimator = "stir") -> Frame:
+    """Per (checkpoint, epoch, ref_layer j, target_layer i, seed): ``forgetting``."""
+    paired = _targets_side_by_side(stir, "pt", value)
+    return paired.select(*_PAIR_KEYS, (pl.col("pt") - pl.col("ft")).alias("forgetting"))
+
+
+def learning(stir: Frame, value: Estimator = "stir") -> Frame:
+    """Per (checkpoint, epoch, ref_layer j, target_layer i, seed): ``learning``."""
+    paired = _targets_side_by_side(stir, "ft", value)
+    return paired.select(*_PAIR_KEYS, (pl.col("ft") - pl.col("pt")).alias("learning"))
+
+
+def cka_divergence(cka: Frame, value: Literal["cka", "cka_debiased"] = "cka") -> Frame:
+    """Per (checkpoint, epoch, ft_layer i, pt_layer j): ``cka_divergence``."""
+    against_pt = cka.filter(pl.col("model_b") == "pt")
+    keys = [*CHECKPOINT_KEYS, "layer_a", "layer_b"]
+    pt = against_pt.filter(pl.col("model_a") == "pt").select(*keys, pl.col(value).alias("pt"))
+    ft = against_pt.filter(pl.col("model_a") == "ft").select(*keys, pl.col(value).alias("ft"))
+    return pt.join(ft, on=keys, how="inner").select(
+        *CHECKPOINT_KEYS,
+        pl.col("layer_a").alias("ft_layer"),
+        pl.col("layer_b").alias("pt_layer"),
+        (pl.col("pt") - pl.col("ft")).alias("cka_divergence"),
+    )
+
+
+def flow(stir: Frame, value: Estimator = "stir") -> Frame:
+    """Per (checkpoint, epoch, pt_layer i, ft_layer j, seed): ``flow`` = STIR(ft[j]|pt[i]) - STIR(ft[i]|pt[i]).
+
+    j < i with flow > 0: compression; j > i: expansion; the diagonal is 0.
+    """
+    ft_given_pt = stir.filter((pl.col("ref_model") == "pt") & (pl.col("target_model") == "ft"))
+    diagonal = ft_given_pt.filter(pl.col("target_layer") == pl.col("ref_layer")).select(
+        *CHECKPOINT_KEYS, "ref_layer", "seed", pl.col(value).alias("diagonal")
+    )
+    return ft_given_pt.join(diagonal, on=[*CHECKPOINT_KEYS, "ref_layer", "seed"], how="inner").select(
+        *CHECKPOINT_KEYS,
+        pl.col("ref_layer").alias("pt_layer"),
+        pl.col("target_layer").alias("ft_layer"),
+        "seed",
+        (pl.col(value) - pl.col("diagonal")).alias("flow"),
+    )
+
+
+def over_seeds(frame: Frame, value: str, by: list[str]) -> Frame:
+    """``value`` -> ``{value}_mean``, ``{value}_std`` over seeds, grouped by ``by``."""
+    return frame.group_by(by).agg(
+        pl.col(value).mean().alias(f"{value}_mean"),
+        pl.col(value).std(ddof=1).alias(f"{value}_std"),
+        pl.len().alias("n_seeds"),
+    )
+
+
+def _diagonal_curve(matrix: Frame, value: str, suffix: str = "") -> Frame:
+    curve = matrix.filter(pl.col("ref_layer") == pl.col("target_layer")).rename({"target_layer": "layer"})
+    stats = over_seeds(curve, value, [*CHECKPOINT_KEYS, "layer"])
+    return stats.select(
+        *CHECKPOINT_KEYS, "layer",
+        pl.col(f"{value}_mean").alias(f"{value}{suffix}_mean"),
+        pl.col(f"{value}_std").alias(f"{value}{suffix}_std"),
+        *(["n_seeds"] if not suffix else []),
+    )  # fmt: skip
+
+
+def curves(stir: Frame, cka: Frame) -> Frame:
+    """Per (checkpoint, epoch, layer): forgetting, learning (biased and debiased STIR) and
+    cka_divergence, each ``_mean`` and ``_std`` over seeds (CKA has no seed: std is 0)."""
+    keys = [*CHECKPOINT_KEYS, "layer"]
+    parts = [
+        _diagonal_curve(forgetting(stir), "forgetting"),
+        _diagonal_curve(learning(stir), "learning").drop("n_seeds"),
+        _diagonal_curve(forgetting(stir, "stir_debiased"), "forgetting", "_debiased"),
+        _diagonal_curve(learning(stir, "stir_debiased"), "learning", "_debiased"),
+    ]
+    divergence = (
+        cka_divergence(cka)
+        .filter(pl.col("ft_layer") == pl.col("pt_layer"))
+        .select(
+            *CHECKPOINT_KEYS,
+            pl.col("ft_layer").alias("layer"),
+            pl.col("cka_divergence").alias("cka_divergence_mean"),
+            pl.lit(0.0).alias("cka_divergence_std"),
+        )
+    )
+    joined = parts[0]
+    for part in [*parts[1:], divergence]:
+        joined = joined.join(part, on=keys, how="left")
+    return joined.sort(keys)
+
+
+def flow_table(stir: Frame) -> Frame:
+    """Per (checkpoint, epoch, pt_layer, ft_layer): ``flow`` (mean over seeds) and ``flow_std``."""
+    keys = [*CHECKPOINT_KEYS, "pt_layer", "ft_layer"]
+    return (
+        over_seeds(flow(stir), "flow", keys)
+        .select(*keys, pl.col("flow_mean").alias("flow"), "flow_std", "n_seeds")
+        .sort(keys)
+    )

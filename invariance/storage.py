@@ -1,0 +1,118 @@
+"""Object storage through fsspec: any URL (s3://, gs://, file://, a plain path).
+
+Shards are written once: serialized to a buffer first, then uploaded in one put to a
+deterministic key. On local disks the put goes to a hidden temporary name in the same
+folder and is renamed into place, so a crash never leaves a half file under a data name.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from invariance.errors import StorageError
+
+
+def open_filesystem(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """``url`` -> (filesystem, path inside it). Credentials come from ``storage_options``
+    or the standard AWS/GCS chains of the filesystem's own library."""
+    try:
+        fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    except (ImportError, ValueError) as exc:
+        raise StorageError(f"cannot open storage URL {url!r}: {exc}") from exc
+    return fs, path
+
+
+@dataclass
+class Store:
+    """A root URL plus the options to reach it; keys are '/'-separated paths below the root."""
+
+    root: str
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.root = self.root.rstrip("/")
+        self._fs: fsspec.AbstractFileSystem | None = None
+        self._root_path = ""
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"root": self.root, "storage_options": self.storage_options}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(**state)
+
+    @property
+    def fs(self) -> fsspec.AbstractFileSystem:
+        if self._fs is None:
+            self._fs, self._root_path = open_filesystem(self.root, self.storage_options)
+            self._root_path = self._root_path.rstrip("/")
+        return self._fs
+
+    def path(self, key: str) -> str:
+        """Path of ``key`` inside the filesystem (no protocol)."""
+        self.fs  # noqa: B018 - resolves the root path
+        return f"{self._root_path}/{key}" if key else self._root_path
+
+    def url(self, key: str) -> str:
+        """Full URL of ``key``, as a user would pass it to Polars."""
+        return f"{self.root}/{key}" if key else self.root
+
+    def put(self, key: str, data: bytes) -> None:
+        """Write ``data`` to ``key`` in one put; readers never see a partial object."""
+        path = self.path(key)
+        try:
+            if isinstance(self.fs, LocalFileSystem):
+                folder = os.path.dirname(path)
+                os.makedirs(folder, exist_ok=True)
+                temporary = os.path.join(folder, f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
+                with open(temporary, "wb") as handle:
+                    handle.write(data)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                os.replace(temporary, path)
+            else:
+                self.fs.pipe_file(path, data)
+        except Exception as exc:  # noqa: BLE001 - every backend raises its own types
+            raise StorageError(f"cannot write {self.url(key)}: {type(exc).__name__}: {exc}") from exc
+
+    def get(self, key: str) -> bytes:
+        try:
+            return self.fs.cat_file(self.path(key))
+        except FileNotFoundError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise StorageError(f"cannot read {self.url(key)}: {type(exc).__name__}: {exc}") from exc
+
+    def exists(self, key: str) -> bool:
+        try:
+            return self.fs.exists(self.path(key))
+        except Exception as exc:  # noqa: BLE001
+            raise StorageError(f"cannot reach {self.url(key)}: {type(exc).__name__}: {exc}") from exc
+
+    def list(self, prefix: str) -> list[str]:
+        """Keys of every object below ``prefix`` (recursive), relative to the root; one listing."""
+        base = self.path(prefix)
+        try:
+            self.fs.invalidate_cache()
+            found = self.fs.find(base)
+        except FileNotFoundError:
+            return []
+        except Exception as exc:  # noqa: BLE001
+            raise StorageError(f"cannot list {self.url(prefix)}: {type(exc).__name__}: {exc}") from exc
+        start = len(self._root_path) + 1
+        keys = [p[start:] if p.startswith(self._root_path + "/") else p for p in found]
+        return sorted(k for k in keys if not os.path.basename(k).startswith(".tmp-"))
+
+    def check_writable(self) -> None:
+        """Fail early, naming the output prefix, when it cannot be written."""
+        probe = f"_manifests/.write-probe-{uuid.uuid4().hex}"
+        self.put(probe, b"ok")
+        try:
+            self.fs.rm_file(self.path(probe))
+        except Exception:  # noqa: BLE001 - a leftover probe is harmless
+            pass
