@@ -10,10 +10,10 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from invariance import __version__
 from invariance.errors import ConfigError
@@ -22,6 +22,17 @@ from invariance.errors import ConfigError
 ALGORITHM_VERSION = 1
 
 TokenPolicy = Literal["flatten", "cls", "mean"]
+
+
+def _reject_bool(value: Any) -> Any:
+    # YAML reads yes/no/on/off/true/false as booleans, which pydantic would take as 1/0:
+    # `iterations: yes` must be an error, not a one-step inversion.
+    if isinstance(value, bool):
+        raise ValueError("expected an integer, got a boolean")
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_reject_bool)]
 
 
 class _Strict(BaseModel):
@@ -53,20 +64,20 @@ class DataConfig(_Strict):
     format: Literal["cifar", "imagefolder", "parquet"]
     path: str
     split: str = "test"
-    n_samples: int = Field(500, gt=0)
+    n_samples: Int = Field(500, gt=0)
     selection: Literal["first", "random"] = "first"
-    selection_seed: int = 0
-    image_size: int | None = Field(None, gt=0)
+    selection_seed: Int = 0
+    image_size: Int | None = Field(None, gt=0)
     image_column: str = "image"
 
 
 class InversionConfig(_Strict):
     """The reference inversion (normalized gradient descent on relative L2)."""
 
-    iterations: int = Field(500, ge=1)
+    iterations: Int = Field(500, ge=1)
     step_size: float = Field(0.5, gt=0)
     tolerance: float | None = Field(None, gt=0)
-    micro_batch: int | Literal["auto"] = "auto"
+    micro_batch: Int | Literal["auto"] = "auto"
     bf16: bool = True
     compile: bool = False
 
@@ -76,8 +87,8 @@ class ResourcesConfig(_Strict):
 
     num_gpus: float = Field(0.0, ge=0)
     num_cpus: float = Field(1.0, gt=0)
-    max_in_flight: int | None = Field(None, ge=1)
-    max_retries: int = Field(3, ge=0)
+    max_in_flight: Int | None = Field(None, ge=1)
+    max_retries: Int = Field(3, ge=0)
 
 
 class RunConfig(_Strict):
@@ -89,9 +100,9 @@ class RunConfig(_Strict):
     pretrained: str
     checkpoints: str
     data: DataConfig
-    layers: Literal["all"] | list[int] = "all"
+    layers: Literal["all"] | list[Int] = "all"
     token_policy: TokenPolicy = "flatten"
-    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    seeds: list[Int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
     inversion: InversionConfig = Field(default_factory=InversionConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
 
@@ -162,7 +173,9 @@ def settings_hash(settings: dict[str, Any]) -> str:
 def _format_validation_error(error: ValidationError) -> str:
     lines = []
     for item in error.errors():
-        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        # drop pydantic's union-branch tags ("literal['all']", "list[...]") from the key path
+        parts = [str(part) for part in item["loc"] if not (isinstance(part, str) and "[" in part)]
+        key = ".".join(parts) or "(top level)"
         if item["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key (misspelt? see the config reference in README.md)")
         elif item["type"] == "missing":

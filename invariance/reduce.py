@@ -1,0 +1,80 @@
+"""The reducer: Polars over the completed shards -> curves, flow, status and plots.
+
+Only checkpoints whose every shard is complete are reduced; the others are reported as
+incomplete rather than averaged over what happens to be there.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from dataclasses import dataclass, field
+
+import polars as pl
+
+from invariance import metrics, plots
+from invariance.layout import PLOTS, REDUCED_CURVES, REDUCED_FLOW, REDUCED_STATUS, flow_plot_key
+from invariance.plan import Plan
+from invariance.storage import Store
+
+
+@dataclass
+class ReduceResult:
+    """The reduced tables and what they cover."""
+
+    curves: pl.DataFrame
+    flow: pl.DataFrame
+    complete_epochs: list[int]
+    incomplete_epochs: dict[int, int]
+    written: list[str] = field(default_factory=list)
+
+
+def read_shards(store: Store, keys: list[str]) -> pl.DataFrame:
+    """Concatenate the Parquet shards at ``keys`` (fetched concurrently where the store can)."""
+    if not keys:
+        return pl.DataFrame()
+    blobs = store.fs.cat([store.path(key) for key in keys])
+    return pl.concat([pl.read_parquet(io.BytesIO(blobs[store.path(key)])) for key in keys], how="vertical")
+
+
+def _put_parquet(store: Store, key: str, frame: pl.DataFrame) -> None:
+    buffer = io.BytesIO()
+    frame.write_parquet(buffer)
+    store.put(key, buffer.getvalue())
+
+
+def reduce_plan(plan: Plan, store: Store, make_plots: bool = True) -> ReduceResult:
+    """Build ``reduced/`` and ``plots/`` from the complete checkpoints of ``plan``."""
+    incomplete = plan.incomplete_epochs()
+    complete = [c.epoch for c in plan.checkpoints if c.epoch not in incomplete]
+    stir = read_shards(store, [u.data_key(plan.settings) for u in plan.stir if u.epoch in complete])
+    cka = read_shards(store, [u.data_key(plan.settings) for u in plan.cka if u.epoch in complete])
+    if complete:
+        curves = metrics.curves(stir, cka)
+        flow = metrics.flow_table(stir)
+    else:
+        curves, flow = pl.DataFrame(), pl.DataFrame()
+    result = ReduceResult(curves, flow, complete, incomplete)
+    status = {
+        "settings": plan.settings,
+        "complete_epochs": complete,
+        "incomplete_epochs": {str(k): v for k, v in sorted(incomplete.items())},
+        "reduced_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    if complete:
+        _put_parquet(store, REDUCED_CURVES, curves)
+        _put_parquet(store, REDUCED_FLOW, flow)
+        result.written += [REDUCED_CURVES, REDUCED_FLOW]
+    store.put(REDUCED_STATUS, json.dumps(status, indent=1).encode())
+    result.written.append(REDUCED_STATUS)
+    if complete and make_plots:
+        outputs = {
+            f"{PLOTS}/layer_curves.png": plots.layer_curves_png(curves),
+            f"{PLOTS}/dynamics.png": plots.dynamics_png(curves),
+            **{flow_plot_key(epoch): plots.flow_heatmap_png(flow, epoch) for epoch in complete},
+        }
+        for key, png in outputs.items():
+            store.put(key, png)
+            result.written.append(key)
+    return result

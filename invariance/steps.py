@@ -1,0 +1,164 @@
+"""Steps: each computes one unit of work and writes it once, with its completion record.
+
+Steps know nothing of the executor (Ray or a plain loop calls them alike); the executor
+knows nothing of the science. A ``Workspace`` caches what is costly to load (models, eval
+images, features on X) for the life of one worker process.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import polars as pl
+import torch
+
+from invariance import __version__
+from invariance.config import RunConfig
+from invariance.data import EvalImages, load_eval_images
+from invariance.inversion import InversionResult
+from invariance.layout import CkaUnit, InversionUnit, StirUnit
+from invariance.models import FeatureModel, load_model
+from invariance.shards import CKA_COLUMNS, STIR_COLUMNS, ShardContext
+from invariance.storage import Store
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """What every step of one run needs: the config, the store and the planned keys."""
+
+    config: RunConfig
+    store: Store
+    settings: str
+    inversion_settings: str
+    layers: tuple[int, ...]
+
+
+class Workspace:
+    """Per-process cache of models (by weights URL, LRU), eval images and shard contexts."""
+
+    def __init__(self, device: str | torch.device | None = None, max_models: int = 3) -> None:
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.max_models = max_models
+        self._models: OrderedDict[tuple[str, str | None], FeatureModel] = OrderedDict()
+        self._images: dict[str, EvalImages] = {}
+        self._contexts: OrderedDict[tuple[str, str | None], ShardContext] = OrderedDict()
+
+    def model(self, config: RunConfig, weights: str | None) -> FeatureModel:
+        key = (config.model.model_dump_json(), weights)
+        if key not in self._models:
+            self._models[key] = load_model(config.model, weights, config.storage_options).to(self.device)
+            while len(self._models) > self.max_models:
+                self._models.popitem(last=False)
+        self._models.move_to_end(key)
+        return self._models[key]
+
+    def eval_images(self, config: RunConfig, image_size: int) -> EvalImages:
+        key = config.data.model_dump_json() + f"@{image_size}"
+        if key not in self._images:
+            loaded = load_eval_images(config.data, image_size, config.storage_options)
+            self._images[key] = EvalImages(loaded.images.to(self.device), loaded.indices)
+        return self._images[key]
+
+    def context(self, spec: RunSpec, checkpoint_url: str | None) -> ShardContext:
+        """Shard context for pt and (unless None) the checkpoint at ``checkpoint_url``."""
+        key = (spec.settings, checkpoint_url)
+        if key not in self._contexts:
+            models = {"pt": self.model(spec.config, spec.config.pretrained)}
+            if checkpoint_url is not None:
+                models["ft"] = self.model(spec.config, checkpoint_url)
+            images = self.eval_images(spec.config, models["pt"].input_size)
+            self._contexts[key] = ShardContext(
+                models, images, spec.layers, spec.config.token_policy, spec.config.inversion
+            )
+            while len(self._contexts) > self.max_models:
+                self._contexts.popitem(last=False)
+        self._contexts.move_to_end(key)
+        return self._contexts[key]
+
+
+def _record(data_key: str, rows: int, started: float, **identity: Any) -> bytes:
+    record = {
+        "data": data_key,
+        "rows": rows,
+        **identity,
+        "version": __version__,
+        "seconds": round(time.time() - started, 3),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    return json.dumps(record, indent=1).encode()
+
+
+def _parquet_bytes(rows: list[dict[str, Any]], columns: tuple[str, ...], identity: dict[str, Any]) -> bytes:
+    frame = pl.DataFrame([{**identity, **row} for row in rows]).select(columns)
+    buffer = io.BytesIO()
+    frame.write_parquet(buffer)
+    return buffer.getvalue()
+
+
+def save_inversion(store: Store, key: str, result: InversionResult) -> None:
+    """X' ``[n, 3, S, S]`` float32, its per-sample losses and step count, as one safetensors put."""
+    from safetensors.torch import save
+
+    tensors = {
+        "images": result.images.float().cpu().contiguous(),
+        "final_loss": result.final_loss.float().cpu(),
+        "iterations_run": torch.tensor([result.iterations_run], dtype=torch.int64),
+    }
+    store.put(key, save(tensors))
+
+
+def load_inversion(store: Store, key: str) -> InversionResult:
+    from safetensors.torch import load
+
+    tensors = load(store.get(key))
+    return InversionResult(tensors["images"], tensors["final_loss"], int(tensors["iterations_run"][0]))
+
+
+def run_inversion(spec: RunSpec, unit: InversionUnit, workspace: Workspace) -> str:
+    """Invert pt[ref_layer] for the seed and cache X' in the store; returns the record key."""
+    started = time.time()
+    context = workspace.context(spec, None)
+    result = context.invert("pt", unit.ref_layer, unit.seed)
+    data_key = unit.data_key(spec.inversion_settings)
+    save_inversion(spec.store, data_key, result)
+    record_key = unit.record_key(spec.inversion_settings)
+    spec.store.put(
+        record_key,
+        _record(data_key, len(result.images), started, ref_layer=unit.ref_layer, seed=unit.seed,
+                inversion_settings=spec.inversion_settings, final_loss_mean=float(result.final_loss.mean())),
+    )  # fmt: skip
+    return record_key
+
+
+def run_stir(spec: RunSpec, unit: StirUnit, workspace: Workspace) -> str:
+    """One STIR shard: reuses the cached pt inversion for ref_model 'pt'; returns the record key."""
+    started = time.time()
+    context = workspace.context(spec, unit.checkpoint_url)
+    inverted = None
+    if unit.ref_model == "pt":
+        inverted = load_inversion(spec.store, InversionUnit(unit.ref_layer, unit.seed).data_key(spec.inversion_settings))
+    rows = context.stir_rows(unit.ref_model, unit.ref_layer, unit.seed, inverted)
+    identity = {"settings": spec.settings, "checkpoint": unit.checkpoint, "epoch": unit.epoch, "version": __version__}
+    data_key = unit.data_key(spec.settings)
+    spec.store.put(data_key, _parquet_bytes(rows, STIR_COLUMNS, identity))
+    record_key = unit.record_key(spec.settings)
+    spec.store.put(record_key, _record(data_key, len(rows), started, checkpoint=unit.checkpoint, epoch=unit.epoch,
+                                       ref_model=unit.ref_model, ref_layer=unit.ref_layer, seed=unit.seed))  # fmt: skip
+    return record_key
+
+
+def run_cka(spec: RunSpec, unit: CkaUnit, workspace: Workspace) -> str:
+    """One CKA shard for a checkpoint; returns the record key."""
+    started = time.time()
+    rows = workspace.context(spec, unit.checkpoint_url).cka_rows()
+    identity = {"settings": spec.settings, "checkpoint": unit.checkpoint, "epoch": unit.epoch, "version": __version__}
+    data_key = unit.data_key(spec.settings)
+    spec.store.put(data_key, _parquet_bytes(rows, CKA_COLUMNS, identity))
+    record_key = unit.record_key(spec.settings)
+    spec.store.put(record_key, _record(data_key, len(rows), started, checkpoint=unit.checkpoint, epoch=unit.epoch))
+    return record_key

@@ -1,0 +1,73 @@
+"""The `invariance` command: demo, run, plan, reduce."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from invariance import __version__
+from invariance.errors import InvarianceError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="invariance",
+        description="What finetuning does to a vision model's invariances: STIR, forgetting, learning, "
+        "CKA divergence and invariance flow for every checkpoint of a finetuning run.",
+    )
+    parser.add_argument("--version", action="version", version=f"invariance {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = commands.add_parser(
+        "demo",
+        help="the whole pipeline on a tiny ViT it trains itself (local Ray, a local folder)",
+        description="Pretrain a tiny ViT on generated shapes, finetune it on another task saving a checkpoint "
+        "per epoch, then run the same pipeline as `invariance run` on a local Ray. Needs no network.",
+    )
+    demo.add_argument("--out", default="invariance-demo", help="output folder (default: ./invariance-demo)")
+    demo.add_argument("--epochs", type=int, default=3, help="finetuning epochs = checkpoints (default: 3)")
+
+    for name, summary in (
+        ("run", "compute every missing shard on Ray, then reduce (idempotent; reruns compute only new checkpoints)"),
+        ("plan", "show what is done, what is missing and a rough cost; computes nothing"),
+        ("reduce", "rebuild reduced/curves.parquet, reduced/flow.parquet and plots/ from complete shards"),
+    ):
+        sub = commands.add_parser(name, help=summary, description=summary + ". `run` joins the cluster at "
+                                  "RAY_ADDRESS when set (as under `ray job submit`), else starts a local Ray.")  # fmt: skip
+        sub.add_argument("config", help="run config YAML: a local path or any fsspec URL (s3://...)")
+        if name == "run":
+            sub.add_argument("--no-progress", action="store_true", help="no progress bar")
+        if name == "plan":
+            sub.add_argument("--no-cost", action="store_true", help="skip the FLOP estimate")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "demo":
+            from jobs.demo import run_demo
+
+            run_demo(args.out, epochs=args.epochs)
+        elif args.command == "run":
+            from jobs.run import run
+
+            result = run(args.config, progress=not args.no_progress)
+            if result.execution.failures:
+                return 1
+        elif args.command == "plan":
+            from jobs.run import plan_only
+
+            plan_only(args.config, with_cost=not args.no_cost)
+        elif args.command == "reduce":
+            from jobs.run import reduce_only
+
+            reduce_only(args.config)
+    except InvarianceError as error:
+        print(f"invariance {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""The run, plan and reduce jobs: read a config, plan, execute on Ray, reduce."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import TextIO
+
+import ray
+
+from invariance.config import RunConfig, load_config
+from invariance.cost import inversion_flops
+from invariance.models import load_model
+from invariance.plan import Plan, make_plan
+from invariance.reduce import ReduceResult, reduce_plan
+from invariance.steps import RunSpec
+from invariance.storage import Store
+from jobs.execute import ExecuteSummary, execute
+
+
+def connect_ray(num_cpus: int | None = None) -> None:
+    """Join the cluster named by RAY_ADDRESS (as under `ray job submit`), else start a local Ray."""
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+
+
+def open_run(config: RunConfig | str) -> tuple[RunConfig, Store, Plan, RunSpec]:
+    """Load and validate the config, check the output is writable, and plan."""
+    if not isinstance(config, RunConfig):
+        config = load_config(config)
+    store = Store(config.output, dict(config.storage_options))
+    store.check_writable()
+    plan = make_plan(config, store)
+    spec = RunSpec(config, store, plan.settings, plan.inversion_settings, tuple(plan.layers))
+    return config, store, plan, spec
+
+
+def describe_plan(plan: Plan, out: TextIO = sys.stdout) -> None:
+    n_missing = len(plan.missing_stir) + len(plan.missing_cka) + len(plan.missing_inversions)
+    print(
+        f"settings {plan.settings}: {len(plan.checkpoints)} checkpoints "
+        f"(epochs {plan.checkpoints[0].epoch}..{plan.checkpoints[-1].epoch}), layers {plan.layers}\n"
+        f"  pretrained inversions: {len(plan.inversions) - len(plan.missing_inversions)}/{len(plan.inversions)} cached\n"
+        f"  STIR shards: {len(plan.stir) - len(plan.missing_stir)}/{len(plan.stir)} done\n"
+        f"  CKA shards:  {len(plan.cka) - len(plan.missing_cka)}/{len(plan.cka)} done\n"
+        f"  to compute:  {n_missing} units",
+        file=out,
+    )
+
+
+def estimate_cost(config: RunConfig, plan: Plan) -> tuple[float, int]:
+    """(inversion TFLOPs still to do, inversions still to do), measured on the model's layers."""
+    model = load_model(config.model, None)
+    per_layer = {
+        layer: inversion_flops(model, layer, config.data.n_samples, config.inversion.iterations, config.token_policy)
+        for layer in plan.layers
+    }
+    todo = [u.ref_layer for u in plan.missing_inversions] + [u.ref_layer for u in plan.missing_stir if u.ref_model == "ft"]
+    return sum(per_layer[layer] for layer in todo) / 1e12, len(todo)
+
+
+@dataclass
+class RunResult:
+    plan: Plan
+    execution: ExecuteSummary
+    reduced: ReduceResult
+
+
+def run(config: RunConfig | str, progress: bool = True, num_cpus: int | None = None) -> RunResult:
+    """`invariance run`: compute every missing shard, then reduce. Idempotent."""
+    config, store, plan, spec = open_run(config)
+    describe_plan(plan)
+    connect_ray(num_cpus)
+    execution = execute(plan, spec, progress=progress)
+    plan = make_plan(config, store, checkpoints=plan.checkpoints)
+    reduced = reduce_plan(plan, store)
+    print(
+        f"computed {execution.completed}/{execution.submitted} units in {execution.seconds:.1f}s, "
+        f"{len(execution.failures)} failed; reduced {len(reduced.complete_epochs)} complete checkpoints "
+        f"-> {store.url('reduced/')}"
+    )
+    if reduced.incomplete_epochs:
+        print(f"incomplete checkpoints (epoch: missing shards): {reduced.incomplete_epochs}")
+    for unit, message in execution.failures[:20]:
+        print(f"  failed {unit}: {message}", file=sys.stderr)
+    return RunResult(plan, execution, reduced)
+
+
+def plan_only(config: RunConfig | str, with_cost: bool = True) -> Plan:
+    """`invariance plan`: what is done, what is missing, and a rough cost."""
+    config, _, plan, _ = open_run(config)
+    describe_plan(plan)
+    if with_cost:
+        started = time.time()
+        tflops, inversions = estimate_cost(config, plan)
+        print(
+            f"  cost: {inversions} inversions, {tflops:,.1f} TFLOP "
+            f"(~{tflops / 200 / 3600:.2f} GPU-hours at 200 TFLOP/s achieved bf16; "
+            f"measured in {time.time() - started:.1f}s)"
+        )
+    return plan
+
+
+def reduce_only(config: RunConfig | str) -> ReduceResult:
+    """`invariance reduce`: rebuild the reduced tables and plots from what is complete."""
+    config, store, plan, _ = open_run(config)
+    result = reduce_plan(plan, store)
+    print(f"reduced {len(result.complete_epochs)} complete checkpoints -> {store.url('reduced/')}")
+    if result.incomplete_epochs:
+        print(f"incomplete checkpoints (epoch: missing shards): {result.incomplete_epochs}")
+    return result
