@@ -45,11 +45,14 @@ def layer_curves_png(curves: pl.DataFrame, title: str = "") -> bytes:
             axis.plot(layers, mean, marker="o", ms=3, color=color, lw=1.5)
             axis.fill_between(layers, mean - std, mean + std, color=color, alpha=0.12, lw=0)
         axis.axhline(0.0, color="grey", lw=0.6)
+        axis.set_xticks(sorted(curves["layer"].unique().to_list()))
         axis.set_xlabel("layer (block index; last = pre-logits)")
         axis.set_title(label, fontsize=10)
         axis.grid(alpha=0.3)
     colorbar = figure.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=axes, shrink=0.9)
     colorbar.set_label("checkpoint epoch")
+    if len(epochs) <= 12:
+        colorbar.set_ticks(epochs)
     if title:
         figure.suptitle(title)
     return _png(figure)
@@ -67,10 +70,12 @@ def dynamics_png(curves: pl.DataFrame, title: str = "") -> bytes:
             axis.plot(rows["epoch"].to_numpy(), rows[f"{metric}_mean"].to_numpy(), marker="o", ms=3,
                       color=cmap(norm(layer)), lw=1.3)  # fmt: skip
         axis.set_xlabel("checkpoint epoch")
+        axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         axis.set_title(label, fontsize=10)
         axis.grid(alpha=0.3)
     colorbar = figure.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=axes, shrink=0.9)
     colorbar.set_label("layer")
+    colorbar.set_ticks(layers)
     if title:
         figure.suptitle(title)
     return _png(figure)

@@ -1,0 +1,77 @@
+"""Builders shared by the job tests: tiny ViTs, checkpoint series and eval data on disk."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from invariance.config import ModelConfig
+from invariance.models import build_network
+from invariance.synthetic import make_shapes, to_parquet_bytes
+
+TINY_MODEL: dict[str, Any] = {
+    "arch": "vit_tiny_patch16_224",
+    "kwargs": {"img_size": 16, "patch_size": 8, "embed_dim": 16, "depth": 2, "num_heads": 2, "num_classes": 3},
+}
+
+
+def tiny_state(seed: int = 0) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)
+    return build_network(ModelConfig(**TINY_MODEL)).state_dict()
+
+
+def perturbed(state: dict[str, torch.Tensor], scale: float, seed: int, from_block: int = 1) -> dict[str, torch.Tensor]:
+    """A 'finetuned' state: blocks >= from_block, the final norm and head moved by ``scale``."""
+    generator = torch.Generator().manual_seed(seed)
+    out = {}
+    for key, value in state.items():
+        changed = key.startswith(("norm.", "head.")) or any(key.startswith(f"blocks.{b}.") for b in range(from_block, 64))
+        noise = torch.randn(value.shape, generator=generator) * scale if changed else 0.0
+        out[key] = (value + noise).contiguous()
+    return out
+
+
+def write_checkpoints(folder: Path, epochs: list[int], seed: int = 0) -> tuple[Path, Path]:
+    """Writes pretrained.safetensors and ft/epoch=NN.safetensors; returns (pretrained, ft folder)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    pretrained = tiny_state(seed)
+    save_file(pretrained, str(folder / "pretrained.safetensors"))
+    (folder / "ft").mkdir(exist_ok=True)
+    for epoch in epochs:
+        write_epoch(folder, pretrained, epoch)
+    return folder / "pretrained.safetensors", folder / "ft"
+
+
+def write_epoch(folder: Path, pretrained: dict[str, torch.Tensor] | None, epoch: int) -> Path:
+    pretrained = pretrained if pretrained is not None else tiny_state(0)
+    path = folder / "ft" / f"epoch={epoch:02d}.safetensors"
+    save_file(perturbed(pretrained, 0.05 * epoch, seed=epoch), str(path))
+    return path
+
+
+def write_eval_parquet(folder: Path, n: int = 24) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "test-00000-of-00001.parquet"
+    path.write_bytes(to_parquet_bytes(make_shapes(n, size=16, seed=5), "texture"))
+    return folder
+
+
+def tiny_config(tmp: Path, output: str, **overrides: Any) -> dict[str, Any]:
+    """A run config over the tiny model: 3 layers, 2 seeds, 12 samples, 15 iterations."""
+    pretrained = tmp / "ckpt" / "pretrained.safetensors"
+    config = {
+        "output": output,
+        "model": TINY_MODEL,
+        "pretrained": str(pretrained),
+        "checkpoints": str(tmp / "ckpt" / "ft" / "epoch={epoch}.safetensors"),
+        "data": {"format": "parquet", "path": str(tmp / "data"), "n_samples": 12},
+        "layers": "all",
+        "seeds": [0, 1],
+        "inversion": {"iterations": 15, "step_size": 0.5},
+        "resources": {"num_cpus": 1},
+    }
+    config.update(overrides)
+    return config

@@ -1,0 +1,93 @@
+"""End to end on a local Ray (2 CPUs): tiny ViT, 3 checkpoints, output in a temp folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+import pytest
+import torch
+
+from invariance.config import parse_config
+from invariance.data import load_eval_images
+from invariance.models import load_model
+from invariance.shards import ShardContext
+from jobs.run import run
+from tests.helpers import tiny_config, write_checkpoints, write_epoch, write_eval_parquet
+from tests.ray_fixtures import local_ray  # noqa: F401 - fixture
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory, local_ray: None):
+    tmp = tmp_path_factory.mktemp("job")
+    write_checkpoints(tmp / "ckpt", epochs=[1, 2, 3])
+    write_eval_parquet(tmp / "data")
+    raw = tiny_config(tmp, str(tmp / "out"))
+    first = run(parse_config(raw), progress=False)
+    return tmp, raw, first
+
+
+def test_first_run_computes_every_unit(finished_run) -> None:
+    _, _, first = finished_run
+    # 3 layers x 2 seeds pt inversions, 3 ckpts x 2 refs x 3 layers x 2 seeds STIR, 3 CKA
+    assert first.execution.failures == []
+    assert first.execution.completed == 6 + 36 + 3
+    assert first.reduced.complete_epochs == [1, 2, 3]
+
+
+def test_outputs_follow_the_layout(finished_run) -> None:
+    tmp, _, _ = finished_run
+    out = tmp / "out"
+    stir = pl.scan_parquet(str(out / "stir" / "**" / "*.parquet"), hive_partitioning=True).collect()
+    assert stir.height == 36 * 2 * 3  # each shard: 2 target models x 3 layers
+    assert set(stir["epoch"].unique()) == {1, 2, 3}
+    assert stir.filter(pl.col("stir").is_null()).is_empty()
+    curves = pl.read_parquet(out / "reduced" / "curves.parquet")
+    assert {"checkpoint", "epoch", "layer", "forgetting_mean", "forgetting_std", "learning_mean",
+            "learning_std", "cka_divergence_mean", "cka_divergence_std"} <= set(curves.columns)  # fmt: skip
+    assert curves.height == 3 * 3
+    flow = pl.read_parquet(out / "reduced" / "flow.parquet")
+    assert {"checkpoint", "epoch", "pt_layer", "ft_layer", "flow"} <= set(flow.columns)
+    assert flow.height == 3 * 3 * 3
+    plots = {p.relative_to(out / "plots").as_posix() for p in (out / "plots").rglob("*.png")}
+    assert plots == {"layer_curves.png", "dynamics.png", "flow/epoch=1.png", "flow/epoch=2.png", "flow/epoch=3.png"}
+    assert not list(out.rglob(".tmp-*"))
+
+
+def test_values_equal_the_library_called_directly(finished_run) -> None:
+    tmp, raw, _ = finished_run
+    config = parse_config(raw)
+    pt = load_model(config.model, config.pretrained)
+    ft = load_model(config.model, str(tmp / "ckpt" / "ft" / "epoch=02.safetensors"))
+    images = load_eval_images(config.data, pt.input_size)
+    context = ShardContext({"pt": pt, "ft": ft}, images, [0, 1, 2], config.token_policy, config.inversion)
+    stir = pl.read_parquet(str(tmp / "out" / "stir" / "**" / "*.parquet"), hive_partitioning=True)
+    for ref_model, ref_layer, seed in [("pt", 1, 0), ("ft", 2, 1), ("ft", 0, 0)]:
+        direct = pl.DataFrame(context.stir_rows(ref_model, ref_layer, seed)).sort("target_model", "target_layer")
+        stored = stir.filter(
+            (pl.col("epoch") == 2) & (pl.col("ref_model") == ref_model)
+            & (pl.col("ref_layer") == ref_layer) & (pl.col("seed") == seed)
+        ).sort("target_model", "target_layer")  # fmt: skip
+        assert stored.height == direct.height == 6
+        for column in ("stir", "stir_debiased", "inv_loss_mean"):
+            torch.testing.assert_close(stored[column].to_torch(), direct[column].to_torch(), atol=2e-5, rtol=1e-4)
+
+
+def test_rerun_computes_nothing_and_new_checkpoint_only_its_shards(finished_run) -> None:
+    tmp, raw, _ = finished_run
+    out = tmp / "out"
+    before = {p: p.stat().st_mtime_ns for p in (out / "stir").rglob("*.parquet")}
+    again = run(parse_config(raw), progress=False)
+    assert again.execution.submitted == 0
+    assert {p: p.stat().st_mtime_ns for p in (out / "stir").rglob("*.parquet")} == before
+
+    write_epoch(tmp / "ckpt", None, 4)
+    fourth = run(parse_config(raw), progress=False)
+    # only epoch 4's 12 STIR shards and 1 CKA shard; the pt inversions come from the cache
+    assert fourth.execution.submitted == 12 + 1
+    assert fourth.execution.failures == []
+    assert fourth.reduced.complete_epochs == [1, 2, 3, 4]
+    assert {p: p.stat().st_mtime_ns for p in (out / "stir").rglob("*.parquet") if p in before} == before
+    assert len(list((out / "_cache" / "inversions").rglob("*.safetensors"))) == 6
