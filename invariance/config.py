@@ -113,6 +113,14 @@ class RunConfig(_Strict):
             raise ValueError("must contain {epoch} exactly once, e.g. 's3://lab/run/epoch={epoch}.safetensors'")
         return value
 
+    @field_validator("data")
+    @classmethod
+    def _enough_samples(cls, value: DataConfig) -> DataConfig:
+        # every STIR/CKA row carries debiased CKA, defined from 4 samples: fail here, not after the inversions
+        if value.n_samples < 4:
+            raise ValueError(f"n_samples must be at least 4 (debiased CKA needs 4 samples), got {value.n_samples}")
+        return value
+
     @field_validator("layers")
     @classmethod
     def _layers_valid(cls, value: Any) -> Any:

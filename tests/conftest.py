@@ -1,0 +1,34 @@
+"""Shared fixtures of the library's unit tests: a tiny timm ViT built in the test, no network."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from invariance.config import ModelConfig
+from invariance.models import FeatureModel, load_model
+
+# 32x32 images, 8x8 patches: 16 patch tokens + CLS, width 32, 4 blocks (layers 0..4, 4 = pre-logits).
+TINY_VIT_KWARGS = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 4, "num_heads": 2}
+
+
+@pytest.fixture(scope="session")
+def tiny_vit_config() -> ModelConfig:
+    return ModelConfig(arch="vit_tiny_patch16_224", kwargs=dict(TINY_VIT_KWARGS))
+
+
+@pytest.fixture
+def tiny_vit(tiny_vit_config: ModelConfig) -> FeatureModel:
+    """The tiny ViT with a fixed random init (the same weights in every test)."""
+    torch.manual_seed(0)
+    return load_model(tiny_vit_config, None)
+
+
+@pytest.fixture(scope="module")
+def torch_single_thread():
+    """One intra-op thread: on a 2-core runner shared with other processes, OpenMP threads of
+    tiny models oversubscribe the cores and run many times slower (measured 2 s -> 60 s)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

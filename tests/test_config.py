@@ -1,0 +1,201 @@
+"""The run config: defaults, errors that name the key, and the settings hash."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import yaml
+
+from invariance.config import RunConfig, load_config, parse_config, settings_hash
+from invariance.errors import ConfigError
+
+
+def minimal() -> dict:
+    return {
+        "output": "s3://lab/invariance/cifar10-sgd",
+        "model": {"arch": "vit_base_patch32_224"},
+        "pretrained": "timm",
+        "checkpoints": "s3://lab/runs/cifar10-sgd/epoch={epoch}.safetensors",
+        "data": {"format": "cifar", "path": "s3://lab/data/cifar-10-batches-py"},
+    }
+
+
+def with_value(dotted_key: str, value) -> dict:
+    raw = minimal()
+    *parents, last = dotted_key.split(".")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[last] = value
+    return raw
+
+
+def config_error(raw) -> str:
+    with pytest.raises(ConfigError) as error:
+        parse_config(raw)
+    return str(error.value)
+
+
+def test_minimal_config_gets_the_documented_defaults():
+    config = parse_config(minimal())
+    assert isinstance(config, RunConfig)
+    assert config.layers == "all" and config.token_policy == "flatten" and config.seeds == [0, 1, 2]
+    assert config.data.split == "test" and config.data.n_samples == 500 and config.data.selection == "first"
+    assert config.data.image_size is None and config.data.image_column == "image"
+    assert config.inversion.iterations == 500 and config.inversion.step_size == 0.5
+    assert config.inversion.tolerance is None and config.inversion.micro_batch == "auto"
+    assert config.model.strict is True and config.model.kwargs == {}
+    assert config.resources.num_gpus == 0.0 and config.resources.max_retries == 3
+    assert config.storage_options == {}
+
+
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [
+        ({**minimal(), "inversoin": {"iterations": 50}}, "inversoin"),
+        (with_value("inversion.iteratons", 50), "inversion.iteratons"),
+        (with_value("data.n_sample", 10), "data.n_sample"),
+        (with_value("model.kwrags", {}), "model.kwrags"),
+    ],
+)
+def test_misspelt_key_is_named(raw, key):
+    message = config_error(raw)
+    assert f"{key}: unknown key" in message
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("data.n_samples", "many"),
+        ("inversion.iterations", 2.5),
+        ("inversion.step_size", "big"),
+        ("inversion.micro_batch", "big"),
+        ("seeds", "0,1,2"),
+        ("layers", "some"),
+        ("data.format", "tfrecord"),
+        ("resources.num_gpus", -1),
+        ("inversion.iterations", True),  # YAML reads yes/on/true as a boolean
+        ("data.n_samples", False),
+    ],
+)
+def test_wrong_type_or_value_names_the_key(key, value):
+    message = config_error(with_value(key, value))
+    assert f"\n  {key}" in message
+    assert repr(value) in message
+    assert "literal[" not in message and "function-before" not in message  # no pydantic union tags
+
+
+def test_too_few_samples_for_debiased_cka_fail_up_front():
+    # every row carries debiased CKA, which needs 4 samples: fail at parse time, not after the inversions
+    message = config_error(with_value("data.n_samples", 3))
+    assert "data" in message and "n_samples" in message and "at least 4" in message
+    assert parse_config(with_value("data.n_samples", 4)).data.n_samples == 4
+
+
+def test_missing_key_is_named():
+    raw = minimal()
+    del raw["data"]
+    assert "data: required key is missing" in config_error(raw)
+
+
+@pytest.mark.parametrize("pattern", ["s3://lab/runs/final.safetensors", "s3://lab/{epoch}/epoch={epoch}.pt"])
+def test_checkpoints_pattern_needs_one_epoch_placeholder(pattern):
+    message = config_error(with_value("checkpoints", pattern))
+    assert "checkpoints" in message and "{epoch}" in message
+
+
+def test_layer_and_seed_lists_are_validated():
+    assert "layers" in config_error(with_value("layers", [0, -1]))
+    assert "layers" in config_error(with_value("layers", [1, 1]))
+    assert "layers" in config_error(with_value("layers", []))
+    assert "seeds" in config_error(with_value("seeds", [3, 3]))
+    assert parse_config(with_value("layers", [4, 0, 2])).layers == [0, 2, 4]
+
+
+def test_model_needs_exactly_one_source():
+    assert "model" in config_error(with_value("model", {"arch": "vit_tiny_patch16_224", "factory": "pkg.mod:make"}))
+    assert "model" in config_error(with_value("model", {}))
+    assert "model.factory" in config_error(with_value("model", {"factory": "pkg.mod.make"}))
+
+
+def test_resolve_layers():
+    assert parse_config(minimal()).resolve_layers(12) == list(range(13))
+    assert parse_config(with_value("layers", [0, 12])).resolve_layers(12) == [0, 12]
+    with pytest.raises(ConfigError, match="layers") as error:
+        parse_config(with_value("layers", [0, 13])).resolve_layers(12)
+    assert "13" in str(error.value) and "0..12" in str(error.value)
+
+
+def test_settings_hash_is_stable_under_key_order():
+    raw = minimal()
+    raw["inversion"] = {"iterations": 50, "step_size": 0.25, "bf16": False}
+    reordered = {key: raw[key] for key in reversed(list(raw))}
+    reordered["inversion"] = {key: raw["inversion"][key] for key in reversed(list(raw["inversion"]))}
+    a, b = parse_config(raw), parse_config(reordered)
+    assert settings_hash(a.numbers_settings()) == settings_hash(b.numbers_settings())
+    settings = a.numbers_settings()
+    shuffled = {key: settings[key] for key in sorted(settings, reverse=True)}
+    assert settings_hash(settings) == settings_hash(shuffled)
+    assert len(settings_hash(settings)) == 16
+    assert settings_hash(settings) == settings_hash(parse_config(copy.deepcopy(raw)).numbers_settings())
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("inversion.iterations", 100),
+        ("inversion.step_size", 0.25),
+        ("inversion.tolerance", 0.01),
+        ("data.n_samples", 100),
+        ("data.selection", "random"),
+        ("token_policy", "cls"),
+        ("layers", [0, 1]),
+        ("pretrained", "s3://lab/pt.safetensors"),
+        ("model.kwargs", {"img_size": 384}),
+    ],
+)
+def test_settings_hash_changes_with_a_setting_that_changes_the_numbers(key, value):
+    base = settings_hash(parse_config(minimal()).numbers_settings())
+    assert settings_hash(parse_config(with_value(key, value)).numbers_settings()) != base
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("output", "file:///tmp/elsewhere"),
+        ("storage_options", {"endpoint_url": "http://localhost:9000"}),
+        ("resources", {"num_gpus": 1, "num_cpus": 4, "max_in_flight": 8, "max_retries": 0}),
+        ("checkpoints", "s3://lab/runs/other/epoch={epoch}.pt"),
+        ("seeds", [0, 1, 2, 3]),  # seeds are a row key, not a setting
+        ("inversion.micro_batch", 4),  # micro-batching is exact
+        ("inversion.compile", True),
+    ],
+)
+def test_settings_hash_ignores_what_does_not_change_the_numbers(key, value):
+    base = parse_config(minimal())
+    changed = parse_config(with_value(key, value))
+    assert settings_hash(changed.numbers_settings()) == settings_hash(base.numbers_settings())
+    assert settings_hash(changed.inversion_settings()) == settings_hash(base.inversion_settings())
+
+
+def test_inversion_settings_do_not_depend_on_the_layer_set():
+    a = parse_config(with_value("layers", [0, 1]))
+    b = parse_config(with_value("layers", [0, 1, 2]))
+    assert settings_hash(a.inversion_settings()) == settings_hash(b.inversion_settings())
+    assert settings_hash(a.numbers_settings()) != settings_hash(b.numbers_settings())
+
+
+def test_load_config_from_yaml(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(minimal()))
+    assert load_config(path) == parse_config(minimal())
+    assert load_config(f"file://{path}") == parse_config(minimal())
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "absent.yaml")
+    (tmp_path / "broken.yaml").write_text("output: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(tmp_path / "broken.yaml")
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(tmp_path / "list.yaml")
