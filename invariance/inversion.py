@@ -9,6 +9,7 @@ micro-batching is exact: each chunk is inverted on its own with identical result
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -41,7 +42,9 @@ def start_noise(seed: int, sample_indices: torch.Tensor, shape: tuple[int, int, 
     generator = torch.Generator(device="cpu")
     noise = torch.empty((len(sample_indices), *shape), dtype=torch.float32)
     for row, index in enumerate(sample_indices.tolist()):
-        generator.manual_seed((int(seed) * 1_000_003 + int(index)) % (2**63 - 1))
+        # a hash, not seed * K + index: no two (seed, index) pairs may share a stream
+        digest = hashlib.blake2b(f"{int(seed)}:{int(index)}".encode(), digest_size=8).digest()
+        generator.manual_seed(int.from_bytes(digest, "little") >> 1)
         noise[row] = torch.randn(shape, generator=generator)
     return noise
 

@@ -28,7 +28,8 @@ def connect_ray(num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
+                 _node_ip_address="127.0.0.1")
 
 
 def open_run(config: RunConfig | str) -> tuple[RunConfig, Store, Plan, RunSpec]:

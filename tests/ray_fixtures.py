@@ -12,6 +12,7 @@ import ray
 def local_ray() -> Iterator[None]:
     """A local Ray with 2 CPUs (as CI has); `jobs.run.connect_ray` reuses it."""
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 _node_ip_address="127.0.0.1")
     yield
     ray.shutdown()
