@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -21,6 +21,8 @@ from invariance.models import FeatureModel
 # Host syncs cost on GPU: the early-stop test reads the losses only this often.
 EARLY_STOP_CHECK_EVERY = 25
 _CPU_MICRO_BATCH = 64
+# compiled feature graphs kept per process: layers x chunk shapes of a grid, with room to spare
+_COMPILED_GRAPHS = 128
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,39 @@ def _autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextMan
     if bf16 and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _tf32_matmuls(device: torch.device, bf16: bool) -> Iterator[None]:
+    """TF32 for the float32 matmuls left over in a bf16 inversion on CUDA, restored afterwards.
+
+    TF32 keeps more mantissa bits than bf16, so it loses nothing a bf16 run has not already
+    accepted; a run with ``bf16: false`` asked for float32 and keeps full float32 matmuls.
+    """
+    if not (bf16 and device.type == "cuda"):
+        yield
+        return
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def _compile_cache_room(compiled: bool) -> contextlib.AbstractContextManager:
+    """Room for one compiled graph per (layer, chunk shape) of the features function.
+
+    Dynamo keeps at most 8 graphs per function by default (pt and ft share them) and past that
+    silently runs eager: without this, a worker compiles its first 8 layers and no more.
+    """
+    if not compiled:
+        return contextlib.nullcontext()
+    import torch._dynamo
+
+    dynamo_config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+    return dynamo_config.patch(**{name: max(getattr(dynamo_config, name), _COMPILED_GRAPHS)})
 
 
 def _invert_chunk(
@@ -112,6 +147,9 @@ def auto_micro_batch(model: FeatureModel, layer: int, token_policy: TokenPolicy,
     per_sample = max(1, (torch.cuda.max_memory_allocated(images.device) - before) // probe)
     del loss, probe_images
     free, _ = torch.cuda.mem_get_info(images.device)
+    # blocks the caching allocator holds but does not use are free to this process too; without
+    # them every inversion after the first in a worker would get a smaller micro-batch
+    free += torch.cuda.memory_reserved(images.device) - torch.cuda.memory_allocated(images.device)
     # fp32 probe overestimates bf16 runs; 0.6 leaves room for the best-iterate copies
     return max(1, int(0.6 * free // per_sample))
 
@@ -133,14 +171,16 @@ def invert(
     def features(batch: torch.Tensor) -> torch.Tensor:
         return model.layer_features(batch, [layer], token_policy)[layer]
 
-    if config.compile and images.device.type == "cuda":
+    compiled = config.compile and images.device.type == "cuda"
+    if compiled:
         features = torch.compile(features, dynamic=False)
     noise = noise.to(images.device)
     chunk = config.micro_batch if isinstance(config.micro_batch, int) else auto_micro_batch(model, layer, token_policy, images)
     outputs, losses, steps = [], [], 0
-    for begin in range(0, len(images), chunk):
-        result = _invert_chunk(features, images[begin : begin + chunk], noise[begin : begin + chunk], config)
-        outputs.append(result[0])
-        losses.append(result[1])
-        steps = max(steps, result[2])
+    with _tf32_matmuls(images.device, config.bf16), _compile_cache_room(compiled):
+        for begin in range(0, len(images), chunk):
+            result = _invert_chunk(features, images[begin : begin + chunk], noise[begin : begin + chunk], config)
+            outputs.append(result[0])
+            losses.append(result[1])
+            steps = max(steps, result[2])
     return InversionResult(torch.cat(outputs), torch.cat(losses), steps)
