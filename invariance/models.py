@@ -56,6 +56,12 @@ def build_network(config: ModelConfig) -> nn.Module:
     return network
 
 
+def network_input_size(network: nn.Module) -> int:
+    """Side length of the square input a timm ViT-style network expects."""
+    size = getattr(network.patch_embed, "img_size", None)
+    return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+
 def load_weights(network: nn.Module, state: dict[str, torch.Tensor], source: str, strict: bool = True) -> None:
     """Load ``state`` into ``network``; on mismatch list the missing and unexpected keys."""
     own = network.state_dict()
@@ -98,8 +104,7 @@ class FeatureModel(nn.Module):
     @property
     def input_size(self) -> int:
         """Side length of the square input the network expects."""
-        size = getattr(self.network.patch_embed, "img_size", None)
-        return int(size[0] if isinstance(size, (tuple, list)) else size)
+        return network_input_size(self.network)
 
     def layer_features(
         self, images: torch.Tensor, layers: Sequence[int], token_policy: TokenPolicy = "flatten"

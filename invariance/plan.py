@@ -9,7 +9,7 @@ from invariance.checkpoints import Checkpoint, discover_checkpoints
 from invariance.config import RunConfig, settings_hash
 from invariance.errors import CheckpointError
 from invariance.layout import MANIFESTS, CkaUnit, InversionUnit, StirUnit
-from invariance.models import build_network
+from invariance.models import build_network, network_input_size
 from invariance.storage import Store
 
 REF_MODELS = ("pt", "ft")
@@ -24,6 +24,7 @@ class Plan:
     checkpoints: list[Checkpoint]
     layers: list[int]
     depth: int
+    input_size: int
     inversions: list[InversionUnit]
     stir: list[StirUnit]
     cka: list[CkaUnit]
@@ -66,7 +67,8 @@ def make_plan(config: RunConfig, store: Store, checkpoints: list[Checkpoint] | N
             f"checkpoints: the pattern {config.checkpoints!r} matches no file; check the folder "
             "and that {epoch} stands where the epoch number is in the file names"
         )
-    depth = len(build_network(config.model).blocks)
+    network = build_network(config.model)
+    depth = len(network.blocks)
     layers = config.resolve_layers(depth)
     stir = [
         StirUnit(c.epoch, ref_model, layer, seed, c.name, c.url)
@@ -81,6 +83,7 @@ def make_plan(config: RunConfig, store: Store, checkpoints: list[Checkpoint] | N
         checkpoints=checkpoints,
         layers=layers,
         depth=depth,
+        input_size=network_input_size(network),
         inversions=[InversionUnit(layer, seed) for layer in layers for seed in config.seeds],
         stir=stir,
         cka=[CkaUnit(c.epoch, c.name, c.url) for c in checkpoints],

@@ -18,6 +18,16 @@ from fsspec.implementations.local import LocalFileSystem
 from invariance.errors import StorageError
 
 
+# A local put writes ".<name>.<uuid>.tmp" first: hidden, and matched by no "*.parquet" glob.
+TEMPORARY_SUFFIX = ".tmp"
+
+
+def is_temporary(key: str) -> bool:
+    """Whether ``key`` is an unfinished local write (left behind only by a hard crash)."""
+    name = os.path.basename(key)
+    return name.startswith(".") and name.endswith(TEMPORARY_SUFFIX)
+
+
 def open_filesystem(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """``url`` -> (filesystem, path inside it). Credentials come from ``storage_options``
     or the standard AWS/GCS chains of the filesystem's own library."""
@@ -69,12 +79,16 @@ class Store:
             if isinstance(self.fs, LocalFileSystem):
                 folder = os.path.dirname(path)
                 os.makedirs(folder, exist_ok=True)
-                temporary = os.path.join(folder, f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
-                with open(temporary, "wb") as handle:
-                    handle.write(data)
-                    handle.flush()
-                    os.fsync(handle.fileno())
-                os.replace(temporary, path)
+                temporary = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex}{TEMPORARY_SUFFIX}")
+                try:
+                    with open(temporary, "wb") as handle:
+                        handle.write(data)
+                        handle.flush()
+                        os.fsync(handle.fileno())
+                    os.replace(temporary, path)
+                finally:
+                    if os.path.exists(temporary):
+                        os.remove(temporary)
             else:
                 self.fs.pipe_file(path, data)
         except Exception as exc:  # noqa: BLE001 - every backend raises its own types
@@ -106,12 +120,18 @@ class Store:
             raise StorageError(f"cannot list {self.url(prefix)}: {type(exc).__name__}: {exc}") from exc
         start = len(self._root_path) + 1
         keys = [p[start:] if p.startswith(self._root_path + "/") else p for p in found]
-        return sorted(k for k in keys if not os.path.basename(k).startswith(".tmp-"))
+        return sorted(k for k in keys if not is_temporary(k))
 
     def check_writable(self) -> None:
         """Fail early, naming the output prefix, when it cannot be written."""
-        probe = f"_manifests/.write-probe-{uuid.uuid4().hex}"
-        self.put(probe, b"ok")
+        probe = f"_manifests/write-probe-{uuid.uuid4().hex}"
+        try:
+            self.put(probe, b"ok")
+        except StorageError as exc:
+            raise StorageError(
+                f"output: the prefix {self.root} is not writable ({exc}). Check the `output` URL, that "
+                "the bucket exists, and the credentials (environment / AWS or GCS chain) or `storage_options`"
+            ) from exc
         try:
             self.fs.rm_file(self.path(probe))
         except Exception:  # noqa: BLE001 - a leftover probe is harmless

@@ -12,6 +12,7 @@ import ray
 
 from invariance.config import RunConfig, load_config
 from invariance.cost import inversion_flops
+from invariance.data import load_eval_images
 from invariance.models import load_model
 from invariance.plan import Plan, make_plan
 from invariance.reduce import ReduceResult, reduce_plan
@@ -39,6 +40,9 @@ def open_run(config: RunConfig | str) -> tuple[RunConfig, Store, Plan, RunSpec]:
     store = Store(config.output, dict(config.storage_options))
     store.check_writable()
     plan = make_plan(config, store)
+    if plan.missing_stir or plan.missing_cka or plan.missing_inversions:
+        # fail before any task starts: every shard reads the same eval images
+        load_eval_images(config.data, config.data.image_size or plan.input_size, config.storage_options)
     spec = RunSpec(config, store, plan.settings, plan.inversion_settings, tuple(plan.layers))
     return config, store, plan, spec
 

@@ -53,7 +53,7 @@ def test_outputs_follow_the_layout(finished_run) -> None:
     assert flow.height == 3 * 3 * 3
     plots = {p.relative_to(out / "plots").as_posix() for p in (out / "plots").rglob("*.png")}
     assert plots == {"layer_curves.png", "dynamics.png", "flow/epoch=1.png", "flow/epoch=2.png", "flow/epoch=3.png"}
-    assert not list(out.rglob(".tmp-*"))
+    assert not list(out.rglob(".*.tmp"))
 
 
 def test_values_equal_the_library_called_directly(finished_run) -> None:
