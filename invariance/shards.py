@@ -12,7 +12,7 @@ from typing import Any, Literal, Sequence
 
 import torch
 
-from invariance.cka import cka_from_grams, linear_cka, normalized_grams
+from invariance.cka import cka_from_grams, normalized_grams
 from invariance.config import InversionConfig, TokenPolicy
 from invariance.data import EvalImages
 from invariance.inversion import InversionResult, invert, start_noise
@@ -67,6 +67,7 @@ class ShardContext:
         self.token_policy = token_policy
         self.inversion = inversion
         self._clean: dict[str, dict[int, torch.Tensor]] = {}
+        self._clean_grams: dict[tuple[str, bool], torch.Tensor] = {}
 
     @property
     def n_samples(self) -> int:
@@ -79,6 +80,14 @@ class ShardContext:
                 self.models[model_name], self.eval_images.images, self.layers, self.token_policy
             )
         return self._clean[model_name]
+
+    def clean_grams(self, model_name: str, debiased: bool) -> torch.Tensor:
+        """Normalized centered Grams of the features on X, ``[len(layers), n, n]`` float64, cached."""
+        key = (model_name, debiased)
+        if key not in self._clean_grams:
+            features = self.clean_features(model_name)
+            self._clean_grams[key] = normalized_grams([features[layer] for layer in self.layers], debiased)
+        return self._clean_grams[key]
 
     def invert(self, ref_model: str, ref_layer: int, seed: int) -> InversionResult:
         """X' for r[j] from the (seed, sample)-keyed start noise."""
@@ -102,10 +111,14 @@ class ShardContext:
         }
         rows = []
         for target_model in MODEL_NAMES:
-            clean = self.clean_features(target_model)
             inv = layer_features(self.models[target_model], images_inv, self.layers, self.token_policy)
-            for target_layer in self.layers:
-                pair = (clean[target_layer], inv[target_layer])
+            # STIR(t[i] | r[j]) = CKA(t[i](X), t[i](X')): the X side's Grams are shared by every shard
+            stir = {
+                debiased: (self.clean_grams(target_model, debiased)
+                           * normalized_grams([inv[k] for k in self.layers], debiased)).sum(dim=(1, 2))
+                for debiased in (False, True)
+            }  # fmt: skip
+            for position, target_layer in enumerate(self.layers):
                 rows.append(
                     {
                         "ref_model": ref_model,
@@ -113,8 +126,8 @@ class ShardContext:
                         "target_model": target_model,
                         "target_layer": target_layer,
                         "seed": seed,
-                        "stir": linear_cka(*pair),
-                        "stir_debiased": linear_cka(*pair, debiased=True),
+                        "stir": float(stir[False][position]),
+                        "stir_debiased": float(stir[True][position]),
                         **diagnostics,
                         "n_samples": self.n_samples,
                     }
@@ -123,11 +136,7 @@ class ShardContext:
 
     def cka_rows(self) -> list[dict[str, Any]]:
         """CKA(a[i], b[j]) on X for a, b in {pt, ft} and all layer pairs; one Gram per layer."""
-        grams = {
-            (name, debiased): normalized_grams([self.clean_features(name)[k] for k in self.layers], debiased)
-            for name in MODEL_NAMES
-            for debiased in (False, True)
-        }
+        grams = {(name, debiased): self.clean_grams(name, debiased) for name in MODEL_NAMES for debiased in (False, True)}
         rows = []
         for model_a in MODEL_NAMES:
             for model_b in MODEL_NAMES:
