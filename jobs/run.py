@@ -10,9 +10,10 @@ from typing import TextIO
 
 import ray
 
-from invariance.config import RunConfig, load_config
+from invariance.config import RunConfig, load_config, settings_hash
 from invariance.cost import inversion_flops
 from invariance.data import load_eval_images
+from invariance.lease import RunLease
 from invariance.models import load_model
 from invariance.plan import Plan, make_plan
 from invariance.reduce import ReduceResult, reduce_plan
@@ -78,14 +79,25 @@ class RunResult:
     reduced: ReduceResult
 
 
-def run(config: RunConfig | str, progress: bool = True, num_cpus: int | None = None) -> RunResult:
-    """`invariance run`: compute every missing shard, then reduce. Idempotent."""
+def run(config: RunConfig | str, progress: bool = True, num_cpus: int | None = None) -> RunResult | None:
+    """`invariance run`: compute every missing shard, then reduce. Idempotent.
+
+    Returns None, computing nothing, when another run of the same settings holds the lease.
+    """
     config, store, plan, spec = open_run(config)
     describe_plan(plan)
-    connect_ray(num_cpus)
-    execution = execute(plan, spec, progress=progress)
-    plan = make_plan(config, store, checkpoints=plan.checkpoints)
-    reduced = reduce_plan(plan, store)
+    lease = RunLease(store, plan.settings)
+    other = lease.acquire()
+    if other is not None:
+        print(f"another run of these settings is in progress: {other.describe()}; nothing to do here")
+        return None
+    try:
+        connect_ray(num_cpus)
+        execution = execute(plan, spec, progress=progress)
+        plan = make_plan(config, store, checkpoints=plan.checkpoints)
+        reduced = reduce_plan(plan, store)
+    finally:
+        lease.release()
     print(
         f"computed {execution.completed}/{execution.submitted} units in {execution.seconds:.1f}s, "
         f"{len(execution.failures)} failed; reduced {len(reduced.complete_epochs)} complete checkpoints "
@@ -98,9 +110,19 @@ def run(config: RunConfig | str, progress: bool = True, num_cpus: int | None = N
     return RunResult(plan, execution, reduced)
 
 
-def plan_only(config: RunConfig | str, with_cost: bool = True) -> Plan:
+def submission_id(plan: Plan) -> str:
+    """A Ray job submission id for this config and checkpoint set: `ray job submit
+    --submission-id` refuses a second job with the same id, new checkpoints give a new one."""
+    checkpoints = settings_hash({"checkpoints": [[c.epoch, c.url] for c in plan.checkpoints]})
+    return f"invariance-{plan.settings}-{checkpoints[:10]}"
+
+
+def plan_only(config: RunConfig | str, with_cost: bool = True, id_only: bool = False) -> Plan:
     """`invariance plan`: what is done, what is missing, and a rough cost."""
     config, _, plan, _ = open_run(config)
+    if id_only:
+        print(submission_id(plan))
+        return plan
     describe_plan(plan)
     if with_cost:
         started = time.time()

@@ -1,0 +1,101 @@
+"""Safe schedules: a run in progress for the same config is not duplicated."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from invariance.lease import LeaseHolder, RunLease, lease_key
+from invariance.storage import Store
+from tests.helpers import tiny_config, write_checkpoints, write_eval_parquet
+from tests.servers import ray_head, ray_job_submit  # noqa: F401 - fixture
+
+
+def test_lease_is_exclusive_until_released_or_lapsed(tmp_path: Path) -> None:
+    store = Store(str(tmp_path))
+    first, second = RunLease(store, "abc", ttl_seconds=30), RunLease(store, "abc", ttl_seconds=30)
+    assert first.acquire() is None
+    holder = second.acquire()
+    assert holder is not None and holder.holder == first.holder
+    assert RunLease(store, "other-settings").acquire() is None  # other settings are independent
+    first.release()
+    assert not store.exists(lease_key("abc"))
+    assert second.acquire() is None
+    second.release()
+
+    lapsed = LeaseHolder("crashed", "host", 1, time.time() - 100, time.time() - 1)
+    store.put(lease_key("abc"), json.dumps(lapsed.__dict__).encode())
+    third = RunLease(store, "abc")
+    assert third.acquire() is None  # a crashed holder's lease lapses
+    third.release()
+
+
+@pytest.mark.slow
+def test_scheduled_duplicate_submission_computes_nothing(tmp_path: Path, ray_head) -> None:
+    write_checkpoints(tmp_path / "ckpt", epochs=[1, 2])
+    write_eval_parquet(tmp_path / "data")
+    job_dir = tmp_path / "job"
+    job_dir.mkdir()
+    raw = tiny_config(tmp_path, str(tmp_path / "out"), seeds=[0])
+    (job_dir / "run.yaml").write_text(yaml.safe_dump(raw))
+    entrypoint = ["invariance", "run", "run.yaml", "--no-progress"]
+
+    # a run in progress elsewhere holds the lease of these settings (and keeps renewing it)
+    from invariance.config import parse_config
+    from invariance.plan import make_plan
+
+    store = Store(raw["output"])
+    running = RunLease(store, make_plan(parse_config(raw), store).settings, ttl_seconds=20)
+    assert running.acquire() is None
+    try:
+        duplicate = ray_job_submit(ray_head, job_dir, entrypoint)
+    finally:
+        running.release()
+    log = duplicate.stdout + duplicate.stderr
+    assert duplicate.returncode == 0, log[-3000:]
+    assert f"another run of these settings is in progress: {running.holder}" in log, log[-3000:]
+    assert "computed" not in log
+    assert not list((tmp_path / "out" / "stir").rglob("*.parquet"))
+
+    first = ray_job_submit(ray_head, job_dir, entrypoint)
+    assert "computed 17/17 units" in first.stdout + first.stderr
+    assert not list((tmp_path / "out" / "_manifests" / "leases").glob("*.json"))  # released at the end
+    rerun = ray_job_submit(ray_head, job_dir, entrypoint)
+    assert "computed 0/0 units" in rerun.stdout + rerun.stderr
+
+
+@pytest.mark.slow
+def test_submission_id_is_stable_and_ray_refuses_a_duplicate(tmp_path: Path, ray_head) -> None:
+    write_checkpoints(tmp_path / "ckpt", epochs=[1])
+    write_eval_parquet(tmp_path / "data")
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(tmp_path, str(tmp_path / "out"), seeds=[0])))
+    invariance = str(Path(sys.executable).with_name("invariance"))
+
+    def submission_id() -> str:
+        out = subprocess.run([invariance, "plan", str(config), "--submission-id"], capture_output=True, text=True, check=True)
+        return out.stdout.strip().splitlines()[-1]
+
+    first_id = submission_id()
+    assert first_id.startswith("invariance-") and first_id == submission_id()
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    env = {**ray_head.env, "RAY_ADDRESS": ray_head.dashboard_url}
+    command = [ray_cli, "job", "submit", "--no-wait", "--submission-id", first_id, "--", "sleep", "1"]
+    accepted = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    for _ in range(20):
+        if "No available agent" not in accepted.stdout + accepted.stderr:
+            break
+        time.sleep(3)
+        accepted = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert accepted.returncode == 0, accepted.stderr[-2000:]
+    refused = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0 and "already exists" in refused.stdout + refused.stderr
+
+    (tmp_path / "ckpt" / "ft" / "epoch=02.safetensors").write_bytes((tmp_path / "ckpt" / "ft" / "epoch=01.safetensors").read_bytes())
+    assert submission_id() != first_id  # a new checkpoint: a new submission
