@@ -4,6 +4,8 @@ Sources (all read through fsspec): CIFAR-10/100 python batches, an image folder 
 subfolder per class, or a Parquet table of encoded images (the Hugging Face datasets
 export: an ``image`` struct column with ``bytes``, or a plain binary column).
 Images are resized (shorter side to S) and center-cropped to the model's input size.
+The same readers give class labels for training (``load_labelled_images``): CIFAR's
+``labels`` / ``fine_labels``, the class subfolder's index, or a Parquet label column.
 """
 
 from __future__ import annotations
@@ -30,10 +32,32 @@ _CIFAR_SPLIT_FILES = {
 
 @dataclass(frozen=True)
 class EvalImages:
-    """``images: [n, 3, S, S]`` float32 in [0, 1]; ``indices: [n]`` positions in the split."""
+    """``images: [n, 3, S, S]`` float32 in [0, 1]; ``indices: [n]`` positions in the split;
+    ``labels: [n]`` int64 class labels when they were asked for, else None."""
 
     images: torch.Tensor
     indices: torch.Tensor
+    labels: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class _Request:
+    """What a reader returns: ``config``'s selection or the whole split; labels or not."""
+
+    whole_split: bool = False
+    label_column: str | None = None  # None: images only; any name asks for labels (Parquet reads that column)
+
+    def indices(self, total: int, config: DataConfig) -> np.ndarray:
+        return np.arange(total) if self.whole_split else select_indices(total, config)
+
+    def labels(self, all_labels: np.ndarray | None, indices: np.ndarray) -> torch.Tensor | None:
+        if self.label_column is None or all_labels is None:
+            return None
+        try:
+            labels = np.asarray(all_labels, dtype=np.int64)[indices]
+        except (TypeError, ValueError) as exc:
+            raise DataError(f"data.label_column {self.label_column!r}: class labels must be integers ({exc})") from exc
+        return torch.from_numpy(labels.copy())
 
 
 class _ArraysOnlyUnpickler(pickle.Unpickler):
@@ -90,7 +114,7 @@ def _stack_resized(decoded: list[torch.Tensor], size: int) -> torch.Tensor:
     return torch.cat([to_model_input(image.unsqueeze(0), size) for image in decoded])
 
 
-def _load_cifar(config: DataConfig, size: int, options: dict[str, Any]) -> EvalImages:
+def _load_cifar(config: DataConfig, size: int, options: dict[str, Any], request: _Request) -> EvalImages:
     if config.split not in _CIFAR_SPLIT_FILES:
         raise DataError(f"data.split for cifar must be 'test' or 'train', got {config.split!r}")
     fs, root = open_filesystem(config.path, options)
@@ -105,20 +129,32 @@ def _load_cifar(config: DataConfig, size: int, options: dict[str, Any]) -> EvalI
             f"data.path {config.path}: no CIFAR {config.split} batches; expected 'test_batch' / "
             "'data_batch_1..5' (CIFAR-10) or 'test' / 'train' (CIFAR-100)"
         )
-    arrays = []
+    arrays, labels = [], []
     for path in paths:
         try:
             batch = _ArraysOnlyUnpickler(io.BytesIO(fs.cat_file(path)), encoding="bytes").load()
             arrays.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            if request.label_column is not None:  # CIFAR-10: labels; CIFAR-100: fine_labels (100 classes)
+                labels.append(np.asarray(batch[b"labels"] if b"labels" in batch else batch[b"fine_labels"]))
         except (pickle.UnpicklingError, KeyError, ValueError, EOFError) as exc:
             raise DataError(f"{path}: not a CIFAR python batch ({exc})") from exc
     data = np.concatenate(arrays)
-    indices = select_indices(len(data), config)
+    indices = request.indices(len(data), config)
     images = torch.from_numpy(data[indices].copy()).float().div_(255.0)
-    return EvalImages(to_model_input(images, size), torch.from_numpy(indices))
+    all_labels = np.concatenate(labels) if labels else None
+    return EvalImages(to_model_input(images, size), torch.from_numpy(indices), request.labels(all_labels, indices))
 
 
-def _load_imagefolder(config: DataConfig, size: int, options: dict[str, Any]) -> EvalImages:
+def _class_indices(files: list[str], root: str) -> np.ndarray:
+    """The class of each file: the index of its subfolder below ``root`` among the sorted subfolders."""
+    classes = [path[len(root) + 1 :].split("/", 1)[0] if "/" in path[len(root) + 1 :] else "" for path in files]
+    if "" in classes:
+        raise DataError(f"{root}: labels need one subfolder per class; found images directly in the folder")
+    names = sorted(set(classes))
+    return np.asarray([names.index(name) for name in classes], dtype=np.int64)
+
+
+def _load_imagefolder(config: DataConfig, size: int, options: dict[str, Any], request: _Request) -> EvalImages:
     fs, root = open_filesystem(config.path, options)
     root = root.rstrip("/")
     if fs.isdir(f"{root}/{config.split}"):
@@ -128,9 +164,10 @@ def _load_imagefolder(config: DataConfig, size: int, options: dict[str, Any]) ->
     files = sorted(p for p in fs.find(root) if p.lower().endswith(IMAGE_SUFFIXES))
     if not files:
         raise DataError(f"data.path {config.path}: no images ({', '.join(IMAGE_SUFFIXES)}) found below {root}")
-    indices = select_indices(len(files), config)
+    indices = request.indices(len(files), config)
     decoded = [_decode(fs.cat_file(files[k]), files[k]) for k in indices]
-    return EvalImages(_stack_resized(decoded, size), torch.from_numpy(indices))
+    all_labels = _class_indices(files, root) if request.label_column is not None else None
+    return EvalImages(_stack_resized(decoded, size), torch.from_numpy(indices), request.labels(all_labels, indices))
 
 
 def _parquet_files(config: DataConfig, fs: Any, root: str) -> list[str]:
@@ -154,41 +191,66 @@ def _image_bytes(value: Any, column: str) -> bytes:
     return bytes(value)
 
 
-def _load_parquet(config: DataConfig, size: int, options: dict[str, Any]) -> EvalImages:
+def _load_parquet(config: DataConfig, size: int, options: dict[str, Any], request: _Request) -> EvalImages:
     import pyarrow.parquet as pq
 
     fs, root = open_filesystem(config.path, options)
     if not fs.exists(root):
         raise DataError(f"data.path {config.path} does not exist")
+    columns = [config.image_column] + ([request.label_column] if request.label_column is not None else [])
     tables = []
     for path in _parquet_files(config, fs, root):
         with fs.open(path, "rb") as handle:
             schema = pq.read_schema(handle)
-            if config.image_column not in schema.names:
-                raise DataError(f"{path}: no column {config.image_column!r} (data.image_column); columns: {schema.names}")
+            for name, key in zip(columns, ("data.image_column", "data.label_column")):
+                if name not in schema.names:
+                    raise DataError(f"{path}: no column {name!r} ({key}); columns: {schema.names}")
             handle.seek(0)
-            tables.append(pq.read_table(handle, columns=[config.image_column]))
+            tables.append(pq.read_table(handle, columns=columns))
     column = [value for table in tables for value in table.column(config.image_column).to_pylist()]
-    indices = select_indices(len(column), config)
+    indices = request.indices(len(column), config)
     decoded = [_decode(_image_bytes(column[k], config.image_column), f"row {k} of {config.path}") for k in indices]
-    return EvalImages(_stack_resized(decoded, size), torch.from_numpy(indices))
+    all_labels = None
+    if request.label_column is not None:
+        all_labels = np.concatenate([table.column(request.label_column).to_numpy() for table in tables])
+    return EvalImages(_stack_resized(decoded, size), torch.from_numpy(indices), request.labels(all_labels, indices))
 
 
-_LOADERS: dict[str, Callable[[DataConfig, int, dict[str, Any]], EvalImages]] = {
+_LOADERS: dict[str, Callable[[DataConfig, int, dict[str, Any], _Request], EvalImages]] = {
     "cifar": _load_cifar,
     "imagefolder": _load_imagefolder,
     "parquet": _load_parquet,
 }
 
 
-def load_eval_images(config: DataConfig, image_size: int, storage_options: dict[str, Any] | None = None) -> EvalImages:
-    """The eval set X for ``config``, at ``config.image_size`` or else ``image_size``."""
+def _load(config: DataConfig, image_size: int, storage_options: dict[str, Any] | None, request: _Request) -> EvalImages:
     size = config.image_size or image_size
     try:
         loader = _LOADERS[config.format]
     except KeyError:
         raise DataError(f"data.format must be one of {sorted(_LOADERS)}, got {config.format!r}") from None
     try:
-        return loader(config, size, storage_options or {})
+        return loader(config, size, storage_options or {}, request)
     except FileNotFoundError as exc:
         raise DataError(f"data.path {config.path}: not found ({exc})") from exc
+
+
+def load_eval_images(config: DataConfig, image_size: int, storage_options: dict[str, Any] | None = None) -> EvalImages:
+    """The eval set X for ``config``, at ``config.image_size`` or else ``image_size``."""
+    return _load(config, image_size, storage_options, _Request())
+
+
+def load_labelled_images(
+    config: DataConfig,
+    image_size: int,
+    storage_options: dict[str, Any] | None = None,
+    label_column: str = "label",
+    whole_split: bool = False,
+) -> EvalImages:
+    """Images of ``config.split`` with ``labels: [n]`` int64, for training and accuracy.
+
+    ``config.n_samples`` / ``selection`` choose the images, or ``whole_split`` takes them all.
+    Labels: CIFAR ``labels`` (CIFAR-10) or ``fine_labels`` (CIFAR-100); an image folder's class
+    subfolders in sorted order; the Parquet column ``label_column``.
+    """
+    return _load(config, image_size, storage_options, _Request(whole_split=whole_split, label_column=label_column))
