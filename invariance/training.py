@@ -1,20 +1,25 @@
-"""Training loops that produce checkpoint series: classification finetuning of a timm ViT.
+"""Training loops that produce checkpoint series: an optimizer and a cosine schedule over
+epochs, one epoch at a time, resumable from a plain state dict.
 
-Used by the demo (pretrain on one task, finetune on another) and by checkpoint producers.
+Used by the finetuning runs (``invariance.finetune``: classification and reconstruction,
+the demo's pretraining and finetuning included) and by ``train_classifier`` for quick use.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Any, Callable, Iterable, Literal
 
+import numpy as np
 import torch
 from torch import nn
 
 from invariance.data import to_model_input
 
 OptimizerName = Literal["sgd", "adamw"]
+BatchLoss = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+"""``(inputs [b, 3, S, S] in [0, 1] at the model's size, targets [b] or None) -> scalar loss``."""
 
 
 @dataclass(frozen=True)
@@ -31,16 +36,31 @@ class TrainSettings:
     seed: int = 0
 
 
-def _optimizer(network: nn.Module, settings: TrainSettings) -> torch.optim.Optimizer:
+def make_optimizer(parameters: Iterable[nn.Parameter], settings: TrainSettings) -> torch.optim.Optimizer:
+    parameters = list(parameters)
     if settings.optimizer == "sgd":
-        return torch.optim.SGD(network.parameters(), lr=settings.lr, momentum=settings.momentum,
+        return torch.optim.SGD(parameters, lr=settings.lr, momentum=settings.momentum,
                                weight_decay=settings.weight_decay)  # fmt: skip
     if settings.optimizer == "adamw":
-        return torch.optim.AdamW(network.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+        return torch.optim.AdamW(parameters, lr=settings.lr, weight_decay=settings.weight_decay)
     raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {settings.optimizer!r}")
 
 
-def _augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """lr x 0.5 (1 + cos(pi step / total)): from lr at step 0 to 0 at the last step."""
+    total = max(1, total_steps)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+    )
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The shuffling/augmentation stream of one epoch: a resumed run draws what an uninterrupted one would."""
+    state = np.random.SeedSequence([seed, epoch]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state) & ((1 << 63) - 1))
+
+
+def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Random horizontal flip and a random shift by up to 1/8 of the side (reflect padding)."""
     flip = torch.rand(len(images), generator=generator) < 0.5
     images = torch.where(flip[:, None, None, None], images.flip(-1), images)
@@ -48,6 +68,72 @@ def _augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     padded = nn.functional.pad(images, (pad, pad, pad, pad), mode="reflect")
     dy, dx = torch.randint(0, 2 * pad + 1, (2,), generator=generator).tolist()
     return padded[..., dy : dy + images.shape[-2], dx : dx + images.shape[-1]]
+
+
+class Trainer:
+    """An optimizer over ``parameters`` and a cosine schedule over ``settings.epochs`` epochs
+    of ``n_train`` samples; trains one epoch per call. ``state_dict`` holds plain tensors and
+    containers only (``torch.load(weights_only=True)`` reads it back)."""
+
+    def __init__(self, parameters: Iterable[nn.Parameter], settings: TrainSettings, n_train: int) -> None:
+        self.settings = settings
+        self.steps_per_epoch = math.ceil(n_train / settings.batch_size)
+        self.optimizer = make_optimizer(parameters, settings)
+        self.schedule = cosine_schedule(self.optimizer, settings.epochs * self.steps_per_epoch)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+
+    def skip_epochs(self, epochs: int) -> None:
+        """Advance the schedule past ``epochs`` finished epochs (when no optimizer state was kept)."""
+        for _ in range(epochs * self.steps_per_epoch):
+            self.optimizer.step()  # no gradients: a no-op that keeps the scheduler's order check quiet
+            self.schedule.step()
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def run_epoch(
+        self,
+        epoch: int,
+        module: nn.Module,
+        loss_fn: BatchLoss,
+        images: torch.Tensor,
+        targets: torch.Tensor | None,
+        input_size: int,
+    ) -> float:
+        """One pass over ``images: [n, 3, H, W]`` in [0, 1] (CPU) in a seeded order; the mean loss.
+
+        Batches are augmented at the stored size, moved to ``module``'s device, then resized
+        to ``input_size`` (so a dataset kept at 32 px trains a 224 px model).
+        """
+        device = next(module.parameters()).device
+        generator = epoch_generator(self.settings.seed, epoch)
+        order = torch.randperm(len(images), generator=generator)
+        module.train()
+        losses = []
+        for begin in range(0, len(images), self.settings.batch_size):
+            batch = order[begin : begin + self.settings.batch_size]
+            inputs = images[batch]
+            if self.settings.augment:
+                inputs = augment(inputs, generator)
+            inputs = inputs.to(device, non_blocking=True)
+            if inputs.shape[-1] != input_size or inputs.shape[-2] != input_size:
+                inputs = to_model_input(inputs, input_size)
+            batch_targets = targets[batch].to(device, non_blocking=True) if targets is not None else None
+            loss = loss_fn(inputs, batch_targets)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self.schedule.step()
+            losses.append(loss.item())
+        module.eval()
+        return sum(losses) / max(1, len(losses))
 
 
 @torch.no_grad()
@@ -71,37 +157,23 @@ def train_classifier(
     on_epoch_end: Callable[[int, float], None] | None = None,
     start_epoch: int = 0,
 ) -> nn.Module:
-    """Cross-entropy training; ``images: [n, 3, S, S]`` in [0, 1], ``labels: [n]``.
+    """Cross-entropy training in memory; ``images: [n, 3, S, S]`` in [0, 1], ``labels: [n]``.
 
-    ``on_epoch_end(epoch, mean_loss)`` runs after each epoch (1-based), e.g. to save a
-    checkpoint. ``start_epoch`` resumes a schedule after that many finished epochs.
+    ``on_epoch_end(epoch, mean_loss)`` runs after each epoch (1-based). ``start_epoch``
+    continues the schedule after that many finished epochs (without optimizer state; for
+    an exact resume use ``Trainer`` with its ``state_dict``, as ``invariance.finetune`` does).
     """
     size = network.patch_embed.img_size[0]
-    images = to_model_input(images, size) if images.shape[-1] != size else images
-    optimizer = _optimizer(network, settings)
-    steps_per_epoch = math.ceil(len(images) / settings.batch_size)
-    total = settings.epochs * steps_per_epoch
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
-    for _ in range(start_epoch * steps_per_epoch):
-        schedule.step()
-    generator = torch.Generator().manual_seed(settings.seed)
+    trainer = Trainer(network.parameters(), settings, len(images))
+    trainer.skip_epochs(start_epoch)
     loss_fn = nn.CrossEntropyLoss()
+
+    def batch_loss(inputs: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor:
+        return loss_fn(network(normalize(inputs)), targets)
+
     for epoch in range(start_epoch + 1, settings.epochs + 1):
-        network.train()
-        order = torch.randperm(len(images), generator=generator)
-        losses = []
-        for begin in range(0, len(images), settings.batch_size):
-            batch = order[begin : begin + settings.batch_size]
-            inputs = images[batch]
-            if settings.augment:
-                inputs = _augment(inputs, generator)
-            loss = loss_fn(network(normalize(inputs)), labels[batch])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            losses.append(loss.item())
+        mean_loss = trainer.run_epoch(epoch, network, batch_loss, images, labels, size)
         if on_epoch_end is not None:
-            on_epoch_end(epoch, sum(losses) / len(losses))
+            on_epoch_end(epoch, mean_loss)
     network.eval()
     return network

@@ -1,4 +1,4 @@
-"""The `invariance` command: demo, run, plan, reduce."""
+"""The `invariance` command: demo, run, plan, reduce, finetune."""
 
 from __future__ import annotations
 
@@ -39,6 +39,20 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--no-progress", action="store_true", help="no progress bar")
         if name == "plan":
             sub.add_argument("--no-cost", action="store_true", help="skip the FLOP estimate")
+            sub.add_argument("--submission-id", action="store_true",
+                             help="print only a Ray job submission id derived from the config and the checkpoint "
+                             "set (for `ray job submit --submission-id`: a duplicate submission is refused)")
+
+    finetune = commands.add_parser(
+        "finetune",
+        help="produce checkpoints: finetune a timm ViT (or a Ray Tune grid of runs), a checkpoint and metrics per epoch",
+        description="Finetune a timm ViT from a pretrained checkpoint (or from scratch) for classification or "
+        "reconstruction, writing <output>/epoch=NN.safetensors and <output>/metrics/epoch=NN.parquet (clean and "
+        "corrupted test accuracy) per epoch; with a `sweep` section, one Ray Tune trial per grid point, each in "
+        "<output>/<trial name>/. Unfinished runs resume after their last checkpoint. Joins the cluster at "
+        "RAY_ADDRESS when set, else starts a local Ray. Config reference: docs/finetune.md.",
+    )
+    finetune.add_argument("config", help="finetune config YAML: a local path or any fsspec URL (s3://...)")
     return parser
 
 
@@ -53,16 +67,21 @@ def main(argv: list[str] | None = None) -> int:
             from jobs.run import run
 
             result = run(args.config, progress=not args.no_progress)
-            if result.execution.failures:
+            if result is not None and result.execution.failures:
                 return 1
         elif args.command == "plan":
             from jobs.run import plan_only
 
-            plan_only(args.config, with_cost=not args.no_cost)
+            plan_only(args.config, with_cost=not (args.no_cost or args.submission_id), id_only=args.submission_id)
         elif args.command == "reduce":
             from jobs.run import reduce_only
 
             reduce_only(args.config)
+        elif args.command == "finetune":
+            from jobs.finetune import finetune
+
+            if finetune(args.config).failures:
+                return 1
     except InvarianceError as error:
         print(f"invariance {args.command}: error: {error}", file=sys.stderr)
         return 2

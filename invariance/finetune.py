@@ -1,0 +1,284 @@
+"""One finetuning run: a timm ViT from a pretrained checkpoint (or from scratch) trained on
+an image dataset, writing a checkpoint series that `invariance run` discovers.
+
+Layout below the run's output prefix (any fsspec URL; written through ``Store.put``):
+
+    initial.safetensors          the weights training starts from (pretrained + new head)
+    epoch=NN.safetensors         the ViT's state_dict after epoch NN (every checkpoint_every)
+    metrics/epoch=NN.parquet     one row: losses, clean and corrupted test accuracy
+    _state/last.pt               optimizer, schedule and task state of the last checkpoint
+
+A run that finds ``_state/last.pt`` resumes after that checkpoint's epoch with the same
+optimizer state and cosine schedule: on CPU it ends with the same weights as a run that
+was never interrupted. ``_state/last.pt`` holds plain tensors and containers only
+(read back with ``torch.load(weights_only=True)``).
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import polars as pl
+import torch
+from safetensors.torch import save as safetensors_bytes
+
+from invariance.checkpoints import load_state_dict
+from invariance.config import DataConfig
+from invariance.corruptions import corrupt
+from invariance.data import EvalImages, load_labelled_images, to_model_input
+from invariance.errors import ConfigError, DataError
+from invariance.finetune_config import FinetuneConfig
+from invariance.models import load_model, load_weights
+from invariance.storage import Store
+from invariance.tasks import Task, build_task
+from invariance.training import Trainer
+
+INITIAL_KEY = "initial.safetensors"
+METRICS_FOLDER = "metrics"
+STATE_KEY = "_state/last.pt"
+# Keep the corrupted test sets in memory between epochs up to this size; regenerate above it.
+_CORRUPTED_CACHE_BYTES = 512 * 2**20
+
+METRICS_SCHEMA = {
+    "epoch": pl.Int64,
+    "task": pl.String,
+    "train_loss": pl.Float64,
+    "lr": pl.Float64,
+    "test_loss": pl.Float64,
+    "clean_accuracy": pl.Float64,
+    "corrupted_loss": pl.Float64,
+    "corrupted_accuracy": pl.Float64,
+    "n_train": pl.Int64,
+    "n_test": pl.Int64,
+    "n_corrupted": pl.Int64,
+    "checkpoint": pl.Boolean,
+    "seconds": pl.Float64,
+    "corrupted": pl.List(
+        pl.Struct({"corruption": pl.String, "severity": pl.Int64, "loss": pl.Float64, "accuracy": pl.Float64})
+    ),
+}
+
+
+def checkpoint_key(epoch: int) -> str:
+    return f"epoch={epoch:02d}.safetensors"
+
+
+def metrics_key(epoch: int) -> str:
+    return f"{METRICS_FOLDER}/epoch={epoch:02d}.parquet"
+
+
+@dataclass(frozen=True)
+class FinetuneData:
+    """``train``/``test``: images ``[n, 3, S, S]`` in [0, 1] with ``labels: [n]``; S is
+    ``data.image_size`` or the model's input size (batches are resized to the model's)."""
+
+    train: EvalImages
+    test: EvalImages
+    num_classes: int
+
+
+@dataclass
+class FinetuneResult:
+    """What one call did: the epochs it trained (after ``resumed_from``) and their metric rows."""
+
+    output: str
+    resumed_from: int
+    epochs_run: int
+    metrics: pl.DataFrame
+
+
+def _split_config(config: FinetuneConfig, split: str, n_samples: int | None) -> DataConfig:
+    """The eval loaders' config for one split (n_samples None: the whole split is asked for instead)."""
+    data = config.data
+    return DataConfig(
+        format=data.format, path=data.path, split=split, n_samples=n_samples or 1, selection=data.selection,
+        selection_seed=data.selection_seed, image_size=data.image_size, image_column=data.image_column,
+    )  # fmt: skip
+
+
+def load_finetune_data(config: FinetuneConfig, input_size: int) -> FinetuneData:
+    """The train split (``n_train`` images, or all) and ``n_test`` test images, with labels."""
+    options, label = config.storage_options, config.data.label_column
+    train = load_labelled_images(_split_config(config, config.data.train_split, config.data.n_train), input_size,
+                                 options, label, whole_split=config.data.n_train is None)  # fmt: skip
+    test = load_labelled_images(_split_config(config, config.data.test_split, config.data.n_test), input_size, options, label)
+    largest = int(max(train.labels.max(), test.labels.max()))
+    if int(min(train.labels.min(), test.labels.min())) < 0:
+        raise DataError(f"data.label_column {label!r}: negative class labels in {config.data.path}")
+    num_classes = config.num_classes or largest + 1
+    if config.task == "classification" and largest >= num_classes:
+        raise ConfigError(f"num_classes: {num_classes}, but {config.data.path} has labels up to {largest}")
+    return FinetuneData(train, test, num_classes)
+
+
+@torch.no_grad()
+def score(task: Task, images: torch.Tensor, labels: torch.Tensor, input_size: int, batch_size: int,
+          clean: torch.Tensor | None = None) -> tuple[float, float | None]:  # fmt: skip
+    """(mean loss, accuracy or None) of ``task`` on ``images: [n, 3, H, W]`` in [0, 1];
+    ``clean`` (default: the images) is what a reconstruction should give back."""
+    device = task.mean.device
+    task.eval()
+    loss_sum, correct, has_accuracy = 0.0, 0, True
+    for begin in range(0, len(images), batch_size):
+        part = slice(begin, begin + batch_size)
+        inputs = to_model_input(images[part].to(device), input_size)
+        targets = inputs if clean is None else to_model_input(clean[part].to(device), input_size)
+        batch_loss, batch_correct = task.score(inputs, labels[part].to(device), targets)
+        loss_sum += batch_loss
+        has_accuracy = batch_correct is not None
+        correct += batch_correct or 0
+    n = max(1, len(images))
+    return loss_sum / n, (correct / n if has_accuracy else None)
+
+
+class CorruptedTestSets:
+    """The corrupted copies of a test subset, one per (name, severity); kept in memory when small."""
+
+    def __init__(self, images: torch.Tensor, names: list[str], severities: list[int], seed: int) -> None:
+        self.images, self.seed = images, seed
+        self.pairs = [(name, severity) for name in names for severity in severities]
+        size = images.numel() * images.element_size() * len(self.pairs)
+        self._cache: dict[tuple[str, int], torch.Tensor] | None = {} if size <= _CORRUPTED_CACHE_BYTES else None
+
+    def __iter__(self) -> Iterator[tuple[str, int, torch.Tensor]]:
+        for name, severity in self.pairs:
+            if self._cache is not None and (name, severity) in self._cache:
+                yield name, severity, self._cache[(name, severity)]
+                continue
+            corrupted = corrupt(self.images, name, severity, self.seed)
+            if self._cache is not None:
+                self._cache[(name, severity)] = corrupted
+            yield name, severity, corrupted
+
+
+def evaluate_epoch(task: Task, data: FinetuneData, corrupted: CorruptedTestSets, input_size: int,
+                   batch_size: int) -> dict[str, Any]:  # fmt: skip
+    """Clean and corrupted test scores; corrupted means are over every (name, severity)."""
+    test_loss, clean_accuracy = score(task, data.test.images, data.test.labels, input_size, batch_size)
+    labels = data.test.labels[: len(corrupted.images)]
+    rows = []
+    for name, severity, images in corrupted:
+        loss, accuracy = score(task, images, labels, input_size, batch_size, clean=corrupted.images)
+        rows.append({"corruption": name, "severity": severity, "loss": loss, "accuracy": accuracy})
+    accuracies = [row["accuracy"] for row in rows if row["accuracy"] is not None]
+    return {
+        "test_loss": test_loss,
+        "clean_accuracy": clean_accuracy,
+        "corrupted_loss": sum(row["loss"] for row in rows) / len(rows) if rows else None,
+        "corrupted_accuracy": sum(accuracies) / len(accuracies) if accuracies else None,
+        "n_test": len(data.test.images),
+        "n_corrupted": len(corrupted.images) if rows else 0,
+        "corrupted": rows,
+    }
+
+
+def _frame(rows: list[dict[str, Any]]) -> pl.DataFrame:
+    return pl.DataFrame(rows, schema=METRICS_SCHEMA)
+
+
+def _put_torch(store: Store, key: str, value: dict[str, Any]) -> None:
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    store.put(key, buffer.getvalue())
+
+
+def read_state(store: Store) -> dict[str, Any] | None:
+    """The resume state of the run at ``store``, or None when it has not saved a checkpoint yet."""
+    if not store.exists(STATE_KEY):
+        return None
+    return torch.load(io.BytesIO(store.get(STATE_KEY)), map_location="cpu", weights_only=True)
+
+
+def read_run_metrics(output: str, storage_options: dict[str, Any] | None = None) -> pl.DataFrame | None:
+    """Every ``metrics/epoch=NN.parquet`` of the run at ``output``, by epoch; None when there are none."""
+    store = Store(output, dict(storage_options or {}))
+    keys = [key for key in store.list(METRICS_FOLDER) if key.endswith(".parquet")]
+    if not keys:
+        return None
+    blobs = store.fs.cat([store.path(key) for key in keys])
+    frames = [pl.read_parquet(io.BytesIO(blobs[store.path(key)])) for key in keys]
+    return pl.concat(frames, how="diagonal_relaxed").sort("epoch")
+
+
+def print_epoch(row: dict[str, Any]) -> None:
+    """The default per-epoch log line."""
+    parts = [f"epoch {row['epoch']}: train loss {row['train_loss']:.4f}", f"test loss {row['test_loss']:.4f}"]
+    if row["clean_accuracy"] is not None:
+        parts.append(f"accuracy {row['clean_accuracy']:.1%}")
+    if row["corrupted_accuracy"] is not None:
+        parts.append(f"corrupted accuracy {row['corrupted_accuracy']:.1%}")
+    elif row["corrupted_loss"] is not None:
+        parts.append(f"corrupted loss {row['corrupted_loss']:.4f}")
+    print("  " + ", ".join(parts), flush=True)
+
+
+def run_finetune(
+    config: FinetuneConfig,
+    on_epoch: Callable[[dict[str, Any]], None] | None = print_epoch,
+    device: str | torch.device | None = None,
+) -> FinetuneResult:
+    """Train ``config`` (one run, no sweep), resuming after the last saved checkpoint if any.
+
+    ``on_epoch(row)`` gets each epoch's metrics row once it is stored. ``device``: default
+    CUDA when available, else CPU.
+    """
+    if config.sweep is not None:
+        raise ConfigError("sweep: run_finetune trains one run; expand the grid with config.trials() (or `invariance finetune`)")
+    store = Store(config.output, dict(config.storage_options))
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(config.seed)
+    model = load_model(config.model, config.pretrained, config.storage_options)
+    network, input_size = model.network.requires_grad_(True), model.input_size
+    data = load_finetune_data(config, input_size)
+    task = build_task(config.task, network, model.mean.flatten().tolist(), model.std.flatten().tolist(),
+                      data.num_classes).to(device)  # fmt: skip
+    trainer = Trainer(task.parameters(), config.train_settings(), len(data.train.images))
+
+    state = read_state(store)
+    if state is None:
+        resumed_from = 0
+        store.put(INITIAL_KEY, _state_bytes(network))
+    else:
+        if state["fingerprint"] != config.fingerprint():
+            raise ConfigError(
+                f"output: {store.url(STATE_KEY)} belongs to a run with other settings; give this run "
+                "its own output, or delete that folder to start over"
+            )
+        resumed_from = int(state["epoch"])
+        url = store.url(checkpoint_key(resumed_from))
+        load_weights(network, load_state_dict(url, config.storage_options), url)
+        task.load_extra_state(state["task"])
+        trainer.load_state_dict(state["trainer"])
+
+    n_corrupted = min(config.corruptions.n_samples or len(data.test.images), len(data.test.images))
+    corrupted = CorruptedTestSets(data.test.images[:n_corrupted], config.corruptions.names,
+                                  config.corruptions.severities, config.corruptions.seed)  # fmt: skip
+    rows = []
+    for epoch in range(resumed_from + 1, config.epochs + 1):
+        started = time.time()
+        lr = trainer.lr
+        train_loss = trainer.run_epoch(epoch, task, task.loss, data.train.images, data.train.labels, input_size)
+        row = {"epoch": epoch, "task": config.task, "train_loss": train_loss, "lr": lr, "n_train": len(data.train.images),
+               **evaluate_epoch(task, data, corrupted, input_size, config.batch_size)}  # fmt: skip
+        row["checkpoint"] = epoch % config.checkpoint_every == 0 or epoch == config.epochs
+        row["seconds"] = time.time() - started
+        if row["checkpoint"]:
+            store.put(checkpoint_key(epoch), _state_bytes(network))
+        buffer = io.BytesIO()
+        _frame([row]).write_parquet(buffer)
+        store.put(metrics_key(epoch), buffer.getvalue())
+        if row["checkpoint"]:  # last: a state names a checkpoint that is already complete
+            _put_torch(store, STATE_KEY, {"epoch": epoch, "fingerprint": config.fingerprint(),
+                                          "trainer": trainer.state_dict(), "task": task.extra_state()})  # fmt: skip
+        rows.append(row)
+        if on_epoch is not None:
+            on_epoch(row)
+    return FinetuneResult(store.url(""), resumed_from, len(rows), _frame(rows))
+
+
+def _state_bytes(network: torch.nn.Module) -> bytes:
+    """The ViT's state_dict as safetensors bytes (CPU, contiguous)."""
+    return safetensors_bytes({key: value.detach().cpu().contiguous() for key, value in network.state_dict().items()})

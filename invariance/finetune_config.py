@@ -1,0 +1,220 @@
+"""The finetune config: YAML, validated up front; errors name the key and the problem.
+
+Every key, its default and its meaning is in docs/finetune.md; keep the two in step.
+A ``sweep`` section expands into one trial config per grid point, each writing below
+``<output>/<trial name>/``, the name spelling out the grid values (``lr-0.001_augment-true``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from invariance.config import Int, ModelConfig, _format_validation_error
+from invariance.corruptions import CORRUPTIONS, SEVERITIES
+from invariance.errors import ConfigError
+from invariance.tasks import TaskName
+from invariance.training import OptimizerName, TrainSettings
+
+# Keys a sweep may not vary: where results go and how trials are placed are not grid values.
+_NOT_SWEEPABLE = ("output", "storage_options", "sweep", "resources")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FinetuneDataConfig(_Strict):
+    """Train and test splits of one image dataset, read by the eval loaders (with labels)."""
+
+    format: Literal["cifar", "imagefolder", "parquet"]
+    path: str
+    train_split: str = "train"
+    test_split: str = "test"
+    n_train: Int | None = Field(None, gt=0)
+    n_test: Int = Field(500, gt=0)
+    selection: Literal["first", "random"] = "random"
+    selection_seed: Int = 0
+    image_size: Int | None = Field(None, gt=0)
+    image_column: str = "image"
+    label_column: str = "label"
+
+
+class CorruptionsConfig(_Strict):
+    """Corrupted copies of the first ``n_samples`` test images, scored every epoch."""
+
+    names: list[str] = Field(default_factory=lambda: list(CORRUPTIONS))
+    severities: list[Int] = Field(default_factory=lambda: list(SEVERITIES))
+    n_samples: Int | None = Field(None, gt=0)
+    seed: Int = 0
+
+    @field_validator("names")
+    @classmethod
+    def _known_names(cls, value: list[str]) -> list[str]:
+        unknown = [name for name in value if name not in CORRUPTIONS]
+        if unknown:
+            raise ValueError(f"unknown corruptions {unknown}; known: {sorted(CORRUPTIONS)}")
+        if len(set(value)) != len(value):
+            raise ValueError("corruption names must be unique")
+        return value
+
+    @field_validator("severities")
+    @classmethod
+    def _valid_severities(cls, value: list[int]) -> list[int]:
+        if any(v not in SEVERITIES for v in value):
+            raise ValueError(f"severities are 1..5, got {value}")
+        if len(set(value)) != len(value):
+            raise ValueError("severities must be unique")
+        return sorted(value)
+
+
+class FinetuneResources(_Strict):
+    """What each run (each sweep trial) asks Ray for, and how often Tune restarts a failed trial."""
+
+    num_gpus: float = Field(0.0, ge=0)
+    num_cpus: float = Field(1.0, gt=0)
+    max_failures: Int = Field(2, ge=0)
+
+
+class FinetuneConfig(_Strict):
+    """One finetuning run (or a grid of them): model, data, task, optimizer, schedule, outputs."""
+
+    output: str
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    model: ModelConfig
+    pretrained: str | None = None
+    data: FinetuneDataConfig
+    task: TaskName = "classification"
+    num_classes: Int | None = Field(None, gt=0)
+    optimizer: OptimizerName = "sgd"
+    lr: float = Field(1e-3, gt=0)
+    momentum: float = Field(0.9, ge=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    epochs: Int = Field(100, ge=1)
+    batch_size: Int = Field(64, ge=1)
+    augment: bool = False
+    seed: Int = 0
+    checkpoint_every: Int = Field(1, ge=1)
+    corruptions: CorruptionsConfig = Field(default_factory=CorruptionsConfig)
+    resources: FinetuneResources = Field(default_factory=FinetuneResources)
+    sweep: dict[str, list[Any]] | None = None
+
+    @field_validator("sweep")
+    @classmethod
+    def _sweep_shape(cls, value: dict[str, list[Any]] | None) -> dict[str, list[Any]] | None:
+        if value is None:
+            return None
+        if not value:
+            raise ValueError("give at least one key with a list of values, e.g. {lr: [0.001, 0.01]}")
+        for key, values in value.items():
+            if key.split(".")[0] in _NOT_SWEEPABLE:
+                raise ValueError(f"{key!r} cannot be swept (not sweepable: {', '.join(_NOT_SWEEPABLE)})")
+            if key.split(".")[0] not in cls.model_fields:
+                raise ValueError(f"{key!r} is not a finetune config key")
+            if not values:
+                raise ValueError(f"{key}: give a non-empty list of values")
+            if len({json.dumps(v, sort_keys=True, default=str) for v in values}) != len(values):
+                raise ValueError(f"{key}: values must be unique")
+        return value
+
+    @model_validator(mode="after")
+    def _trials_valid(self) -> "FinetuneConfig":
+        # every grid point must be a valid config: fail at parse time, not in the 7th trial
+        if self.sweep is not None:
+            for params in grid_points(self.sweep):
+                try:
+                    self.for_trial(params)
+                except ConfigError as exc:
+                    detail = str(exc).split("\n", 1)[-1].strip()
+                    raise ValueError(f"sweep: the trial {trial_name(params)} is not a valid config: {detail}") from None
+        return self
+
+    def train_settings(self) -> TrainSettings:
+        return TrainSettings(
+            epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, optimizer=self.optimizer,
+            momentum=self.momentum, weight_decay=self.weight_decay, augment=self.augment, seed=self.seed,
+        )  # fmt: skip
+
+    def fingerprint(self) -> str:
+        """Hash of every setting that changes the trained weights: a run resumes only under the
+        same fingerprint. Not in it: output, storage, resources, sweep, corruptions, checkpoint_every."""
+        excluded = {"output", "storage_options", "resources", "sweep", "corruptions", "checkpoint_every"}
+        settings = self.model_dump(mode="json", exclude=excluded)
+        canonical = json.dumps(settings, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+    def for_trial(self, params: dict[str, Any]) -> "FinetuneConfig":
+        """The config of one grid point: ``params`` applied (dotted keys reach nested sections),
+        output ``<output>/<trial name>``, no sweep."""
+        raw = self.model_dump(mode="python")
+        for key, value in params.items():
+            section = raw
+            *parents, leaf = key.split(".")
+            for part in parents:
+                if not isinstance(section.get(part), dict):
+                    section[part] = {}
+                section = section[part]
+            section[leaf] = value
+        raw["output"] = f"{self.output.rstrip('/')}/{trial_name(params)}"
+        raw["sweep"] = None
+        return parse_finetune_config(raw)
+
+    def trials(self) -> list[tuple[str, FinetuneConfig]]:
+        """(trial name, config) per grid point; without a sweep, one run named ``run`` at ``output``."""
+        if self.sweep is None:
+            return [("run", self)]
+        return [(trial_name(params), self.for_trial(params)) for params in grid_points(self.sweep)]
+
+
+def grid_points(sweep: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """The cartesian product of the sweep's value lists, in the order of the keys."""
+    keys = list(sweep)
+    return [dict(zip(keys, values)) for values in itertools.product(*(sweep[key] for key in keys))]
+
+
+def _value_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, sort_keys=True, separators=(",", ":"))
+    return str(value)
+
+
+def trial_name(params: dict[str, Any]) -> str:
+    """Filesystem-safe name of a grid point: ``{optimizer: sgd, lr: 0.001}`` -> ``optimizer-sgd_lr-0.001``."""
+    parts = [f"{key}-{_value_text(value)}" for key, value in params.items()]
+    return re.sub(r"[^A-Za-z0-9._+-]+", "-", "_".join(parts))
+
+
+def parse_finetune_config(raw: dict[str, Any]) -> FinetuneConfig:
+    """A dict (as read from YAML) -> validated FinetuneConfig, or ConfigError naming every bad key."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"the finetune config must be a YAML mapping of keys, got {type(raw).__name__}")
+    try:
+        return FinetuneConfig.model_validate(raw)
+    except ValidationError as exc:
+        message = _format_validation_error(exc).replace("invalid run config", "invalid finetune config", 1)
+        raise ConfigError(message.replace("README.md", "docs/finetune.md")) from None
+
+
+def load_finetune_config(path: str | Path) -> FinetuneConfig:
+    """Read and validate a YAML finetune config from a local path or any fsspec URL."""
+    import fsspec
+
+    try:
+        with fsspec.open(str(path), "r") as handle:
+            raw = yaml.safe_load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return parse_finetune_config(raw)
