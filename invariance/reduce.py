@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import polars as pl
 
-from invariance import metrics, plots
+from invariance import metrics, plots, robustness
 from invariance.layout import PLOTS, REDUCED_CURVES, REDUCED_FLOW, REDUCED_STATUS, flow_plot_key
 from invariance.plan import Plan
 from invariance.storage import Store
@@ -77,4 +77,6 @@ def reduce_plan(plan: Plan, store: Store, make_plots: bool = True) -> ReduceResu
         for key, png in outputs.items():
             store.put(key, png)
             result.written.append(key)
+    if complete:  # finetuning runs with metrics/ beside their checkpoints: the robustness link
+        result.written += robustness.reduce_robustness(store, curves, plan.checkpoints, plan.depth, make_plots)
     return result

@@ -1,0 +1,161 @@
+"""The robustness link of the finetuning paper, as Polars functions over the reduced curves.
+
+Per checkpoint epoch, the spread of forgetting across layers (standard deviation of the
+forgetting curve over layers 2..depth; the paper: layers 2..12 of ViT-B/32, whose layer 12
+is the pre-logits) is set beside the mean accuracy on corrupted test sets, and the two are
+correlated over the epochs of a run (Pearson; the paper: 0.78 on CIFAR-10, 0.877 on
+CIFAR-100). A model with fewer than 3 blocks has no layers 2..depth worth the name: then
+every layer of the curve counts. The standard deviation is the population one (ddof=0);
+Pearson's r does not change with that choice.
+
+The per-epoch accuracies come from a finetuning run's ``metrics/epoch=NN.parquet`` beside
+its checkpoints (``invariance.finetune``); runs without them are skipped.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import TypeVar
+
+import polars as pl
+
+from invariance.checkpoints import Checkpoint
+from invariance.finetune import read_run_metrics
+from invariance.storage import Store
+
+Frame = TypeVar("Frame", pl.DataFrame, pl.LazyFrame)
+FIRST_SPREAD_LAYER = 2
+REDUCED_ROBUSTNESS = "reduced/robustness.parquet"
+REDUCED_ROBUSTNESS_CORRELATION = "reduced/robustness_correlation.parquet"
+ROBUSTNESS_PLOT = "plots/robustness.png"
+
+
+def spread_layers(depth: int) -> tuple[int, int]:
+    """(first, last) layer whose forgetting enters the spread: 2..depth, or 0..depth when depth < 3."""
+    return (FIRST_SPREAD_LAYER if depth >= 3 else 0), depth
+
+
+def forgetting_spread(curves: Frame, depth: int) -> Frame:
+    """Per (checkpoint, epoch): ``forgetting_std_across_layers`` of ``forgetting_mean`` and ``n_layers``."""
+    first, last = spread_layers(depth)
+    return (
+        curves.filter(pl.col("layer").is_between(first, last))
+        .group_by("checkpoint", "epoch")
+        .agg(
+            pl.col("forgetting_mean").std(ddof=0).alias("forgetting_std_across_layers"),
+            pl.len().alias("n_layers"),
+        )
+    )
+
+
+def robustness_table(curves: Frame, run_metrics: Frame, depth: int, run: str) -> Frame:
+    """Per epoch with both a curve and metrics: run, epoch, checkpoint, forgetting_std_across_layers,
+    corrupted_accuracy_mean, clean_accuracy, corrupted_loss_mean, n_layers."""
+    accuracies = run_metrics.select(
+        "epoch",
+        pl.col("corrupted_accuracy").alias("corrupted_accuracy_mean"),
+        "clean_accuracy",
+        pl.col("corrupted_loss").alias("corrupted_loss_mean"),
+    )
+    return (
+        forgetting_spread(curves, depth)
+        .join(accuracies, on="epoch", how="inner")
+        .select(
+            pl.lit(run).alias("run"), "epoch", "checkpoint", "forgetting_std_across_layers",
+            "corrupted_accuracy_mean", "clean_accuracy", "corrupted_loss_mean", "n_layers",
+        )  # fmt: skip
+        .sort("run", "epoch")
+    )
+
+
+def _pearson(x: str, y: str) -> pl.Expr:
+    both = pl.col(x).is_not_null() & pl.col(y).is_not_null()
+    return pl.corr(pl.col(x).filter(both), pl.col(y).filter(both)).fill_nan(None)
+
+
+def robustness_correlation(table: Frame) -> Frame:
+    """Per run: ``pearson_r`` of forgetting spread vs mean corrupted accuracy over epochs,
+    ``pearson_r_loss`` vs mean corrupted loss (the score of reconstruction runs), ``n_epochs``.
+    Null where undefined (fewer than 2 epochs, or a constant series)."""
+    return (
+        table.group_by("run")
+        .agg(
+            _pearson("forgetting_std_across_layers", "corrupted_accuracy_mean").alias("pearson_r"),
+            _pearson("forgetting_std_across_layers", "corrupted_loss_mean").alias("pearson_r_loss"),
+            pl.len().alias("n_epochs"),
+        )
+        .sort("run")
+    )
+
+
+def run_folders(checkpoints: list[Checkpoint]) -> list[str]:
+    """The folders holding the checkpoints (one per run), in order of first appearance."""
+    return list(dict.fromkeys(c.url.rsplit("/", 1)[0] for c in checkpoints))
+
+
+def _put_parquet(store: Store, key: str, frame: pl.DataFrame) -> None:
+    buffer = io.BytesIO()
+    frame.write_parquet(buffer)
+    store.put(key, buffer.getvalue())
+
+
+def reduce_robustness(
+    store: Store, curves: pl.DataFrame, checkpoints: list[Checkpoint], depth: int, make_plots: bool = True
+) -> list[str]:
+    """Write the robustness table, its correlation and plot when the checkpoints' folders hold
+    ``metrics/``; returns the keys written (none when no run has metrics)."""
+    if curves.is_empty():
+        return []
+    tables = []
+    for folder in run_folders(checkpoints):
+        run_metrics = read_run_metrics(folder, store.storage_options)
+        if run_metrics is not None:
+            run_curves = curves.filter(pl.col("epoch").is_in([c.epoch for c in checkpoints if c.url.startswith(folder + "/")]))
+            tables.append(robustness_table(run_curves, run_metrics, depth, folder))
+    table = pl.concat(tables) if tables else pl.DataFrame()
+    if table.is_empty():
+        return []
+    correlation = robustness_correlation(table)
+    _put_parquet(store, REDUCED_ROBUSTNESS, table)
+    _put_parquet(store, REDUCED_ROBUSTNESS_CORRELATION, correlation)
+    written = [REDUCED_ROBUSTNESS, REDUCED_ROBUSTNESS_CORRELATION]
+    if make_plots:
+        store.put(ROBUSTNESS_PLOT, robustness_png(table, correlation, depth))
+        written.append(ROBUSTNESS_PLOT)
+    return written
+
+
+def robustness_png(table: pl.DataFrame, correlation: pl.DataFrame, depth: int) -> bytes:
+    """Left: forgetting spread and corrupted accuracy across epochs; right: one against the other."""
+    from invariance.plots import _png, matplotlib, plt
+
+    by_accuracy = table["corrupted_accuracy_mean"].is_not_null().any()
+    score, score_label = (
+        ("corrupted_accuracy_mean", "mean corrupted accuracy") if by_accuracy
+        else ("corrupted_loss_mean", "mean corrupted loss")
+    )  # fmt: skip
+    first, last = spread_layers(depth)
+    figure, (over_epochs, scatter) = plt.subplots(1, 2, figsize=(12, 4.2), constrained_layout=True)
+    accuracy_axis = over_epochs.twinx()
+    for index, (run, rows) in enumerate(table.sort("epoch").group_by("run", maintain_order=True)):
+        color = f"C{index}"
+        name = str(run[0]).rsplit("/", 1)[-1]
+        r = correlation.filter(pl.col("run") == run[0])["pearson_r" if by_accuracy else "pearson_r_loss"][0]
+        label = f"{name}  r = {r:.3f}" if r is not None else f"{name}  r undefined"
+        epochs = rows["epoch"].to_numpy()
+        over_epochs.plot(epochs, rows["forgetting_std_across_layers"].to_numpy(), marker="o", ms=3, color=color, label=label)
+        accuracy_axis.plot(epochs, rows[score].to_numpy(), marker="s", ms=3, ls="--", color=color)
+        scatter.scatter(rows["forgetting_std_across_layers"].to_numpy(), rows[score].to_numpy(), color=color, label=label)
+        for epoch, x, y in rows.select("epoch", "forgetting_std_across_layers", score).iter_rows():
+            scatter.annotate(str(epoch), (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    over_epochs.set_xlabel("checkpoint epoch")
+    over_epochs.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    over_epochs.set_ylabel(f"std of forgetting over layers {first}..{last} (solid)")
+    accuracy_axis.set_ylabel(f"{score_label} (dashed)")
+    over_epochs.legend(fontsize=8)
+    over_epochs.grid(alpha=0.3)
+    scatter.set_xlabel(f"std of forgetting over layers {first}..{last}")
+    scatter.set_ylabel(score_label)
+    scatter.set_title("robustness link (Pearson r over epochs)", fontsize=10)
+    scatter.grid(alpha=0.3)
+    return _png(figure)

@@ -1,0 +1,100 @@
+"""The robustness link: forgetting spread across layers vs corrupted accuracy, as Polars."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import polars as pl
+import pytest
+
+from invariance import robustness
+from invariance.checkpoints import Checkpoint
+from invariance.finetune import METRICS_SCHEMA, metrics_key
+from invariance.storage import Store
+
+FORGETTING = {  # epoch -> forgetting per layer 0..4 (depth 4: layer 4 is the pre-logits)
+    1: [0.0, 0.1, 0.1, 0.2, 0.3],
+    2: [0.0, 0.1, 0.2, 0.2, 0.6],
+    3: [0.1, 0.1, 0.3, 0.5, 0.9],
+    4: [0.5, 0.5, 0.1, 0.1, 0.1],
+}
+CORRUPTED = {1: 0.80, 2: 0.70, 3: 0.55, 4: 0.9}
+
+
+def curves(forgetting: dict[int, list[float]] = FORGETTING) -> pl.DataFrame:
+    return pl.DataFrame(
+        [
+            {"checkpoint": f"epoch={epoch:02d}", "epoch": epoch, "layer": layer, "forgetting_mean": value}
+            for epoch, values in forgetting.items()
+            for layer, value in enumerate(values)
+        ]
+    )
+
+
+def metric_rows(accuracy: dict[int, float | None] = CORRUPTED) -> list[dict]:
+    return [
+        {"epoch": epoch, "task": "classification", "train_loss": 1.0, "lr": 0.1, "test_loss": 1.0,
+         "clean_accuracy": 0.9, "corrupted_loss": 1.0 + epoch * 0.1 if value is None else 2.0 - value,
+         "corrupted_accuracy": value, "n_train": 8, "n_test": 8, "n_corrupted": 8, "checkpoint": True,
+         "seconds": 1.0, "corrupted": []}
+        for epoch, value in accuracy.items()
+    ]  # fmt: skip
+
+
+def test_spread_uses_layers_2_to_depth_with_population_std() -> None:
+    spread = robustness.forgetting_spread(curves(), depth=4).sort("epoch")
+    expected = [np.std(values[2:]) for values in FORGETTING.values()]
+    np.testing.assert_allclose(spread["forgetting_std_across_layers"].to_numpy(), expected, atol=1e-12)
+    assert spread["n_layers"].to_list() == [3, 3, 3, 3]
+
+
+def test_spread_uses_every_layer_of_a_shallow_model() -> None:
+    shallow = {epoch: values[:3] for epoch, values in FORGETTING.items()}  # depth 2: layers 0, 1, 2
+    spread = robustness.forgetting_spread(curves(shallow), depth=2).sort("epoch")
+    np.testing.assert_allclose(spread["forgetting_std_across_layers"].to_numpy(), [np.std(v) for v in shallow.values()])
+    assert robustness.spread_layers(2) == (0, 2) and robustness.spread_layers(12) == (2, 12)
+
+
+def test_table_joins_epochs_present_on_both_sides_and_correlates() -> None:
+    metrics = pl.DataFrame(metric_rows({**CORRUPTED, 5: 0.5}), schema=METRICS_SCHEMA)  # epoch 5 has no curve
+    table = robustness.robustness_table(curves(), metrics, depth=4, run="s3://lab/run")
+    assert table.columns == ["run", "epoch", "checkpoint", "forgetting_std_across_layers", "corrupted_accuracy_mean",
+                             "clean_accuracy", "corrupted_loss_mean", "n_layers"]  # fmt: skip
+    assert table["epoch"].to_list() == [1, 2, 3, 4]
+    correlation = robustness.robustness_correlation(table)
+    assert correlation.height == 1 and correlation["n_epochs"][0] == 4 and correlation["run"][0] == "s3://lab/run"
+    spread = [np.std(values[2:]) for values in FORGETTING.values()]
+    expected = np.corrcoef(spread, list(CORRUPTED.values()))[0, 1]
+    assert correlation["pearson_r"][0] == pytest.approx(expected, abs=1e-12)
+    assert correlation["pearson_r_loss"][0] == pytest.approx(-expected, abs=1e-12)  # loss = 2 - accuracy
+
+
+def test_correlation_is_null_without_accuracies_or_variation() -> None:
+    reconstruction = pl.DataFrame(metric_rows({1: None, 2: None, 3: None}), schema=METRICS_SCHEMA)
+    table = robustness.robustness_table(curves(), reconstruction, depth=4, run="r")
+    row = robustness.robustness_correlation(table).row(0, named=True)
+    assert row["pearson_r"] is None and row["pearson_r_loss"] is not None and row["n_epochs"] == 3
+    flat = {epoch: [0.1] * 5 for epoch in (1, 2, 3)}
+    table = robustness.robustness_table(curves(flat), pl.DataFrame(metric_rows(), schema=METRICS_SCHEMA), 4, "r")
+    assert robustness.robustness_correlation(table)["pearson_r"][0] is None
+
+
+def test_reduce_writes_tables_and_plot_only_for_runs_with_metrics(tmp_path) -> None:
+    run, other = tmp_path / "ckpt" / "run", tmp_path / "ckpt" / "plain"
+    checkpoints = [Checkpoint(e, f"epoch={e:02d}", str(run / f"epoch={e:02d}.safetensors")) for e in FORGETTING]
+    run_store = Store(str(run))
+    for row in metric_rows():
+        buffer = io.BytesIO()
+        pl.DataFrame([row], schema=METRICS_SCHEMA).write_parquet(buffer)
+        run_store.put(metrics_key(row["epoch"]), buffer.getvalue())
+    out = Store(str(tmp_path / "out"))
+    written = robustness.reduce_robustness(out, curves(), checkpoints, depth=4)
+    assert written == ["reduced/robustness.parquet", "reduced/robustness_correlation.parquet", "plots/robustness.png"]
+    table = pl.read_parquet(tmp_path / "out" / "reduced" / "robustness.parquet")
+    assert table["epoch"].to_list() == [1, 2, 3, 4] and set(table["run"]) == {str(run)}
+    assert (tmp_path / "out" / "plots" / "robustness.png").read_bytes()[:4] == b"\x89PNG"
+
+    plain = [Checkpoint(e, f"epoch={e:02d}", str(other / f"epoch={e:02d}.safetensors")) for e in FORGETTING]
+    assert robustness.reduce_robustness(Store(str(tmp_path / "out2")), curves(), plain, depth=4) == []
+    assert not (tmp_path / "out2").exists()
