@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -178,44 +178,52 @@ def settings_hash(settings: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
-def _format_validation_error(error: ValidationError) -> str:
+def _format_validation_error(error: ValidationError, kind: str, reference: str) -> str:
     lines = []
     for item in error.errors():
         # drop pydantic's union-branch tags ("literal['all']", "list[...]") from the key path
         parts = [str(part) for part in item["loc"] if not (isinstance(part, str) and "[" in part)]
         key = ".".join(parts) or "(top level)"
         if item["type"] == "extra_forbidden":
-            lines.append(f"  {key}: unknown key (misspelt? see the config reference in README.md)")
+            lines.append(f"  {key}: unknown key (misspelt? see the config reference in {reference})")
         elif item["type"] == "missing":
             lines.append(f"  {key}: required key is missing")
         else:
             lines.append(f"  {key}: {item['msg']} (got {item.get('input')!r})")
-    return "invalid run config:\n" + "\n".join(lines)
+    return f"invalid {kind} config:\n" + "\n".join(lines)
 
 
-def parse_config(raw: dict[str, Any]) -> RunConfig:
-    """A dict (as read from YAML) -> validated RunConfig, or ConfigError naming every bad key."""
+ConfigModel = TypeVar("ConfigModel", bound=BaseModel)
+
+
+def validate_config(model: type[ConfigModel], raw: Any, kind: str = "run", reference: str = "README.md") -> ConfigModel:
+    """A dict (as read from YAML) -> validated ``model``, or ConfigError naming every bad key."""
     if not isinstance(raw, dict):
-        raise ConfigError(f"the run config must be a YAML mapping of keys, got {type(raw).__name__}")
+        raise ConfigError(f"the {kind} config must be a YAML mapping of keys, got {type(raw).__name__}")
     try:
-        return RunConfig.model_validate(raw)
+        return model.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(_format_validation_error(exc)) from None
+        raise ConfigError(_format_validation_error(exc, kind, reference)) from None
 
 
-def load_config(path: str | Path) -> RunConfig:
-    """Read and validate a YAML run config from a local path or any fsspec URL."""
+def read_yaml(path: str | Path) -> Any:
+    """The YAML document at a local path or any fsspec URL; ConfigError when missing or invalid."""
     import fsspec
 
     try:
         with fsspec.open(str(path), "r") as handle:
-            raw = yaml.safe_load(handle)
+            return yaml.safe_load(handle)
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    return parse_config(raw)
 
 
-def package_version() -> str:
-    return __version__
+def parse_config(raw: dict[str, Any]) -> RunConfig:
+    """A dict (as read from YAML) -> validated RunConfig, or ConfigError naming every bad key."""
+    return validate_config(RunConfig, raw)
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read and validate a YAML run config from a local path or any fsspec URL."""
+    return parse_config(read_yaml(path))

@@ -14,10 +14,9 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from invariance.config import Int, ModelConfig, _format_validation_error
+from invariance.config import Int, ModelConfig, read_yaml, validate_config
 from invariance.corruptions import CORRUPTIONS, SEVERITIES
 from invariance.errors import ConfigError
 from invariance.tasks import TaskName
@@ -197,24 +196,9 @@ def trial_name(params: dict[str, Any]) -> str:
 
 def parse_finetune_config(raw: dict[str, Any]) -> FinetuneConfig:
     """A dict (as read from YAML) -> validated FinetuneConfig, or ConfigError naming every bad key."""
-    if not isinstance(raw, dict):
-        raise ConfigError(f"the finetune config must be a YAML mapping of keys, got {type(raw).__name__}")
-    try:
-        return FinetuneConfig.model_validate(raw)
-    except ValidationError as exc:
-        message = _format_validation_error(exc).replace("invalid run config", "invalid finetune config", 1)
-        raise ConfigError(message.replace("README.md", "docs/finetune.md")) from None
+    return validate_config(FinetuneConfig, raw, kind="finetune", reference="docs/finetune.md")
 
 
 def load_finetune_config(path: str | Path) -> FinetuneConfig:
     """Read and validate a YAML finetune config from a local path or any fsspec URL."""
-    import fsspec
-
-    try:
-        with fsspec.open(str(path), "r") as handle:
-            raw = yaml.safe_load(handle)
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    return parse_finetune_config(raw)
+    return parse_finetune_config(read_yaml(path))
