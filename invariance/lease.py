@@ -3,7 +3,7 @@
 Object stores have no locks: the lease is a small JSON record with a holder id and an
 expiry that the holder renews while it works. A starter writes its record, waits a moment,
 and reads it back; whoever's record is there holds the lease. A crashed holder stops
-renewing, and its lease lapses after ``ttl_seconds``.
+renewing, and its lease lapses after ``ttl_seconds``; on the holder's own host, at once.
 """
 
 from __future__ import annotations
@@ -39,10 +39,23 @@ class LeaseHolder:
         return f"{self.holder} on {self.host} (pid {self.pid}) since {started}"
 
 
+def _died_here(record: LeaseHolder) -> bool:
+    """A holder on this host whose process is gone (a killed driver) holds nothing."""
+    if record.host != socket.gethostname():
+        return False
+    try:
+        os.kill(record.pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
 class RunLease:
     """Holds the lease on ``settings`` for one run; renews it in the background until released."""
 
-    def __init__(self, store: Store, settings: str, ttl_seconds: float = 600.0) -> None:
+    def __init__(self, store: Store, settings: str, ttl_seconds: float = 180.0) -> None:
         self.store = store
         self.key = lease_key(settings)
         self.ttl_seconds = ttl_seconds
@@ -57,7 +70,9 @@ class RunLease:
             record = LeaseHolder(**json.loads(self.store.get(self.key)))
         except FileNotFoundError:
             return None
-        return record if record.expires_at > time.time() else None
+        if record.expires_at <= time.time() or _died_here(record):
+            return None
+        return record
 
     def _write(self) -> None:
         record = LeaseHolder(self.holder, socket.gethostname(), os.getpid(), self.started_at, time.time() + self.ttl_seconds)

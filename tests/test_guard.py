@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -29,11 +30,20 @@ def test_lease_is_exclusive_until_released_or_lapsed(tmp_path: Path) -> None:
     assert second.acquire() is None
     second.release()
 
-    lapsed = LeaseHolder("crashed", "host", 1, time.time() - 100, time.time() - 1)
+    lapsed = LeaseHolder("crashed", "elsewhere", 1, time.time() - 100, time.time() - 1)
     store.put(lease_key("abc"), json.dumps(lapsed.__dict__).encode())
     third = RunLease(store, "abc")
     assert third.acquire() is None  # a crashed holder's lease lapses
     third.release()
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    killed_here = LeaseHolder("killed", socket.gethostname(), dead.pid, time.time(), time.time() + 600)
+    store.put(lease_key("abc"), json.dumps(killed_here.__dict__).encode())
+    assert RunLease(store, "abc").current() is None  # a dead process on this host holds nothing
+    alive_elsewhere = LeaseHolder("alive", "other-host", dead.pid, time.time(), time.time() + 600)
+    store.put(lease_key("abc"), json.dumps(alive_elsewhere.__dict__).encode())
+    assert RunLease(store, "abc").current() == alive_elsewhere
 
 
 @pytest.mark.slow
