@@ -34,14 +34,15 @@ def connect_ray(num_cpus: int | None = None) -> None:
                  _node_ip_address="127.0.0.1")
 
 
-def open_run(config: RunConfig | str) -> tuple[RunConfig, Store, Plan, RunSpec]:
-    """Load and validate the config, check the output is writable, and plan."""
+def open_run(config: RunConfig | str, check_data: bool = True) -> tuple[RunConfig, Store, Plan, RunSpec]:
+    """Load and validate the config, check the output is writable, plan, and (unless told not
+    to) read the eval data once when there is work left."""
     if not isinstance(config, RunConfig):
         config = load_config(config)
     store = Store(config.output, dict(config.storage_options))
     store.check_writable()
     plan = make_plan(config, store)
-    if plan.missing_stir or plan.missing_cka or plan.missing_inversions:
+    if check_data and (plan.missing_stir or plan.missing_cka or plan.missing_inversions):
         # fail before any task starts: every shard reads the same eval images
         load_eval_images(config.data, config.data.image_size or plan.input_size, config.storage_options)
     spec = RunSpec(config, store, plan.settings, plan.inversion_settings, tuple(plan.layers))
@@ -119,7 +120,7 @@ def submission_id(plan: Plan) -> str:
 
 def plan_only(config: RunConfig | str, with_cost: bool = True, id_only: bool = False) -> Plan:
     """`invariance plan`: what is done, what is missing, and a rough cost."""
-    config, _, plan, _ = open_run(config)
+    config, _, plan, _ = open_run(config, check_data=not id_only)
     if id_only:
         print(submission_id(plan))
         return plan
