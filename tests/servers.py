@@ -72,14 +72,13 @@ class S3Server:
         ).create_bucket(Bucket=name)
 
 
-@pytest.fixture(scope="session")
-def s3_server() -> Iterator[S3Server]:
-    """moto's S3 server in its own process on a free loopback port."""
+def _moto_server(extra_env: dict[str, str] | None = None) -> Iterator[S3Server]:
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", LOOPBACK, "-p", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        env={**os.environ, **(extra_env or {})},
     )
     endpoint = f"http://{LOOPBACK}:{port}"
     try:
@@ -88,6 +87,18 @@ def s3_server() -> Iterator[S3Server]:
     finally:
         process.terminate()
         process.wait(timeout=20)
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """moto's S3 server in its own process on a free loopback port (any credentials pass)."""
+    yield from _moto_server()
+
+
+@pytest.fixture(scope="session")
+def s3_server_checking_credentials() -> Iterator[S3Server]:
+    """A moto S3 server that checks credentials from the first request: unknown keys are refused."""
+    yield from _moto_server({"INITIAL_NO_AUTH_ACTION_COUNT": "0"})
 
 
 @dataclass(frozen=True)

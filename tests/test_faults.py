@@ -24,7 +24,7 @@ from jobs.cli import main as cli_main
 from jobs.run import open_run, reduce_only, run
 from tests.helpers import TINY_MODEL, tiny_config, tiny_state, write_checkpoints, write_eval_parquet
 from tests.ray_fixtures import local_ray  # noqa: F401 - fixture
-from tests.servers import TEST_CREDENTIALS, free_port, s3_server  # noqa: F401 - fixture
+from tests.servers import TEST_CREDENTIALS, free_port, s3_server, s3_server_checking_credentials  # noqa: F401
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -234,5 +234,15 @@ def test_missing_bucket_and_wrong_credentials_are_named_and_secrets_never_logged
     raw = tiny_config(workspace, "s3://no-such-bucket/out", storage_options=s3_server.fsspec_options())
     message = _cli_error(raw, workspace, capsys)
     assert "s3://no-such-bucket/out is not writable" in message
+    for secret in TEST_CREDENTIALS.values():
+        assert secret not in message
+
+
+def test_wrong_credentials_are_named_and_never_logged(workspace: Path, s3_server_checking_credentials, capsys) -> None:
+    options = s3_server_checking_credentials.fsspec_options()  # keys the server does not know
+    raw = tiny_config(workspace, "s3://lab/out", storage_options=options)
+    message = _cli_error(raw, workspace, capsys)
+    assert "output: the prefix s3://lab/out is not writable" in message
+    assert "Access Key Id you provided does not exist" in message
     for secret in TEST_CREDENTIALS.values():
         assert secret not in message
