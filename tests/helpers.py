@@ -75,3 +75,14 @@ def tiny_config(tmp: Path, output: str, **overrides: Any) -> dict[str, Any]:
     }
     config.update(overrides)
     return config
+
+
+def tiny_factory(width: int = 16, depth: int = 2):
+    """A user factory ("tests.helpers:tiny_factory"): a timm ViT with a custom head, built in code."""
+    import timm
+    from torch import nn
+
+    network = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8,
+                                embed_dim=width, depth=depth, num_heads=2, num_classes=0)  # fmt: skip
+    network.head = nn.Sequential(nn.Linear(width, 8), nn.ReLU(), nn.Linear(8, 3))
+    return network
