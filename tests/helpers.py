@@ -86,3 +86,15 @@ def tiny_factory(width: int = 16, depth: int = 2):
                                 embed_dim=width, depth=depth, num_heads=2, num_classes=0)  # fmt: skip
     network.head = nn.Sequential(nn.Linear(width, 8), nn.ReLU(), nn.Linear(8, 3))
     return network
+
+
+def write_job_dir(tmp: Path, epochs: list[int], **overrides: Any) -> Path:
+    """Checkpoints, eval data and a folder holding only run.yaml: a `ray job submit --working-dir`."""
+    import yaml
+
+    write_checkpoints(tmp / "ckpt", epochs=epochs)
+    write_eval_parquet(tmp / "data")
+    job_dir = tmp / "job"
+    job_dir.mkdir()
+    (job_dir / "run.yaml").write_text(yaml.safe_dump(tiny_config(tmp, str(tmp / "out"), **overrides)))
+    return job_dir

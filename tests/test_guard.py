@@ -14,7 +14,7 @@ import yaml
 
 from invariance.lease import LeaseHolder, RunLease, lease_key
 from invariance.storage import Store
-from tests.helpers import tiny_config, write_checkpoints, write_eval_parquet
+from tests.helpers import tiny_config, write_checkpoints, write_eval_parquet, write_job_dir
 from tests.servers import ray_head, ray_job_submit  # noqa: F401 - fixture
 
 
@@ -48,12 +48,8 @@ def test_lease_is_exclusive_until_released_or_lapsed(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_scheduled_duplicate_submission_computes_nothing(tmp_path: Path, ray_head) -> None:
-    write_checkpoints(tmp_path / "ckpt", epochs=[1, 2])
-    write_eval_parquet(tmp_path / "data")
-    job_dir = tmp_path / "job"
-    job_dir.mkdir()
-    raw = tiny_config(tmp_path, str(tmp_path / "out"), seeds=[0])
-    (job_dir / "run.yaml").write_text(yaml.safe_dump(raw))
+    job_dir = write_job_dir(tmp_path, epochs=[1, 2], seeds=[0])
+    raw = yaml.safe_load((job_dir / "run.yaml").read_text())
     entrypoint = ["invariance", "run", "run.yaml", "--no-progress"]
 
     # a run in progress elsewhere holds the lease of these settings (and keeps renewing it)

@@ -6,21 +6,15 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-import yaml
 
-from tests.helpers import tiny_config, write_checkpoints, write_eval_parquet
+from tests.helpers import write_job_dir
 from tests.servers import ray_head, ray_job_submit  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.slow
 
 
 def test_ray_job_submit_runs_the_config(tmp_path: Path, ray_head) -> None:
-    write_checkpoints(tmp_path / "ckpt", epochs=[1, 2])
-    write_eval_parquet(tmp_path / "data")
-    job_dir = tmp_path / "job"
-    job_dir.mkdir()
-    raw = tiny_config(tmp_path, str(tmp_path / "out"), seeds=[0])
-    (job_dir / "run.yaml").write_text(yaml.safe_dump(raw))
+    job_dir = write_job_dir(tmp_path, epochs=[1, 2], seeds=[0])
     submitted = ray_job_submit(ray_head, job_dir, ["invariance", "run", "run.yaml", "--no-progress"])
     log = submitted.stdout + submitted.stderr
     assert submitted.returncode == 0, log[-4000:]
