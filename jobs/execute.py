@@ -112,13 +112,16 @@ def execute(plan: Plan, spec: RunSpec, progress: bool = True) -> ExecuteSummary:
     def submit_cka(unit: CkaUnit) -> ray.ObjectRef:
         return cka_task.options(**options).remote(spec_ref, unit)
 
-    missing_stir = plan.missing_stir
-    queue: list[tuple[Any, Callable[[Any], ray.ObjectRef]]] = [
-        *((u, submit_inversion) for u in plan.missing_inversions),
-        *((u, submit_stir) for u in missing_stir if u.ref_model == "ft"),
-        *((u, submit_cka) for u in plan.missing_cka),
-        *((u, submit_stir) for u in missing_stir if u.ref_model == "pt"),
-    ]
+    # Inversions first (pt shards wait on them); then checkpoint by checkpoint, so that a worker's
+    # cached models and features serve consecutive tasks: ft-reference shards (no dependency),
+    # the CKA shard, then the pt-reference shards, whose inversions have had the longest to finish.
+    queue: list[tuple[Any, Callable[[Any], ray.ObjectRef]]] = [(u, submit_inversion) for u in plan.missing_inversions]
+    missing_stir, missing_cka = plan.missing_stir, plan.missing_cka
+    for checkpoint in plan.checkpoints:
+        stir = [u for u in missing_stir if u.epoch == checkpoint.epoch]
+        queue += [(u, submit_stir) for u in stir if u.ref_model == "ft"]
+        queue += [(u, submit_cka) for u in missing_cka if u.epoch == checkpoint.epoch]
+        queue += [(u, submit_stir) for u in stir if u.ref_model == "pt"]
     summary = ExecuteSummary()
     started = time.time()
     limit = default_max_in_flight(resources)
