@@ -32,8 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("plan", "show what is done, what is missing and a rough cost; computes nothing"),
         ("reduce", "rebuild reduced/curves.parquet, reduced/flow.parquet and plots/ from complete shards"),
     ):
-        sub = commands.add_parser(name, help=summary, description=summary + ". `run` joins the cluster at "
-                                  "RAY_ADDRESS when set (as under `ray job submit`), else starts a local Ray.")  # fmt: skip
+        joins = " Joins the cluster at RAY_ADDRESS when set (as under `ray job submit`), else starts a local Ray."
+        sub = commands.add_parser(name, help=summary, description=summary + "." + (joins if name == "run" else ""))
         sub.add_argument("config", help="run config YAML: a local path or any fsspec URL (s3://...)")
         if name == "run":
             sub.add_argument("--no-progress", action="store_true", help="no progress bar")
