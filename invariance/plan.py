@@ -30,6 +30,10 @@ class Plan:
     cka: list[CkaUnit]
     done: set[str] = field(default_factory=set)
 
+    def refresh(self, store: Store) -> None:
+        """Re-read the completion records (one listing), e.g. after an execution."""
+        self.done = set(store.list(MANIFESTS))
+
     def is_done(self, unit: StirUnit | CkaUnit | InversionUnit) -> bool:
         key = self.inversion_settings if isinstance(unit, InversionUnit) else self.settings
         return unit.record_key(key) in self.done

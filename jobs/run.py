@@ -95,7 +95,7 @@ def run(config: RunConfig | str, progress: bool = True, num_cpus: int | None = N
     try:
         connect_ray(num_cpus)
         execution = execute(plan, spec, progress=progress)
-        plan = make_plan(config, store, checkpoints=plan.checkpoints)
+        plan.refresh(store)
         reduced = reduce_plan(plan, store)
     finally:
         lease.release()
@@ -138,7 +138,7 @@ def plan_only(config: RunConfig | str, with_cost: bool = True, id_only: bool = F
 
 def reduce_only(config: RunConfig | str) -> ReduceResult:
     """`invariance reduce`: rebuild the reduced tables and plots from what is complete."""
-    config, store, plan, _ = open_run(config)
+    config, store, plan, _ = open_run(config, check_data=False)
     result = reduce_plan(plan, store)
     print(f"reduced {len(result.complete_epochs)} complete checkpoints -> {store.url('reduced/')}")
     if result.incomplete_epochs:
