@@ -15,7 +15,6 @@ from typing import Annotated, Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from invariance import __version__
 from invariance.errors import ConfigError
 
 # Bump when a code change alters the numbers computed for unchanged settings.

@@ -198,9 +198,7 @@ def read_run_metrics(output: str, storage_options: dict[str, Any] | None = None)
     keys = [key for key in store.list(METRICS_FOLDER) if key.endswith(".parquet")]
     if not keys:
         return None
-    blobs = store.fs.cat([store.path(key) for key in keys])
-    frames = [pl.read_parquet(io.BytesIO(blobs[store.path(key)])) for key in keys]
-    return pl.concat(frames, how="diagonal_relaxed").sort("epoch")
+    return store.read_parquet(keys, how="diagonal_relaxed").sort("epoch")
 
 
 def print_epoch(row: dict[str, Any]) -> None:
@@ -267,9 +265,7 @@ def run_finetune(
         row["seconds"] = time.time() - started
         if row["checkpoint"]:
             store.put(checkpoint_key(epoch), _state_bytes(network))
-        buffer = io.BytesIO()
-        _frame([row]).write_parquet(buffer)
-        store.put(metrics_key(epoch), buffer.getvalue())
+        store.put_parquet(metrics_key(epoch), _frame([row]))
         if row["checkpoint"]:  # last: a state names a checkpoint that is already complete
             _put_torch(store, STATE_KEY, {"epoch": epoch, "fingerprint": config.fingerprint(),
                                           "trainer": trainer.state_dict(), "task": task.extra_state()})  # fmt: skip

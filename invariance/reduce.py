@@ -6,7 +6,6 @@ incomplete rather than averaged over what happens to be there.
 
 from __future__ import annotations
 
-import io
 import json
 import time
 from dataclasses import dataclass, field
@@ -30,26 +29,12 @@ class ReduceResult:
     written: list[str] = field(default_factory=list)
 
 
-def read_shards(store: Store, keys: list[str]) -> pl.DataFrame:
-    """Concatenate the Parquet shards at ``keys`` (fetched concurrently where the store can)."""
-    if not keys:
-        return pl.DataFrame()
-    blobs = store.fs.cat([store.path(key) for key in keys])
-    return pl.concat([pl.read_parquet(io.BytesIO(blobs[store.path(key)])) for key in keys], how="vertical")
-
-
-def _put_parquet(store: Store, key: str, frame: pl.DataFrame) -> None:
-    buffer = io.BytesIO()
-    frame.write_parquet(buffer)
-    store.put(key, buffer.getvalue())
-
-
 def reduce_plan(plan: Plan, store: Store, make_plots: bool = True) -> ReduceResult:
     """Build ``reduced/`` and ``plots/`` from the complete checkpoints of ``plan``."""
     incomplete = plan.incomplete_epochs()
     complete = [c.epoch for c in plan.checkpoints if c.epoch not in incomplete]
-    stir = read_shards(store, [u.data_key(plan.settings) for u in plan.stir if u.epoch in complete])
-    cka = read_shards(store, [u.data_key(plan.settings) for u in plan.cka if u.epoch in complete])
+    stir = store.read_parquet([u.data_key(plan.settings) for u in plan.stir if u.epoch in complete])
+    cka = store.read_parquet([u.data_key(plan.settings) for u in plan.cka if u.epoch in complete])
     if complete:
         curves = metrics.curves(stir, cka)
         flow = metrics.flow_table(stir)
@@ -63,8 +48,8 @@ def reduce_plan(plan: Plan, store: Store, make_plots: bool = True) -> ReduceResu
         "reduced_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     if complete:
-        _put_parquet(store, REDUCED_CURVES, curves)
-        _put_parquet(store, REDUCED_FLOW, flow)
+        store.put_parquet(REDUCED_CURVES, curves)
+        store.put_parquet(REDUCED_FLOW, flow)
         result.written += [REDUCED_CURVES, REDUCED_FLOW]
     store.put(REDUCED_STATUS, json.dumps(status, indent=1).encode())
     result.written.append(REDUCED_STATUS)

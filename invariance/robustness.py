@@ -14,7 +14,6 @@ its checkpoints (``invariance.finetune``); runs without them are skipped.
 
 from __future__ import annotations
 
-import io
 from typing import TypeVar
 
 import polars as pl
@@ -93,12 +92,6 @@ def run_folders(checkpoints: list[Checkpoint]) -> list[str]:
     return list(dict.fromkeys(c.url.rsplit("/", 1)[0] for c in checkpoints))
 
 
-def _put_parquet(store: Store, key: str, frame: pl.DataFrame) -> None:
-    buffer = io.BytesIO()
-    frame.write_parquet(buffer)
-    store.put(key, buffer.getvalue())
-
-
 def reduce_robustness(
     store: Store, curves: pl.DataFrame, checkpoints: list[Checkpoint], depth: int, make_plots: bool = True
 ) -> list[str]:
@@ -116,8 +109,8 @@ def reduce_robustness(
     if table.is_empty():
         return []
     correlation = robustness_correlation(table)
-    _put_parquet(store, REDUCED_ROBUSTNESS, table)
-    _put_parquet(store, REDUCED_ROBUSTNESS_CORRELATION, correlation)
+    store.put_parquet(REDUCED_ROBUSTNESS, table)
+    store.put_parquet(REDUCED_ROBUSTNESS_CORRELATION, correlation)
     written = [REDUCED_ROBUSTNESS, REDUCED_ROBUSTNESS_CORRELATION]
     if make_plots:
         store.put(ROBUSTNESS_PLOT, robustness_png(table, correlation, depth))

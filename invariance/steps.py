@@ -7,7 +7,6 @@ images, features on X) for the life of one worker process.
 
 from __future__ import annotations
 
-import io
 import json
 import time
 from collections import OrderedDict
@@ -93,11 +92,8 @@ def _record(data_key: str, rows: int, started: float, **identity: Any) -> bytes:
     return json.dumps(record, indent=1).encode()
 
 
-def _parquet_bytes(rows: list[dict[str, Any]], columns: tuple[str, ...], identity: dict[str, Any]) -> bytes:
-    frame = pl.DataFrame([{**identity, **row} for row in rows]).select(columns)
-    buffer = io.BytesIO()
-    frame.write_parquet(buffer)
-    return buffer.getvalue()
+def _shard_frame(rows: list[dict[str, Any]], columns: tuple[str, ...], identity: dict[str, Any]) -> pl.DataFrame:
+    return pl.DataFrame([{**identity, **row} for row in rows]).select(columns)
 
 
 def save_inversion(store: Store, key: str, result: InversionResult) -> None:
@@ -145,7 +141,7 @@ def run_stir(spec: RunSpec, unit: StirUnit, workspace: Workspace) -> str:
     rows = context.stir_rows(unit.ref_model, unit.ref_layer, unit.seed, inverted)
     identity = {"settings": spec.settings, "checkpoint": unit.checkpoint, "epoch": unit.epoch, "version": __version__}
     data_key = unit.data_key(spec.settings)
-    spec.store.put(data_key, _parquet_bytes(rows, STIR_COLUMNS, identity))
+    spec.store.put_parquet(data_key, _shard_frame(rows, STIR_COLUMNS, identity))
     record_key = unit.record_key(spec.settings)
     spec.store.put(record_key, _record(data_key, len(rows), started, checkpoint=unit.checkpoint, epoch=unit.epoch,
                                        ref_model=unit.ref_model, ref_layer=unit.ref_layer, seed=unit.seed))  # fmt: skip
@@ -158,7 +154,7 @@ def run_cka(spec: RunSpec, unit: CkaUnit, workspace: Workspace) -> str:
     rows = workspace.context(spec, unit.checkpoint_url).cka_rows()
     identity = {"settings": spec.settings, "checkpoint": unit.checkpoint, "epoch": unit.epoch, "version": __version__}
     data_key = unit.data_key(spec.settings)
-    spec.store.put(data_key, _parquet_bytes(rows, CKA_COLUMNS, identity))
+    spec.store.put_parquet(data_key, _shard_frame(rows, CKA_COLUMNS, identity))
     record_key = unit.record_key(spec.settings)
     spec.store.put(record_key, _record(data_key, len(rows), started, checkpoint=unit.checkpoint, epoch=unit.epoch))
     return record_key

@@ -7,15 +7,19 @@ folder and is renamed into place, so a crash never leaves a half file under a da
 
 from __future__ import annotations
 
+import io
 import os
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from invariance.errors import StorageError
+
+if TYPE_CHECKING:
+    import polars as pl
 
 
 # A local put writes ".<name>.<uuid>.tmp" first: hidden, and matched by no "*.parquet" glob.
@@ -93,6 +97,25 @@ class Store:
                 self.fs.pipe_file(path, data)
         except Exception as exc:  # noqa: BLE001 - every backend raises its own types
             raise StorageError(f"cannot write {self.url(key)}: {type(exc).__name__}: {exc}") from exc
+
+    def put_parquet(self, key: str, frame: "pl.DataFrame") -> None:
+        """Write ``frame`` as one Parquet object at ``key`` (serialized in memory, one put)."""
+        buffer = io.BytesIO()
+        frame.write_parquet(buffer)
+        self.put(key, buffer.getvalue())
+
+    def read_parquet(self, keys: list[str], how: str = "vertical") -> "pl.DataFrame":
+        """The Parquet objects at ``keys`` concatenated in that order (``how`` as in ``pl.concat``),
+        fetched concurrently where the filesystem can; an empty frame for no keys."""
+        import polars as pl
+
+        if not keys:
+            return pl.DataFrame()
+        try:
+            blobs = self.fs.cat([self.path(key) for key in keys])
+        except Exception as exc:  # noqa: BLE001
+            raise StorageError(f"cannot read Parquet under {self.root}: {type(exc).__name__}: {exc}") from exc
+        return pl.concat([pl.read_parquet(io.BytesIO(blobs[self.path(key)])) for key in keys], how=how)
 
     def get(self, key: str) -> bytes:
         try:

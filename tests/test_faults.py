@@ -17,12 +17,12 @@ import yaml
 from safetensors.torch import save_file
 
 from invariance.config import parse_config
-from invariance.errors import CheckpointError, ConfigError, DataError, StorageError
+from invariance.errors import StorageError
 from invariance.layout import MANIFESTS
 from invariance.storage import Store
 from jobs.cli import main as cli_main
-from jobs.run import open_run, reduce_only, run
-from tests.helpers import TINY_MODEL, tiny_config, tiny_state, write_checkpoints, write_eval_parquet
+from jobs.run import reduce_only, run
+from tests.helpers import tiny_config, tiny_state, write_checkpoints, write_eval_parquet
 from tests.ray_fixtures import local_ray  # noqa: F401 - fixture
 from tests.servers import TEST_CREDENTIALS, free_port, s3_server, s3_server_checking_credentials  # noqa: F401
 
