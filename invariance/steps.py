@@ -131,6 +131,20 @@ def run_inversion(spec: RunSpec, unit: InversionUnit, workspace: Workspace) -> s
     return record_key
 
 
+def _write_shard(
+    spec: RunSpec, unit: StirUnit | CkaUnit, rows: list[dict[str, Any]], columns: tuple[str, ...],
+    started: float, **record_fields: Any,
+) -> str:  # fmt: skip
+    """Write a shard's rows once, then its completion record; returns the record key."""
+    identity = {"settings": spec.settings, "checkpoint": unit.checkpoint, "epoch": unit.epoch, "version": __version__}
+    data_key = unit.data_key(spec.settings)
+    spec.store.put_parquet(data_key, _shard_frame(rows, columns, identity))
+    record_key = unit.record_key(spec.settings)
+    spec.store.put(record_key, _record(data_key, len(rows), started, checkpoint=unit.checkpoint, epoch=unit.epoch,
+                                       **record_fields))  # fmt: skip
+    return record_key
+
+
 def run_stir(spec: RunSpec, unit: StirUnit, workspace: Workspace) -> str:
     """One STIR shard: reuses the cached pt inversion for ref_model 'pt'; returns the record key."""
     started = time.time()
@@ -139,22 +153,12 @@ def run_stir(spec: RunSpec, unit: StirUnit, workspace: Workspace) -> str:
     if unit.ref_model == "pt":
         inverted = load_inversion(spec.store, InversionUnit(unit.ref_layer, unit.seed).data_key(spec.inversion_settings))
     rows = context.stir_rows(unit.ref_model, unit.ref_layer, unit.seed, inverted)
-    identity = {"settings": spec.settings, "checkpoint": unit.checkpoint, "epoch": unit.epoch, "version": __version__}
-    data_key = unit.data_key(spec.settings)
-    spec.store.put_parquet(data_key, _shard_frame(rows, STIR_COLUMNS, identity))
-    record_key = unit.record_key(spec.settings)
-    spec.store.put(record_key, _record(data_key, len(rows), started, checkpoint=unit.checkpoint, epoch=unit.epoch,
-                                       ref_model=unit.ref_model, ref_layer=unit.ref_layer, seed=unit.seed))  # fmt: skip
-    return record_key
+    return _write_shard(spec, unit, rows, STIR_COLUMNS, started,
+                        ref_model=unit.ref_model, ref_layer=unit.ref_layer, seed=unit.seed)  # fmt: skip
 
 
 def run_cka(spec: RunSpec, unit: CkaUnit, workspace: Workspace) -> str:
     """One CKA shard for a checkpoint; returns the record key."""
     started = time.time()
     rows = workspace.context(spec, unit.checkpoint_url).cka_rows()
-    identity = {"settings": spec.settings, "checkpoint": unit.checkpoint, "epoch": unit.epoch, "version": __version__}
-    data_key = unit.data_key(spec.settings)
-    spec.store.put_parquet(data_key, _shard_frame(rows, CKA_COLUMNS, identity))
-    record_key = unit.record_key(spec.settings)
-    spec.store.put(record_key, _record(data_key, len(rows), started, checkpoint=unit.checkpoint, epoch=unit.epoch))
-    return record_key
+    return _write_shard(spec, unit, rows, CKA_COLUMNS, started)
