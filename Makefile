@@ -25,6 +25,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_shards_vs_pairwise.py
+	$(BIN)/python bench/bench_memory.py
 
 clean:
 	rm -rf $(VENV) invariance-demo .pytest_cache

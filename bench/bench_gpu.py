@@ -212,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = mode_config(mode, args.iterations, args.micro_batch)
         chunk = config.micro_batch
         if not isinstance(chunk, int):
-            chunk = auto_micro_batch(model, layer, "flatten", images)
+            chunk = auto_micro_batch(model, layer, "flatten", images, noise.to(device), config)
         warmup, seconds, peak, loss = time_inversion(model, layer, images, noise, config, mode)
         if args.time_all_layers:
             per_layer = {j: time_inversion(model, j, images, noise, config, mode)[1] for j in layers}

@@ -21,6 +21,9 @@ from invariance.models import FeatureModel
 # Host syncs cost on GPU: the early-stop test reads the losses only this often.
 EARLY_STOP_CHECK_EVERY = 25
 _CPU_MICRO_BATCH = 64
+_PROBE_SAMPLES = 4
+# share of the free GPU memory a chunk's forward and backward may take (see micro_batch_for_memory)
+MICRO_BATCH_MEMORY_FRACTION = 0.6
 # compiled feature graphs kept per process: layers x chunk shapes of a grid, with room to spare
 _COMPILED_GRAPHS = 128
 
@@ -132,26 +135,85 @@ def _invert_chunk(
     return best_images.detach(), best_loss.detach(), steps
 
 
-def auto_micro_batch(model: FeatureModel, layer: int, token_policy: TokenPolicy, images: torch.Tensor) -> int:
-    """Samples per chunk: on CUDA from a measured per-sample peak and the free memory, on CPU a
-    fixed size that bounds host memory."""
+def layer_features_function(model: FeatureModel, layer: int, token_policy: TokenPolicy) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``[n, 3, H, W] -> [n, d]``: the features an inversion at ``layer`` matches."""
+
+    def features(batch: torch.Tensor) -> torch.Tensor:
+        return model.layer_features(batch, [layer], token_policy)[layer]
+
+    return features
+
+
+def probe_inversion_step(
+    model: FeatureModel,
+    layer: int,
+    token_policy: TokenPolicy,
+    images: torch.Tensor,
+    noise: torch.Tensor,
+    config: InversionConfig,
+) -> int:
+    """Run a two-step inversion, in float32 and uncompiled, of the first (at most 4) of
+    ``images, noise: [n, 3, H, W]``; returns how many samples it ran.
+
+    Its peak memory per sample (the target features, the iterates, the step's activations and
+    the gradient the step before left) sizes the micro-batches: every step after the second
+    holds the same.
+    """
+    probe = min(_PROBE_SAMPLES, len(images))
+    two_steps = config.model_copy(update={"iterations": 2, "bf16": False, "compile": False, "tolerance": None})
+    _invert_chunk(layer_features_function(model, layer, token_policy), images[:probe], noise[:probe], two_steps)
+    return probe
+
+
+def micro_batch_for_memory(bytes_per_sample: int, free_bytes: int) -> int:
+    """Samples per chunk given one sample's peak inversion memory and the memory free for it.
+
+    The float32 probe overestimates bf16 runs; the 0.4 left over absorbs allocator fragmentation.
+    """
+    return max(1, int(MICRO_BATCH_MEMORY_FRACTION * free_bytes // max(1, bytes_per_sample)))
+
+
+def gpu_bytes_free_to_process(free_on_device: int, total: int, reserved: int, allocated: int, process_share: float) -> int:
+    """Bytes this process may still allocate on its GPU.
+
+    What the device has free, plus the blocks this process's caching allocator holds but does
+    not use (without them every inversion after the first in a worker would get a smaller
+    micro-batch), capped by this process's share of the device (processes sharing a GPU, e.g.
+    fractional Ray GPUs, each set one: otherwise shards that start together would each size
+    their chunks to the whole free memory).
+    """
+    unused_reserved = max(0, reserved - allocated)
+    within_share = int(process_share * total) - allocated
+    return max(0, min(free_on_device + unused_reserved, within_share))
+
+
+def auto_micro_batch(
+    model: FeatureModel,
+    layer: int,
+    token_policy: TokenPolicy,
+    images: torch.Tensor,
+    noise: torch.Tensor,
+    config: InversionConfig,
+) -> int:
+    """Samples per chunk for inverting ``images, noise: [n, 3, H, W]``: on CUDA from a measured
+    per-sample peak and the free memory, on CPU a fixed size that bounds host memory."""
     if images.device.type != "cuda":
         return _CPU_MICRO_BATCH
-    probe = min(4, len(images))
     torch.cuda.synchronize(images.device)
     torch.cuda.reset_peak_memory_stats(images.device)
     before = torch.cuda.memory_allocated(images.device)
-    probe_images = images[:probe].clone().requires_grad_(True)
-    loss = model.layer_features(probe_images, [layer], token_policy)[layer].float().norm(dim=1).sum()
-    torch.autograd.grad(loss, probe_images)
-    per_sample = max(1, (torch.cuda.max_memory_allocated(images.device) - before) // probe)
-    del loss, probe_images
-    free, _ = torch.cuda.mem_get_info(images.device)
-    # blocks the caching allocator holds but does not use are free to this process too; without
-    # them every inversion after the first in a worker would get a smaller micro-batch
-    free += torch.cuda.memory_reserved(images.device) - torch.cuda.memory_allocated(images.device)
-    # fp32 probe overestimates bf16 runs; 0.6 leaves room for the best-iterate copies
-    return max(1, int(0.6 * free // per_sample))
+    probe = probe_inversion_step(model, layer, token_policy, images, noise, config)
+    per_sample = (torch.cuda.max_memory_allocated(images.device) - before) // probe
+    device = images.device
+    free, total = torch.cuda.mem_get_info(device)
+    free = gpu_bytes_free_to_process(
+        free_on_device=free,
+        total=total,
+        reserved=torch.cuda.memory_reserved(device),
+        allocated=torch.cuda.memory_allocated(device),
+        process_share=torch.cuda.get_per_process_memory_fraction(device),
+    )
+    return micro_batch_for_memory(per_sample, free)
 
 
 def invert(
@@ -167,20 +229,24 @@ def invert(
     The forward pass stops at ``layer``; parameters get no gradients.
     """
     model.requires_grad_(False)
-
-    def features(batch: torch.Tensor) -> torch.Tensor:
-        return model.layer_features(batch, [layer], token_policy)[layer]
-
+    features = layer_features_function(model, layer, token_policy)
     compiled = config.compile and images.device.type == "cuda"
     if compiled:
         features = torch.compile(features, dynamic=False)
     noise = noise.to(images.device)
-    chunk = config.micro_batch if isinstance(config.micro_batch, int) else auto_micro_batch(model, layer, token_policy, images)
-    outputs, losses, steps = [], [], 0
+    # the results are written in place, chunk by chunk: no concatenation doubling them at the end,
+    # and allocated before the chunks are sized, so the free memory auto sees is what they get
+    inverted = torch.empty_like(images)
+    final_loss = torch.empty(len(images), device=images.device)
+    chunk = config.micro_batch
+    if not isinstance(chunk, int):
+        chunk = auto_micro_batch(model, layer, token_policy, images, noise, config)
+    steps = 0
     with _tf32_matmuls(images.device, config.bf16), _compile_cache_room(compiled):
         for begin in range(0, len(images), chunk):
-            result = _invert_chunk(features, images[begin : begin + chunk], noise[begin : begin + chunk], config)
-            outputs.append(result[0])
-            losses.append(result[1])
-            steps = max(steps, result[2])
-    return InversionResult(torch.cat(outputs), torch.cat(losses), steps)
+            end = begin + chunk
+            chunk_images, chunk_loss, chunk_steps = _invert_chunk(features, images[begin:end], noise[begin:end], config)
+            inverted[begin:end] = chunk_images
+            final_loss[begin:end] = chunk_loss
+            steps = max(steps, chunk_steps)
+    return InversionResult(inverted, final_loss, steps)

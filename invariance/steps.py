@@ -38,10 +38,18 @@ class RunSpec:
 
 
 class Workspace:
-    """Per-process cache of models (by weights URL, LRU), eval images and shard contexts."""
+    """Per-process cache of models (by weights URL, LRU), eval images and shard contexts.
 
-    def __init__(self, device: str | torch.device | None = None, max_models: int = 3) -> None:
+    ``gpu_memory_share``: the part of the GPU's memory this process may use (below 1 where
+    processes share a GPU); the caching allocator enforces it and auto micro-batches fit in it.
+    """
+
+    def __init__(self, device: str | torch.device | None = None, max_models: int = 3, gpu_memory_share: float = 1.0) -> None:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if not 0 < gpu_memory_share <= 1:
+            raise ValueError(f"gpu_memory_share must be in (0, 1], got {gpu_memory_share}")
+        if self.device.type == "cuda" and gpu_memory_share < 1:
+            torch.cuda.set_per_process_memory_fraction(gpu_memory_share, self.device)
         self.max_models = max_models
         self._models: OrderedDict[tuple[str, str | None], FeatureModel] = OrderedDict()
         self._images: dict[str, EvalImages] = {}

@@ -29,27 +29,32 @@ FATAL_ERRORS = (ConfigError, DataError, StorageError)
 _workspace: Workspace | None = None
 
 
-def _process_workspace() -> Workspace:
+def gpu_memory_share(resources: ResourcesConfig) -> float:
+    """A task's part of its GPU's memory: its fraction of the GPU when Ray packs several on one."""
+    return min(1.0, resources.num_gpus) if resources.num_gpus > 0 else 1.0
+
+
+def _process_workspace(spec: RunSpec) -> Workspace:
     """One Workspace per Ray worker process: models and features stay loaded between tasks."""
     global _workspace
     if _workspace is None:
-        _workspace = Workspace()
+        _workspace = Workspace(gpu_memory_share=gpu_memory_share(spec.config.resources))
     return _workspace
 
 
 @ray.remote
 def inversion_task(spec: RunSpec, unit: InversionUnit) -> str:
-    return run_inversion(spec, unit, _process_workspace())
+    return run_inversion(spec, unit, _process_workspace(spec))
 
 
 @ray.remote
 def stir_task(spec: RunSpec, unit: StirUnit, *dependencies: Any) -> str:
-    return run_stir(spec, unit, _process_workspace())
+    return run_stir(spec, unit, _process_workspace(spec))
 
 
 @ray.remote
 def cka_task(spec: RunSpec, unit: CkaUnit) -> str:
-    return run_cka(spec, unit, _process_workspace())
+    return run_cka(spec, unit, _process_workspace(spec))
 
 
 @dataclass

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -11,6 +14,18 @@ from safetensors.torch import save_file
 from invariance.config import ModelConfig
 from invariance.models import build_network
 from invariance.synthetic import make_shapes, to_parquet_bytes
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def load_bench_module(name: str) -> ModuleType:
+    """Import ``bench/<name>.py`` (bench/ is scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses resolve their module by name
+    spec.loader.exec_module(module)
+    return module
+
 
 TINY_MODEL: dict[str, Any] = {
     "arch": "vit_tiny_patch16_224",

@@ -3,12 +3,10 @@ and bench_gpu.py's clean refusal without CUDA."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,21 +14,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from invariance.cost import inversion_flops, inversion_step_flops
 from invariance.inversion import invert, start_noise
+from tests.helpers import BENCH, load_bench_module
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
-BENCH = Path(__file__).resolve().parent.parent / "bench"
-
-
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_shards_vs_pairwise", BENCH / "bench_shards_vs_pairwise.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their module by name
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_bench()
+bench = load_bench_module("bench_shards_vs_pairwise")
 SMALL = bench.BenchSettings(depth=3, samples=4, iterations=2, checkpoints=2, seeds=1)
 
 
