@@ -18,7 +18,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from invariance.errors import ConfigError
 
 # Bump when a code change alters the numbers computed for unchanged settings.
-ALGORITHM_VERSION = 1
+ALGORITHM_VERSION = 2  # 2: early stop (inversion.tolerance) decided per sample
 
 TokenPolicy = Literal["flatten", "cls", "mean"]
 
@@ -158,6 +158,8 @@ class RunConfig(_Strict):
             "algorithm": ALGORITHM_VERSION,
             "model": self.model.model_dump(mode="json"),
             "pretrained": self.pretrained,
+            # which finetuning run: another run's epoch=3 in the same output prefix is not done
+            "checkpoints": self.checkpoints,
             "data": self.data.model_dump(mode="json"),
             "layers": self.layers,
             "token_policy": self.token_policy,
@@ -168,6 +170,7 @@ class RunConfig(_Strict):
         """What a pretrained-model inversion depends on: not the checkpoints, not the layer set."""
         settings = self.numbers_settings()
         settings.pop("layers")
+        settings.pop("checkpoints")
         return settings
 
 

@@ -30,8 +30,11 @@ _COMPILED_GRAPHS = 128
 
 @dataclass(frozen=True)
 class InversionResult:
-    """``images: [n, 3, H, W]`` in [0, 1] (X'); ``final_loss: [n]`` best relative L2 per sample;
-    ``iterations_run``: steps taken by the longest micro-batch."""
+    """``images: [n, 3, H, W]`` (X'), the best iterate per sample: in [0, 1] unless no step
+    improved on the N(0, 1) start, which the reference code keeps too (only at a handful of
+    iterations); ``final_loss: [n]`` best relative L2 per sample; ``iterations_run``: steps taken
+    by the longest micro-batch (with ``tolerance``: up to the first check at which every sample
+    was below it; independent of the micro-batches, like X' and the losses)."""
 
     images: torch.Tensor
     final_loss: torch.Tensor
@@ -112,6 +115,9 @@ def _invert_chunk(
     current = start.clone()
     best_images = current.clone()
     best_loss = torch.full((len(images),), float("inf"), device=images.device)
+    # early stop is decided per sample at fixed steps, so no sample's result depends on which
+    # others share its chunk: a sample below the tolerance at a check stops moving
+    active = None if config.tolerance is None else torch.ones(len(images), dtype=torch.bool, device=images.device)
     steps = 0
     for step in range(config.iterations):
         current.requires_grad_(True)
@@ -122,10 +128,12 @@ def _invert_chunk(
             best_loss = torch.where(improved, loss, best_loss)
             best_images = torch.where(improved[:, None, None, None], current, best_images)
             gradient_norm = gradient.flatten(1).norm(dim=1).clamp_min(1e-12)[:, None, None, None]
-            current = (current - config.step_size * gradient / gradient_norm).clamp_(0.0, 1.0)
+            stepped = (current - config.step_size * gradient / gradient_norm).clamp_(0.0, 1.0)
+            current = stepped if active is None else torch.where(active[:, None, None, None], stepped, current.detach())
         steps = step + 1
-        if config.tolerance is not None and steps % EARLY_STOP_CHECK_EVERY == 0:
-            if bool((best_loss < config.tolerance).all()):
+        if active is not None and steps % EARLY_STOP_CHECK_EVERY == 0:
+            active = active & (best_loss >= config.tolerance)
+            if not bool(active.any()):
                 break
     with torch.no_grad():
         loss = relative_loss(current)

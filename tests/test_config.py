@@ -153,6 +153,7 @@ def test_settings_hash_is_stable_under_key_order():
         ("layers", [0, 1]),
         ("pretrained", "s3://lab/pt.safetensors"),
         ("model.kwargs", {"img_size": 384}),
+        ("checkpoints", "s3://lab/runs/other/epoch={epoch}.pt"),  # another run's epochs are other shards
     ],
 )
 def test_settings_hash_changes_with_a_setting_that_changes_the_numbers(key, value):
@@ -166,7 +167,6 @@ def test_settings_hash_changes_with_a_setting_that_changes_the_numbers(key, valu
         ("output", "file:///tmp/elsewhere"),
         ("storage_options", {"endpoint_url": "http://localhost:9000"}),
         ("resources", {"num_gpus": 1, "num_cpus": 4, "max_in_flight": 8, "max_retries": 0}),
-        ("checkpoints", "s3://lab/runs/other/epoch={epoch}.pt"),
         ("seeds", [0, 1, 2, 3]),  # seeds are a row key, not a setting
         ("inversion.micro_batch", 4),  # micro-batching is exact
         ("inversion.compile", True),
@@ -179,9 +179,10 @@ def test_settings_hash_ignores_what_does_not_change_the_numbers(key, value):
     assert settings_hash(changed.inversion_settings()) == settings_hash(base.inversion_settings())
 
 
-def test_inversion_settings_do_not_depend_on_the_layer_set():
-    a = parse_config(with_value("layers", [0, 1]))
-    b = parse_config(with_value("layers", [0, 1, 2]))
+@pytest.mark.parametrize(("key", "value"), [("layers", [0, 1, 2]), ("checkpoints", "s3://lab/runs/other/epoch={epoch}.pt")])
+def test_pretrained_inversions_do_not_depend_on_the_layer_set_or_the_checkpoints(key, value):
+    a = parse_config(minimal() if key != "layers" else with_value("layers", [0, 1]))
+    b = parse_config(with_value(key, value))
     assert settings_hash(a.inversion_settings()) == settings_hash(b.inversion_settings())
     assert settings_hash(a.numbers_settings()) != settings_hash(b.numbers_settings())
 

@@ -157,3 +157,26 @@ def test_tolerance_stops_early(tiny_vit):
     # an unreachable tolerance runs every iteration
     unreachable = invert(tiny_vit, 0, images, noise, settings(iterations=60, tolerance=1e-9))
     assert unreachable.iterations_run == 60
+
+
+def test_early_stop_is_per_sample_so_micro_batching_stays_exact(tiny_vit):
+    # a tolerance between the samples' losses at the first check: some stop there, some go on;
+    # each sample's X' must not depend on which others share its chunk
+    images, noise = eval_images(6), start_noise(0, torch.arange(6), SHAPE)
+    # at the check after step 25 the best loss covers iterates 0..24: a 24-step inversion's result
+    at_first_check = invert(tiny_vit, 2, images, noise, settings(iterations=EARLY_STOP_CHECK_EVERY - 1)).final_loss
+    tolerance = float(at_first_check.median())
+    stopped = at_first_check < tolerance
+    assert 0 < int(stopped.sum()) < 6
+    results = {mb: invert(tiny_vit, 2, images, noise, settings(iterations=100, tolerance=tolerance, micro_batch=mb))
+               for mb in (1, 2, 6)}  # fmt: skip
+    whole = results[6]
+    for micro_batch in (1, 2):
+        torch.testing.assert_close(results[micro_batch].images, whole.images, rtol=0, atol=1e-6)
+        torch.testing.assert_close(results[micro_batch].final_loss, whole.final_loss, rtol=0, atol=1e-7)
+        assert results[micro_batch].iterations_run == whole.iterations_run
+    # a sample that stopped keeps the best of the iterates up to the one its last step made
+    stopped_there = invert(tiny_vit, 2, images, noise, settings(iterations=EARLY_STOP_CHECK_EVERY))
+    torch.testing.assert_close(whole.final_loss[stopped], stopped_there.final_loss[stopped], rtol=0, atol=1e-7)
+    torch.testing.assert_close(whole.images[stopped], stopped_there.images[stopped], rtol=0, atol=1e-6)
+    assert torch.all(whole.final_loss[~stopped] < stopped_there.final_loss[~stopped])  # the others went on
