@@ -36,8 +36,10 @@ def reduce_plan(plan: Plan, store: Store, make_plots: bool = True) -> ReduceResu
     stir = store.read_parquet([u.data_key(plan.settings) for u in plan.stir if u.epoch in complete])
     cka = store.read_parquet([u.data_key(plan.settings) for u in plan.cka if u.epoch in complete])
     if complete:
-        curves = metrics.curves(stir, cka)
-        flow = metrics.flow_table(stir)
+        # the settings hash on every reduced row: a table left from other settings is visible
+        settings = pl.lit(plan.settings).alias("settings")
+        curves = metrics.curves(stir, cka).with_columns(settings)
+        flow = metrics.flow_table(stir).with_columns(settings)
     else:
         curves, flow = pl.DataFrame(), pl.DataFrame()
     result = ReduceResult(curves, flow, complete, incomplete)

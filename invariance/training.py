@@ -61,13 +61,19 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
 
 
 def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random horizontal flip and a random shift by up to 1/8 of the side (reflect padding)."""
-    flip = torch.rand(len(images), generator=generator) < 0.5
-    images = torch.where(flip[:, None, None, None], images.flip(-1), images)
-    pad = max(1, images.shape[-1] // 8)
+    """``[n, C, H, W] -> [n, C, H, W]``: a random horizontal flip and a random shift by up to 1/8
+    of the side (reflect padding), both drawn per image."""
+    n, _, height, width = images.shape
+    flip = torch.rand(n, generator=generator) < 0.5
+    images = torch.where(flip[:, None, None, None].to(images.device), images.flip(-1), images)
+    pad = max(1, width // 8)
     padded = nn.functional.pad(images, (pad, pad, pad, pad), mode="reflect")
-    dy, dx = torch.randint(0, 2 * pad + 1, (2,), generator=generator).tolist()
-    return padded[..., dy : dy + images.shape[-2], dx : dx + images.shape[-1]]
+    offsets = torch.randint(0, 2 * pad + 1, (n, 2), generator=generator).to(images.device)
+    rows = (offsets[:, 0, None] + torch.arange(height, device=images.device))[:, :, None]  # [n, H, 1]
+    cols = (offsets[:, 1, None] + torch.arange(width, device=images.device))[:, None, :]  # [n, 1, W]
+    batch = torch.arange(n, device=images.device)[:, None, None]
+    # advanced indices around the channel slice put it last: [n, H, W, C]
+    return padded[batch, :, rows, cols].permute(0, 3, 1, 2).contiguous()
 
 
 class Trainer:

@@ -112,10 +112,18 @@ def run(config: RunConfig | str, progress: bool = True, num_cpus: int | None = N
 
 
 def submission_id(plan: Plan) -> str:
-    """A Ray job submission id for this config and checkpoint set: `ray job submit
-    --submission-id` refuses a second job with the same id, new checkpoints give a new one."""
-    checkpoints = settings_hash({"checkpoints": [[c.epoch, c.url] for c in plan.checkpoints]})
-    return f"invariance-{plan.settings}-{checkpoints[:10]}"
+    """A Ray job submission id for this config's work: its settings, checkpoint set and seeds.
+
+    `ray job submit --submission-id` refuses a second job with the same id; a new checkpoint or
+    a new seed (seeds are not in the settings hash: each row carries its own) gives a new one.
+    """
+    work = settings_hash(
+        {
+            "checkpoints": [[c.epoch, c.url] for c in plan.checkpoints],
+            "seeds": sorted({unit.seed for unit in plan.inversions}),
+        }
+    )
+    return f"invariance-{plan.settings}-{work[:10]}"
 
 
 def plan_only(config: RunConfig | str, with_cost: bool = True, id_only: bool = False) -> Plan:

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
+import os
+
+# Every Ray the tests start (ray.init, `ray start --head`, ray.cluster_utils.Cluster, and the
+# processes they spawn) stays on 127.0.0.1: without this Ray swaps it for the machine's outward
+# address and listens on every interface. Set before anything imports ray.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from invariance.config import ModelConfig
 from invariance.models import FeatureModel, load_model

@@ -6,17 +6,12 @@ Each prints one JSON line on stdout with what the test asserts on.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import threading
 import time
 from pathlib import Path
 
 from tests.helpers import tiny_config, write_checkpoints, write_eval_parquet
-
-# Ray resolves "127.0.0.1" to the machine's outward address unless told that clusters are
-# local-only; the tests' nodes must stay on loopback.
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
 def _records(out: Path) -> int:

@@ -20,6 +20,7 @@ from invariance.finetune import read_run_metrics, read_state, run_finetune
 from invariance.finetune_config import parse_finetune_config, trial_name
 from invariance.storage import Store
 from invariance.synthetic import make_shapes, to_parquet_bytes
+from invariance.training import augment
 from jobs.cli import main
 from jobs.finetune import finetune
 from jobs.run import run
@@ -275,3 +276,17 @@ def test_cli_single_run_without_sweep(tmp_path, data_dir, local_ray) -> None:
     assert main(["finetune", str(path)]) == 0
     assert (tmp_path / "single" / "epoch=01.safetensors").exists()
     assert read_run_metrics(str(tmp_path / "single"))["corrupted_accuracy"].is_not_null().all()
+
+
+def test_augment_draws_flip_and_shift_per_image():
+    image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    batch = image.expand(32, -1, -1, -1)
+    out = augment(batch, torch.Generator().manual_seed(1))
+    assert out.shape == batch.shape and out.is_contiguous()
+    padded = {flip: torch.nn.functional.pad(image.flip(-1) if flip else image, (2, 2, 2, 2), mode="reflect")[0]
+              for flip in (False, True)}  # fmt: skip
+    crops = {(flip, dy, dx): padded[flip][:, dy : dy + 16, dx : dx + 16] for flip in (False, True)
+             for dy in range(5) for dx in range(5)}  # fmt: skip
+    drawn = [next(key for key, crop in crops.items() if torch.equal(crop, out[i])) for i in range(32)]
+    assert len(set(drawn)) > 10  # one image, 32 copies: the draws differ from copy to copy
+    assert {flip for flip, _, _ in drawn} == {False, True}

@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from invariance.config import RunConfig
 from invariance.lease import LeaseHolder, RunLease, lease_key
+from jobs import run as run_module
 from invariance.storage import Store
 from tests.helpers import tiny_config, write_checkpoints, write_eval_parquet, write_job_dir
 from tests.servers import ray_head, ray_job_submit  # noqa: F401 - fixture
@@ -74,6 +76,21 @@ def test_scheduled_duplicate_submission_computes_nothing(tmp_path: Path, ray_hea
     assert not list((tmp_path / "out" / "_manifests" / "leases").glob("*.json"))  # released at the end
     rerun = ray_job_submit(ray_head, job_dir, entrypoint)
     assert "computed 0/0 units" in rerun.stdout + rerun.stderr
+
+
+def test_submission_id_follows_the_checkpoints_and_seeds_not_the_output(tmp_path: Path) -> None:
+    write_checkpoints(tmp_path / "ckpt", epochs=[1])
+    write_eval_parquet(tmp_path / "data")
+
+    def submission_id(**overrides) -> str:
+        return run_module.submission_id(run_module.plan_only(RunConfig(**tiny_config(tmp_path, str(tmp_path / "out"), **overrides)), id_only=True))
+
+    first = submission_id(seeds=[0])
+    assert first == submission_id(seeds=[0]) == submission_id(seeds=[0], resources={"num_cpus": 2})
+    assert submission_id(seeds=[0, 1]) != first  # a new seed is new work: a new submission
+    assert submission_id(seeds=[0], inversion={"iterations": 16}) != first  # new settings
+    (tmp_path / "ckpt" / "ft" / "epoch=02.safetensors").write_bytes((tmp_path / "ckpt" / "ft" / "epoch=01.safetensors").read_bytes())
+    assert submission_id(seeds=[0]) != first  # a new checkpoint
 
 
 @pytest.mark.slow

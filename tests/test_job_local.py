@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 
 import polars as pl
 import pytest
@@ -50,6 +53,9 @@ def test_outputs_follow_the_layout(finished_run) -> None:
     flow = pl.read_parquet(out / "reduced" / "flow.parquet")
     assert {"checkpoint", "epoch", "pt_layer", "ft_layer", "flow"} <= set(flow.columns)
     assert flow.height == 3 * 3 * 3
+    # every reduced row names the settings it comes from: the hash of the shards' folder
+    (settings,) = stir["settings"].unique().to_list()
+    assert curves["settings"].unique().to_list() == flow["settings"].unique().to_list() == [settings]
     plots = {p.relative_to(out / "plots").as_posix() for p in (out / "plots").rglob("*.png")}
     assert plots == {"layer_curves.png", "dynamics.png", "flow/epoch=1.png", "flow/epoch=2.png", "flow/epoch=3.png"}
     assert not list(out.rglob(".*.tmp"))
@@ -90,3 +96,18 @@ def test_rerun_computes_nothing_and_new_checkpoint_only_its_shards(finished_run)
     assert fourth.reduced.complete_epochs == [1, 2, 3, 4]
     assert {p: p.stat().st_mtime_ns for p in (out / "stir").rglob("*.parquet") if p in before} == before
     assert len(list((out / "_cache" / "inversions").rglob("*.safetensors"))) == 6
+
+
+def test_a_local_ray_listens_on_loopback_only(tmp_path):
+    """Without RAY_ADDRESS (the demo, a laptop run) the local Ray keeps to 127.0.0.1, however the
+    environment was set up before (jobs sets Ray's switch before Ray is imported)."""
+    probe = (
+        "import jobs.run, ray\n"
+        "jobs.run.connect_ray(1)\n"
+        "print('node', ray.get(ray.remote(lambda: ray.util.get_node_ip_address()).remote()))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
+    result = subprocess.run([sys.executable, "-c", probe], env=env, cwd=tmp_path, capture_output=True, text=True,
+                            timeout=180)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "node 127.0.0.1" in result.stdout
