@@ -11,8 +11,9 @@ For each mode (fp32; bf16 autocast) it reports:
 
 - what ``micro_batch: auto`` would choose on a ``--device-gib`` device: the library's own
   ``probe_inversion_step`` measured by the tracker, the free memory (device minus model, images,
-  start noise and ``--reserve-gib`` for the CUDA context and library workspaces, which no tensor
-  holds), and the library's own ``micro_batch_for_memory``;
+  start noise, the X' and loss buffers ``invert`` allocates before sizing its chunks, and
+  ``--reserve-gib`` for the CUDA context and library workspaces, which no tensor holds), and the
+  library's own ``micro_batch_for_memory``;
 - the peak of the whole ``--samples`` inversion at that micro-batch (two steps and the final
   evaluation: every later step repeats the second), and whether peak + reserve fits the device;
 - the peak per sample, and how many samples would fit in one chunk.
@@ -25,7 +26,7 @@ it), and kernel workspaces below the tensor level. On CUDA the attention kernels
 memory-efficient) save less than the CPU kernels counted here; for ViT-B/32 (50 tokens) the
 attention maps are under 1% of the activations either way. bf16 is counted under CPU autocast,
 whose cast list for the matmuls matches CUDA's. The tracker is checked against real tensors in
-``tests/test_bench.py`` (same peak with and without fake tensors).
+``tests/test_bench_memory.py`` (same peak with and without fake tensors).
 """
 
 from __future__ import annotations

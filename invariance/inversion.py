@@ -168,7 +168,7 @@ def probe_inversion_step(
     holds the same.
     """
     probe = min(_PROBE_SAMPLES, len(images))
-    two_steps = config.model_copy(update={"iterations": 2, "bf16": False, "compile": False, "tolerance": None})
+    two_steps = config.model_copy(update={"iterations": 2, "bf16": False, "compile": False})
     _invert_chunk(layer_features_function(model, layer, token_policy), images[:probe], noise[:probe], two_steps)
     return probe
 
@@ -207,12 +207,25 @@ def auto_micro_batch(
     per-sample peak and the free memory, on CPU a fixed size that bounds host memory."""
     if images.device.type != "cuda":
         return _CPU_MICRO_BATCH
-    torch.cuda.synchronize(images.device)
-    torch.cuda.reset_peak_memory_stats(images.device)
-    before = torch.cuda.memory_allocated(images.device)
-    probe = probe_inversion_step(model, layer, token_policy, images, noise, config)
-    per_sample = (torch.cuda.max_memory_allocated(images.device) - before) // probe
+    return measured_micro_batch(model, layer, token_policy, images, noise, config)
+
+
+def measured_micro_batch(
+    model: FeatureModel,
+    layer: int,
+    token_policy: TokenPolicy,
+    images: torch.Tensor,
+    noise: torch.Tensor,
+    config: InversionConfig,
+) -> int:
+    """The CUDA sizing: the probe's peak per sample (``torch.cuda.max_memory_allocated``) against
+    what this process may still allocate on ``images.device``."""
     device = images.device
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    probe = probe_inversion_step(model, layer, token_policy, images, noise, config)
+    per_sample = (torch.cuda.max_memory_allocated(device) - before) // probe
     free, total = torch.cuda.mem_get_info(device)
     free = gpu_bytes_free_to_process(
         free_on_device=free,
@@ -241,6 +254,8 @@ def invert(
     compiled = config.compile and images.device.type == "cuda"
     if compiled:
         features = torch.compile(features, dynamic=False)
+    if len(images) == 0:
+        return InversionResult(images.clone(), torch.empty(0, device=images.device), 0)
     noise = noise.to(images.device)
     # the results are written in place, chunk by chunk: no concatenation doubling them at the end,
     # and allocated before the chunks are sized, so the free memory auto sees is what they get

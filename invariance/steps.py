@@ -49,7 +49,9 @@ class Workspace:
         if not 0 < gpu_memory_share <= 1:
             raise ValueError(f"gpu_memory_share must be in (0, 1], got {gpu_memory_share}")
         if self.device.type == "cuda" and gpu_memory_share < 1:
-            torch.cuda.set_per_process_memory_fraction(gpu_memory_share, self.device)
+            # process-wide, for the life of the process (a Ray worker builds one Workspace)
+            index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+            torch.cuda.set_per_process_memory_fraction(gpu_memory_share, index)
         self.max_models = max_models
         self._models: OrderedDict[tuple[str, str | None], FeatureModel] = OrderedDict()
         self._images: dict[str, EvalImages] = {}

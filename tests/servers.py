@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import shutil
 import socket
@@ -162,3 +163,57 @@ def ray_job_submit(head: RayHead, working_dir: Path, entrypoint: list[str], time
         if "No available agent" not in result.stdout + result.stderr or time.time() > deadline:
             return result
         time.sleep(3)
+
+
+def _descendants(root_pid: int) -> set[int]:
+    """``root_pid`` and every process below it (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        parent = int(stat.rsplit(")", 1)[1].split()[1])  # the name in (...) may hold spaces
+        children.setdefault(parent, []).append(int(entry))
+    found, todo = set(), [root_pid]
+    while todo:
+        pid = todo.pop()
+        found.add(pid)
+        todo += children.get(pid, [])
+    return found
+
+
+def _address(hex_address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """An address of /proc/net/tcp{,6}: little-endian 32-bit words in hex."""
+    words = bytes.fromhex(hex_address)
+    packed = b"".join(words[i : i + 4][::-1] for i in range(0, len(words), 4))
+    return ipaddress.ip_address(packed)
+
+
+def listening_addresses(root_pid: int) -> set[str]:
+    """IP addresses that ``root_pid`` and its descendants hold listening TCP sockets on (Linux)."""
+    inodes = set()
+    for pid in _descendants(root_pid):
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[len("socket:[") : -1])
+    addresses = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            listening = fields[3] == "0A"
+            if listening and fields[9] in inodes:
+                address = _address(fields[1].split(":")[0])
+                mapped = getattr(address, "ipv4_mapped", None)
+                addresses.add(str(mapped or address))
+    return addresses

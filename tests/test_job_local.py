@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import polars as pl
 import pytest
@@ -98,16 +99,21 @@ def test_rerun_computes_nothing_and_new_checkpoint_only_its_shards(finished_run)
     assert len(list((out / "_cache" / "inversions").rglob("*.safetensors"))) == 6
 
 
-def test_a_local_ray_listens_on_loopback_only(tmp_path):
-    """Without RAY_ADDRESS (the demo, a laptop run) the local Ray keeps to 127.0.0.1, however the
-    environment was set up before (jobs sets Ray's switch before Ray is imported)."""
+def test_a_local_ray_listens_on_loopback_only():
+    """Without RAY_ADDRESS (the demo, a laptop run) the local Ray keeps to 127.0.0.1: its node
+    address and every socket its processes listen on (jobs sets Ray's switch before Ray is
+    imported; without it Ray swaps in the machine's outward address and listens everywhere)."""
     probe = (
-        "import jobs.run, ray\n"
+        "import os, jobs.run, ray\n"
+        "from tests.servers import listening_addresses\n"
         "jobs.run.connect_ray(1)\n"
         "print('node', ray.get(ray.remote(lambda: ray.util.get_node_ip_address()).remote()))\n"
+        "print('listening', sorted(listening_addresses(os.getpid())))\n"
     )
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
-    result = subprocess.run([sys.executable, "-c", probe], env=env, cwd=tmp_path, capture_output=True, text=True,
-                            timeout=180)  # fmt: skip
+    result = subprocess.run([sys.executable, "-c", probe], env=env, cwd=Path(__file__).resolve().parent.parent,
+                            capture_output=True, text=True, timeout=180)  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     assert "node 127.0.0.1" in result.stdout
+    listening = result.stdout.split("listening ", 1)[1].strip()
+    assert listening == "['127.0.0.1']", listening  # gcs, raylet, agents, workers: loopback only
