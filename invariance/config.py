@@ -94,7 +94,8 @@ class RunConfig(_Strict):
     """One run: a pretrained model, its finetuning checkpoints, and what to measure."""
 
     output: str
-    storage_options: dict[str, Any] = Field(default_factory=dict)
+    # may hold credentials: never in a repr, an error message or the settings hash
+    storage_options: dict[str, Any] = Field(default_factory=dict, repr=False)
     model: ModelConfig
     pretrained: str
     checkpoints: str
@@ -190,6 +191,8 @@ def _format_validation_error(error: ValidationError, kind: str, reference: str) 
             lines.append(f"  {key}: unknown key (misspelt? see the config reference in {reference})")
         elif item["type"] == "missing":
             lines.append(f"  {key}: required key is missing")
+        elif parts and parts[0] == "storage_options":
+            lines.append(f"  {key}: {item['msg']} (value not shown: it may hold credentials)")
         else:
             lines.append(f"  {key}: {item['msg']} (got {item.get('input')!r})")
     return f"invalid {kind} config:\n" + "\n".join(lines)

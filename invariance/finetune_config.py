@@ -86,7 +86,7 @@ class FinetuneConfig(_Strict):
     """One finetuning run (or a grid of them): model, data, task, optimizer, schedule, outputs."""
 
     output: str
-    storage_options: dict[str, Any] = Field(default_factory=dict)
+    storage_options: dict[str, Any] = Field(default_factory=dict, repr=False)  # may hold credentials
     model: ModelConfig
     pretrained: str | None = None
     data: FinetuneDataConfig

@@ -11,11 +11,13 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 import threading
 import time
 import uuid
 from dataclasses import dataclass
 
+from invariance.errors import StorageError
 from invariance.layout import MANIFESTS
 from invariance.storage import Store
 
@@ -62,7 +64,9 @@ class RunLease:
         self.holder = uuid.uuid4().hex[:12]
         self.started_at = time.time()
         self._stop = threading.Event()
+        self._lost = threading.Event()
         self._renewer: threading.Thread | None = None
+        self._renewed_at = 0.0
 
     def current(self) -> LeaseHolder | None:
         """The live holder of the lease, or None when it is free or lapsed."""
@@ -70,6 +74,10 @@ class RunLease:
             record = LeaseHolder(**json.loads(self.store.get(self.key)))
         except FileNotFoundError:
             return None
+        except (ValueError, TypeError) as exc:  # not JSON, or not a lease record
+            raise StorageError(
+                f"{self.store.url(self.key)}: not a lease record ({exc}); delete it if no run of these settings is live"
+            ) from exc
         if record.expires_at <= time.time() or _died_here(record):
             return None
         return record
@@ -77,6 +85,12 @@ class RunLease:
     def _write(self) -> None:
         record = LeaseHolder(self.holder, socket.gethostname(), os.getpid(), self.started_at, time.time() + self.ttl_seconds)
         self.store.put(self.key, json.dumps(record.__dict__).encode())
+        self._renewed_at = time.time()
+
+    @property
+    def lost(self) -> bool:
+        """True once another run holds the lease, or renewals failed for longer than its TTL."""
+        return self._lost.is_set()
 
     def acquire(self) -> LeaseHolder | None:
         """Take the lease; returns None on success, else the other live holder."""
@@ -93,13 +107,32 @@ class RunLease:
         return None
 
     def _renew(self) -> None:
+        """Every TTL/4: if the record is still ours (or lapsed, unclaimed), write it again. A
+        failed write is retried at the next beat; the lease counts as lost once another holder's
+        record is there or no renewal has landed for a whole TTL."""
         while not self._stop.wait(self.ttl_seconds / 4):
-            self._write()
+            try:
+                other = self.current()
+                if other is not None and other.holder != self.holder:
+                    self._lost.set()
+                    print(f"invariance: lost the run lease to {other.describe()}", file=sys.stderr)
+                    return
+                self._write()
+            except Exception as exc:  # noqa: BLE001 - a storage hiccup must not end the renewals
+                print(f"invariance: could not renew the run lease ({type(exc).__name__}: {exc}); retrying",
+                      file=sys.stderr)  # fmt: skip
+                if time.time() - self._renewed_at > self.ttl_seconds:
+                    self._lost.set()
 
     def release(self) -> None:
+        """Stop renewing and remove our record (a failure only warns: the record lapses anyway)."""
         self._stop.set()
         if self._renewer is not None:
             self._renewer.join(timeout=5)
-        current = self.current()
-        if current is not None and current.holder == self.holder:
-            self.store.fs.rm_file(self.store.path(self.key))
+        try:
+            current = self.current()
+            if current is not None and current.holder == self.holder:
+                self.store.fs.rm_file(self.store.path(self.key))
+        except Exception as exc:  # noqa: BLE001
+            print(f"invariance: could not remove the run lease {self.store.url(self.key)} ({exc}); "
+                  f"it lapses in {self.ttl_seconds:.0f} s", file=sys.stderr)  # fmt: skip

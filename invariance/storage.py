@@ -47,7 +47,7 @@ class Store:
     """A root URL plus the options to reach it; keys are '/'-separated paths below the root."""
 
     root: str
-    storage_options: dict[str, Any] = field(default_factory=dict)
+    storage_options: dict[str, Any] = field(default_factory=dict, repr=False)  # may hold credentials
 
     def __post_init__(self) -> None:
         self.root = self.root.rstrip("/")
@@ -115,7 +115,17 @@ class Store:
             blobs = self.fs.cat([self.path(key) for key in keys])
         except Exception as exc:  # noqa: BLE001
             raise StorageError(f"cannot read Parquet under {self.root}: {type(exc).__name__}: {exc}") from exc
-        return pl.concat([pl.read_parquet(io.BytesIO(blobs[self.path(key)])) for key in keys], how=how)
+        frames = []
+        for key in keys:
+            try:
+                frames.append(pl.read_parquet(io.BytesIO(blobs.pop(self.path(key)))))
+            except Exception as exc:  # noqa: BLE001
+                raise StorageError(f"{self.url(key)}: not a readable Parquet file ({type(exc).__name__}: {exc}); "
+                                   "delete it and its completion record under _manifests/ to recompute it") from exc  # fmt: skip
+        try:
+            return pl.concat(frames, how=how)
+        except Exception as exc:  # noqa: BLE001
+            raise StorageError(f"Parquet files under {self.root} do not share one schema: {exc}") from exc
 
     def get(self, key: str) -> bytes:
         try:

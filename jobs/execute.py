@@ -93,9 +93,17 @@ def default_max_in_flight(resources: ResourcesConfig) -> int:
     return max(2, int(2 * max(slots, 1)))
 
 
-def execute(plan: Plan, spec: RunSpec, progress: bool = True) -> ExecuteSummary:
-    """Run every missing unit of ``plan``; returns counts and failures (never raises for a unit)."""
+def execute(plan: Plan, spec: RunSpec, progress: bool = True, lease_lost: Callable[[], bool] | None = None) -> ExecuteSummary:
+    """Run every missing unit of ``plan``; returns counts and failures (never raises for a unit).
+
+    ``lease_lost``: polled between submissions; once true, nothing more is submitted (another
+    run has taken over these settings) and what is in flight is awaited.
+    """
     resources = spec.config.resources
+    cluster = ray.cluster_resources()
+    if resources.num_gpus > 0 and cluster.get("GPU", 0) == 0:
+        print(f"resources.num_gpus is {resources.num_gpus} but the cluster has no GPU now: shards wait until "
+              "the autoscaler adds GPU nodes (stop with Ctrl-C or `ray job stop`)", file=sys.stderr)  # fmt: skip
     options = {
         "num_cpus": resources.num_cpus,
         "num_gpus": resources.num_gpus,
@@ -129,12 +137,16 @@ def execute(plan: Plan, spec: RunSpec, progress: bool = True) -> ExecuteSummary:
         queue += [(u, submit_stir) for u in stir if u.ref_model == "pt"]
     summary = ExecuteSummary()
     started = time.time()
-    limit = default_max_in_flight(resources)
     in_flight: dict[ray.ObjectRef, Any] = {}
     bar = tqdm(total=len(queue), desc="shards", unit="shard", disable=not progress or not queue,
                file=sys.stderr, mininterval=1.0, dynamic_ncols=True)  # fmt: skip
     position = 0
     while position < len(queue) or in_flight:
+        if lease_lost is not None and not summary.stopped_early and lease_lost():
+            summary.stopped_early = True
+            bar.write("stopping: another run holds these settings' lease now; it computes the rest")
+        # recomputed as the cluster grows: an autoscaler adds nodes only for work it sees waiting
+        limit = default_max_in_flight(resources)
         while position < len(queue) and len(in_flight) < limit and not summary.stopped_early:
             unit, submit = queue[position]
             in_flight[submit(unit)] = unit

@@ -93,8 +93,10 @@ def run(config: RunConfig | str, progress: bool = True, num_cpus: int | None = N
         print(f"another run of these settings is in progress: {other.describe()}; nothing to do here")
         return None
     try:
+        # planned before the lease was ours: a run that finished meanwhile may have done some of it
+        plan.refresh(store)
         connect_ray(num_cpus)
-        execution = execute(plan, spec, progress=progress)
+        execution = execute(plan, spec, progress=progress, lease_lost=lambda: lease.lost)
         plan.refresh(store)
         reduced = reduce_plan(plan, store)
     finally:

@@ -200,3 +200,15 @@ def test_load_config_from_yaml(tmp_path):
     (tmp_path / "list.yaml").write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(tmp_path / "list.yaml")
+
+
+def test_storage_options_never_appear_in_errors_or_reprs():
+    secret = "AKIA-SECRET-KEY-123"
+    with pytest.raises(ConfigError, match="storage_options") as error:
+        parse_config(with_value("storage_options", f"key={secret}"))
+    assert secret not in str(error.value) and "may hold credentials" in str(error.value)
+    config = parse_config(with_value("storage_options", {"key": secret}))
+    assert secret not in repr(config) and secret not in str(config)
+    from invariance.storage import Store
+
+    assert secret not in repr(Store("/tmp/out", {"key": secret}))

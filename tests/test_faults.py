@@ -246,3 +246,13 @@ def test_wrong_credentials_are_named_and_never_logged(workspace: Path, s3_server
     assert "Access Key Id you provided does not exist" in message
     for secret in TEST_CREDENTIALS.values():
         assert secret not in message
+
+
+def test_a_corrupt_shard_is_named_when_read(tmp_path: Path) -> None:
+    store = Store(str(tmp_path / "out"))
+    good = pl.DataFrame({"stir": [0.5]})
+    store.put_parquet("stir/a.parquet", good)
+    store.put("stir/b.parquet", b"not parquet at all")
+    with pytest.raises(StorageError, match=r"stir/b\.parquet: not a readable Parquet file"):
+        store.read_parquet(["stir/a.parquet", "stir/b.parquet"])
+    assert store.read_parquet(["stir/a.parquet"]).equals(good)

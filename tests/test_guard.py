@@ -13,6 +13,8 @@ import pytest
 import yaml
 
 from invariance.config import RunConfig
+from invariance.errors import StorageError
+from invariance import lease as lease_module
 from invariance.lease import LeaseHolder, RunLease, lease_key
 from jobs import run as run_module
 from invariance.storage import Store
@@ -46,6 +48,53 @@ def test_lease_is_exclusive_until_released_or_lapsed(tmp_path: Path) -> None:
     alive_elsewhere = LeaseHolder("alive", "other-host", dead.pid, time.time(), time.time() + 600)
     store.put(lease_key("abc"), json.dumps(alive_elsewhere.__dict__).encode())
     assert RunLease(store, "abc").current() == alive_elsewhere
+
+
+def test_a_lease_taken_over_counts_as_lost(tmp_path: Path) -> None:
+    store = Store(str(tmp_path))
+    lease = RunLease(store, "abc", ttl_seconds=0.4)  # renews every 0.1 s
+    assert lease.acquire() is None
+    time.sleep(0.3)
+    assert not lease.lost
+    usurper = LeaseHolder("usurper", "other-host", 1, time.time(), time.time() + 600)
+    store.put(lease_key("abc"), json.dumps(usurper.__dict__).encode())
+    time.sleep(0.3)
+    assert lease.lost
+    lease.release()
+    assert RunLease(store, "abc").current() == usurper  # release never removes another's record
+
+
+def test_renewal_survives_storage_errors_until_the_ttl(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(lease_module, "SETTLE_SECONDS", 0.05)
+    store = Store(str(tmp_path))
+    lease = RunLease(store, "abc", ttl_seconds=2.0)  # renews every 0.5 s
+    assert lease.acquire() is None
+    failing = {"on": True}
+    put = store.put
+
+    def flaky_put(key: str, data: bytes) -> None:
+        if failing["on"]:
+            raise OSError("S3 said 503")
+        put(key, data)
+
+    monkeypatch.setattr(store, "put", flaky_put)
+    time.sleep(1.2)  # two failed renewals, still inside the TTL
+    assert not lease.lost
+    failing["on"] = False
+    time.sleep(0.6)
+    assert not lease.lost and lease.current().holder == lease.holder  # renewed again
+    failing["on"] = True
+    time.sleep(3.0)  # no renewal for longer than the TTL
+    assert lease.lost
+    failing["on"] = False
+    lease.release()
+
+
+def test_a_broken_lease_record_names_its_key(tmp_path: Path, capsys) -> None:
+    store = Store(str(tmp_path))
+    store.put(lease_key("abc"), b"{not json")
+    with pytest.raises(StorageError, match=r"_manifests/leases/settings=abc\.json: not a lease record"):
+        RunLease(store, "abc").current()
 
 
 @pytest.mark.slow
