@@ -34,9 +34,17 @@ class Plan:
         """Re-read the completion records (one listing), e.g. after an execution."""
         self.done = set(store.list(MANIFESTS))
 
+    def record_key(self, unit: StirUnit | CkaUnit | InversionUnit) -> str:
+        """Where ``unit``'s completion record goes (pt inversions: under their own settings)."""
+        return unit.record_key(self.inversion_settings if isinstance(unit, InversionUnit) else self.settings)
+
     def is_done(self, unit: StirUnit | CkaUnit | InversionUnit) -> bool:
-        key = self.inversion_settings if isinstance(unit, InversionUnit) else self.settings
-        return unit.record_key(key) in self.done
+        return self.record_key(unit) in self.done
+
+    @property
+    def missing_keys(self) -> list[str]:
+        """The completion records still to be written, sorted."""
+        return sorted(self.record_key(u) for u in [*self.missing_inversions, *self.missing_stir, *self.missing_cka])
 
     @property
     def missing_inversions(self) -> list[InversionUnit]:

@@ -15,7 +15,7 @@ import polars as pl
 from invariance import metrics, plots, robustness
 from invariance.layout import PLOTS, REDUCED_CURVES, REDUCED_FLOW, REDUCED_STATUS, flow_plot_key
 from invariance.plan import Plan
-from invariance.storage import Store
+from invariance.storage import Store, parquet_bytes
 
 
 @dataclass
@@ -43,27 +43,35 @@ def reduce_plan(plan: Plan, store: Store, make_plots: bool = True) -> ReduceResu
     else:
         curves, flow = pl.DataFrame(), pl.DataFrame()
     result = ReduceResult(curves, flow, complete, incomplete)
+    outputs: dict[str, bytes] = {}
+    if complete:
+        outputs[REDUCED_CURVES] = parquet_bytes(curves)
+        outputs[REDUCED_FLOW] = parquet_bytes(flow)
+    if complete and make_plots:
+        outputs[f"{PLOTS}/layer_curves.png"] = plots.layer_curves_png(curves)
+        outputs[f"{PLOTS}/dynamics.png"] = plots.dynamics_png(curves)
+        outputs.update({flow_plot_key(epoch): plots.flow_heatmap_png(flow, epoch) for epoch in complete})
+    # only what changed is written: a rerun with nothing new leaves every file as it was
+    result.written += [key for key, data in outputs.items() if store.put_if_changed(key, data)]
+    if complete:  # finetuning runs with metrics/ beside their checkpoints: the robustness link
+        result.written += robustness.reduce_robustness(store, curves, plan.checkpoints, plan.depth, make_plots)
     status = {
         "settings": plan.settings,
         "complete_epochs": complete,
         "incomplete_epochs": {str(k): v for k, v in sorted(incomplete.items())},
-        "reduced_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    if complete:
-        store.put_parquet(REDUCED_CURVES, curves)
-        store.put_parquet(REDUCED_FLOW, flow)
-        result.written += [REDUCED_CURVES, REDUCED_FLOW]
-    store.put(REDUCED_STATUS, json.dumps(status, indent=1).encode())
-    result.written.append(REDUCED_STATUS)
-    if complete and make_plots:
-        outputs = {
-            f"{PLOTS}/layer_curves.png": plots.layer_curves_png(curves),
-            f"{PLOTS}/dynamics.png": plots.dynamics_png(curves),
-            **{flow_plot_key(epoch): plots.flow_heatmap_png(flow, epoch) for epoch in complete},
-        }
-        for key, png in outputs.items():
-            store.put(key, png)
-            result.written.append(key)
-    if complete:  # finetuning runs with metrics/ beside their checkpoints: the robustness link
-        result.written += robustness.reduce_robustness(store, curves, plan.checkpoints, plan.depth, make_plots)
+    if result.written or _stored_status(store) != status:
+        stamped = {**status, "reduced_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        store.put(REDUCED_STATUS, json.dumps(stamped, indent=1).encode())
+        result.written.append(REDUCED_STATUS)
     return result
+
+
+def _stored_status(store: Store) -> dict | None:
+    """``reduced/status.json`` without its time stamp, or None when absent or unreadable."""
+    try:
+        stored = json.loads(store.get(REDUCED_STATUS))
+    except (FileNotFoundError, ValueError):
+        return None
+    stored.pop("reduced_at", None)
+    return stored

@@ -20,7 +20,7 @@ import polars as pl
 
 from invariance.checkpoints import Checkpoint
 from invariance.finetune import read_run_metrics
-from invariance.storage import Store
+from invariance.storage import Store, parquet_bytes
 
 Frame = TypeVar("Frame", pl.DataFrame, pl.LazyFrame)
 FIRST_SPREAD_LAYER = 2
@@ -96,7 +96,7 @@ def reduce_robustness(
     store: Store, curves: pl.DataFrame, checkpoints: list[Checkpoint], depth: int, make_plots: bool = True
 ) -> list[str]:
     """Write the robustness table, its correlation and plot when the checkpoints' folders hold
-    ``metrics/``; returns the keys written (none when no run has metrics)."""
+    ``metrics/``; returns the keys written (none when no run has metrics, or nothing changed)."""
     if curves.is_empty():
         return []
     tables = []
@@ -109,13 +109,10 @@ def reduce_robustness(
     if table.is_empty():
         return []
     correlation = robustness_correlation(table)
-    store.put_parquet(REDUCED_ROBUSTNESS, table)
-    store.put_parquet(REDUCED_ROBUSTNESS_CORRELATION, correlation)
-    written = [REDUCED_ROBUSTNESS, REDUCED_ROBUSTNESS_CORRELATION]
+    outputs = {REDUCED_ROBUSTNESS: parquet_bytes(table), REDUCED_ROBUSTNESS_CORRELATION: parquet_bytes(correlation)}
     if make_plots:
-        store.put(ROBUSTNESS_PLOT, robustness_png(table, correlation, depth))
-        written.append(ROBUSTNESS_PLOT)
-    return written
+        outputs[ROBUSTNESS_PLOT] = robustness_png(table, correlation, depth)
+    return [key for key, data in outputs.items() if store.put_if_changed(key, data)]
 
 
 def robustness_png(table: pl.DataFrame, correlation: pl.DataFrame, depth: int) -> bytes:

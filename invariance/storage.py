@@ -42,6 +42,13 @@ def open_filesystem(url: str, storage_options: dict[str, Any] | None = None) -> 
     return fs, path
 
 
+def parquet_bytes(frame: "pl.DataFrame") -> bytes:
+    """``frame`` as the bytes of one Parquet file."""
+    buffer = io.BytesIO()
+    frame.write_parquet(buffer)
+    return buffer.getvalue()
+
+
 @dataclass
 class Store:
     """A root URL plus the options to reach it; keys are '/'-separated paths below the root."""
@@ -98,11 +105,23 @@ class Store:
         except Exception as exc:  # noqa: BLE001 - every backend raises its own types
             raise StorageError(f"cannot write {self.url(key)}: {type(exc).__name__}: {exc}") from exc
 
+    def put_if_changed(self, key: str, data: bytes) -> bool:
+        """Write ``data`` to ``key`` unless ``key`` already holds exactly it; True if written.
+
+        For outputs rebuilt on every run (reduced tables, plots): a rerun that has nothing new
+        leaves them, and their modification times, as they were.
+        """
+        try:
+            if self.get(key) == data:
+                return False
+        except FileNotFoundError:
+            pass
+        self.put(key, data)
+        return True
+
     def put_parquet(self, key: str, frame: "pl.DataFrame") -> None:
         """Write ``frame`` as one Parquet object at ``key`` (serialized in memory, one put)."""
-        buffer = io.BytesIO()
-        frame.write_parquet(buffer)
-        self.put(key, buffer.getvalue())
+        self.put(key, parquet_bytes(frame))
 
     def read_parquet(self, keys: list[str], how: str = "vertical") -> "pl.DataFrame":
         """The Parquet objects at ``keys`` concatenated in that order (``how`` as in ``pl.concat``),

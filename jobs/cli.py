@@ -9,6 +9,10 @@ from invariance import __version__
 from invariance.errors import InvarianceError
 
 
+# `invariance plan --submission-id`: no work to submit (a scheduler's `&& ray job submit` skips)
+NOTHING_TO_SUBMIT = 3
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="invariance",
@@ -40,8 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "plan":
             sub.add_argument("--no-cost", action="store_true", help="skip the FLOP estimate")
             sub.add_argument("--submission-id", action="store_true",
-                             help="print only a Ray job submission id derived from the config and the checkpoint "
-                             "set (for `ray job submit --submission-id`: a duplicate submission is refused)")
+                             help="print only a Ray job submission id for the work left (for `ray job submit "
+                             f"--submission-id`: a duplicate is refused); exit {NOTHING_TO_SUBMIT} printing nothing on "
+                             "stdout when nothing is left or a run of these settings is in progress")
 
     finetune = commands.add_parser(
         "finetune",
@@ -70,9 +75,16 @@ def main(argv: list[str] | None = None) -> int:
             if result is not None and result.execution.failures:
                 return 1
         elif args.command == "plan":
-            from jobs.run import plan_only
+            from jobs.run import next_submission, plan_only
 
-            plan_only(args.config, with_cost=not (args.no_cost or args.submission_id), id_only=args.submission_id)
+            if args.submission_id:
+                identifier, why = next_submission(args.config)
+                if identifier is None:
+                    print(f"invariance plan: {why}; nothing to submit", file=sys.stderr)
+                    return NOTHING_TO_SUBMIT
+                print(identifier)
+            else:
+                plan_only(args.config, with_cost=not args.no_cost)
         elif args.command == "reduce":
             from jobs.run import reduce_only
 

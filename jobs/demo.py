@@ -125,6 +125,8 @@ def run_demo(out: str | Path = "invariance-demo", epochs: int = 3) -> pl.DataFra
     if all(path.exists() for path in expected):
         print(f"using the checkpoints already in {out / 'checkpoints'} (delete the folder to retrain)")
     else:
+        # new weights under the same file names: results of the old ones must not count as done
+        shutil.rmtree(out / "results", ignore_errors=True)
         _train_models(out, epochs)
     data = out / "data" / "test-00000-of-00001.parquet"
     if not data.exists():
@@ -136,6 +138,9 @@ def run_demo(out: str | Path = "invariance-demo", epochs: int = 3) -> pl.DataFra
     config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
     print(f"run config: {config_path}  (rerun it with: invariance run {config_path})", flush=True)
     result = run(parse_config(raw), num_cpus=2)
+    if result is None:  # another demo in the same folder holds the lease; run() said so
+        print(f"nothing computed here: wait for the other run, then look in {out / 'results'}")
+        return pl.DataFrame()
 
     curves = result.reduced.curves
     last = curves.filter(pl.col("epoch") == curves["epoch"].max()).select(

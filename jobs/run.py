@@ -34,13 +34,14 @@ def connect_ray(num_cpus: int | None = None) -> None:
                  _node_ip_address="127.0.0.1")
 
 
-def open_run(config: RunConfig | str, check_data: bool = True) -> tuple[RunConfig, Store, Plan, RunSpec]:
-    """Load and validate the config, check the output is writable, plan, and (unless told not
-    to) read the eval data once when there is work left."""
+def open_run(config: RunConfig | str, check_data: bool = True, writable: bool = True) -> tuple[RunConfig, Store, Plan, RunSpec]:
+    """Load and validate the config, check the output is writable (unless only read), plan,
+    and (unless told not to) read the eval data once when there is work left."""
     if not isinstance(config, RunConfig):
         config = load_config(config)
     store = Store(config.output, dict(config.storage_options))
-    store.check_writable()
+    if writable:
+        store.check_writable()
     plan = make_plan(config, store)
     if check_data and (plan.missing_stir or plan.missing_cka or plan.missing_inversions):
         # fail before any task starts: every shard reads the same eval images
@@ -114,26 +115,30 @@ def run(config: RunConfig | str, progress: bool = True, num_cpus: int | None = N
 
 
 def submission_id(plan: Plan) -> str:
-    """A Ray job submission id for this config's work: its settings, checkpoint set and seeds.
+    """A Ray job submission id for the work ``plan`` has left: its settings and missing units.
 
-    `ray job submit --submission-id` refuses a second job with the same id; a new checkpoint or
-    a new seed (seeds are not in the settings hash: each row carries its own) gives a new one.
+    `ray job submit --submission-id` refuses a second job with the same id. New checkpoints or
+    seeds, or a failed run that got some of the work done, leave other units missing: a new id.
     """
-    work = settings_hash(
-        {
-            "checkpoints": [[c.epoch, c.url] for c in plan.checkpoints],
-            "seeds": sorted({unit.seed for unit in plan.inversions}),
-        }
-    )
-    return f"invariance-{plan.settings}-{work[:10]}"
+    return f"invariance-{plan.settings}-{settings_hash({'missing': plan.missing_keys})[:10]}"
 
 
-def plan_only(config: RunConfig | str, with_cost: bool = True, id_only: bool = False) -> Plan:
+def next_submission(config: RunConfig | str) -> tuple[str | None, str]:
+    """For a scheduler: (submission id, why) when there is work to submit, else (None, why not):
+    nothing is missing, or a run of these settings holds the lease."""
+    _, store, plan, _ = open_run(config, check_data=False, writable=False)
+    missing = len(plan.missing_keys)
+    if not missing:
+        return None, "nothing to compute: every shard of every checkpoint is done"
+    holder = RunLease(store, plan.settings).current()
+    if holder is not None:
+        return None, f"a run of these settings is in progress: {holder.describe()}"
+    return submission_id(plan), f"{missing} units to compute"
+
+
+def plan_only(config: RunConfig | str, with_cost: bool = True) -> Plan:
     """`invariance plan`: what is done, what is missing, and a rough cost."""
-    config, _, plan, _ = open_run(config, check_data=not id_only)
-    if id_only:
-        print(submission_id(plan))
-        return plan
+    config, _, plan, _ = open_run(config, writable=False)
     describe_plan(plan)
     if with_cost:
         started = time.time()

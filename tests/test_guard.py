@@ -17,6 +17,8 @@ from invariance.errors import StorageError
 from invariance import lease as lease_module
 from invariance.lease import LeaseHolder, RunLease, lease_key
 from jobs import run as run_module
+from jobs.cli import NOTHING_TO_SUBMIT
+from jobs.cli import main as cli_main
 from invariance.storage import Store
 from tests.helpers import tiny_config, write_checkpoints, write_eval_parquet, write_job_dir
 from tests.servers import ray_head, ray_job_submit  # noqa: F401 - fixture
@@ -127,19 +129,50 @@ def test_scheduled_duplicate_submission_computes_nothing(tmp_path: Path, ray_hea
     assert "computed 0/0 units" in rerun.stdout + rerun.stderr
 
 
-def test_submission_id_follows_the_checkpoints_and_seeds_not_the_output(tmp_path: Path) -> None:
+def test_submission_id_follows_the_work_left(tmp_path: Path, capsys) -> None:
     write_checkpoints(tmp_path / "ckpt", epochs=[1])
     write_eval_parquet(tmp_path / "data")
 
-    def submission_id(**overrides) -> str:
-        return run_module.submission_id(run_module.plan_only(RunConfig(**tiny_config(tmp_path, str(tmp_path / "out"), **overrides)), id_only=True))
+    def config(**overrides) -> RunConfig:
+        return RunConfig(**tiny_config(tmp_path, str(tmp_path / "out"), **overrides))
+
+    def submission_id(**overrides) -> str | None:
+        return run_module.next_submission(config(**overrides))[0]
 
     first = submission_id(seeds=[0])
+    assert first is not None and first.startswith("invariance-")
     assert first == submission_id(seeds=[0]) == submission_id(seeds=[0], resources={"num_cpus": 2})
     assert submission_id(seeds=[0, 1]) != first  # a new seed is new work: a new submission
     assert submission_id(seeds=[0], inversion={"iterations": 16}) != first  # new settings
+
+    # a run in progress: nothing to submit
+    store = Store(str(tmp_path / "out"))
+    plan = run_module.open_run(config(seeds=[0]), check_data=False)[2]
+    lease = RunLease(store, plan.settings)
+    assert lease.acquire() is None
+    identifier, why = run_module.next_submission(config(seeds=[0]))
+    assert identifier is None and "in progress" in why
+    lease.release()
+
+    # part of the work done (a run that failed half way): another id, so a scheduler retries
+    for key in plan.missing_keys[: len(plan.missing_keys) // 2]:
+        store.put(key, b"{}")
+    partly = submission_id(seeds=[0])
+    assert partly is not None and partly != first
+    for key in plan.missing_keys:
+        store.put(key, b"{}")
+    identifier, why = run_module.next_submission(config(seeds=[0]))
+    assert identifier is None and "nothing to compute" in why
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(tiny_config(tmp_path, str(tmp_path / "out"), seeds=[0])))
+    capsys.readouterr()
+    assert cli_main(["plan", str(path), "--submission-id"]) == NOTHING_TO_SUBMIT  # cron's `&&` stops here
+    printed = capsys.readouterr()
+    assert printed.out == "" and "nothing to submit" in printed.err
+
+    # a new checkpoint: work again
     (tmp_path / "ckpt" / "ft" / "epoch=02.safetensors").write_bytes((tmp_path / "ckpt" / "ft" / "epoch=01.safetensors").read_bytes())
-    assert submission_id(seeds=[0]) != first  # a new checkpoint
+    assert submission_id(seeds=[0]) not in (None, first, partly)
 
 
 @pytest.mark.slow

@@ -85,9 +85,13 @@ def test_rerun_computes_nothing_and_new_checkpoint_only_its_shards(finished_run)
     tmp, raw, _ = finished_run
     out = tmp / "out"
     before = {p: p.stat().st_mtime_ns for p in (out / "stir").rglob("*.parquet")}
+    every_file = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and "leases" not in p.parts}
     again = run(parse_config(raw), progress=False)
     assert again.execution.submitted == 0
     assert {p: p.stat().st_mtime_ns for p in (out / "stir").rglob("*.parquet")} == before
+    # idempotent: a finished config's rerun changes nothing, reduced tables and plots included
+    assert again.reduced.written == [] and again.reduced.complete_epochs == [1, 2, 3]
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and "leases" not in p.parts} == every_file
 
     write_epoch(tmp / "ckpt", None, 4)
     fourth = run(parse_config(raw), progress=False)
