@@ -61,9 +61,18 @@ def discover_checkpoints(pattern: str, storage_options: dict[str, Any] | None = 
                 f"checkpoints: epoch {epoch} matches two files ({found[epoch].url} and {url}); "
                 "make the pattern specific to one run"
             )
-        stem = path.rsplit("/", 1)[-1].split(".", 1)[0]
-        found[epoch] = Checkpoint(epoch=epoch, name=stem, url=url)
+        found[epoch] = Checkpoint(epoch=epoch, name=_checkpoint_name(path, before), url=url)
     return sorted(found.values())
+
+
+def _checkpoint_name(path: str, before_epoch: str) -> str:
+    """The path from the folder where the pattern starts to vary, without the file extension:
+    ``epoch=07`` for ``.../epoch={epoch}.safetensors``, ``epoch=07/model`` for
+    ``.../epoch={epoch}/model.safetensors`` (not ``model`` for every epoch)."""
+    varying = path[before_epoch.rfind("/") + 1 :]
+    folder, _, file_name = varying.rpartition("/")
+    stem = file_name.rsplit(".", 1)[0] if "." in file_name else file_name
+    return f"{folder}/{stem}" if folder else stem
 
 
 def _unwrap(obj: Any, url: str) -> dict[str, torch.Tensor]:

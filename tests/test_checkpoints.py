@@ -179,6 +179,18 @@ def test_discover_checkpoints_by_epoch(tmp_path):
     assert discover_checkpoints(f"{tmp_path}/empty/epoch={{epoch}}.safetensors") == []
 
 
+def test_checkpoint_names_tell_epochs_apart_whatever_the_layout(tmp_path):
+    for epoch in (1, 2):
+        (tmp_path / "nested" / f"epoch={epoch}").mkdir(parents=True)
+        (tmp_path / "nested" / f"epoch={epoch}" / "model.safetensors").write_bytes(b"x")
+        (tmp_path / "dotted").mkdir(exist_ok=True)
+        (tmp_path / "dotted" / f"ckpt.epoch{epoch}.pt").write_bytes(b"x")
+    nested = discover_checkpoints(f"{tmp_path}/nested/epoch={{epoch}}/model.safetensors")
+    assert [c.name for c in nested] == ["epoch=1/model", "epoch=2/model"]
+    dotted = discover_checkpoints(f"{tmp_path}/dotted/ckpt.epoch{{epoch}}.pt")
+    assert [c.name for c in dotted] == ["ckpt.epoch1", "ckpt.epoch2"]
+
+
 def test_discover_checkpoints_rejects_a_pattern_without_one_epoch(tmp_path):
     for pattern in (f"{tmp_path}/final.safetensors", f"{tmp_path}/{{epoch}}/epoch={{epoch}}.pt"):
         with pytest.raises(CheckpointError, match=r"\{epoch\}"):
