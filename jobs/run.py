@@ -34,14 +34,14 @@ def connect_ray(num_cpus: int | None = None) -> None:
                  _node_ip_address="127.0.0.1")
 
 
-def open_run(config: RunConfig | str, check_data: bool = True, writable: bool = True) -> tuple[RunConfig, Store, Plan, RunSpec]:
-    """Load and validate the config, check the output is writable (unless only read), plan,
-    and (unless told not to) read the eval data once when there is work left."""
+def open_run(config: RunConfig | str, check_data: bool = True) -> tuple[RunConfig, Store, Plan, RunSpec]:
+    """Load and validate the config, check the output is writable (a named error for a wrong
+    URL, bucket or credentials, before anything else), plan, and (unless told not to) read the
+    eval data once when there is work left."""
     if not isinstance(config, RunConfig):
         config = load_config(config)
     store = Store(config.output, dict(config.storage_options))
-    if writable:
-        store.check_writable()
+    store.check_writable()
     plan = make_plan(config, store)
     if check_data and (plan.missing_stir or plan.missing_cka or plan.missing_inversions):
         # fail before any task starts: every shard reads the same eval images
@@ -126,7 +126,7 @@ def submission_id(plan: Plan) -> str:
 def next_submission(config: RunConfig | str) -> tuple[str | None, str]:
     """For a scheduler: (submission id, why) when there is work to submit, else (None, why not):
     nothing is missing, or a run of these settings holds the lease."""
-    _, store, plan, _ = open_run(config, check_data=False, writable=False)
+    _, store, plan, _ = open_run(config, check_data=False)
     missing = len(plan.missing_keys)
     if not missing:
         return None, "nothing to compute: every shard of every checkpoint is done"
@@ -138,7 +138,7 @@ def next_submission(config: RunConfig | str) -> tuple[str | None, str]:
 
 def plan_only(config: RunConfig | str, with_cost: bool = True) -> Plan:
     """`invariance plan`: what is done, what is missing, and a rough cost."""
-    config, _, plan, _ = open_run(config, writable=False)
+    config, _, plan, _ = open_run(config)
     describe_plan(plan)
     if with_cost:
         started = time.time()
