@@ -26,7 +26,8 @@ _STRIPPED_PREFIXES = ("module.", "_orig_mod.")
 
 @dataclass(frozen=True, order=True)
 class Checkpoint:
-    """One finetuning checkpoint: its epoch (sort key), name (file stem) and URL."""
+    """One finetuning checkpoint: its epoch (sort key), name (its path from where the pattern
+    varies, without extension: ``epoch=07``, ``epoch=07/model``) and URL."""
 
     epoch: int
     name: str

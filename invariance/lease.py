@@ -85,12 +85,16 @@ class RunLease:
     def _write(self) -> None:
         record = LeaseHolder(self.holder, socket.gethostname(), os.getpid(), self.started_at, time.time() + self.ttl_seconds)
         self.store.put(self.key, json.dumps(record.__dict__).encode())
-        self._renewed_at = time.time()
+        self._renewed_at = time.monotonic()
 
     @property
     def lost(self) -> bool:
-        """True once another run holds the lease, or renewals failed for longer than its TTL."""
-        return self._lost.is_set()
+        """True once another run holds the lease, or no renewal has landed for 3/4 of its TTL
+        (a hanging write included): past that, a starter may find the record lapsed."""
+        if self._lost.is_set():
+            return True
+        held = self._renewer is not None and not self._stop.is_set()
+        return held and time.monotonic() - self._renewed_at > 0.75 * self.ttl_seconds
 
     def acquire(self) -> LeaseHolder | None:
         """Take the lease; returns None on success, else the other live holder."""
@@ -117,18 +121,20 @@ class RunLease:
                     self._lost.set()
                     print(f"invariance: lost the run lease to {other.describe()}", file=sys.stderr)
                     return
+                if self._stop.is_set():  # released meanwhile: a late write would bring the record back
+                    return
                 self._write()
             except Exception as exc:  # noqa: BLE001 - a storage hiccup must not end the renewals
                 print(f"invariance: could not renew the run lease ({type(exc).__name__}: {exc}); retrying",
                       file=sys.stderr)  # fmt: skip
-                if time.time() - self._renewed_at > self.ttl_seconds:
+                if time.monotonic() - self._renewed_at > self.ttl_seconds:
                     self._lost.set()
 
     def release(self) -> None:
         """Stop renewing and remove our record (a failure only warns: the record lapses anyway)."""
         self._stop.set()
         if self._renewer is not None:
-            self._renewer.join(timeout=5)
+            self._renewer.join(timeout=60)  # a write in flight lands before the record is removed
         try:
             current = self.current()
             if current is not None and current.holder == self.holder:

@@ -36,6 +36,13 @@ def reduce_plan(plan: Plan, store: Store, make_plots: bool = True) -> ReduceResu
     stir = store.read_parquet([u.data_key(plan.settings) for u in plan.stir if u.epoch in complete])
     cka = store.read_parquet([u.data_key(plan.settings) for u in plan.cka if u.epoch in complete])
     if complete:
+        # shards are keyed by epoch; the name is the plan's, so that rows written under another
+        # naming (an older release) still group with their epoch
+        names = {c.epoch: c.name for c in plan.checkpoints}
+        stir, cka = (
+            frame.with_columns(pl.col("epoch").replace_strict(names, return_dtype=pl.String).alias("checkpoint"))
+            for frame in (stir, cka)
+        )
         # the settings hash on every reduced row: a table left from other settings is visible
         settings = pl.lit(plan.settings).alias("settings")
         curves = metrics.curves(stir, cka).with_columns(settings)

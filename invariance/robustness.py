@@ -88,8 +88,9 @@ def robustness_correlation(table: Frame) -> Frame:
 
 
 def run_folders(checkpoints: list[Checkpoint]) -> list[str]:
-    """The folders holding the checkpoints (one per run), in order of first appearance."""
-    return list(dict.fromkeys(c.url.rsplit("/", 1)[0] for c in checkpoints))
+    """The run folders of the checkpoints (where their pattern starts to vary, e.g. ``run`` for
+    ``run/epoch=07.safetensors`` and ``run/epoch=07/model.safetensors``), in order of first appearance."""
+    return list(dict.fromkeys(c.url[: c.url.rfind(c.name)].rstrip("/") for c in checkpoints))
 
 
 def reduce_robustness(

@@ -143,6 +143,8 @@ def run_demo(out: str | Path = "invariance-demo", epochs: int = 3) -> pl.DataFra
         return pl.DataFrame()
 
     curves = result.reduced.curves
+    if curves.is_empty():  # the lease was lost mid-run; run() said so
+        return curves
     last = curves.filter(pl.col("epoch") == curves["epoch"].max()).select(
         "layer",
         pl.col("forgetting_mean").round(4).alias("forgetting"),

@@ -23,6 +23,8 @@ from invariance.layout import CkaUnit, InversionUnit, StirUnit
 from invariance.plan import Plan
 from invariance.steps import RunSpec, Workspace, run_cka, run_inversion, run_stir
 
+# How long the driver waits on the shards in flight before it looks at the lease again.
+WAIT_SECONDS = 15.0
 # Errors that every remaining unit would hit too: stop submitting after the first.
 FATAL_ERRORS = (ConfigError, DataError, StorageError)
 
@@ -144,7 +146,8 @@ def execute(plan: Plan, spec: RunSpec, progress: bool = True, lease_lost: Callab
     while position < len(queue) or in_flight:
         if lease_lost is not None and not summary.stopped_early and lease_lost():
             summary.stopped_early = True
-            bar.write("stopping: another run holds these settings' lease now; it computes the rest")
+            bar.write("stopping: lost the run lease (another run took it over, or it could not be renewed); "
+                      "the next run computes the rest")  # fmt: skip
         # recomputed as the cluster grows: an autoscaler adds nodes only for work it sees waiting
         limit = default_max_in_flight(resources)
         while position < len(queue) and len(in_flight) < limit and not summary.stopped_early:
@@ -154,7 +157,10 @@ def execute(plan: Plan, spec: RunSpec, progress: bool = True, lease_lost: Callab
             summary.submitted += 1
         if not in_flight:
             break
-        ready, _ = ray.wait(list(in_flight), num_returns=1)
+        # bounded, so that a lost lease is noticed even while every shard takes minutes
+        ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=WAIT_SECONDS)
+        if not ready:
+            continue
         unit = in_flight.pop(ready[0])
         try:
             ray.get(ready[0])

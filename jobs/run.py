@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass
 from typing import TextIO
 
+import polars as pl
 import ray
 
 from invariance.config import RunConfig, load_config, settings_hash
@@ -99,7 +100,11 @@ def run(config: RunConfig | str, progress: bool = True, num_cpus: int | None = N
         connect_ray(num_cpus)
         execution = execute(plan, spec, progress=progress, lease_lost=lambda: lease.lost)
         plan.refresh(store)
-        reduced = reduce_plan(plan, store)
+        if lease.lost:  # the run that holds the lease now reduces; an older view must not overwrite it
+            print("lost the run lease: reduced/ is left to the run that holds it", file=sys.stderr)
+            reduced = ReduceResult(pl.DataFrame(), pl.DataFrame(), [], plan.incomplete_epochs())
+        else:
+            reduced = reduce_plan(plan, store)
     finally:
         lease.release()
     print(

@@ -92,6 +92,24 @@ def test_renewal_survives_storage_errors_until_the_ttl(tmp_path: Path, monkeypat
     lease.release()
 
 
+def test_a_hanging_renewal_counts_as_lost_before_the_record_lapses(tmp_path: Path, monkeypatch) -> None:
+    import threading
+
+    monkeypatch.setattr(lease_module, "SETTLE_SECONDS", 0.05)
+    store = Store(str(tmp_path))
+    lease = RunLease(store, "abc", ttl_seconds=1.0)  # renews every 0.25 s
+    assert lease.acquire() is None
+    unblock = threading.Event()
+    put = store.put
+    monkeypatch.setattr(store, "put", lambda key, data: (unblock.wait(10), put(key, data)))
+    time.sleep(0.5)
+    assert not lease.lost  # a renewal hangs, but the record is fresh enough
+    time.sleep(0.5)
+    assert lease.lost  # 3/4 of the TTL without a renewal: a starter may soon see it lapsed
+    unblock.set()
+    lease.release()
+
+
 def test_a_broken_lease_record_names_its_key(tmp_path: Path, capsys) -> None:
     store = Store(str(tmp_path))
     store.put(lease_key("abc"), b"{not json")

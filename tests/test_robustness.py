@@ -9,7 +9,7 @@ import polars as pl
 import pytest
 
 from invariance import robustness
-from invariance.checkpoints import Checkpoint
+from invariance.checkpoints import Checkpoint, discover_checkpoints
 from invariance.finetune import METRICS_SCHEMA, metrics_key
 from invariance.storage import Store
 
@@ -98,3 +98,18 @@ def test_reduce_writes_tables_and_plot_only_for_runs_with_metrics(tmp_path) -> N
     plain = [Checkpoint(e, f"epoch={e:02d}", str(other / f"epoch={e:02d}.safetensors")) for e in FORGETTING]
     assert robustness.reduce_robustness(Store(str(tmp_path / "out2")), curves(), plain, depth=4) == []
     assert not (tmp_path / "out2").exists()
+
+
+def test_run_folders_are_where_the_pattern_starts_to_vary(tmp_path) -> None:
+    flat = discover(tmp_path / "flat", "epoch={epoch}.safetensors", ["epoch=1.safetensors", "epoch=2.safetensors"])
+    nested = discover(tmp_path / "nested", "epoch={epoch}/model.safetensors",
+                      ["epoch=1/model.safetensors", "epoch=2/model.safetensors"])  # fmt: skip
+    assert robustness.run_folders(flat) == [str(tmp_path / "flat")]
+    assert robustness.run_folders(nested) == [str(tmp_path / "nested")]  # one run, not one per epoch
+
+
+def discover(folder, pattern: str, files: list[str]) -> list[Checkpoint]:
+    for name in files:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(b"x")
+    return discover_checkpoints(f"{folder}/{pattern}")
