@@ -365,6 +365,48 @@ def test_cronjob_fallback() -> None:
     assert len(cron["metadata"]["name"]) + len("-12345678-ray") <= 47
 
 
+FAKE_KUBECTL = """#!/bin/sh
+# kubectl as the fallback's pod would meet it: the slot's RayJob does not exist yet, two old
+# ones finished, the new one succeeds at the first poll; every call is logged
+echo "$*" >> "$KUBECTL_LOG"
+case "$*" in
+  "get rayjob slot-1-ray") exit 1 ;;
+  "get rayjobs -l invariance.io/config=cifar10-sgd -o jsonpath="*) printf 'old-1-ray=Complete\\nold-2-ray=Failed\\n' ;;
+  "patch --local"*) echo "kind: RayJob" ;;
+  "create -f -") cat > /dev/null ;;
+  "get rayjob slot-1-ray -o jsonpath="*) echo "Complete/SUCCEEDED" ;;
+  "get rayjobs -l invariance.io/config=cifar10-sgd --sort-by="*)
+    printf 'old-1-ray=Complete\\nold-2-ray=Failed\\nold-3-ray=Complete\\nold-4-ray=Complete\\n'
+    printf 'by-hand-ray=Running\\nslot-1-ray=Complete\\n' ;;
+  "delete rayjob "*) ;;
+  *) echo "unexpected kubectl $*" >&2; exit 9 ;;
+esac
+"""
+
+
+def test_cronjob_fallback_script_creates_waits_and_prunes_old_rayjobs(tmp_path: Path) -> None:
+    """The pod's script, run by sh against a fake kubectl: it creates the slot's RayJob, waits
+    for it, and deletes the finished RayJobs of its config beyond the newest KEEP_RAYJOBS."""
+    import os
+    import subprocess
+
+    cron = one_document(KUBERAY / "cronjob-fallback.yaml", "CronJob")
+    (container,) = dig(cron["spec"], "jobTemplate.spec.template.spec", "CronJob")["containers"]
+    kubectl = tmp_path / "kubectl"
+    kubectl.write_text(FAKE_KUBECTL)
+    kubectl.chmod(0o755)
+    log = tmp_path / "kubectl.log"
+    env = {"PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}", "KUBECTL_LOG": str(log), "SLOT_NAME": "slot-1",
+           **{e["name"]: e["value"] for e in container["env"] if "value" in e}, "POLL_SECONDS": "0"}  # fmt: skip
+    done = subprocess.run([*container["command"], *container["args"]], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "created RayJob slot-1-ray" in done.stdout and "RayJob slot-1-ray succeeded" in done.stdout
+    calls = log.read_text().splitlines()
+    assert "create -f -" in calls
+    # 5 finished, 3 kept (old-3, old-4 and this slot's); the one still running is never touched
+    assert [c for c in calls if c.startswith("delete")] == ["delete rayjob old-1-ray", "delete rayjob old-2-ray"]
+
+
 # ---------------------------------------------------------------- Ray cluster launcher
 
 
