@@ -103,6 +103,26 @@ def test_rerun_computes_nothing_and_new_checkpoint_only_its_shards(finished_run)
     assert len(list((out / "_cache" / "inversions").rglob("*.safetensors"))) == 6
 
 
+def test_a_lost_lease_stops_submissions(finished_run) -> None:
+    """Once the lease is lost, execute submits nothing more and waits for what is in flight."""
+    from jobs.execute import execute
+    from jobs.run import open_run
+
+    tmp, raw, _ = finished_run
+    fresh = {**raw, "output": str(tmp / "out-lost")}
+    _, _, plan, spec = open_run(parse_config(fresh), check_data=False)
+    polls = []
+
+    def lost_after_two_polls() -> bool:
+        polls.append(1)
+        return len(polls) > 2
+
+    summary = execute(plan, spec, progress=False, lease_lost=lost_after_two_polls)
+    assert summary.stopped_early and summary.failures == []
+    assert 0 < summary.submitted < len(plan.missing_keys)  # the first fill, then nothing more
+    assert summary.completed == summary.submitted
+
+
 def test_a_local_ray_listens_on_loopback_only():
     """Without RAY_ADDRESS (the demo, a laptop run) the local Ray keeps to 127.0.0.1: its node
     address and every socket its processes listen on (jobs sets Ray's switch before Ray is
