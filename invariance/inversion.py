@@ -250,12 +250,12 @@ def invert(
     The forward pass stops at ``layer``; parameters get no gradients.
     """
     model.requires_grad_(False)
+    if len(images) == 0:
+        return InversionResult(images.clone(), torch.empty(0, device=images.device), 0)
     features = layer_features_function(model, layer, token_policy)
     compiled = config.compile and images.device.type == "cuda"
     if compiled:
         features = torch.compile(features, dynamic=False)
-    if len(images) == 0:
-        return InversionResult(images.clone(), torch.empty(0, device=images.device), 0)
     noise = noise.to(images.device)
     # the results are written in place, chunk by chunk: no concatenation doubling them at the end,
     # and allocated before the chunks are sized, so the free memory auto sees is what they get

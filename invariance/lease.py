@@ -112,8 +112,9 @@ class RunLease:
 
     def _renew(self) -> None:
         """Every TTL/4: if the record is still ours (or lapsed, unclaimed), write it again. A
-        failed write is retried at the next beat; the lease counts as lost once another holder's
-        record is there or no renewal has landed for a whole TTL."""
+        failed write is retried at the next beat. Lost for good once another holder's record is
+        there, or failures have left the record unrenewed for a whole TTL (``lost`` also reports
+        a renewal overdue by 3/4 of the TTL while it is overdue)."""
         while not self._stop.wait(self.ttl_seconds / 4):
             try:
                 other = self.current()

@@ -98,8 +98,9 @@ def default_max_in_flight(resources: ResourcesConfig) -> int:
 def execute(plan: Plan, spec: RunSpec, progress: bool = True, lease_lost: Callable[[], bool] | None = None) -> ExecuteSummary:
     """Run every missing unit of ``plan``; returns counts and failures (never raises for a unit).
 
-    ``lease_lost``: polled between submissions; once true, nothing more is submitted (another
-    run has taken over these settings) and what is in flight is awaited.
+    ``lease_lost``: polled between submissions and at least every WAIT_SECONDS; once true,
+    nothing more is submitted (the run lease was taken over or could not be renewed) and what
+    is in flight is awaited.
     """
     resources = spec.config.resources
     cluster = ray.cluster_resources()
