@@ -34,7 +34,7 @@ from typing import Iterator, Sequence
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_shards_vs_pairwise import FullDepthForward  # noqa: E402
+from bench_shards_vs_pairwise import FullDepthForward, markdown_table  # noqa: E402
 
 from invariance.config import InversionConfig, ModelConfig  # noqa: E402
 from invariance.cost import inversion_step_flops  # noqa: E402
@@ -164,10 +164,7 @@ def format_table(results: Sequence[ModeResult]) -> str:
                      f"{r.tflops_per_s:.1f}", f"{100 * r.fraction_of_bf16_peak:.0f}%", memory,
                      f"{r.final_loss_mean:.4f}", f"{r.projected_ft_per_checkpoint_h:.2f}",
                      f"{r.projected_pt_once_h:.2f}", f"{r.projected_pairwise_per_checkpoint_h:.1f}"))  # fmt: skip
-    widths = [max(len(row[c]) for row in rows) for c in range(len(header))]
-    lines = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths)) + " |" for row in rows]
-    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(lines)
+    return markdown_table(rows)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

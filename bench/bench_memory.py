@@ -46,9 +46,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
-from invariance.config import InversionConfig, ModelConfig
-from invariance.inversion import invert, micro_batch_for_memory, probe_inversion_step
-from invariance.models import FeatureModel, load_model
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_shards_vs_pairwise import markdown_table  # noqa: E402
+
+from invariance.config import InversionConfig, ModelConfig  # noqa: E402
+from invariance.inversion import invert, micro_batch_for_memory, probe_inversion_step  # noqa: E402
+from invariance.models import FeatureModel, load_model  # noqa: E402
 
 GIB = 2**30
 MIB = 2**20
@@ -192,10 +195,7 @@ def format_table(results: Sequence[MemoryResult]) -> str:
                      f"{r.probe_mib_per_sample:.1f}", f"{r.peak_gib:.2f}", f"{r.peak_mib_per_sample:.1f}",
                      f"{'yes' if r.fits else 'NO'} ({r.peak_gib + r.reserve_gib:.1f} of {r.device_gib:.0f} GiB)",
                      f"{r.one_chunk_capacity:,}"))  # fmt: skip
-    widths = [max(len(row[c]) for row in rows) for c in range(len(header))]
-    lines = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths)) + " |" for row in rows]
-    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(lines)
+    return markdown_table(rows)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

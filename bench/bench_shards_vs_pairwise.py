@@ -318,6 +318,11 @@ def format_table(result: BenchResult) -> str:
             f"{result.wall_ratio:.1f}x",
         ),
     ]
+    return markdown_table(rows)
+
+
+def markdown_table(rows: Sequence[Sequence[str]]) -> str:
+    """``rows`` (the header first) as a Markdown table with padded columns."""
     widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
     lines = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths)) + " |" for row in rows]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
