@@ -1,9 +1,9 @@
 """Inversion throughput on a GPU: ViT-B/32 at 224 (random init), fp32 vs bf16 autocast (vs compile).
 
-For each mode, one timed ``invariance.inversion.invert`` of ``--samples`` images for
+For each mode, one timed ``invariance.core.inversion.invert`` of ``--samples`` images for
 ``--iterations`` steps at ``--layer`` (default: the pre-logits, i.e. the whole network, the
 most expensive inversion), after an untimed warm-up. Reports image-iterations per second,
-achieved TFLOP/s (FLOPs from ``invariance.cost`` x images x steps / time) against this
+achieved TFLOP/s (FLOPs from ``invariance.core.cost`` x images x steps / time) against this
 device's bf16 matmul peak measured here with a large bf16 matmul, peak memory
 (torch.cuda.max_memory_allocated), the final relative loss (bf16 must converge like fp32),
 and the projected time of the paper's grid per checkpoint: 13 ft inversions per seed x 3 seeds
@@ -37,10 +37,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_shards_vs_pairwise import FullDepthForward, markdown_table  # noqa: E402
 
 from invariance.config import InversionConfig, ModelConfig  # noqa: E402
-from invariance.cost import inversion_step_flops  # noqa: E402
-from invariance.inversion import auto_micro_batch, invert, start_noise  # noqa: E402
-from invariance.models import FeatureModel, load_model  # noqa: E402
-from invariance.synthetic import make_shapes  # noqa: E402
+from invariance.core.cost import inversion_step_flops  # noqa: E402
+from invariance.core.inversion import auto_micro_batch, invert, start_noise  # noqa: E402
+from invariance.core.models import FeatureModel, load_model  # noqa: E402
+from invariance.io.synthetic import make_shapes  # noqa: E402
 
 NO_CUDA_MESSAGE = (
     "bench_gpu.py: no CUDA device found; this benchmark measures GPU inversion throughput only, "
@@ -217,7 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             per_layer = {j: seconds * step_flops[j] / step_flops[layer] for j in layers}
         seconds_per_flop = seconds / step_flops[layer]
         # a step is a forward and an input-gradient backward; the target and final evaluation
-        # forwards (2 of ~500 steps' worth at paper settings) are left out, as in invariance.cost
+        # forwards (2 of ~500 steps' worth at paper settings) are left out, as in invariance.core.cost
         achieved = step_flops[layer] * args.samples * args.iterations / seconds / 1e12
         one_seed = sum(per_layer.values())  # one inversion per layer
         hours = 1.0 / 3600

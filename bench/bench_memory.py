@@ -1,7 +1,7 @@
 """Peak memory of a paper-sized inversion, ViT-B/32 at 224, counted without a GPU.
 
 Does a 500-sample ViT-B/32 inversion fit one 80 GB GPU without user tuning? This script runs
-``invariance.inversion.invert`` with fake tensors (torch's FakeTensorMode: every op's output
+``invariance.core.inversion.invert`` with fake tensors (torch's FakeTensorMode: every op's output
 shape and dtype, no data, no arithmetic) under a dispatch-mode tracker that adds up the bytes of
 every tensor storage alive at each op, as a caching allocator would count them
 (``torch.cuda.max_memory_allocated``; each storage rounded up to 512 bytes). Saved activations,
@@ -50,8 +50,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_shards_vs_pairwise import markdown_table  # noqa: E402
 
 from invariance.config import InversionConfig, ModelConfig  # noqa: E402
-from invariance.inversion import invert, micro_batch_for_memory, probe_inversion_step  # noqa: E402
-from invariance.models import FeatureModel, load_model  # noqa: E402
+from invariance.core.inversion import invert, micro_batch_for_memory, probe_inversion_step  # noqa: E402
+from invariance.core.models import FeatureModel, load_model  # noqa: E402
 
 GIB = 2**30
 MIB = 2**20

@@ -13,7 +13,7 @@
 Both use the library's ``invert`` with the same (seed, sample)-keyed start noise; only the
 forward differs, and the layers past j do not enter the loss, so X' and the STIR values of the
 pairs both compute must agree (printed: max abs difference). Inversion FLOPs come from
-``invariance.cost`` (torch's FlopCounterMode on one step of one image, x samples x steps).
+``invariance.core.cost`` (torch's FlopCounterMode on one step of one image, x samples x steps).
 
     python bench/bench_shards_vs_pairwise.py               # 13 layers, 3 checkpoints, 2 seeds
     python bench/bench_shards_vs_pairwise.py --samples 64 --iterations 50 --threads 2
@@ -32,14 +32,14 @@ from typing import Callable, Sequence
 
 import torch
 
-from invariance.cka import linear_cka
+from invariance.core.cka import linear_cka
 from invariance.config import InversionConfig, ModelConfig, TokenPolicy
-from invariance.cost import inversion_flops
-from invariance.data import EvalImages
-from invariance.inversion import InversionResult, invert, start_noise
-from invariance.models import FeatureModel, load_model
-from invariance.shards import ShardContext, layer_features
-from invariance.synthetic import make_shapes
+from invariance.core.cost import inversion_flops
+from invariance.io.data import EvalImages
+from invariance.core.inversion import InversionResult, invert, start_noise
+from invariance.core.models import FeatureModel, load_model
+from invariance.core.shards import ShardContext, batched_features
+from invariance.io.synthetic import make_shapes
 
 # (checkpoint, ref_model, ref_layer, target_model, target_layer, seed)
 StirKey = tuple[int, str, int, str, int, int]
@@ -173,7 +173,7 @@ def run_pairwise(settings: BenchSettings, pretrained: FeatureModel, finetuned: l
     config, policy, layers = inversion_config(settings), settings.token_policy, settings.layers
     shape = tuple(data.images.shape[1:])
     began = time.perf_counter()
-    clean = {id(m): layer_features(m, data.images, layers, policy) for m in [pretrained, *finetuned]}
+    clean = {id(m): batched_features(m, data.images, layers, policy) for m in [pretrained, *finetuned]}
     full_pt = FullDepthForward(pretrained)
     for checkpoint, ft in enumerate(finetuned):
         full_ft = FullDepthForward(ft)
@@ -187,7 +187,7 @@ def run_pairwise(settings: BenchSettings, pretrained: FeatureModel, finetuned: l
                             result, lambda: invert(ref_full, ref_layer, data.images, noise, config, policy)
                         )
                         result.inversion_flops += flops("full", ref_layer)
-                        features = layer_features(target, inverted.images, [target_layer], policy)[target_layer]
+                        features = batched_features(target, inverted.images, [target_layer], policy)[target_layer]
                         reference = clean[id(target)][target_layer]
                         key = (checkpoint, ref_name, ref_layer, target_name, target_layer, seed)
                         result.stir[key] = (

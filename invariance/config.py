@@ -18,7 +18,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from invariance.errors import ConfigError
 
 # Bump when a code change alters the numbers computed for unchanged settings.
-ALGORITHM_VERSION = 2  # 2: early stop (inversion.tolerance) decided per sample
+ALGORITHM_VERSION = 3  # 2: early stop (inversion.tolerance) decided per sample; 3: `mean` leaves prefix tokens out
 
 TokenPolicy = Literal["flatten", "cls", "mean"]
 
@@ -157,7 +157,8 @@ class RunConfig(_Strict):
         """Every setting that changes the STIR/CKA numbers (not output, storage or resources)."""
         return {
             "algorithm": ALGORITHM_VERSION,
-            "model": self.model.model_dump(mode="json"),
+            # strict changes whether a checkpoint loads, never the numbers of one that does
+            "model": self.model.model_dump(mode="json", exclude={"strict"}),
             "pretrained": self.pretrained,
             # which finetuning run: another run's epoch=3 in the same output prefix is not done
             "checkpoints": self.checkpoints,

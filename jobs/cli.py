@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from invariance import __version__
@@ -61,8 +62,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def setup_logging() -> None:
+    """The library and the jobs log through module loggers; the command shows their messages on
+    stderr as plain lines, INFO and above. Once per process (main may be called again in tests)."""
+    for name in ("invariance", "jobs"):
+        logger = logging.getLogger(name)
+        if not any(getattr(handler, "invariance_cli", False) for handler in logger.handlers):
+            handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter(logging.Formatter("%(message)s"))
+            handler.invariance_cli = True  # type: ignore[attr-defined]
+            logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    setup_logging()
     try:
         if args.command == "demo":
             from jobs.demo import run_demo

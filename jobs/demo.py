@@ -21,10 +21,10 @@ import torch
 import yaml
 
 from invariance.config import parse_config
-from invariance.finetune import read_run_metrics, read_state, run_finetune
-from invariance.finetune_config import parse_finetune_config
-from invariance.storage import Store
-from invariance.synthetic import ShapesDataset, encode_png, make_shapes, to_parquet_bytes
+from invariance.io.run_metrics import read_run_metrics
+from invariance.training.run import run_finetune, saved_progress
+from invariance.training.config import parse_finetune_config
+from invariance.io.synthetic import ShapesDataset, encode_png, make_shapes, to_parquet_bytes
 
 DEMO_MODEL = {
     "arch": "vit_tiny_patch16_224",
@@ -38,7 +38,7 @@ FINETUNE = {"optimizer": "sgd", "lr": 0.02, "batch_size": 64, "seed": 1,
                             "n_samples": 256}}  # fmt: skip
 
 
-def demo_config(out: Path, epochs: int) -> dict:
+def demo_config(out: Path) -> dict:
     """The embedded default run config, pointing at the demo's own files."""
     return {
         "output": str(out / "results"),
@@ -94,8 +94,8 @@ def _pretrain_and_finetune(out: Path, epochs: int) -> None:
     (datasets / "test-00000-of-00001.parquet").write_bytes(_shapes_parquet(make_shapes(512, seed=2)))
     pretrain, finetune = (parse_finetune_config(raw) for raw in finetune_configs(out, epochs))
     for config in (pretrain, finetune):  # a run left by other settings (another --epochs): start it over
-        state = read_state(Store(config.output))
-        if state is not None and state["fingerprint"] != config.fingerprint():
+        progress = saved_progress(config)
+        if progress is not None and not progress.same_settings:
             shutil.rmtree(config.output)
 
     print(f"pretraining a tiny ViT on task 'shape' ({PRETRAIN_EPOCHS} epochs)...", flush=True)
@@ -133,7 +133,7 @@ def run_demo(out: str | Path = "invariance-demo", epochs: int = 3) -> pl.DataFra
         data.parent.mkdir(parents=True, exist_ok=True)
         data.write_bytes(to_parquet_bytes(make_shapes(256, seed=3), "texture"))
 
-    raw = demo_config(out, epochs)
+    raw = demo_config(out)
     config_path = out / "demo.yaml"
     config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
     print(f"run config: {config_path}  (rerun it with: invariance run {config_path})", flush=True)

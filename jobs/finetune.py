@@ -1,6 +1,6 @@
 """The finetune job: one run or a Ray Tune grid of them, each trial a library finetuning run.
 
-Every trial calls ``invariance.finetune.run_finetune`` (the code the demo trains with) on its
+Every trial calls ``invariance.training.run.run_finetune`` (the code the demo trains with) on its
 own output ``<output>/<trial name>/`` (or ``<output>/`` without a sweep), with the CPUs and
 GPUs of ``resources``. Durable state lives in the store, not in Tune: a trial that fails is
 restarted by Tune (``resources.max_failures``) and resumes after its last checkpoint, and
@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from ray import tune
 
-from invariance.finetune import read_run_metrics, read_state, run_finetune
-from invariance.finetune_config import FinetuneConfig, FinetuneResources, load_finetune_config, parse_finetune_config
-from invariance.storage import Store
+from invariance.io.run_metrics import read_run_metrics
+from invariance.training.run import run_finetune, saved_progress
+from invariance.training.config import FinetuneConfig, FinetuneResources, load_finetune_config, parse_finetune_config
 from jobs.run import connect_ray
 
 
@@ -61,19 +61,19 @@ def _train_trial(params: dict[str, Any], trial_configs: dict[str, dict[str, Any]
 
 
 def _resume_point(config: FinetuneConfig) -> int:
-    state = read_state(Store(config.output, dict(config.storage_options)))
-    return 0 if state is None else int(state["epoch"])
+    progress = saved_progress(config)
+    return 0 if progress is None else progress.epoch
 
 
 def _finished_outcome(name: str, config: FinetuneConfig) -> TrialOutcome | None:
     """The outcome of a trial that already trained every epoch, else None."""
-    state = read_state(Store(config.output, dict(config.storage_options)))
-    if state is None or state["fingerprint"] != config.fingerprint() or int(state["epoch"]) < config.epochs:
+    progress = saved_progress(config)
+    if progress is None or not progress.same_settings or progress.epoch < config.epochs:
         return None  # to train (a trial with other settings at this output fails there, saying so)
     metrics = read_run_metrics(config.output, config.storage_options)
-    last = metrics.row(-1, named=True) if metrics is not None else {"epoch": int(state["epoch"])}
+    last = metrics.row(-1, named=True) if metrics is not None else {"epoch": progress.epoch}
     summary = {key: value for key, value in last.items() if key != "corrupted" and value is not None}
-    return TrialOutcome(name, config.output, {**summary, "resumed_from": int(state["epoch"]), "finished_before": True})
+    return TrialOutcome(name, config.output, {**summary, "resumed_from": progress.epoch, "finished_before": True})
 
 
 def _run_trials(trials: list[tuple[str, FinetuneConfig]], resources: FinetuneResources,

@@ -12,15 +12,16 @@ import polars as pl
 import ray
 
 from invariance.config import RunConfig, load_config, settings_hash
-from invariance.cost import inversion_flops
-from invariance.data import load_eval_images
-from invariance.lease import RunLease
-from invariance.models import load_model
-from invariance.plan import Plan, make_plan
-from invariance.reduce import ReduceResult, reduce_plan
-from invariance.steps import RunSpec
-from invariance.storage import Store
-from jobs.execute import ExecuteSummary, execute
+from invariance.core.cost import inversion_flops
+from invariance.io.data import load_eval_images
+from invariance.engine.lease import RunLease
+from invariance.core.models import load_model
+from invariance.engine.plan import Plan, make_plan
+from invariance.engine.reduce import ReduceResult, reduce_plan
+from invariance.engine.steps import RunSpec
+from invariance.io.storage import Store
+from invariance.engine.execute import ExecuteSummary
+from jobs.execute import execute
 
 
 def connect_ray(num_cpus: int | None = None) -> None:
@@ -47,14 +48,14 @@ def open_run(config: RunConfig | str, check_data: bool = True) -> tuple[RunConfi
     if check_data and (plan.missing_stir or plan.missing_cka or plan.missing_inversions):
         # fail before any task starts: every shard reads the same eval images
         load_eval_images(config.data, config.data.image_size or plan.input_size, config.storage_options)
-    spec = RunSpec(config, store, plan.settings, plan.inversion_settings, tuple(plan.layers))
+    spec = RunSpec(config, store, plan.settings_hash, plan.inversion_hash, tuple(plan.layers))
     return config, store, plan, spec
 
 
 def describe_plan(plan: Plan, out: TextIO = sys.stdout) -> None:
     n_missing = len(plan.missing_stir) + len(plan.missing_cka) + len(plan.missing_inversions)
     print(
-        f"settings {plan.settings}: {len(plan.checkpoints)} checkpoints "
+        f"settings {plan.settings_hash}: {len(plan.checkpoints)} checkpoints "
         f"(epochs {plan.checkpoints[0].epoch}..{plan.checkpoints[-1].epoch}), layers {plan.layers}\n"
         f"  pretrained inversions: {len(plan.inversions) - len(plan.missing_inversions)}/{len(plan.inversions)} cached\n"
         f"  STIR shards: {len(plan.stir) - len(plan.missing_stir)}/{len(plan.stir)} done\n"
@@ -89,7 +90,7 @@ def run(config: RunConfig | str, progress: bool = True, num_cpus: int | None = N
     """
     config, store, plan, spec = open_run(config)
     describe_plan(plan)
-    lease = RunLease(store, plan.settings)
+    lease = RunLease(store, plan.settings_hash)
     other = lease.acquire()
     if other is not None:
         print(f"another run of these settings is in progress: {other.describe()}; nothing to do here")
@@ -125,7 +126,7 @@ def submission_id(plan: Plan) -> str:
     `ray job submit --submission-id` refuses a second job with the same id. New checkpoints or
     seeds, or a failed run that got some of the work done, leave other units missing: a new id.
     """
-    return f"invariance-{plan.settings}-{settings_hash({'missing': plan.missing_keys})[:10]}"
+    return f"invariance-{plan.settings_hash}-{settings_hash({'missing': plan.missing_keys})[:10]}"
 
 
 def next_submission(config: RunConfig | str) -> tuple[str | None, str]:
@@ -135,7 +136,7 @@ def next_submission(config: RunConfig | str) -> tuple[str | None, str]:
     missing = len(plan.missing_keys)
     if not missing:
         return None, "nothing to compute: every shard of every checkpoint is done"
-    holder = RunLease(store, plan.settings).current()
+    holder = RunLease(store, plan.settings_hash).current()
     if holder is not None:
         return None, f"a run of these settings is in progress: {holder.describe()}"
     return submission_id(plan), f"{missing} units to compute"

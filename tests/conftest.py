@@ -13,7 +13,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from invariance.config import ModelConfig
-from invariance.models import FeatureModel, load_model
+from invariance.core.models import FeatureModel, load_model
 
 # 32x32 images, 8x8 patches: 16 patch tokens + CLS, width 32, 4 blocks (layers 0..4, 4 = pre-logits).
 TINY_VIT_KWARGS = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 4, "num_heads": 2}

@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import save_file
 
 from invariance.config import ModelConfig
-from invariance.models import build_network
-from invariance.synthetic import make_shapes, to_parquet_bytes
+from invariance.core.models import build_network
+from invariance.io.synthetic import make_shapes, to_parquet_bytes
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from invariance.cost import inversion_flops, inversion_step_flops
-from invariance.inversion import invert, start_noise
+from invariance.core.cost import inversion_flops, inversion_step_flops
+from invariance.core.inversion import invert, start_noise
 from tests.helpers import BENCH, load_bench_module
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from invariance.config import ModelConfig
-from invariance.models import load_model
+from invariance.core.models import load_model
 from tests.helpers import BENCH, TINY_MODEL, load_bench_module
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")

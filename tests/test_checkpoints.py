@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from invariance.checkpoints import Checkpoint, discover_checkpoints, load_state_dict, parse_state_dict
+from invariance.io.checkpoints import Checkpoint, discover_checkpoints, load_state_dict, parse_state_dict
 from invariance.errors import CheckpointError
-from invariance.models import load_model
+from invariance.core.models import load_model
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from invariance.cka import cka_matrix, linear_cka, normalized_grams
+from invariance.core.cka import cka_matrix, linear_cka, normalized_grams
 
 
 # --- independent references, written from the papers in plain numpy float64 -------------------

@@ -105,17 +105,15 @@ def subparser_choices(parser: argparse.ArgumentParser) -> set[str]:
     return {name for action in actions for name in action.choices}
 
 
-def cli_parser() -> argparse.ArgumentParser | None:
-    try:
-        from jobs.cli import build_parser
-    except ImportError:
-        return None
+def cli_parser() -> argparse.ArgumentParser:
+    # no fallback: a CLI that fails to import must fail these tests
+    from jobs.cli import build_parser
+
     return build_parser()
 
 
 def known_subcommands() -> set[str]:
-    parser = cli_parser()
-    return CONTRACT_SUBCOMMANDS if parser is None else subparser_choices(parser)
+    return subparser_choices(cli_parser())
 
 
 _CRON_FIELDS = (("minute", 0, 59), ("hour", 0, 23), ("day of month", 1, 31), ("month", 1, 12), ("day of week", 0, 7))
@@ -515,15 +513,11 @@ def test_files_call_only_real_subcommands() -> None:
 
 def test_cli_contract_matches_the_parser() -> None:
     parser = cli_parser()
-    if parser is None:
-        pytest.skip("jobs.cli.build_parser not importable yet; checked against the fixed contract")
     assert CONTRACT_SUBCOMMANDS <= subparser_choices(parser)
 
 
 def test_entrypoints_parse_with_the_real_cli() -> None:
     parser = cli_parser()
-    if parser is None:
-        pytest.skip("jobs.cli.build_parser not importable yet")
     for kind in ("RayJob", "RayCronJob"):
         for path, doc in documents_of_kind(kind):
             spec = doc["spec"].get("jobTemplate", doc["spec"])

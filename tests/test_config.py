@@ -209,6 +209,6 @@ def test_storage_options_never_appear_in_errors_or_reprs():
     assert secret not in str(error.value) and "may hold credentials" in str(error.value)
     config = parse_config(with_value("storage_options", {"key": secret}))
     assert secret not in repr(config) and secret not in str(config)
-    from invariance.storage import Store
+    from invariance.io.storage import Store
 
     assert secret not in repr(Store("/tmp/out", {"key": secret}))

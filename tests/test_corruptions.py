@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from invariance.corruptions import CORRUPTIONS, SEVERITIES, corrupt
+from invariance.training.corruptions import CORRUPTIONS, SEVERITIES, corrupt
 from invariance.errors import ConfigError
-from invariance.synthetic import make_shapes
+from invariance.io.synthetic import make_shapes
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from invariance.config import DataConfig
-from invariance.data import load_eval_images
+from invariance.io.data import load_eval_images, load_labelled_images
 from invariance.errors import DataError
 
 # --- writers of the real formats -------------------------------------------------------------
@@ -218,6 +218,17 @@ def test_image_folder_uses_the_split_subfolder(tmp_path):
     assert_colors(loaded.images, [7, 8])
     with pytest.raises(DataError, match="n_samples"):
         load_eval_images(data_config(format="imagefolder", path=str(tmp_path / "ds"), n_samples=3), image_size=8)
+
+
+def test_image_folder_classes_are_indexed_over_every_split(tmp_path):
+    """A class with no test images must not shift the test labels against the training labels."""
+    write_image_folder(tmp_path / "ds" / "train", {"ant": [0], "bee": [1], "cat": [2]})
+    write_image_folder(tmp_path / "ds" / "test", {"ant": [3], "cat": [4]})  # no bee in test
+    train = load_labelled_images(data_config(format="imagefolder", path=str(tmp_path / "ds"), split="train",
+                                             n_samples=3), image_size=8)  # fmt: skip
+    test = load_labelled_images(data_config(format="imagefolder", path=str(tmp_path / "ds"), n_samples=2), image_size=8)
+    assert train.labels.tolist() == [0, 1, 2]
+    assert test.labels.tolist() == [0, 2]  # cat is class 2 in both splits
 
 
 def test_resize_shorter_side_then_center_crop_matches_pil(tmp_path):

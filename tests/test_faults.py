@@ -18,8 +18,8 @@ from safetensors.torch import save_file
 
 from invariance.config import parse_config
 from invariance.errors import StorageError
-from invariance.layout import MANIFESTS
-from invariance.storage import Store
+from invariance.io.layout import MANIFESTS
+from invariance.io.storage import Store
 from jobs.cli import main as cli_main
 from jobs.run import reduce_only, run
 from tests.helpers import tiny_config, tiny_state, write_checkpoints, write_eval_parquet

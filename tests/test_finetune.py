@@ -16,11 +16,12 @@ from safetensors.torch import load_file
 
 from invariance.config import parse_config
 from invariance.errors import ConfigError
-from invariance.finetune import read_run_metrics, read_state, run_finetune
-from invariance.finetune_config import parse_finetune_config, trial_name
-from invariance.storage import Store
-from invariance.synthetic import make_shapes, to_parquet_bytes
-from invariance.training import augment
+from invariance.io.run_metrics import read_run_metrics
+from invariance.training.run import run_finetune, saved_progress
+from invariance.training.config import parse_finetune_config, trial_name
+from invariance.io.storage import Store
+from invariance.io.synthetic import make_shapes, to_parquet_bytes
+from invariance.training.loop import augment
 from jobs.cli import main
 from jobs.finetune import finetune
 from jobs.run import run
@@ -167,8 +168,9 @@ def test_killed_trial_resumes_and_ends_as_an_uninterrupted_run(sweep, data_dir, 
     assert resumed.keys() == uninterrupted.keys()
     for key in resumed:  # same optimizer state, cosine schedule and data order: the same weights
         assert torch.equal(resumed[key], uninterrupted[key]), key
-    state = read_state(Store(str(folder)))
-    assert state["epoch"] == 3 and state["trainer"]["schedule"]["last_epoch"] == 3 * 3  # 48 images / 16 per step
+    progress = saved_progress(config.for_trial({"optimizer": "sgd"}))
+    assert progress.epoch == 3 and progress.same_settings
+    assert progress.trainer["schedule"]["last_epoch"] == 3 * 3  # 48 images / 16 per step
     lrs = read_run_metrics(str(folder))["lr"].to_list()
     assert lrs == pytest.approx([0.05, 0.05 * 0.5 * (1 + np.cos(np.pi / 3)), 0.05 * 0.5 * (1 + np.cos(2 * np.pi / 3))])
 
@@ -230,8 +232,8 @@ def test_reconstruction_trains_a_decoder_on_the_patch_tokens(tmp_path, data_dir,
     assert metrics["test_loss"][-1] < metrics["test_loss"][0]
     assert metrics["clean_accuracy"].is_null().all() and metrics["corrupted_accuracy"].is_null().all()
     assert metrics["corrupted_loss"].is_not_null().all()
-    state = read_state(Store(str(tmp_path / "rec")))
-    assert any(key.startswith("body.") for key in state["task"])  # the decoder resumes with the run
+    progress = saved_progress(parse_finetune_config(raw))
+    assert any(key.startswith("body.") for key in progress.task)  # the decoder resumes with the run
     weights = load_file(tmp_path / "rec" / "epoch=03.safetensors")
     assert not any(key.startswith("body.") for key in weights)  # checkpoints hold the ViT only
 
@@ -242,7 +244,7 @@ def test_finetuning_from_a_pretrained_checkpoint_with_another_head(tmp_path, dat
     with pytest.raises(ConfigError, match="num_classes: 3"):
         run_finetune(parse_finetune_config(first), on_epoch=None)  # labels go up to 3
     pretrained = tmp_path / "pre.safetensors"
-    from invariance.models import build_network
+    from invariance.core.models import build_network
     from invariance.config import ModelConfig
     from safetensors.torch import save_file
 
@@ -254,7 +256,7 @@ def test_finetuning_from_a_pretrained_checkpoint_with_another_head(tmp_path, dat
     assert start["head.weight"].shape == (4, 16) and pre["head.weight"].shape == (3, 16)
     assert torch.equal(start["blocks.1.mlp.fc1.weight"], pre["blocks.1.mlp.fc1.weight"])
     # a run config with num_classes 0 (no head) and strict: false reads both
-    from invariance.models import load_model
+    from invariance.core.models import load_model
 
     headless = ModelConfig(arch=TINY_MODEL["arch"], kwargs={**TINY_MODEL["kwargs"], "num_classes": 0}, strict=False)
     for path in (pretrained, tmp_path / "ft" / "epoch=01.safetensors"):

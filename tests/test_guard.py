@@ -14,12 +14,12 @@ import yaml
 
 from invariance.config import RunConfig
 from invariance.errors import StorageError
-from invariance import lease as lease_module
-from invariance.lease import LeaseHolder, RunLease, lease_key
+from invariance.engine import lease as lease_module
+from invariance.engine.lease import LeaseHolder, RunLease, lease_key
 from jobs import run as run_module
 from jobs.cli import NOTHING_TO_SUBMIT
 from jobs.cli import main as cli_main
-from invariance.storage import Store
+from invariance.io.storage import Store
 from tests.helpers import tiny_config, write_checkpoints, write_eval_parquet, write_job_dir
 from tests.servers import ray_head, ray_job_submit  # noqa: F401 - fixture
 
@@ -52,25 +52,55 @@ def test_lease_is_exclusive_until_released_or_lapsed(tmp_path: Path) -> None:
     assert RunLease(store, "abc").current() == alive_elsewhere
 
 
-def test_a_lease_taken_over_counts_as_lost(tmp_path: Path) -> None:
-    store = Store(str(tmp_path))
-    lease = RunLease(store, "abc", ttl_seconds=0.4)  # renews every 0.1 s
-    assert lease.acquire() is None
-    time.sleep(0.3)
-    assert not lease.lost
-    usurper = LeaseHolder("usurper", "other-host", 1, time.time(), time.time() + 600)
+class FakeClock:
+    """Monotonic and wall time that move only when the test says so."""
+
+    def __init__(self) -> None:
+        self.seconds = 1000.0
+
+    def __call__(self) -> float:
+        return self.seconds
+
+    def wall(self) -> float:
+        return 1.7e9 + self.seconds
+
+
+def test_a_lease_taken_over_counts_as_lost(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(lease_module, "SETTLE_SECONDS", 0.0)
+    store, clock = Store(str(tmp_path)), FakeClock()
+    lease = RunLease(store, "abc", ttl_seconds=40, clock=clock, now=clock.wall)
+    assert lease.acquire(renew_in_background=False) is None
+    clock.seconds += 10
+    assert lease.renew_once() and not lease.lost
+    usurper = LeaseHolder("usurper", "other-host", 1, clock.wall(), clock.wall() + 600)
     store.put(lease_key("abc"), json.dumps(usurper.__dict__).encode())
-    time.sleep(0.3)
+    clock.seconds += 10
+    assert not lease.renew_once()
     assert lease.lost
     lease.release()
-    assert RunLease(store, "abc").current() == usurper  # release never removes another's record
+    assert RunLease(store, "abc", clock=clock, now=clock.wall).current() == usurper  # release never removes another's record
+
+
+def test_a_lost_lease_never_rewrites_a_lapsed_record(tmp_path: Path, monkeypatch) -> None:
+    """Once overdue by 3/4 of its TTL the lease is lost: a later beat must not bring its record back,
+    since a starter may already have found it lapsed and begun."""
+    monkeypatch.setattr(lease_module, "SETTLE_SECONDS", 0.0)
+    store, clock = Store(str(tmp_path)), FakeClock()
+    lease = RunLease(store, "abc", ttl_seconds=40, clock=clock, now=clock.wall)
+    assert lease.acquire(renew_in_background=False) is None
+    clock.seconds += 31  # a renewal that hung for 31 s of a 40 s TTL
+    assert lease.lost
+    store.fs.rm_file(store.path(lease_key("abc")))  # the record lapsed and was cleared meanwhile
+    assert not lease.renew_once()
+    assert not store.exists(lease_key("abc"))
+    assert lease.lost
 
 
 def test_renewal_survives_storage_errors_until_the_ttl(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(lease_module, "SETTLE_SECONDS", 0.05)
-    store = Store(str(tmp_path))
-    lease = RunLease(store, "abc", ttl_seconds=2.0)  # renews every 0.5 s
-    assert lease.acquire() is None
+    monkeypatch.setattr(lease_module, "SETTLE_SECONDS", 0.0)
+    store, clock = Store(str(tmp_path)), FakeClock()
+    lease = RunLease(store, "abc", ttl_seconds=40, clock=clock, now=clock.wall)  # a beat every 10 s
+    assert lease.acquire(renew_in_background=False) is None
     failing = {"on": True}
     put = store.put
 
@@ -80,14 +110,20 @@ def test_renewal_survives_storage_errors_until_the_ttl(tmp_path: Path, monkeypat
         put(key, data)
 
     monkeypatch.setattr(store, "put", flaky_put)
-    time.sleep(1.2)  # two failed renewals, still inside the TTL
+    for _ in range(2):  # two failed renewals, still inside 3/4 of the TTL
+        clock.seconds += 10
+        assert lease.renew_once()
     assert not lease.lost
     failing["on"] = False
-    time.sleep(0.6)
+    clock.seconds += 5
+    assert lease.renew_once()
     assert not lease.lost and lease.current().holder == lease.holder  # renewed again
     failing["on"] = True
-    time.sleep(3.0)  # no renewal for longer than the TTL
-    assert lease.lost
+    for _ in range(3):  # 30 s without a renewal: still held
+        clock.seconds += 10
+        assert lease.renew_once()
+    clock.seconds += 10  # 40 s: lost, and the renewals stop
+    assert lease.lost and not lease.renew_once()
     failing["on"] = False
     lease.release()
 
@@ -95,19 +131,31 @@ def test_renewal_survives_storage_errors_until_the_ttl(tmp_path: Path, monkeypat
 def test_a_hanging_renewal_counts_as_lost_before_the_record_lapses(tmp_path: Path, monkeypatch) -> None:
     import threading
 
-    monkeypatch.setattr(lease_module, "SETTLE_SECONDS", 0.05)
-    store = Store(str(tmp_path))
-    lease = RunLease(store, "abc", ttl_seconds=1.0)  # renews every 0.25 s
-    assert lease.acquire() is None
-    unblock = threading.Event()
+    monkeypatch.setattr(lease_module, "SETTLE_SECONDS", 0.0)
+    store, clock = Store(str(tmp_path)), FakeClock()
+    lease = RunLease(store, "abc", ttl_seconds=40, clock=clock, now=clock.wall)
+    assert lease.acquire(renew_in_background=False) is None
+    unblock, entered = threading.Event(), threading.Event()
     put = store.put
-    monkeypatch.setattr(store, "put", lambda key, data: (unblock.wait(10), put(key, data)))
-    time.sleep(0.5)
-    assert not lease.lost  # a renewal hangs, but the record is fresh enough
-    time.sleep(0.5)
+    monkeypatch.setattr(store, "put", lambda key, data: (entered.set(), unblock.wait(10), put(key, data)))
+    beat = threading.Thread(target=lease.renew_once)  # a renewal that hangs in its write
+    beat.start()
+    assert entered.wait(10)
+    clock.seconds += 20
+    assert not lease.lost  # the write hangs, but the record is fresh enough
+    clock.seconds += 11
     assert lease.lost  # 3/4 of the TTL without a renewal: a starter may soon see it lapsed
     unblock.set()
+    beat.join(10)
     lease.release()
+
+
+def test_a_lease_record_with_wrong_types_is_a_named_error(tmp_path: Path) -> None:
+    store = Store(str(tmp_path))
+    record = {"holder": "x", "host": "h", "pid": "12", "started_at": 1.0, "expires_at": 2.0}
+    store.put(lease_key("abc"), json.dumps(record).encode())
+    with pytest.raises(StorageError, match=r"settings=abc\.json: not a lease record \(pid has the wrong type"):
+        RunLease(store, "abc").current()
 
 
 def test_a_broken_lease_record_names_its_key(tmp_path: Path, capsys) -> None:
@@ -125,10 +173,10 @@ def test_scheduled_duplicate_submission_computes_nothing(tmp_path: Path, ray_hea
 
     # a run in progress elsewhere holds the lease of these settings (and keeps renewing it)
     from invariance.config import parse_config
-    from invariance.plan import make_plan
+    from invariance.engine.plan import make_plan
 
     store = Store(raw["output"])
-    running = RunLease(store, make_plan(parse_config(raw), store).settings, ttl_seconds=20)
+    running = RunLease(store, make_plan(parse_config(raw), store).settings_hash, ttl_seconds=20)
     assert running.acquire() is None
     try:
         duplicate = ray_job_submit(ray_head, job_dir, entrypoint)
@@ -166,7 +214,7 @@ def test_submission_id_follows_the_work_left(tmp_path: Path, capsys) -> None:
     # a run in progress: nothing to submit
     store = Store(str(tmp_path / "out"))
     plan = run_module.open_run(config(seeds=[0]), check_data=False)[2]
-    lease = RunLease(store, plan.settings)
+    lease = RunLease(store, plan.settings_hash)
     assert lease.acquire() is None
     identifier, why = run_module.next_submission(config(seeds=[0]))
     assert identifier is None and "in progress" in why

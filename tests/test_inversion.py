@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from invariance.config import InversionConfig
-from invariance.inversion import EARLY_STOP_CHECK_EVERY, invert, start_noise
+from invariance.core.inversion import EARLY_STOP_CHECK_EVERY, invert, start_noise
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 

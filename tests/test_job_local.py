@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from invariance.config import parse_config
-from invariance.data import load_eval_images
-from invariance.models import load_model
-from invariance.shards import ShardContext
+from invariance.io.data import load_eval_images
+from invariance.core.models import load_model
+from invariance.core.shards import ShardContext
 from jobs.run import run
 from tests.helpers import tiny_config, write_checkpoints, write_epoch, write_eval_parquet
 from tests.ray_fixtures import local_ray  # noqa: F401 - fixture

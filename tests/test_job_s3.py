@@ -30,7 +30,7 @@ def test_run_writes_to_s3_and_polars_reads_it(tmp_path, local_ray, s3_server) ->
     stir = pl.scan_parquet("s3://lab/results/tiny/stir/**/*.parquet", hive_partitioning=True,
                            storage_options=options).collect()  # fmt: skip
     assert stir.height == 2 * 2 * 3 * 1 * 2 * 3  # epochs x refs x layers x seeds x targets x layers
-    assert set(stir["settings"].unique()) == {result.plan.settings}
+    assert set(stir["settings"].unique()) == {result.plan.settings_hash}
     curves = pl.read_parquet("s3://lab/results/tiny/reduced/curves.parquet", storage_options=options)
     assert sorted(curves["epoch"].unique()) == [1, 2]
 

@@ -9,12 +9,12 @@ from polars.testing import assert_frame_equal
 import pytest
 import torch
 
-from invariance import metrics
-from invariance.cka import linear_cka
+from invariance.analysis import metrics
+from invariance.core.cka import linear_cka
 from invariance.config import InversionConfig
-from invariance.data import EvalImages
-from invariance.models import FeatureModel, load_model
-from invariance.shards import CKA_COLUMNS, STIR_COLUMNS, ShardContext
+from invariance.io.data import EvalImages
+from invariance.core.models import FeatureModel, load_model
+from invariance.core.shards import CKA_COLUMNS, STIR_COLUMNS, ShardContext
 
 LAYERS = list(range(5))  # blocks 0..3 and the pre-logits (4)
 CHANGED_FROM = 2  # the "finetuned" model differs from the pretrained one in blocks >= 2

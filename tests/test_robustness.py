@@ -8,10 +8,12 @@ import numpy as np
 import polars as pl
 import pytest
 
-from invariance import robustness
-from invariance.checkpoints import Checkpoint, discover_checkpoints
-from invariance.finetune import METRICS_SCHEMA, metrics_key
-from invariance.storage import Store
+from invariance.analysis import robustness
+from invariance.engine import reduce as reduce_module
+from invariance.io.checkpoints import Checkpoint, discover_checkpoints, run_folders
+from invariance.io.layout import finetune_metrics_key
+from invariance.io.storage import Store
+from invariance.training.run import METRICS_SCHEMA
 
 FORGETTING = {  # epoch -> forgetting per layer 0..4 (depth 4: layer 4 is the pre-logits)
     1: [0.0, 0.1, 0.1, 0.2, 0.3],
@@ -80,32 +82,50 @@ def test_correlation_is_null_without_accuracies_or_variation() -> None:
     assert robustness.robustness_correlation(table)["pearson_r"][0] is None
 
 
-def test_reduce_writes_tables_and_plot_only_for_runs_with_metrics(tmp_path) -> None:
-    run, other = tmp_path / "ckpt" / "run", tmp_path / "ckpt" / "plain"
-    checkpoints = [Checkpoint(e, f"epoch={e:02d}", str(run / f"epoch={e:02d}.safetensors")) for e in FORGETTING]
+def write_metrics(run) -> None:
     run_store = Store(str(run))
     for row in metric_rows():
         buffer = io.BytesIO()
         pl.DataFrame([row], schema=METRICS_SCHEMA).write_parquet(buffer)
-        run_store.put(metrics_key(row["epoch"]), buffer.getvalue())
+        run_store.put(finetune_metrics_key(row["epoch"]), buffer.getvalue())
+
+
+def test_reduce_writes_tables_and_plot_only_for_runs_with_metrics(tmp_path) -> None:
+    run, other = tmp_path / "ckpt" / "run", tmp_path / "ckpt" / "plain"
+    checkpoints = [Checkpoint(e, f"epoch={e:02d}", str(run / f"epoch={e:02d}.safetensors")) for e in FORGETTING]
+    write_metrics(run)
     out = Store(str(tmp_path / "out"))
-    written = robustness.reduce_robustness(out, curves(), checkpoints, depth=4)
+    written = reduce_module._reduce_robustness(out, curves(), checkpoints, depth=4, make_plots=True)
     assert written == ["reduced/robustness.parquet", "reduced/robustness_correlation.parquet", "plots/robustness.png"]
     table = pl.read_parquet(tmp_path / "out" / "reduced" / "robustness.parquet")
     assert table["epoch"].to_list() == [1, 2, 3, 4] and set(table["run"]) == {str(run)}
     assert (tmp_path / "out" / "plots" / "robustness.png").read_bytes()[:4] == b"\x89PNG"
 
     plain = [Checkpoint(e, f"epoch={e:02d}", str(other / f"epoch={e:02d}.safetensors")) for e in FORGETTING]
-    assert robustness.reduce_robustness(Store(str(tmp_path / "out2")), curves(), plain, depth=4) == []
+    assert reduce_module._reduce_robustness(Store(str(tmp_path / "out2")), curves(), plain, 4, True) == []
     assert not (tmp_path / "out2").exists()
+
+
+def test_an_unreadable_metrics_file_skips_its_run_and_says_so(tmp_path, caplog) -> None:
+    good, broken = tmp_path / "ckpt" / "good", tmp_path / "ckpt" / "broken"
+    write_metrics(good)
+    write_metrics(broken)
+    (broken / "metrics" / "epoch=02.parquet").write_bytes(b"not parquet")
+    checkpoints = [Checkpoint(e, f"epoch={e:02d}", str(folder / f"epoch={e:02d}.safetensors"))
+                   for folder in (good, broken) for e in FORGETTING]  # fmt: skip
+    written = reduce_module._reduce_robustness(Store(str(tmp_path / "out")), curves(), checkpoints, 4, False)
+    assert "reduced/robustness.parquet" in written
+    table = pl.read_parquet(tmp_path / "out" / "reduced" / "robustness.parquet")
+    assert set(table["run"]) == {str(good)}
+    assert "robustness link skipped for" in caplog.text and "epoch=02.parquet" in caplog.text
 
 
 def test_run_folders_are_where_the_pattern_starts_to_vary(tmp_path) -> None:
     flat = discover(tmp_path / "flat", "epoch={epoch}.safetensors", ["epoch=1.safetensors", "epoch=2.safetensors"])
     nested = discover(tmp_path / "nested", "epoch={epoch}/model.safetensors",
                       ["epoch=1/model.safetensors", "epoch=2/model.safetensors"])  # fmt: skip
-    assert robustness.run_folders(flat) == [str(tmp_path / "flat")]
-    assert robustness.run_folders(nested) == [str(tmp_path / "nested")]  # one run, not one per epoch
+    assert run_folders(flat) == [str(tmp_path / "flat")]
+    assert run_folders(nested) == [str(tmp_path / "nested")]  # one run, not one per epoch
 
 
 def discover(folder, pattern: str, files: list[str]) -> list[Checkpoint]:

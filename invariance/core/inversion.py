@@ -16,7 +16,7 @@ from typing import Callable, Iterator
 import torch
 
 from invariance.config import InversionConfig, TokenPolicy
-from invariance.models import FeatureModel
+from invariance.core.models import FeatureModel
 
 # Host syncs cost on GPU: the early-stop test reads the losses only this often.
 EARLY_STOP_CHECK_EVERY = 25

@@ -1,15 +1,21 @@
-"""Plots of the reduced tables, rendered to PNG bytes (matplotlib, no display needed)."""
+"""Plots of the reduced tables, rendered to PNG bytes.
+
+matplotlib's object API only (``matplotlib.figure.Figure`` with its own Agg canvas): nothing
+here touches pyplot or switches the backend of a notebook that imports the library.
+"""
 
 from __future__ import annotations
 
 import io
+from typing import Any
 
 import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import polars as pl  # noqa: E402
+import matplotlib.cm
+import matplotlib.colors
+import matplotlib.ticker
+import numpy as np
+import polars as pl
+from matplotlib.figure import Figure
 
 CURVE_METRICS = (
     ("forgetting", "forgetting  STIR(pt|pt) - STIR(ft|pt)"),
@@ -18,10 +24,15 @@ CURVE_METRICS = (
 )
 
 
-def _png(figure: plt.Figure) -> bytes:
+def new_figure(**kwargs: Any) -> Figure:
+    """A figure outside pyplot (garbage-collected like any object), laid out with constrained layout."""
+    return Figure(layout="constrained", **kwargs)
+
+
+def png_bytes(figure: Figure) -> bytes:
+    """``figure`` as PNG bytes (Figure.savefig makes its own Agg canvas)."""
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    plt.close(figure)
     return buffer.getvalue()
 
 
@@ -34,7 +45,8 @@ def layer_curves_png(curves: pl.DataFrame, title: str = "") -> bytes:
     """Per-layer curves, one line per checkpoint epoch (mean over seeds, band = +-1 std)."""
     epochs = sorted(curves["epoch"].unique().to_list())
     cmap, norm = _epoch_colors(epochs)
-    figure, axes = plt.subplots(1, 3, figsize=(15, 4.2), constrained_layout=True)
+    figure = new_figure(figsize=(15, 4.2))
+    axes = figure.subplots(1, 3)
     for axis, (metric, label) in zip(axes, CURVE_METRICS):
         for epoch in epochs:
             rows = curves.filter(pl.col("epoch") == epoch).sort("layer")
@@ -55,7 +67,7 @@ def layer_curves_png(curves: pl.DataFrame, title: str = "") -> bytes:
         colorbar.set_ticks(epochs)
     if title:
         figure.suptitle(title)
-    return _png(figure)
+    return png_bytes(figure)
 
 
 def dynamics_png(curves: pl.DataFrame, title: str = "") -> bytes:
@@ -63,7 +75,8 @@ def dynamics_png(curves: pl.DataFrame, title: str = "") -> bytes:
     layers = sorted(curves["layer"].unique().to_list())
     norm = matplotlib.colors.Normalize(vmin=min(layers), vmax=max(max(layers), 1))
     cmap = matplotlib.colormaps["plasma"]
-    figure, axes = plt.subplots(1, 3, figsize=(15, 4.2), constrained_layout=True)
+    figure = new_figure(figsize=(15, 4.2))
+    axes = figure.subplots(1, 3)
     for axis, (metric, label) in zip(axes, CURVE_METRICS):
         for layer in layers:
             rows = curves.filter(pl.col("layer") == layer).sort("epoch")
@@ -78,7 +91,7 @@ def dynamics_png(curves: pl.DataFrame, title: str = "") -> bytes:
     colorbar.set_ticks(layers)
     if title:
         figure.suptitle(title)
-    return _png(figure)
+    return png_bytes(figure)
 
 
 def flow_heatmap_png(flow: pl.DataFrame, epoch: int) -> bytes:
@@ -90,7 +103,8 @@ def flow_heatmap_png(flow: pl.DataFrame, epoch: int) -> bytes:
     for pt_layer, ft_layer, value in rows.select("pt_layer", "ft_layer", "flow").iter_rows():
         matrix[pt_layers.index(pt_layer), ft_layers.index(ft_layer)] = value
     limit = float(np.nanmax(np.abs(matrix))) if np.isfinite(matrix).any() else 1.0
-    figure, axis = plt.subplots(figsize=(6, 5), constrained_layout=True)
+    figure = new_figure(figsize=(6, 5))
+    axis = figure.subplots()
     image = axis.imshow(matrix, cmap="RdBu_r", vmin=-limit or -1, vmax=limit or 1, origin="upper")
     axis.set_xticks(range(len(ft_layers)), ft_layers)
     axis.set_yticks(range(len(pt_layers)), pt_layers)
@@ -100,4 +114,4 @@ def flow_heatmap_png(flow: pl.DataFrame, epoch: int) -> bytes:
     axis.set_title(f"invariance flow  STIR(ft[j]|pt[i]) - STIR(ft[i]|pt[i])\n{checkpoint} (epoch {epoch}); "
                    "left of diagonal > 0: compression", fontsize=9)  # fmt: skip
     figure.colorbar(image, ax=axis, label="flow")
-    return _png(figure)
+    return png_bytes(figure)

@@ -6,7 +6,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from invariance.config import TokenPolicy
-from invariance.models import FeatureModel
+from invariance.core.models import FeatureModel
 
 
 def inversion_step_flops(model: FeatureModel, layer: int, token_policy: TokenPolicy = "flatten") -> int:

@@ -17,6 +17,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from invariance.errors import StorageError
+from invariance.io.layout import write_probe_key
 
 if TYPE_CHECKING:
     import polars as pl
@@ -176,7 +177,7 @@ class Store:
 
     def check_writable(self) -> None:
         """Fail early, naming the output prefix, when it cannot be written."""
-        probe = f"_manifests/write-probe-{uuid.uuid4().hex}"
+        probe = write_probe_key(uuid.uuid4().hex)
         try:
             self.put(probe, b"ok")
         except StorageError as exc:

@@ -9,7 +9,7 @@ every layer of the curve counts. The standard deviation is the population one (d
 Pearson's r does not change with that choice.
 
 The per-epoch accuracies come from a finetuning run's ``metrics/epoch=NN.parquet`` beside
-its checkpoints (``invariance.finetune``); runs without them are skipped.
+its checkpoints (read by ``invariance.io.run_metrics``); these functions take them as frames.
 """
 
 from __future__ import annotations
@@ -18,15 +18,10 @@ from typing import TypeVar
 
 import polars as pl
 
-from invariance.checkpoints import Checkpoint
-from invariance.finetune import read_run_metrics
-from invariance.storage import Store, parquet_bytes
+from invariance.analysis.plots import new_figure, png_bytes
 
 Frame = TypeVar("Frame", pl.DataFrame, pl.LazyFrame)
 FIRST_SPREAD_LAYER = 2
-REDUCED_ROBUSTNESS = "reduced/robustness.parquet"
-REDUCED_ROBUSTNESS_CORRELATION = "reduced/robustness_correlation.parquet"
-ROBUSTNESS_PLOT = "plots/robustness.png"
 
 
 def spread_layers(depth: int) -> tuple[int, int]:
@@ -87,38 +82,26 @@ def robustness_correlation(table: Frame) -> Frame:
     )
 
 
-def run_folders(checkpoints: list[Checkpoint]) -> list[str]:
-    """The run folders of the checkpoints (where their pattern starts to vary, e.g. ``run`` for
-    ``run/epoch=07.safetensors`` and ``run/epoch=07/model.safetensors``), in order of first appearance."""
-    return list(dict.fromkeys(c.url[: c.url.rfind(c.name)].rstrip("/") for c in checkpoints))
+def robustness_tables(
+    curves: pl.DataFrame, run_metrics: dict[str, pl.DataFrame], run_epochs: dict[str, list[int]], depth: int
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(robustness table, correlation) over the runs that have metrics.
 
-
-def reduce_robustness(
-    store: Store, curves: pl.DataFrame, checkpoints: list[Checkpoint], depth: int, make_plots: bool = True
-) -> list[str]:
-    """Write the robustness table, its correlation and plot when the checkpoints' folders hold
-    ``metrics/``; returns the keys written (none when no run has metrics, or nothing changed)."""
-    if curves.is_empty():
-        return []
-    tables = []
-    for folder in run_folders(checkpoints):
-        run_metrics = read_run_metrics(folder, store.storage_options)
-        if run_metrics is not None:
-            run_curves = curves.filter(pl.col("epoch").is_in([c.epoch for c in checkpoints if c.url.startswith(folder + "/")]))
-            tables.append(robustness_table(run_curves, run_metrics, depth, folder))
+    ``run_metrics``: {run: its metrics frame}; ``run_epochs``: {run: the epochs of its
+    checkpoints in ``curves``}. Both frames are empty when no run has an epoch with both."""
+    tables = [
+        robustness_table(curves.filter(pl.col("epoch").is_in(run_epochs.get(run, []))), metrics, depth, run)
+        for run, metrics in run_metrics.items()
+    ]
     table = pl.concat(tables) if tables else pl.DataFrame()
     if table.is_empty():
-        return []
-    correlation = robustness_correlation(table)
-    outputs = {REDUCED_ROBUSTNESS: parquet_bytes(table), REDUCED_ROBUSTNESS_CORRELATION: parquet_bytes(correlation)}
-    if make_plots:
-        outputs[ROBUSTNESS_PLOT] = robustness_png(table, correlation, depth)
-    return [key for key, data in outputs.items() if store.put_if_changed(key, data)]
+        return table, pl.DataFrame()
+    return table, robustness_correlation(table)
 
 
 def robustness_png(table: pl.DataFrame, correlation: pl.DataFrame, depth: int) -> bytes:
     """Left: forgetting spread and corrupted accuracy across epochs; right: one against the other."""
-    from invariance.plots import _png, matplotlib, plt
+    import matplotlib.ticker
 
     by_accuracy = table["corrupted_accuracy_mean"].is_not_null().any()
     score, score_label = (
@@ -126,7 +109,8 @@ def robustness_png(table: pl.DataFrame, correlation: pl.DataFrame, depth: int) -
         else ("corrupted_loss_mean", "mean corrupted loss")
     )  # fmt: skip
     first, last = spread_layers(depth)
-    figure, (over_epochs, scatter) = plt.subplots(1, 2, figsize=(12, 4.2), constrained_layout=True)
+    figure = new_figure(figsize=(12, 4.2))
+    over_epochs, scatter = figure.subplots(1, 2)
     accuracy_axis = over_epochs.twinx()
     for index, (run, rows) in enumerate(table.sort("epoch").group_by("run", maintain_order=True)):
         color = f"C{index}"
@@ -149,4 +133,4 @@ def robustness_png(table: pl.DataFrame, correlation: pl.DataFrame, depth: int) -
     scatter.set_ylabel(score_label)
     scatter.set_title("robustness link (Pearson r over epochs)", fontsize=10)
     scatter.grid(alpha=0.3)
-    return _png(figure)
+    return png_bytes(figure)

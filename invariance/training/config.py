@@ -17,10 +17,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from invariance.config import Int, ModelConfig, read_yaml, validate_config
-from invariance.corruptions import CORRUPTIONS, SEVERITIES
+from invariance.training.corruptions import CORRUPTIONS, SEVERITIES
 from invariance.errors import ConfigError
-from invariance.tasks import TaskName
-from invariance.training import OptimizerName, TrainSettings
+from invariance.training.tasks import TaskName
+from invariance.training.loop import OptimizerName, TrainSettings
 
 # Keys a sweep may not vary: where results go and how trials are placed are not grid values.
 _NOT_SWEEPABLE = ("output", "storage_options", "sweep", "resources")

@@ -12,11 +12,11 @@ from typing import Any, Literal, Sequence
 
 import torch
 
-from invariance.cka import cka_from_grams, normalized_grams
+from invariance.core.cka import cka_from_grams, normalized_grams
 from invariance.config import InversionConfig, TokenPolicy
-from invariance.data import EvalImages
-from invariance.inversion import InversionResult, invert, start_noise
-from invariance.models import FeatureModel
+from invariance.io.data import EvalImages
+from invariance.core.inversion import InversionResult, invert, start_noise
+from invariance.core.models import FeatureModel
 
 ModelName = Literal["pt", "ft"]
 MODEL_NAMES: tuple[ModelName, ModelName] = ("pt", "ft")
@@ -34,7 +34,7 @@ CKA_COLUMNS = (
 
 
 @torch.no_grad()
-def layer_features(
+def batched_features(
     model: FeatureModel, images: torch.Tensor, layers: Sequence[int], token_policy: TokenPolicy
 ) -> dict[int, torch.Tensor]:
     """``images: [n, 3, H, W]`` -> {layer: ``[n, d]``}, computed in batches of FEATURE_BATCH."""
@@ -76,7 +76,7 @@ class ShardContext:
     def clean_features(self, model_name: str) -> dict[int, torch.Tensor]:
         """Features of ``model_name`` on X at every layer: {layer: ``[n, d]``}, cached."""
         if model_name not in self._clean:
-            self._clean[model_name] = layer_features(
+            self._clean[model_name] = batched_features(
                 self.models[model_name], self.eval_images.images, self.layers, self.token_policy
             )
         return self._clean[model_name]
@@ -111,7 +111,7 @@ class ShardContext:
         }
         rows = []
         for target_model in MODEL_NAMES:
-            inv = layer_features(self.models[target_model], images_inv, self.layers, self.token_policy)
+            inv = batched_features(self.models[target_model], images_inv, self.layers, self.token_policy)
             # STIR(t[i] | r[j]) = CKA(t[i](X), t[i](X')): the X side's Grams are shared by every shard
             stir = {
                 debiased: (self.clean_grams(target_model, debiased)

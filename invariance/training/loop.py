@@ -1,8 +1,8 @@
 """Training loops that produce checkpoint series: an optimizer and a cosine schedule over
 epochs, one epoch at a time, resumable from a plain state dict.
 
-Used by the finetuning runs (``invariance.finetune``: classification and reconstruction,
-the demo's pretraining and finetuning included) and by ``train_classifier`` for quick use.
+Used by the finetuning runs (``invariance.training.run``: classification and reconstruction,
+the demo's pretraining and finetuning included).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from invariance.data import to_model_input
+from invariance.io.data import to_model_input
 
 OptimizerName = Literal["sgd", "adamw"]
 BatchLoss = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
@@ -94,12 +94,6 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
 
-    def skip_epochs(self, epochs: int) -> None:
-        """Advance the schedule past ``epochs`` finished epochs (when no optimizer state was kept)."""
-        for _ in range(epochs * self.steps_per_epoch):
-            self.optimizer.step()  # no gradients: a no-op that keeps the scheduler's order check quiet
-            self.schedule.step()
-
     @property
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
@@ -140,46 +134,3 @@ class Trainer:
             losses.append(loss.item())
         module.eval()
         return sum(losses) / max(1, len(losses))
-
-
-@torch.no_grad()
-def accuracy(network: nn.Module, normalize: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
-             labels: torch.Tensor, batch_size: int = 256) -> float:  # fmt: skip
-    """Top-1 accuracy of ``network`` on ``images: [n, 3, S, S]`` in [0, 1]."""
-    network.eval()
-    correct = 0
-    for begin in range(0, len(images), batch_size):
-        logits = network(normalize(images[begin : begin + batch_size]))
-        correct += int((logits.argmax(dim=1) == labels[begin : begin + batch_size]).sum())
-    return correct / max(1, len(images))
-
-
-def train_classifier(
-    network: nn.Module,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    settings: TrainSettings,
-    normalize: Callable[[torch.Tensor], torch.Tensor],
-    on_epoch_end: Callable[[int, float], None] | None = None,
-    start_epoch: int = 0,
-) -> nn.Module:
-    """Cross-entropy training in memory; ``images: [n, 3, S, S]`` in [0, 1], ``labels: [n]``.
-
-    ``on_epoch_end(epoch, mean_loss)`` runs after each epoch (1-based). ``start_epoch``
-    continues the schedule after that many finished epochs (without optimizer state; for
-    an exact resume use ``Trainer`` with its ``state_dict``, as ``invariance.finetune`` does).
-    """
-    size = network.patch_embed.img_size[0]
-    trainer = Trainer(network.parameters(), settings, len(images))
-    trainer.skip_epochs(start_epoch)
-    loss_fn = nn.CrossEntropyLoss()
-
-    def batch_loss(inputs: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor:
-        return loss_fn(network(normalize(inputs)), targets)
-
-    for epoch in range(start_epoch + 1, settings.epochs + 1):
-        mean_loss = trainer.run_epoch(epoch, network, batch_loss, images, labels, size)
-        if on_epoch_end is not None:
-            on_epoch_end(epoch, mean_loss)
-    network.eval()
-    return network

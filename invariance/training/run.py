@@ -17,6 +17,7 @@ was never interrupted. ``_state/last.pt`` holds plain tensors and containers onl
 from __future__ import annotations
 
 import io
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -25,20 +26,19 @@ import polars as pl
 import torch
 from safetensors.torch import save as safetensors_bytes
 
-from invariance.checkpoints import load_state_dict
 from invariance.config import DataConfig
-from invariance.corruptions import corrupt
-from invariance.data import EvalImages, load_labelled_images, to_model_input
+from invariance.core.models import load_model, load_weights
 from invariance.errors import ConfigError, DataError
-from invariance.finetune_config import FinetuneConfig
-from invariance.models import load_model, load_weights
-from invariance.storage import Store
-from invariance.tasks import Task, build_task
-from invariance.training import Trainer
+from invariance.io.checkpoints import load_state_dict
+from invariance.io.data import EvalImages, load_labelled_images, to_model_input
+from invariance.io.layout import FINETUNE_INITIAL, FINETUNE_STATE, finetune_checkpoint_key, finetune_metrics_key
+from invariance.io.storage import Store
+from invariance.training.config import FinetuneConfig
+from invariance.training.corruptions import corrupt
+from invariance.training.loop import Trainer
+from invariance.training.tasks import Task, build_task
 
-INITIAL_KEY = "initial.safetensors"
-METRICS_FOLDER = "metrics"
-STATE_KEY = "_state/last.pt"
+log = logging.getLogger(__name__)
 # Keep the corrupted test sets in memory between epochs up to this size; regenerate above it.
 _CORRUPTED_CACHE_BYTES = 512 * 2**20
 
@@ -60,14 +60,6 @@ METRICS_SCHEMA = {
         pl.Struct({"corruption": pl.String, "severity": pl.Int64, "loss": pl.Float64, "accuracy": pl.Float64})
     ),
 }
-
-
-def checkpoint_key(epoch: int) -> str:
-    return f"epoch={epoch:02d}.safetensors"
-
-
-def metrics_key(epoch: int) -> str:
-    return f"{METRICS_FOLDER}/epoch={epoch:02d}.parquet"
 
 
 @dataclass(frozen=True)
@@ -185,24 +177,30 @@ def _put_torch(store: Store, key: str, value: dict[str, Any]) -> None:
     store.put(key, buffer.getvalue())
 
 
-def read_state(store: Store) -> dict[str, Any] | None:
-    """The resume state of the run at ``store``, or None when it has not saved a checkpoint yet."""
-    if not store.exists(STATE_KEY):
+@dataclass(frozen=True)
+class SavedProgress:
+    """Where a run at an output stands: the epoch of its last checkpoint, whether it was
+    trained with the same settings, and the optimizer/schedule and task state to resume."""
+
+    epoch: int
+    same_settings: bool
+    trainer: dict[str, Any]
+    task: dict[str, Any]
+
+
+def saved_progress(config: FinetuneConfig) -> SavedProgress | None:
+    """The progress saved at ``config.output``, or None when no checkpoint was saved there yet.
+
+    The one reader of ``_state/last.pt`` (plain tensors and containers: ``weights_only``)."""
+    store = Store(config.output, dict(config.storage_options))
+    if not store.exists(FINETUNE_STATE):
         return None
-    return torch.load(io.BytesIO(store.get(STATE_KEY)), map_location="cpu", weights_only=True)
+    state = torch.load(io.BytesIO(store.get(FINETUNE_STATE)), map_location="cpu", weights_only=True)
+    return SavedProgress(int(state["epoch"]), state["fingerprint"] == config.fingerprint(), state["trainer"], state["task"])
 
 
-def read_run_metrics(output: str, storage_options: dict[str, Any] | None = None) -> pl.DataFrame | None:
-    """Every ``metrics/epoch=NN.parquet`` of the run at ``output``, by epoch; None when there are none."""
-    store = Store(output, dict(storage_options or {}))
-    keys = [key for key in store.list(METRICS_FOLDER) if key.endswith(".parquet")]
-    if not keys:
-        return None
-    return store.read_parquet(keys, how="diagonal_relaxed").sort("epoch")
-
-
-def print_epoch(row: dict[str, Any]) -> None:
-    """The default per-epoch log line."""
+def log_epoch(row: dict[str, Any]) -> None:
+    """The default per-epoch log line (INFO)."""
     parts = [f"epoch {row['epoch']}: train loss {row['train_loss']:.4f}", f"test loss {row['test_loss']:.4f}"]
     if row["clean_accuracy"] is not None:
         parts.append(f"accuracy {row['clean_accuracy']:.1%}")
@@ -210,12 +208,12 @@ def print_epoch(row: dict[str, Any]) -> None:
         parts.append(f"corrupted accuracy {row['corrupted_accuracy']:.1%}")
     elif row["corrupted_loss"] is not None:
         parts.append(f"corrupted loss {row['corrupted_loss']:.4f}")
-    print("  " + ", ".join(parts), flush=True)
+    log.info("  %s", ", ".join(parts))
 
 
 def run_finetune(
     config: FinetuneConfig,
-    on_epoch: Callable[[dict[str, Any]], None] | None = print_epoch,
+    on_epoch: Callable[[dict[str, Any]], None] | None = log_epoch,
     device: str | torch.device | None = None,
 ) -> FinetuneResult:
     """Train ``config`` (one run, no sweep), resuming after the last saved checkpoint if any.
@@ -235,21 +233,21 @@ def run_finetune(
                       data.num_classes).to(device)  # fmt: skip
     trainer = Trainer(task.parameters(), config.train_settings(), len(data.train.images))
 
-    state = read_state(store)
-    if state is None:
+    progress = saved_progress(config)
+    if progress is None:
         resumed_from = 0
-        store.put(INITIAL_KEY, _state_bytes(network))
+        store.put(FINETUNE_INITIAL, _state_bytes(network))
     else:
-        if state["fingerprint"] != config.fingerprint():
+        if not progress.same_settings:
             raise ConfigError(
-                f"output: {store.url(STATE_KEY)} belongs to a run with other settings; give this run "
+                f"output: {store.url(FINETUNE_STATE)} belongs to a run with other settings; give this run "
                 "its own output, or delete that folder to start over"
             )
-        resumed_from = int(state["epoch"])
-        url = store.url(checkpoint_key(resumed_from))
+        resumed_from = progress.epoch
+        url = store.url(finetune_checkpoint_key(resumed_from))
         load_weights(network, load_state_dict(url, config.storage_options), url)
-        task.load_extra_state(state["task"])
-        trainer.load_state_dict(state["trainer"])
+        task.load_extra_state(progress.task)
+        trainer.load_state_dict(progress.trainer)
 
     n_corrupted = min(config.corruptions.n_samples or len(data.test.images), len(data.test.images))
     corrupted = CorruptedTestSets(data.test.images[:n_corrupted], config.corruptions.names,
@@ -264,10 +262,10 @@ def run_finetune(
         row["checkpoint"] = epoch % config.checkpoint_every == 0 or epoch == config.epochs
         row["seconds"] = time.time() - started
         if row["checkpoint"]:
-            store.put(checkpoint_key(epoch), _state_bytes(network))
-        store.put_parquet(metrics_key(epoch), _frame([row]))
+            store.put(finetune_checkpoint_key(epoch), _state_bytes(network))
+        store.put_parquet(finetune_metrics_key(epoch), _frame([row]))
         if row["checkpoint"]:  # last: a state names a checkpoint that is already complete
-            _put_torch(store, STATE_KEY, {"epoch": epoch, "fingerprint": config.fingerprint(),
+            _put_torch(store, FINETUNE_STATE, {"epoch": epoch, "fingerprint": config.fingerprint(),
                                           "trainer": trainer.state_dict(), "task": task.extra_state()})  # fmt: skip
         rows.append(row)
         if on_epoch is not None:

@@ -13,7 +13,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from invariance.checkpoints import load_state_dict
+from invariance.io.checkpoints import load_state_dict
 from invariance.config import ModelConfig, TokenPolicy
 from invariance.errors import CheckpointError, ConfigError
 
@@ -60,6 +60,23 @@ def network_input_size(network: nn.Module) -> int:
     """Side length of the square input a timm ViT-style network expects."""
     size = getattr(network.patch_embed, "img_size", None)
     return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+
+def check_input_size(network: nn.Module, size: int, name: str) -> None:
+    """ConfigError naming ``data.image_size`` when ``network`` cannot take ``size`` x ``size`` images
+    (a ViT built for one input size); tried on one blank image."""
+    expected = network_input_size(network)
+    if size == expected:
+        return
+    try:
+        with torch.no_grad():
+            network.forward_features(torch.zeros(1, 3, size, size))
+    except Exception as exc:  # noqa: BLE001 - the model's own assertion, whatever its type
+        raise ConfigError(
+            f"data.image_size: {name} takes {expected}x{expected} images, not {size}x{size} "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); leave data.image_size unset "
+            f"to use {expected}, or build the model for {size} (model.kwargs.img_size: {size})"
+        ) from None
 
 
 def load_weights(network: nn.Module, state: dict[str, torch.Tensor], source: str, strict: bool = True) -> None:
@@ -112,7 +129,8 @@ class FeatureModel(nn.Module):
         """``images: [n, 3, H, W]`` in [0, 1] -> {layer: ``[n, d]``}; stops at the deepest layer.
 
         ``flatten``: all tokens of a block, ``[n, tokens * dim]`` (as the paper);
-        ``cls``: the class token, ``[n, dim]``; ``mean``: the token mean, ``[n, dim]``.
+        ``cls``: the class token, ``[n, dim]``; ``mean``: the mean of the patch tokens (prefix
+        tokens such as CLS and registers excluded, as timm pools), ``[n, dim]``.
         The pre-logits layer is ``[n, dim]`` under every policy.
         """
         wanted = set(layers)
@@ -137,8 +155,9 @@ class FeatureModel(nn.Module):
         """``tokens: [n, T, dim]`` -> ``[n, d]``."""
         if token_policy == "flatten":
             return tokens.flatten(1)
-        if token_policy == "mean":
-            return tokens.mean(dim=1)
+        if token_policy == "mean":  # as timm's avg pooling: prefix tokens (CLS, registers) left out
+            prefix = int(getattr(self.network, "num_prefix_tokens", 0))
+            return tokens[:, prefix:].mean(dim=1)
         if token_policy == "cls":
             if getattr(self.network, "cls_token", None) is None:
                 raise ConfigError("token_policy: 'cls' needs a model with a class token; use 'flatten' or 'mean'")

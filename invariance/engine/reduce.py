@@ -7,15 +7,24 @@ incomplete rather than averaged over what happens to be there.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 
 import polars as pl
 
-from invariance import metrics, plots, robustness
-from invariance.layout import PLOTS, REDUCED_CURVES, REDUCED_FLOW, REDUCED_STATUS, flow_plot_key
-from invariance.plan import Plan
-from invariance.storage import Store, parquet_bytes
+from invariance.analysis import metrics, plots, robustness
+from invariance.engine.plan import Plan
+from invariance.errors import StorageError
+from invariance.io.checkpoints import Checkpoint, run_folders
+from invariance.io.layout import (
+    DYNAMICS_PLOT, LAYER_CURVES_PLOT, REDUCED_CURVES, REDUCED_FLOW, REDUCED_ROBUSTNESS,
+    REDUCED_ROBUSTNESS_CORRELATION, REDUCED_STATUS, ROBUSTNESS_PLOT, flow_plot_key,
+)  # fmt: skip
+from invariance.io.run_metrics import read_run_metrics
+from invariance.io.storage import Store, parquet_bytes
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -33,8 +42,8 @@ def reduce_plan(plan: Plan, store: Store, make_plots: bool = True) -> ReduceResu
     """Build ``reduced/`` and ``plots/`` from the complete checkpoints of ``plan``."""
     incomplete = plan.incomplete_epochs()
     complete = [c.epoch for c in plan.checkpoints if c.epoch not in incomplete]
-    stir = store.read_parquet([u.data_key(plan.settings) for u in plan.stir if u.epoch in complete])
-    cka = store.read_parquet([u.data_key(plan.settings) for u in plan.cka if u.epoch in complete])
+    stir = store.read_parquet([u.data_key(plan.settings_hash) for u in plan.stir if u.epoch in complete])
+    cka = store.read_parquet([u.data_key(plan.settings_hash) for u in plan.cka if u.epoch in complete])
     if complete:
         # shards are keyed by epoch; the name is the plan's, so that rows written under another
         # naming (an older release) still group with their epoch
@@ -44,7 +53,7 @@ def reduce_plan(plan: Plan, store: Store, make_plots: bool = True) -> ReduceResu
             for frame in (stir, cka)
         )
         # the settings hash on every reduced row: a table left from other settings is visible
-        settings = pl.lit(plan.settings).alias("settings")
+        settings = pl.lit(plan.settings_hash).alias("settings")
         curves = metrics.curves(stir, cka).with_columns(settings)
         flow = metrics.flow_table(stir).with_columns(settings)
     else:
@@ -55,15 +64,15 @@ def reduce_plan(plan: Plan, store: Store, make_plots: bool = True) -> ReduceResu
         outputs[REDUCED_CURVES] = parquet_bytes(curves)
         outputs[REDUCED_FLOW] = parquet_bytes(flow)
     if complete and make_plots:
-        outputs[f"{PLOTS}/layer_curves.png"] = plots.layer_curves_png(curves)
-        outputs[f"{PLOTS}/dynamics.png"] = plots.dynamics_png(curves)
+        outputs[LAYER_CURVES_PLOT] = plots.layer_curves_png(curves)
+        outputs[DYNAMICS_PLOT] = plots.dynamics_png(curves)
         outputs.update({flow_plot_key(epoch): plots.flow_heatmap_png(flow, epoch) for epoch in complete})
     # only what changed is written: a rerun with nothing new leaves every file as it was
     result.written += [key for key, data in outputs.items() if store.put_if_changed(key, data)]
     if complete:  # finetuning runs with metrics/ beside their checkpoints: the robustness link
-        result.written += robustness.reduce_robustness(store, curves, plan.checkpoints, plan.depth, make_plots)
+        result.written += _reduce_robustness(store, curves, plan.checkpoints, plan.depth, make_plots)
     status = {
-        "settings": plan.settings,
+        "settings": plan.settings_hash,
         "complete_epochs": complete,
         "incomplete_epochs": {str(k): v for k, v in sorted(incomplete.items())},
     }
@@ -72,6 +81,42 @@ def reduce_plan(plan: Plan, store: Store, make_plots: bool = True) -> ReduceResu
         store.put(REDUCED_STATUS, json.dumps(stamped, indent=1).encode())
         result.written.append(REDUCED_STATUS)
     return result
+
+
+def _readable_run_metrics(checkpoints: list[Checkpoint], storage_options: dict) -> dict[str, pl.DataFrame]:
+    """{run folder: its finetuning metrics} for the runs that have them; an unreadable metrics
+    file is reported and its run skipped, so that it never stops the rest of the reduce."""
+    found = {}
+    for folder in run_folders(checkpoints):
+        try:
+            run_metrics = read_run_metrics(folder, storage_options)
+        except StorageError as exc:
+            log.warning("robustness link skipped for %s: %s", folder, exc)
+            continue
+        if run_metrics is not None:
+            found[folder] = run_metrics
+    return found
+
+
+def _reduce_robustness(
+    store: Store, curves: pl.DataFrame, checkpoints: list[Checkpoint], depth: int, make_plots: bool
+) -> list[str]:
+    """Write the robustness table, its correlation and plot for the runs with metrics; the keys written."""
+    run_metrics = _readable_run_metrics(checkpoints, store.storage_options)
+    run_epochs = {
+        folder: [c.epoch for c in checkpoints if c.url.startswith(folder + "/")] for folder in run_metrics
+    }
+    try:
+        table, correlation = robustness.robustness_tables(curves, run_metrics, run_epochs, depth)
+    except pl.exceptions.PolarsError as exc:  # a metrics file without the expected columns
+        log.warning("robustness link skipped: the finetuning metrics do not have the expected columns (%s)", exc)
+        return []
+    if table.is_empty():
+        return []
+    outputs = {REDUCED_ROBUSTNESS: parquet_bytes(table), REDUCED_ROBUSTNESS_CORRELATION: parquet_bytes(correlation)}
+    if make_plots:
+        outputs[ROBUSTNESS_PLOT] = robustness.robustness_png(table, correlation, depth)
+    return [key for key, data in outputs.items() if store.put_if_changed(key, data)]
 
 
 def _stored_status(store: Store) -> dict | None:

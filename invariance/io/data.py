@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from invariance.config import DataConfig
 from invariance.errors import DataError
-from invariance.storage import open_filesystem
+from invariance.io.storage import open_filesystem
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 _CIFAR_SPLIT_FILES = {
@@ -145,19 +145,31 @@ def _load_cifar(config: DataConfig, size: int, options: dict[str, Any], request:
     return EvalImages(to_model_input(images, size), torch.from_numpy(indices), request.labels(all_labels, indices))
 
 
-def _class_indices(files: list[str], root: str) -> np.ndarray:
-    """The class of each file: the index of its subfolder below ``root`` among the sorted subfolders."""
+def _class_names(fs: Any, split_roots: list[str]) -> list[str]:
+    """The class names of an image folder: the sorted union of the class subfolders of every
+    split, so that a class missing from one split shifts no label of another."""
+    names: set[str] = set()
+    for split_root in split_roots:
+        names.update(entry.rstrip("/").rsplit("/", 1)[-1] for entry in fs.ls(split_root, detail=False) if fs.isdir(entry))
+    return sorted(names)
+
+
+def _class_indices(files: list[str], root: str, names: list[str]) -> np.ndarray:
+    """The class of each file: the index among ``names`` of its subfolder below ``root``."""
     classes = [path[len(root) + 1 :].split("/", 1)[0] if "/" in path[len(root) + 1 :] else "" for path in files]
     if "" in classes:
         raise DataError(f"{root}: labels need one subfolder per class; found images directly in the folder")
-    names = sorted(set(classes))
-    return np.asarray([names.index(name) for name in classes], dtype=np.int64)
+    index = {name: position for position, name in enumerate(names)}
+    return np.asarray([index[name] for name in classes], dtype=np.int64)
 
 
 def _load_imagefolder(config: DataConfig, size: int, options: dict[str, Any], request: _Request) -> EvalImages:
     fs, root = open_filesystem(config.path, options)
     root = root.rstrip("/")
+    split_roots = [root]
     if fs.isdir(f"{root}/{config.split}"):
+        # <path>/<split>/<class>/...: every sibling of the split folder is a split too
+        split_roots = [entry.rstrip("/") for entry in fs.ls(root, detail=False) if fs.isdir(entry)]
         root = f"{root}/{config.split}"
     if not fs.isdir(root):
         raise DataError(f"data.path {config.path} is not a folder of class subfolders")
@@ -166,7 +178,7 @@ def _load_imagefolder(config: DataConfig, size: int, options: dict[str, Any], re
         raise DataError(f"data.path {config.path}: no images ({', '.join(IMAGE_SUFFIXES)}) found below {root}")
     indices = request.indices(len(files), config)
     decoded = [_decode(fs.cat_file(files[k]), files[k]) for k in indices]
-    all_labels = _class_indices(files, root) if request.label_column is not None else None
+    all_labels = _class_indices(files, root, _class_names(fs, split_roots)) if request.label_column is not None else None
     return EvalImages(_stack_resized(decoded, size), torch.from_numpy(indices), request.labels(all_labels, indices))
 
 

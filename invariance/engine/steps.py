@@ -11,29 +11,30 @@ import json
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import polars as pl
 import torch
 
 from invariance import __version__
 from invariance.config import RunConfig
-from invariance.data import EvalImages, load_eval_images
-from invariance.inversion import InversionResult
-from invariance.layout import CkaUnit, InversionUnit, StirUnit
-from invariance.models import FeatureModel, load_model
-from invariance.shards import CKA_COLUMNS, STIR_COLUMNS, ShardContext
-from invariance.storage import Store
+from invariance.io.data import EvalImages, load_eval_images
+from invariance.core.inversion import InversionResult
+from invariance.io.layout import CkaUnit, InversionUnit, StirUnit, Unit
+from invariance.core.models import FeatureModel, load_model
+from invariance.core.shards import CKA_COLUMNS, STIR_COLUMNS, ShardContext
+from invariance.io.storage import Store
 
 
 @dataclass(frozen=True)
 class RunSpec:
-    """What every step of one run needs: the config, the store and the planned keys."""
+    """What every step of one run needs: the config, the store, the settings hashes that key
+    its outputs, and the layers."""
 
     config: RunConfig
     store: Store
-    settings: str
-    inversion_settings: str
+    settings_hash: str
+    inversion_hash: str
     layers: tuple[int, ...]
 
 
@@ -75,7 +76,7 @@ class Workspace:
 
     def context(self, spec: RunSpec, checkpoint_url: str | None) -> ShardContext:
         """Shard context for pt and (unless None) the checkpoint at ``checkpoint_url``."""
-        key = (spec.settings, checkpoint_url)
+        key = (spec.settings_hash, checkpoint_url)
         if key not in self._contexts:
             models = {"pt": self.model(spec.config, spec.config.pretrained)}
             if checkpoint_url is not None:
@@ -130,13 +131,13 @@ def run_inversion(spec: RunSpec, unit: InversionUnit, workspace: Workspace) -> s
     started = time.time()
     context = workspace.context(spec, None)
     result = context.invert("pt", unit.ref_layer, unit.seed)
-    data_key = unit.data_key(spec.inversion_settings)
+    data_key = unit.data_key(spec.inversion_hash)
     save_inversion(spec.store, data_key, result)
-    record_key = unit.record_key(spec.inversion_settings)
+    record_key = unit.record_key(spec.inversion_hash)
     spec.store.put(
         record_key,
         _record(data_key, len(result.images), started, ref_layer=unit.ref_layer, seed=unit.seed,
-                inversion_settings=spec.inversion_settings, final_loss_mean=float(result.final_loss.mean())),
+                inversion_hash=spec.inversion_hash, final_loss_mean=float(result.final_loss.mean())),
     )  # fmt: skip
     return record_key
 
@@ -146,10 +147,10 @@ def _write_shard(
     started: float, **record_fields: Any,
 ) -> str:  # fmt: skip
     """Write a shard's rows once, then its completion record; returns the record key."""
-    identity = {"settings": spec.settings, "checkpoint": unit.checkpoint, "epoch": unit.epoch, "version": __version__}
-    data_key = unit.data_key(spec.settings)
+    identity = {"settings": spec.settings_hash, "checkpoint": unit.checkpoint, "epoch": unit.epoch, "version": __version__}
+    data_key = unit.data_key(spec.settings_hash)
     spec.store.put_parquet(data_key, _shard_frame(rows, columns, identity))
-    record_key = unit.record_key(spec.settings)
+    record_key = unit.record_key(spec.settings_hash)
     spec.store.put(record_key, _record(data_key, len(rows), started, checkpoint=unit.checkpoint, epoch=unit.epoch,
                                        **record_fields))  # fmt: skip
     return record_key
@@ -161,7 +162,7 @@ def run_stir(spec: RunSpec, unit: StirUnit, workspace: Workspace) -> str:
     context = workspace.context(spec, unit.checkpoint_url)
     inverted = None
     if unit.ref_model == "pt":
-        inverted = load_inversion(spec.store, InversionUnit(unit.ref_layer, unit.seed).data_key(spec.inversion_settings))
+        inverted = load_inversion(spec.store, InversionUnit(unit.ref_layer, unit.seed).data_key(spec.inversion_hash))
     rows = context.stir_rows(unit.ref_model, unit.ref_layer, unit.seed, inverted)
     return _write_shard(spec, unit, rows, STIR_COLUMNS, started,
                         ref_model=unit.ref_model, ref_layer=unit.ref_layer, seed=unit.seed)  # fmt: skip
@@ -172,3 +173,13 @@ def run_cka(spec: RunSpec, unit: CkaUnit, workspace: Workspace) -> str:
     started = time.time()
     rows = workspace.context(spec, unit.checkpoint_url).cka_rows()
     return _write_shard(spec, unit, rows, CKA_COLUMNS, started)
+
+
+Step = Callable[[RunSpec, Any, Workspace], str]
+# one step per kind of unit: executors call ``run_unit`` and never look at the unit's type
+STEPS: dict[type, Step] = {InversionUnit: run_inversion, StirUnit: run_stir, CkaUnit: run_cka}
+
+
+def run_unit(spec: RunSpec, unit: Unit, workspace: Workspace) -> str:
+    """Compute ``unit`` and write it once with its completion record; returns the record key."""
+    return STEPS[type(unit)](spec, unit, workspace)

@@ -1,16 +1,17 @@
 """Planning: which shards a config needs, which are done (one listing of the completion
-records), and what the rest costs. Pure: no Ray, no computation of results."""
+records), and in what order the rest is submitted, with what each waits for. Pure: no Ray,
+no computation of results."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from invariance.checkpoints import Checkpoint, discover_checkpoints
+from invariance.io.checkpoints import Checkpoint, discover_checkpoints
 from invariance.config import RunConfig, settings_hash
 from invariance.errors import CheckpointError
-from invariance.layout import MANIFESTS, CkaUnit, InversionUnit, StirUnit
-from invariance.models import build_network, network_input_size
-from invariance.storage import Store
+from invariance.io.layout import MANIFESTS, CkaUnit, InversionUnit, StirUnit, Unit
+from invariance.core.models import build_network, check_input_size, network_input_size
+from invariance.io.storage import Store
 
 REF_MODELS = ("pt", "ft")
 
@@ -19,8 +20,8 @@ REF_MODELS = ("pt", "ft")
 class Plan:
     """Every unit of work of a config and which of them are already complete."""
 
-    settings: str
-    inversion_settings: str
+    settings_hash: str
+    inversion_hash: str
     checkpoints: list[Checkpoint]
     layers: list[int]
     depth: int
@@ -34,11 +35,15 @@ class Plan:
         """Re-read the completion records (one listing), e.g. after an execution."""
         self.done = set(store.list(MANIFESTS))
 
-    def record_key(self, unit: StirUnit | CkaUnit | InversionUnit) -> str:
+    def record_key(self, unit: Unit) -> str:
         """Where ``unit``'s completion record goes (pt inversions: under their own settings)."""
-        return unit.record_key(self.inversion_settings if isinstance(unit, InversionUnit) else self.settings)
+        return unit.record_key(self.inversion_hash if isinstance(unit, InversionUnit) else self.settings_hash)
 
-    def is_done(self, unit: StirUnit | CkaUnit | InversionUnit) -> bool:
+    def data_key(self, unit: Unit) -> str:
+        """Where ``unit``'s data goes."""
+        return unit.data_key(self.inversion_hash if isinstance(unit, InversionUnit) else self.settings_hash)
+
+    def is_done(self, unit: Unit) -> bool:
         return self.record_key(unit) in self.done
 
     @property
@@ -65,9 +70,25 @@ class Plan:
             missing[unit.epoch] = missing.get(unit.epoch, 0) + 1
         return missing
 
-    def complete_checkpoints(self) -> list[Checkpoint]:
-        incomplete = self.incomplete_epochs()
-        return [c for c in self.checkpoints if c.epoch not in incomplete]
+    def work(self) -> list[tuple[Unit, tuple[Unit, ...]]]:
+        """The missing units in submission order, each with the missing units it waits for.
+
+        Inversions first (pt-reference STIR shards read their X'); then checkpoint by
+        checkpoint, so that a worker's cached models and features serve consecutive units:
+        ft-reference shards, the CKA shard, then the pt-reference shards, whose inversions
+        have had the longest to finish.
+        """
+        missing_inversions = set(self.missing_inversions)
+        order: list[tuple[Unit, tuple[Unit, ...]]] = [(unit, ()) for unit in self.missing_inversions]
+        missing_stir, missing_cka = self.missing_stir, self.missing_cka
+        for checkpoint in self.checkpoints:
+            stir = [u for u in missing_stir if u.epoch == checkpoint.epoch]
+            order += [(u, ()) for u in stir if u.ref_model == "ft"]
+            order += [(u, ()) for u in missing_cka if u.epoch == checkpoint.epoch]
+            for unit in (u for u in stir if u.ref_model == "pt"):
+                inversion = InversionUnit(unit.ref_layer, unit.seed)
+                order.append((unit, (inversion,) if inversion in missing_inversions else ()))
+        return order
 
 
 def make_plan(config: RunConfig, store: Store, checkpoints: list[Checkpoint] | None = None) -> Plan:
@@ -80,6 +101,8 @@ def make_plan(config: RunConfig, store: Store, checkpoints: list[Checkpoint] | N
             "and that {epoch} stands where the epoch number is in the file names"
         )
     network = build_network(config.model)
+    if config.data.image_size is not None:  # before any task: every shard would fail alike
+        check_input_size(network, config.data.image_size, config.model.arch or config.model.factory)
     depth = len(network.blocks)
     layers = config.resolve_layers(depth)
     stir = [
@@ -90,8 +113,8 @@ def make_plan(config: RunConfig, store: Store, checkpoints: list[Checkpoint] | N
         for seed in config.seeds
     ]
     return Plan(
-        settings=settings_hash(config.numbers_settings()),
-        inversion_settings=settings_hash(config.inversion_settings()),
+        settings_hash=settings_hash(config.numbers_settings()),
+        inversion_hash=settings_hash(config.inversion_settings()),
         checkpoints=checkpoints,
         layers=layers,
         depth=depth,

@@ -17,7 +17,7 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 
 from invariance.errors import CheckpointError
-from invariance.storage import open_filesystem
+from invariance.io.storage import open_filesystem
 
 EPOCH_PLACEHOLDER = "{epoch}"
 _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module", "ema")
@@ -64,6 +64,12 @@ def discover_checkpoints(pattern: str, storage_options: dict[str, Any] | None = 
             )
         found[epoch] = Checkpoint(epoch=epoch, name=_checkpoint_name(path, before), url=url)
     return sorted(found.values())
+
+
+def run_folders(checkpoints: list[Checkpoint]) -> list[str]:
+    """The run folders of the checkpoints (where their pattern starts to vary, e.g. ``run`` for
+    ``run/epoch=07.safetensors`` and ``run/epoch=07/model.safetensors``), in order of first appearance."""
+    return list(dict.fromkeys(c.url[: c.url.rfind(c.name)].rstrip("/") for c in checkpoints))
 
 
 def _checkpoint_name(path: str, before_epoch: str) -> str:

@@ -1,0 +1,1 @@
+"""Formulas over the computed rows: the finetuning metrics, the robustness link, plots."""

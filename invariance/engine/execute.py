@@ -1,0 +1,94 @@
+"""What executors share, and the plain in-process executor (a loop, no Ray).
+
+An executor takes ``plan.work()`` (units in submission order, each with the units it waits
+for), runs each through ``steps.run_unit`` and counts what finished; it knows no unit types
+and nothing of the science. ``jobs/execute.py`` is the Ray executor; this loop runs the same
+steps in the calling process (tests, notebooks, a debugger).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from invariance.engine.plan import Plan
+from invariance.engine.steps import RunSpec, Workspace, run_unit
+from invariance.errors import ConfigError, DataError, InvarianceError, StorageError
+from invariance.io.layout import Unit
+
+log = logging.getLogger(__name__)
+
+# Errors that every remaining unit would hit too: stop submitting after the first.
+FATAL_ERRORS = (ConfigError, DataError, StorageError)
+# When this many units failed with one and the same error before any finished, the rest would too.
+SAME_ERROR_LIMIT = 3
+
+
+def describe_error(error: BaseException) -> str:
+    """A failure as one message: our errors as they are, anything else with its type."""
+    return str(error) if isinstance(error, InvarianceError) else f"{type(error).__name__}: {error}"
+
+
+@dataclass
+class ExecuteSummary:
+    """What one execution did, and why it stopped early if it did."""
+
+    submitted: int = 0
+    completed: int = 0
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+    stopped_early: bool = False
+    stop_reason: str = ""
+
+    def stop(self, reason: str) -> None:
+        if not self.stopped_early:
+            self.stopped_early, self.stop_reason = True, reason
+
+    def add_failure(self, unit: Unit, error: BaseException) -> str:
+        """Record ``unit``'s failure; stops the execution when the rest would fail alike (a fatal
+        error type, or the first SAME_ERROR_LIMIT units all failing with one message). Returns
+        the message."""
+        message = describe_error(error)
+        self.failures.append((str(unit), message))
+        if isinstance(error, FATAL_ERRORS):
+            self.stop("this error would repeat for every remaining shard")
+        first_lines = {text.splitlines()[0] if text else "" for _, text in self.failures}
+        if self.completed == 0 and len(self.failures) >= SAME_ERROR_LIMIT and len(first_lines) == 1:
+            self.stop(f"the first {len(self.failures)} shards all failed with the same error; fix its cause and rerun")
+        return message
+
+
+def execute_in_process(
+    plan: Plan, spec: RunSpec, workspace: Workspace | None = None, lease_lost: Callable[[], bool] | None = None
+) -> ExecuteSummary:
+    """Run every missing unit of ``plan`` here, one after the other, in submission order.
+
+    A unit whose dependency failed is not attempted (it is counted as failed). Never raises
+    for a unit; ``lease_lost`` is polled before each unit, as the Ray executor does."""
+    workspace = workspace or Workspace()
+    summary = ExecuteSummary()
+    started = time.time()
+    failed: set[Unit] = set()
+    for unit, dependencies in plan.work():
+        if lease_lost is not None and lease_lost():
+            summary.stop("lost the run lease (another run took it over, or it could not be renewed)")
+        if summary.stopped_early:
+            break
+        summary.submitted += 1
+        if failed.intersection(dependencies):
+            failed.add(unit)
+            summary.failures.append((str(unit), "not attempted: a unit it depends on failed"))
+            continue
+        try:
+            run_unit(spec, unit, workspace)
+            summary.completed += 1
+        except Exception as error:  # noqa: BLE001 - every failure is reported, none is lost
+            failed.add(unit)
+            message = summary.add_failure(unit, error)
+            log.error("FAILED %s: %s", unit, message.splitlines()[0] if message else "")
+            if summary.stopped_early:
+                log.error("stopping: %s", summary.stop_reason)
+    summary.seconds = time.time() - started
+    return summary

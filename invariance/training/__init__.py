@@ -1,0 +1,1 @@
+"""The checkpoint producer: finetune config, the run, the training loop, tasks, corruptions."""

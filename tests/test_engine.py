@@ -1,0 +1,117 @@
+"""The engine without Ray: the plan's order and dependencies, the in-process executor, and the
+STIR/CKA numbers of a fixed config pinned across refactors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from invariance.config import parse_config, settings_hash
+from invariance.engine.execute import SAME_ERROR_LIMIT, execute_in_process
+from invariance.engine.plan import make_plan
+from invariance.engine.steps import RunSpec, Workspace
+from invariance.errors import ConfigError
+from invariance.io.layout import CkaUnit, InversionUnit, StirUnit
+from invariance.io.storage import Store
+from tests.helpers import tiny_config, write_checkpoints, write_eval_parquet
+
+GOLDEN = Path(__file__).resolve().parent / "data"
+
+
+def open_tiny_run(tmp_path: Path, epochs: list[int], **overrides) -> tuple:
+    write_checkpoints(tmp_path / "ckpt", epochs=epochs)
+    write_eval_parquet(tmp_path / "data")
+    config = parse_config(tiny_config(tmp_path, str(tmp_path / "out"), **overrides))
+    store = Store(config.output)
+    plan = make_plan(config, store)
+    return config, store, plan, RunSpec(config, store, plan.settings_hash, plan.inversion_hash, tuple(plan.layers))
+
+
+def test_work_comes_in_submission_order_with_its_dependencies(tmp_path: Path) -> None:
+    _, _, plan, _ = open_tiny_run(tmp_path, [1, 2], seeds=[0])
+    work = plan.work()
+    kinds = [type(unit).__name__ for unit, _ in work]
+    assert kinds[:3] == ["InversionUnit"] * 3  # layers 0..2, seed 0
+    first_checkpoint = [unit for unit, _ in work[3:10]]
+    assert [str(u) for u in first_checkpoint[:3]] == [f"stir epoch=01 ft[{j}] seed 0" for j in range(3)]
+    assert isinstance(first_checkpoint[3], CkaUnit)
+    for unit, dependencies in work:
+        expected = (InversionUnit(unit.ref_layer, unit.seed),) if isinstance(unit, StirUnit) and unit.ref_model == "pt" else ()
+        assert dependencies == expected
+    assert len(work) == 3 + 2 * (6 + 1)
+
+
+def test_the_in_process_executor_gives_the_pinned_numbers(tmp_path: Path, torch_single_thread) -> None:
+    """The rows of a fixed config, computed before the library moved into subpackages (and by every
+    release since): a refactor that changes a number fails here."""
+    _, store, plan, spec = open_tiny_run(tmp_path, [1, 2])
+    summary = execute_in_process(plan, spec, Workspace("cpu"))
+    assert (summary.completed, summary.failures) == (len(plan.work()), [])
+    plan.refresh(store)
+    assert plan.work() == []
+    stir = store.read_parquet([plan.data_key(u) for u in plan.stir])
+    cka = store.read_parquet([plan.data_key(u) for u in plan.cka])
+    for frame, name, keys in (
+        (stir, "golden_stir.csv", ["epoch", "ref_model", "ref_layer", "target_model", "target_layer", "seed"]),
+        (cka, "golden_cka.csv", ["epoch", "model_a", "layer_a", "model_b", "layer_b"]),
+    ):
+        golden = pl.read_csv(GOLDEN / name)
+        joined = golden.join(frame, on=keys, how="left", suffix="_now")
+        assert len(joined) == len(frame) == len(golden)
+        for value in [c for c in golden.columns if c not in keys]:
+            difference = (joined[value] - joined[f"{value}_now"]).abs().max()
+            assert difference < 1e-6, f"{name}: {value} moved by {difference}"
+
+
+def test_a_unit_whose_dependency_failed_is_not_attempted(tmp_path: Path, monkeypatch) -> None:
+    from invariance.engine import execute as execute_module
+
+    _, _, plan, spec = open_tiny_run(tmp_path, [1], seeds=[0], layers=[0])
+    calls = []
+
+    def fake_run_unit(spec, unit, workspace):
+        calls.append(unit)
+        if isinstance(unit, InversionUnit):
+            raise RuntimeError("out of memory")
+        return "ok"
+
+    monkeypatch.setattr(execute_module, "run_unit", fake_run_unit)
+    summary = execute_in_process(plan, spec, workspace=object())
+    assert [type(u).__name__ for u in calls] == ["InversionUnit", "StirUnit", "CkaUnit"]  # pt[0] not attempted
+    assert summary.failures[-1] == ("stir epoch=01 pt[0] seed 0", "not attempted: a unit it depends on failed")
+    assert summary.completed == 2 and not summary.stopped_early
+
+
+def test_the_same_error_on_the_first_units_stops_the_run_once(tmp_path: Path, monkeypatch, caplog) -> None:
+    from invariance.engine import execute as execute_module
+
+    _, _, plan, spec = open_tiny_run(tmp_path, [1, 2, 3])
+    calls = []
+
+    def broken_model(spec, unit, workspace):
+        calls.append(unit)
+        raise TypeError("'NoneType' object is not callable")
+
+    monkeypatch.setattr(execute_module, "run_unit", broken_model)
+    summary = execute_in_process(plan, spec, workspace=object())
+    assert len(calls) == SAME_ERROR_LIMIT and summary.stopped_early
+    assert "the first 3 shards all failed with the same error" in summary.stop_reason
+    assert caplog.text.count("stopping:") == 1
+
+
+def test_an_image_size_the_model_cannot_take_is_refused_before_any_task(tmp_path: Path) -> None:
+    write_checkpoints(tmp_path / "ckpt", epochs=[1])
+    write_eval_parquet(tmp_path / "data")
+    raw = tiny_config(tmp_path, str(tmp_path / "out"))
+    raw["data"]["image_size"] = 32  # the tiny ViT is built for 16x16
+    config = parse_config(raw)
+    with pytest.raises(ConfigError, match=r"data\.image_size: vit_tiny_patch16_224 takes 16x16 images, not 32x32"):
+        make_plan(config, Store(config.output))
+
+
+def test_model_strict_changes_no_settings_hash(tmp_path: Path) -> None:
+    raw = tiny_config(tmp_path, str(tmp_path / "out"))
+    loose = {**raw, "model": {**raw["model"], "strict": False}}
+    assert settings_hash(parse_config(raw).numbers_settings()) == settings_hash(parse_config(loose).numbers_settings())
