@@ -1,18 +1,20 @@
 # Two commands do everything on a fresh machine: `make demo` and `make test`.
-# Each (re)creates the virtualenv in $(VENV) when pyproject.toml changed.
+# Each (re)creates the virtualenv in $(VENV) from uv.lock when pyproject.toml or uv.lock changed.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test env clean bench
+.PHONY: demo test env lock lock-check clean bench
 
-$(STAMP): pyproject.toml
+# uv.lock is the one dependency set (make, CI, docker/Dockerfile). `uv sync --frozen` installs
+# exactly the locked versions and fails instead of re-resolving; --inexact keeps packages the
+# lock does not name (uv's bootstrap, a debugger you added). uv itself is bootstrapped with pip,
+# then the lock's uv (the test extra) replaces it.
+$(STAMP): pyproject.toml uv.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade uv
-	# uv resolves the CUDA build of torch from PyPI; it runs fine on CPU.
-	$(BIN)/uv pip install --python $(BIN)/python -e '.[test]' \
-	  || $(BIN)/python -m pip install -e '.[test]'
+	UV_PROJECT_ENVIRONMENT=$(VENV) $(BIN)/uv sync --frozen --inexact --extra test --python $(BIN)/python
 	touch $(STAMP)
 
 env: $(STAMP)
@@ -22,6 +24,14 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -ra
+
+# After editing dependencies in pyproject.toml: re-resolve, then commit uv.lock.
+lock: $(STAMP)
+	$(BIN)/uv lock
+
+# Fails when uv.lock no longer matches pyproject.toml (CI runs it).
+lock-check: $(STAMP)
+	$(BIN)/uv lock --check
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_shards_vs_pairwise.py
