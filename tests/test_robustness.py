@@ -133,3 +133,16 @@ def discover(folder, pattern: str, files: list[str]) -> list[Checkpoint]:
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
         (folder / name).write_bytes(b"x")
     return discover_checkpoints(f"{folder}/{pattern}")
+
+
+def test_the_plot_says_n_and_warns_below_five_epochs() -> None:
+    few = {epoch: CORRUPTED[epoch] for epoch in (1, 2, 3)}
+    metrics = pl.DataFrame(metric_rows(few), schema=METRICS_SCHEMA)
+    table = robustness.robustness_table(curves(), metrics, depth=4, run="s3://lab/run")
+    figure = robustness.robustness_figure(table, robustness.robustness_correlation(table), depth=4)
+    assert "r from 3 epochs" in figure.get_suptitle()
+    labels = [text.get_text() for text in figure.axes[0].get_legend().get_texts()]
+    assert labels and "(n = 3 epochs)" in labels[0]
+    enough = pl.DataFrame(metric_rows({**CORRUPTED, 5: 0.4}), schema=METRICS_SCHEMA)
+    table = robustness.robustness_table(curves({**FORGETTING, 5: [0.2] * 5}), enough, depth=4, run="r")
+    assert robustness.robustness_figure(table, robustness.robustness_correlation(table), depth=4).get_suptitle() == ""

@@ -12,6 +12,8 @@ from typing import Any
 import matplotlib
 import matplotlib.cm
 import matplotlib.colors
+import matplotlib.lines
+import matplotlib.patches
 import matplotlib.ticker
 import numpy as np
 import polars as pl
@@ -36,16 +38,38 @@ def png_bytes(figure: Figure) -> bytes:
     return buffer.getvalue()
 
 
-def _epoch_colors(epochs: list[int]) -> tuple[matplotlib.colors.Colormap, matplotlib.colors.Normalize]:
-    norm = matplotlib.colors.Normalize(vmin=min(epochs), vmax=max(max(epochs), min(epochs) + 1))
-    return matplotlib.colormaps["viridis"], norm
+BAND_LABEL = "shaded: ±1 std over seeds"
+# up to this many epochs (or layers) get a legend entry each; more get a discrete colour bar
+LEGEND_LIMIT = 12
 
 
-def layer_curves_png(curves: pl.DataFrame, title: str = "") -> bytes:
-    """Per-layer curves, one line per checkpoint epoch (mean over seeds, band = +-1 std)."""
+def _discrete_colors(values: list[int], colormap: str) -> tuple[dict[int, tuple], matplotlib.colors.Colormap,
+                                                                matplotlib.colors.BoundaryNorm]:  # fmt: skip
+    """One colour per integer value (epochs, layers), and the discrete norm of their colour bar."""
+    cmap = matplotlib.colormaps[colormap].resampled(max(2, len(values)))
+    bounds = np.arange(len(values) + 1) - 0.5
+    norm = matplotlib.colors.BoundaryNorm(bounds, cmap.N)
+    return {value: cmap(norm(position)) for position, value in enumerate(values)}, cmap, norm
+
+
+def _discrete_key(figure: Figure, axes: Any, values: list[int], colors: dict[int, tuple], cmap: Any, norm: Any,
+                  name: str) -> None:  # fmt: skip
+    """A legend entry per value when few, else a colour bar with one tick per value."""
+    if len(values) <= LEGEND_LIMIT:
+        handles = [matplotlib.lines.Line2D([], [], color=colors[v], marker="o", ms=4, label=f"{name} {v}") for v in values]
+        handles.append(matplotlib.patches.Patch(color="grey", alpha=0.25, label=BAND_LABEL))
+        figure.legend(handles=handles, loc="outside right center", fontsize=8, title=name)
+        return
+    colorbar = figure.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=axes, shrink=0.9)
+    colorbar.set_ticks(np.arange(len(values)), labels=[str(v) for v in values])
+    colorbar.set_label(f"{name} ({BAND_LABEL})")
+
+
+def layer_curves_figure(curves: pl.DataFrame, title: str = "") -> Figure:
+    """Per-layer curves, one line per checkpoint epoch (mean over seeds, band = ±1 std over seeds)."""
     epochs = sorted(curves["epoch"].unique().to_list())
-    cmap, norm = _epoch_colors(epochs)
-    figure = new_figure(figsize=(15, 4.2))
+    colors, cmap, norm = _discrete_colors(epochs, "viridis")
+    figure = new_figure(figsize=(16, 4.2))
     axes = figure.subplots(1, 3)
     for axis, (metric, label) in zip(axes, CURVE_METRICS):
         for epoch in epochs:
@@ -53,65 +77,110 @@ def layer_curves_png(curves: pl.DataFrame, title: str = "") -> bytes:
             layers = rows["layer"].to_numpy()
             mean = rows[f"{metric}_mean"].to_numpy()
             std = rows[f"{metric}_std"].fill_null(0.0).to_numpy()
-            color = cmap(norm(epoch))
-            axis.plot(layers, mean, marker="o", ms=3, color=color, lw=1.5)
-            axis.fill_between(layers, mean - std, mean + std, color=color, alpha=0.12, lw=0)
+            axis.plot(layers, mean, marker="o", ms=3, color=colors[epoch], lw=1.5)
+            axis.fill_between(layers, mean - std, mean + std, color=colors[epoch], alpha=0.12, lw=0)
         axis.axhline(0.0, color="grey", lw=0.6)
         axis.set_xticks(sorted(curves["layer"].unique().to_list()))
-        axis.set_xlabel("layer (block index; last = pre-logits)")
+        axis.set_xlabel("layer (last = pre-logits)")
+        axis.set_ylabel(metric.replace("_", " ") + " (mean over seeds)")
         axis.set_title(label, fontsize=10)
         axis.grid(alpha=0.3)
-    colorbar = figure.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=axes, shrink=0.9)
-    colorbar.set_label("checkpoint epoch")
-    if len(epochs) <= 12:
-        colorbar.set_ticks(epochs)
+    _discrete_key(figure, axes, epochs, colors, cmap, norm, "epoch")
     if title:
         figure.suptitle(title)
-    return png_bytes(figure)
+    return figure
 
 
-def dynamics_png(curves: pl.DataFrame, title: str = "") -> bytes:
-    """Each metric across checkpoint epochs, one line per layer."""
+def _readable_near_zero(axis: Any, values: np.ndarray) -> None:
+    """Symmetric-log y scale when the lines span decades (early layers' small values stay apart)."""
+    finite = np.abs(values[np.isfinite(values) & (values != 0)])
+    if len(finite) and finite.max() / max(finite.min(), 1e-12) > 100:
+        axis.set_yscale("symlog", linthresh=float(max(np.quantile(finite, 0.1), 1e-6)))
+        if np.nanmin(values) >= 0:  # no negative half when nothing is negative
+            axis.set_ylim(bottom=0)
+        axis.set_ylabel(axis.get_ylabel() + "\n(symmetric log scale)")
+
+
+def dynamics_figure(curves: pl.DataFrame, title: str = "") -> Figure:
+    """Each metric across checkpoint epochs, one line (colour and marker) per layer."""
     layers = sorted(curves["layer"].unique().to_list())
-    norm = matplotlib.colors.Normalize(vmin=min(layers), vmax=max(max(layers), 1))
-    cmap = matplotlib.colormaps["plasma"]
-    figure = new_figure(figsize=(15, 4.2))
+    colors, cmap, norm = _discrete_colors(layers, "turbo")
+    markers = "os^vD<>pX*h"
+    figure = new_figure(figsize=(16, 4.2))
     axes = figure.subplots(1, 3)
     for axis, (metric, label) in zip(axes, CURVE_METRICS):
-        for layer in layers:
+        for position, layer in enumerate(layers):
             rows = curves.filter(pl.col("layer") == layer).sort("epoch")
-            axis.plot(rows["epoch"].to_numpy(), rows[f"{metric}_mean"].to_numpy(), marker="o", ms=3,
-                      color=cmap(norm(layer)), lw=1.3)  # fmt: skip
+            axis.plot(rows["epoch"].to_numpy(), rows[f"{metric}_mean"].to_numpy(), marker=markers[position % len(markers)],
+                      ms=4, color=colors[layer], lw=1.3)  # fmt: skip
+        axis.axhline(0.0, color="grey", lw=0.6)
         axis.set_xlabel("checkpoint epoch")
+        axis.set_ylabel(metric.replace("_", " ") + " (mean over seeds)")
         axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         axis.set_title(label, fontsize=10)
         axis.grid(alpha=0.3)
-    colorbar = figure.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=axes, shrink=0.9)
-    colorbar.set_label("layer")
-    colorbar.set_ticks(layers)
+        _readable_near_zero(axis, curves[f"{metric}_mean"].cast(pl.Float64).to_numpy())
+    if len(layers) <= LEGEND_LIMIT:
+        handles = [matplotlib.lines.Line2D([], [], color=colors[layer], marker=markers[position % len(markers)], ms=4,
+                                           label=f"layer {layer}") for position, layer in enumerate(layers)]  # fmt: skip
+        figure.legend(handles=handles, loc="outside right center", fontsize=8, title="layer")
+    else:
+        _discrete_key(figure, axes, layers, colors, cmap, norm, "layer")
     if title:
         figure.suptitle(title)
-    return png_bytes(figure)
+    return figure
 
 
-def flow_heatmap_png(flow: pl.DataFrame, epoch: int) -> bytes:
-    """Invariance flow matrix of one checkpoint: rows pt layer i, columns ft layer j."""
+def flow_color_limit(flow: pl.DataFrame) -> float:
+    """The colour range of every flow heatmap of a table: ±max |flow| over all its epochs, so that
+    heatmaps of different epochs compare."""
+    values = flow["flow"].cast(pl.Float64).to_numpy() if len(flow) else np.array([])
+    finite = np.abs(values[np.isfinite(values)])
+    return float(finite.max()) if len(finite) and finite.max() > 0 else 1.0
+
+
+def checkpoint_title(checkpoint: str, epoch: int) -> str:
+    """``epoch 3``, with the checkpoint's name only where it says more than the epoch."""
+    plain = {f"epoch={epoch}", f"epoch={epoch:02d}", f"epoch={epoch:03d}"}
+    return f"epoch {epoch}" if not checkpoint or checkpoint in plain else f"epoch {epoch} ({checkpoint})"
+
+
+def flow_figure(flow: pl.DataFrame, epoch: int) -> Figure:
+    """Invariance flow matrix of one checkpoint (rows pt layer i, columns ft layer j), on the colour
+    range shared by every epoch of ``flow``; the diagonal (0 by definition) is outlined."""
     rows = flow.filter(pl.col("epoch") == epoch)
     pt_layers = sorted(rows["pt_layer"].unique().to_list())
     ft_layers = sorted(rows["ft_layer"].unique().to_list())
     matrix = np.full((len(pt_layers), len(ft_layers)), np.nan)
     for pt_layer, ft_layer, value in rows.select("pt_layer", "ft_layer", "flow").iter_rows():
         matrix[pt_layers.index(pt_layer), ft_layers.index(ft_layer)] = value
-    limit = float(np.nanmax(np.abs(matrix))) if np.isfinite(matrix).any() else 1.0
-    figure = new_figure(figsize=(6, 5))
+    limit = flow_color_limit(flow)
+    figure = new_figure(figsize=(6.4, 5))
     axis = figure.subplots()
-    image = axis.imshow(matrix, cmap="RdBu_r", vmin=-limit or -1, vmax=limit or 1, origin="upper")
+    image = axis.imshow(matrix, cmap="RdBu_r", vmin=-limit, vmax=limit, origin="upper")
+    for position, layer in enumerate(pt_layers):
+        if layer in ft_layers:
+            column = ft_layers.index(layer)
+            axis.add_patch(matplotlib.patches.Rectangle((column - 0.5, position - 0.5), 1, 1, fill=False,
+                                                        edgecolor="black", lw=1.0))  # fmt: skip
     axis.set_xticks(range(len(ft_layers)), ft_layers)
     axis.set_yticks(range(len(pt_layers)), pt_layers)
     axis.set_xlabel("finetuned layer j")
     axis.set_ylabel("pretrained layer i")
     checkpoint = rows["checkpoint"][0] if len(rows) else ""
-    axis.set_title(f"invariance flow  STIR(ft[j]|pt[i]) - STIR(ft[i]|pt[i])\n{checkpoint} (epoch {epoch}); "
-                   "left of diagonal > 0: compression", fontsize=9)  # fmt: skip
-    figure.colorbar(image, ax=axis, label="flow")
-    return png_bytes(figure)
+    axis.set_title(f"invariance flow  STIR(ft[j]|pt[i]) - STIR(ft[i]|pt[i]),  {checkpoint_title(checkpoint, epoch)}\n"
+                   "left of the outlined diagonal > 0: compression; right: expansion", fontsize=9)  # fmt: skip
+    figure.colorbar(image, ax=axis, label="flow (mean over seeds; one range for every epoch)")
+    return figure
+
+
+def layer_curves_png(curves: pl.DataFrame, title: str = "") -> bytes:
+    return png_bytes(layer_curves_figure(curves, title))
+
+
+def dynamics_png(curves: pl.DataFrame, title: str = "") -> bytes:
+    return png_bytes(dynamics_figure(curves, title))
+
+
+def flow_heatmap_png(flow: pl.DataFrame, epoch: int) -> bytes:
+    return png_bytes(flow_figure(flow, epoch))

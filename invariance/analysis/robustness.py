@@ -14,14 +14,19 @@ its checkpoints (read by ``invariance.io.run_metrics``); these functions take th
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import polars as pl
 
 from invariance.analysis.plots import new_figure, png_bytes
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
 Frame = TypeVar("Frame", pl.DataFrame, pl.LazyFrame)
 FIRST_SPREAD_LAYER = 2
+# below this many epochs the plot warns that its r says little
+MIN_TRUSTED_EPOCHS = 5
 
 
 def spread_layers(depth: int) -> tuple[int, int]:
@@ -100,6 +105,10 @@ def robustness_tables(
 
 
 def robustness_png(table: pl.DataFrame, correlation: pl.DataFrame, depth: int) -> bytes:
+    return png_bytes(robustness_figure(table, correlation, depth))
+
+
+def robustness_figure(table: pl.DataFrame, correlation: pl.DataFrame, depth: int) -> "Figure":
     """Left: forgetting spread and corrupted accuracy across epochs; right: one against the other."""
     import matplotlib.ticker
 
@@ -116,7 +125,8 @@ def robustness_png(table: pl.DataFrame, correlation: pl.DataFrame, depth: int) -
         color = f"C{index}"
         name = str(run[0]).rsplit("/", 1)[-1]
         r = correlation.filter(pl.col("run") == run[0])["pearson_r" if by_accuracy else "pearson_r_loss"][0]
-        label = f"{name}  r = {r:.3f}" if r is not None else f"{name}  r undefined"
+        n = rows.height
+        label = f"{name}  r = {r:.3f} (n = {n} epochs)" if r is not None else f"{name}  r undefined (n = {n} epochs)"
         epochs = rows["epoch"].to_numpy()
         over_epochs.plot(epochs, rows["forgetting_std_across_layers"].to_numpy(), marker="o", ms=3, color=color, label=label)
         accuracy_axis.plot(epochs, rows[score].to_numpy(), marker="s", ms=3, ls="--", color=color)
@@ -132,5 +142,9 @@ def robustness_png(table: pl.DataFrame, correlation: pl.DataFrame, depth: int) -
     scatter.set_xlabel(f"std of forgetting over layers {first}..{last}")
     scatter.set_ylabel(score_label)
     scatter.set_title("robustness link (Pearson r over epochs)", fontsize=10)
+    fewest = int(correlation["n_epochs"].min())
+    if fewest < MIN_TRUSTED_EPOCHS:
+        figure.suptitle(f"caution: r from {fewest} epoch{'s' if fewest != 1 else ''}; below {MIN_TRUSTED_EPOCHS} "
+                        "epochs a Pearson r says little", color="firebrick", fontsize=10)  # fmt: skip
     scatter.grid(alpha=0.3)
-    return png_bytes(figure)
+    return figure
