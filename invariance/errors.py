@@ -19,3 +19,8 @@ class DataError(InvarianceError):
 
 class StorageError(InvarianceError):
     """The output store cannot be reached, read or written."""
+
+
+class NumericsError(InvarianceError):
+    """A unit computed NaN or inf values (e.g. ``model.std`` of 0, diverged weights): nothing
+    of it is written or marked done."""

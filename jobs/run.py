@@ -15,12 +15,14 @@ from invariance.config import RunConfig, load_config, settings_hash
 from invariance.core.cost import inversion_flops
 from invariance.io.data import load_eval_images
 from invariance.engine.lease import RunLease
-from invariance.core.models import load_model
+from invariance.core.models import describe_layers, load_model
 from invariance.engine.plan import Plan, make_plan
 from invariance.engine.reduce import ReduceResult, reduce_plan
 from invariance.engine.steps import RunSpec
 from invariance.io.storage import Store
 from invariance.engine.execute import ExecuteSummary
+from invariance.errors import CheckpointError, DataError, StorageError
+from invariance.io.paths import ResolvedPaths, config_folder, resolve_paths
 from jobs.execute import execute
 
 
@@ -36,18 +38,31 @@ def connect_ray(num_cpus: int | None = None) -> None:
                  _node_ip_address="127.0.0.1")
 
 
+def load_run_config(config: RunConfig | str) -> tuple[RunConfig, ResolvedPaths]:
+    """The validated config with every relative path made absolute, on the driver: against the
+    config file's folder when ``config`` is a path or URL, else the working directory."""
+    if isinstance(config, RunConfig):
+        return resolve_paths(config)
+    return resolve_paths(load_config(config), config_folder(str(config)))
+
+
 def open_run(config: RunConfig | str, check_data: bool = True) -> tuple[RunConfig, Store, Plan, RunSpec]:
-    """Load and validate the config, check the output is writable (a named error for a wrong
-    URL, bucket or credentials, before anything else), plan, and (unless told not to) read the
-    eval data once when there is work left."""
-    if not isinstance(config, RunConfig):
-        config = load_config(config)
-    store = Store(config.output, dict(config.storage_options))
-    store.check_writable()
-    plan = make_plan(config, store)
-    if check_data and (plan.missing_stir or plan.missing_cka or plan.missing_inversions):
-        # fail before any task starts: every shard reads the same eval images
-        load_eval_images(config.data, config.data.image_size or plan.input_size, config.storage_options)
+    """Load and validate the config, resolve its relative paths, check the output is writable (a
+    named error for a wrong URL, bucket or credentials, before anything else; the check leaves
+    nothing behind), plan, and (unless told not to) read the eval data once when there is work left.
+    A path error says how relative paths were resolved."""
+    config, paths = load_run_config(config)
+    try:
+        store = Store(config.output, dict(config.storage_options))
+        store.check_writable()
+        plan = make_plan(config, store)
+        if check_data and (plan.missing_stir or plan.missing_cka or plan.missing_inversions):
+            # fail before any task starts: every shard reads the same eval images
+            load_eval_images(config.data, config.data.image_size or plan.input_size, config.storage_options)
+    except (CheckpointError, DataError, StorageError) as error:
+        if not paths.note():
+            raise
+        raise type(error)(f"{error} {paths.note()}") from error
     spec = RunSpec(config, store, plan.settings_hash, plan.inversion_hash, tuple(plan.layers))
     return config, store, plan, spec
 
@@ -57,6 +72,7 @@ def describe_plan(plan: Plan, out: TextIO = sys.stdout) -> None:
     print(
         f"settings {plan.settings_hash}: {len(plan.checkpoints)} checkpoints "
         f"(epochs {plan.checkpoints[0].epoch}..{plan.checkpoints[-1].epoch}), layers {plan.layers}\n"
+        f"  layers of the model: {describe_layers(plan.layer_names)}\n"
         f"  pretrained inversions: {len(plan.inversions) - len(plan.missing_inversions)}/{len(plan.inversions)} cached\n"
         f"  STIR shards: {len(plan.stir) - len(plan.missing_stir)}/{len(plan.stir)} done\n"
         f"  CKA shards:  {len(plan.cka) - len(plan.missing_cka)}/{len(plan.cka)} done\n"
@@ -67,7 +83,7 @@ def describe_plan(plan: Plan, out: TextIO = sys.stdout) -> None:
 
 def estimate_cost(config: RunConfig, plan: Plan) -> tuple[float, int]:
     """(inversion TFLOPs still to do, inversions still to do), measured on the model's layers."""
-    model = load_model(config.model, None)
+    model = load_model(config.model, None, modules=config.layer_modules)
     per_layer = {
         layer: inversion_flops(model, layer, config.data.n_samples, config.inversion.iterations, config.token_policy)
         for layer in plan.layers

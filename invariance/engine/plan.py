@@ -4,16 +4,19 @@ no computation of results."""
 
 from __future__ import annotations
 
+import logging
+import posixpath
 from dataclasses import dataclass, field
 
 from invariance.io.checkpoints import Checkpoint, discover_checkpoints
 from invariance.config import RunConfig, settings_hash
 from invariance.errors import CheckpointError
 from invariance.io.layout import MANIFESTS, CkaUnit, InversionUnit, StirUnit, Unit
-from invariance.core.models import build_network, check_input_size, network_input_size
+from invariance.core.models import check_models
 from invariance.io.storage import Store
 
 REF_MODELS = ("pt", "ft")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -30,10 +33,23 @@ class Plan:
     stir: list[StirUnit]
     cka: list[CkaUnit]
     done: set[str] = field(default_factory=set)
+    layer_names: list[str] = field(default_factory=list)  # what each layer index is ("blocks.3", "pre-logits")
 
     def refresh(self, store: Store) -> None:
-        """Re-read the completion records (one listing), e.g. after an execution."""
-        self.done = set(store.list(MANIFESTS))
+        """Re-read what is done, e.g. after an execution: one listing of the completion records
+        and one of each kind's data folder. A unit is done when its record AND its data object
+        exist; a record whose data is gone (a deleted shard) leaves the unit missing, to recompute."""
+        records = set(store.list(MANIFESTS))
+        units: list[Unit] = [*self.inversions, *self.stir, *self.cka]
+        recorded = [u for u in units if self.record_key(u) in records]
+        present: set[str] = set()
+        for kind in {type(u) for u in recorded}:  # the folder all data keys of a kind share
+            present.update(store.list(posixpath.commonpath([self.data_key(u) for u in recorded if type(u) is kind])))
+        self.done = {self.record_key(u) for u in recorded if self.data_key(u) in present}
+        lost = [u for u in recorded if self.data_key(u) not in present]
+        if lost:
+            log.warning("%d completion records without their data (e.g. %s): recomputing them",
+                        len(lost), store.url(self.data_key(lost[0])))  # fmt: skip
 
     def record_key(self, unit: Unit) -> str:
         """Where ``unit``'s completion record goes (pt inversions: under their own settings)."""
@@ -100,10 +116,10 @@ def make_plan(config: RunConfig, store: Store, checkpoints: list[Checkpoint] | N
             f"checkpoints: the pattern {config.checkpoints!r} matches no file; check the folder "
             "and that {epoch} stands where the epoch number is in the file names"
         )
-    network = build_network(config.model)
-    if config.data.image_size is not None:  # before any task: every shard would fail alike
-        check_input_size(network, config.data.image_size, config.model.arch or config.model.factory)
-    depth = len(network.blocks)
+    # before any task: a model, image size or finetuned model that cannot work fails every shard alike
+    model = check_models(config.model, config.finetuned_model, config.layer_modules, config.token_policy,
+                         config.data.image_size)  # fmt: skip
+    depth = model.depth
     layers = config.resolve_layers(depth)
     stir = [
         StirUnit(c.epoch, ref_model, layer, seed, c.name, c.url)
@@ -112,15 +128,17 @@ def make_plan(config: RunConfig, store: Store, checkpoints: list[Checkpoint] | N
         for layer in layers
         for seed in config.seeds
     ]
-    return Plan(
+    plan = Plan(
         settings_hash=settings_hash(config.numbers_settings()),
         inversion_hash=settings_hash(config.inversion_settings()),
         checkpoints=checkpoints,
         layers=layers,
         depth=depth,
-        input_size=network_input_size(network),
+        input_size=model.input_size,
+        layer_names=model.layer_names(),
         inversions=[InversionUnit(layer, seed) for layer in layers for seed in config.seeds],
         stir=stir,
         cka=[CkaUnit(c.epoch, c.name, c.url) for c in checkpoints],
-        done=set(store.list(MANIFESTS)),
     )
+    plan.refresh(store)
+    return plan

@@ -6,6 +6,7 @@ incomplete rather than averaged over what happens to be there.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import time
@@ -21,6 +22,7 @@ from invariance.io.layout import (
     DYNAMICS_PLOT, LAYER_CURVES_PLOT, REDUCED_CURVES, REDUCED_FLOW, REDUCED_ROBUSTNESS,
     REDUCED_ROBUSTNESS_CORRELATION, REDUCED_STATUS, ROBUSTNESS_PLOT, flow_plot_key,
 )  # fmt: skip
+from invariance.io.layout import Unit
 from invariance.io.run_metrics import read_run_metrics
 from invariance.io.storage import Store, parquet_bytes
 
@@ -36,14 +38,60 @@ class ReduceResult:
     complete_epochs: list[int]
     incomplete_epochs: dict[int, int]
     written: list[str] = field(default_factory=list)
+    unreadable: list[Unit] = field(default_factory=list)  # shards found unreadable: missing again
+
+
+def _read_shards(plan: Plan, store: Store, units: list[Unit]) -> tuple[pl.DataFrame, list[Unit]]:
+    """The rows of ``units``' shards, and the units whose data object is not readable Parquet
+    (a truncated or overwritten file): all read at once, one by one only to find the bad ones."""
+    keys = [plan.data_key(u) for u in units]
+    try:
+        return store.read_parquet(keys), []
+    except StorageError:
+        pass
+    frames, unreadable = [], []
+    for unit, key in zip(units, keys):
+        data = store.get(key)  # a StorageError here (unreachable store) is not the shard's fault
+        try:
+            frames.append(pl.read_parquet(io.BytesIO(data)))
+        except Exception as exc:  # noqa: BLE001 - polars raises several types for a bad file
+            log.warning("%s: not a readable Parquet file (%s: %s); its shard is recomputed by the next run",
+                        store.url(key), type(exc).__name__, exc)  # fmt: skip
+            unreadable.append(unit)
+    try:
+        return (pl.concat(frames) if frames else pl.DataFrame()), unreadable
+    except pl.exceptions.PolarsError as exc:
+        raise StorageError(f"Parquet files under {store.url('')} do not share one schema: {exc}") from exc
+
+
+def _forget(plan: Plan, store: Store, units: list[Unit]) -> None:
+    """Remove the completion records of ``units`` (their data is unreadable): missing again."""
+    for unit in units:
+        try:
+            store.fs.rm_file(store.path(plan.record_key(unit)))
+        except FileNotFoundError:
+            pass
+        except Exception as exc:  # noqa: BLE001
+            raise StorageError(f"cannot remove {store.url(plan.record_key(unit))}: {type(exc).__name__}: {exc}") from exc
+        plan.done.discard(plan.record_key(unit))
 
 
 def reduce_plan(plan: Plan, store: Store, make_plots: bool = True) -> ReduceResult:
-    """Build ``reduced/`` and ``plots/`` from the complete checkpoints of ``plan``."""
+    """Build ``reduced/`` and ``plots/`` from the complete checkpoints of ``plan``.
+
+    A shard whose data is unreadable counts as missing: its completion record is removed (the
+    next run recomputes it), its checkpoint is incomplete, and ``result.unreadable`` lists it."""
     incomplete = plan.incomplete_epochs()
     complete = [c.epoch for c in plan.checkpoints if c.epoch not in incomplete]
-    stir = store.read_parquet([u.data_key(plan.settings_hash) for u in plan.stir if u.epoch in complete])
-    cka = store.read_parquet([u.data_key(plan.settings_hash) for u in plan.cka if u.epoch in complete])
+    stir, bad_stir = _read_shards(plan, store, [u for u in plan.stir if u.epoch in complete])
+    cka, bad_cka = _read_shards(plan, store, [u for u in plan.cka if u.epoch in complete])
+    unreadable: list[Unit] = [*bad_stir, *bad_cka]
+    if unreadable:
+        _forget(plan, store, unreadable)
+        incomplete = plan.incomplete_epochs()
+        complete = [c.epoch for c in plan.checkpoints if c.epoch not in incomplete]
+        stir = stir.filter(pl.col("epoch").is_in(complete)) if not stir.is_empty() else stir
+        cka = cka.filter(pl.col("epoch").is_in(complete)) if not cka.is_empty() else cka
     if complete:
         # shards are keyed by epoch; the name is the plan's, so that rows written under another
         # naming (an older release) still group with their epoch
@@ -58,7 +106,7 @@ def reduce_plan(plan: Plan, store: Store, make_plots: bool = True) -> ReduceResu
         flow = metrics.flow_table(stir).with_columns(settings)
     else:
         curves, flow = pl.DataFrame(), pl.DataFrame()
-    result = ReduceResult(curves, flow, complete, incomplete)
+    result = ReduceResult(curves, flow, complete, incomplete, unreadable=unreadable)
     outputs: dict[str, bytes] = {}
     if complete:
         outputs[REDUCED_CURVES] = parquet_bytes(curves)

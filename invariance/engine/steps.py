@@ -23,6 +23,7 @@ from invariance.core.inversion import InversionResult
 from invariance.io.layout import CkaUnit, InversionUnit, StirUnit, Unit
 from invariance.core.models import FeatureModel, load_model
 from invariance.core.shards import CKA_COLUMNS, STIR_COLUMNS, ShardContext
+from invariance.errors import NumericsError
 from invariance.io.storage import Store
 
 
@@ -58,10 +59,14 @@ class Workspace:
         self._images: dict[str, EvalImages] = {}
         self._contexts: OrderedDict[tuple[str, str | None], ShardContext] = OrderedDict()
 
-    def model(self, config: RunConfig, weights: str | None) -> FeatureModel:
-        key = (config.model.model_dump_json(), weights)
+    def model(self, config: RunConfig, weights: str | None, role: str = "pt", layers: tuple[int, ...] | None = None) -> FeatureModel:
+        """The model of ``role`` ("pt": ``model``; "ft": ``finetuned_model``, else ``model``) with
+        ``weights``; ``layers``: the analysed ones (``model.strict: false`` must load all they read)."""
+        model_config = config.finetuned_model if role == "ft" and config.finetuned_model else config.model
+        key = (model_config.model_dump_json(), str(config.layers), weights)
         if key not in self._models:
-            self._models[key] = load_model(config.model, weights, config.storage_options).to(self.device)
+            self._models[key] = load_model(model_config, weights, config.storage_options, modules=config.layer_modules,
+                                           layers=layers).to(self.device)  # fmt: skip
             while len(self._models) > self.max_models:
                 self._models.popitem(last=False)
         self._models.move_to_end(key)
@@ -78,9 +83,9 @@ class Workspace:
         """Shard context for pt and (unless None) the checkpoint at ``checkpoint_url``."""
         key = (spec.settings_hash, checkpoint_url)
         if key not in self._contexts:
-            models = {"pt": self.model(spec.config, spec.config.pretrained)}
+            models = {"pt": self.model(spec.config, spec.config.pretrained, "pt", spec.layers)}
             if checkpoint_url is not None:
-                models["ft"] = self.model(spec.config, checkpoint_url)
+                models["ft"] = self.model(spec.config, checkpoint_url, "ft", spec.layers)
             images = self.eval_images(spec.config, models["pt"].input_size)
             self._contexts[key] = ShardContext(
                 models, images, spec.layers, spec.config.token_policy, spec.config.inversion
@@ -107,6 +112,26 @@ def _shard_frame(rows: list[dict[str, Any]], columns: tuple[str, ...], identity:
     return pl.DataFrame([{**identity, **row} for row in rows]).select(columns)
 
 
+NON_FINITE_HINT = ("check model.mean and model.std (a std of 0 divides by 0), the weights, and that the "
+                   "eval images are not all alike; nothing of this shard is written")  # fmt: skip
+
+
+def check_finite(unit: Unit, frame: pl.DataFrame) -> None:
+    """NumericsError naming the columns holding NaN or inf (or null) values: such rows are
+    never written, nor their unit marked done."""
+    bad = {}
+    for name, dtype in frame.schema.items():
+        if dtype.is_float():
+            count = frame.select((pl.col(name).is_nan() | pl.col(name).is_infinite() | pl.col(name).is_null()).sum()).item()
+            if count:
+                bad[name] = count
+    if bad:
+        described = ", ".join(f"{name} ({count} of {frame.height} rows)" for name, count in bad.items())
+        error = NumericsError(f"non-finite values (NaN or inf) in {described}: {NON_FINITE_HINT}")
+        error.unit = unit  # type: ignore[attr-defined] - executors print the unit beside the message
+        raise error
+
+
 def save_inversion(store: Store, key: str, result: InversionResult) -> None:
     """X' ``[n, 3, S, S]`` float32, its per-sample losses and step count, as one safetensors put."""
     from safetensors.torch import save
@@ -131,6 +156,8 @@ def run_inversion(spec: RunSpec, unit: InversionUnit, workspace: Workspace) -> s
     started = time.time()
     context = workspace.context(spec, None)
     result = context.invert("pt", unit.ref_layer, unit.seed)
+    check_finite(unit, pl.DataFrame({"final_loss": result.final_loss.double().cpu().numpy(),
+                                     "images": result.images.flatten(1).double().sum(1).cpu().numpy()}))  # fmt: skip
     data_key = unit.data_key(spec.inversion_hash)
     save_inversion(spec.store, data_key, result)
     record_key = unit.record_key(spec.inversion_hash)
@@ -149,7 +176,9 @@ def _write_shard(
     """Write a shard's rows once, then its completion record; returns the record key."""
     identity = {"settings": spec.settings_hash, "checkpoint": unit.checkpoint, "epoch": unit.epoch, "version": __version__}
     data_key = unit.data_key(spec.settings_hash)
-    spec.store.put_parquet(data_key, _shard_frame(rows, columns, identity))
+    frame = _shard_frame(rows, columns, identity)
+    check_finite(unit, frame)
+    spec.store.put_parquet(data_key, frame)
     record_key = unit.record_key(spec.settings_hash)
     spec.store.put(record_key, _record(data_key, len(rows), started, checkpoint=unit.checkpoint, epoch=unit.epoch,
                                        **record_fields))  # fmt: skip

@@ -1,0 +1,75 @@
+"""Relative paths and refused runs (issues 13.1, 18.2): resolved one way, against the config
+file's folder, on the driver; a refused run leaves nothing under `output`. No Ray."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import yaml
+
+from jobs.cli import main as cli_main
+from jobs.run import open_run
+from tests.helpers import tiny_config, write_checkpoints, write_eval_parquet
+
+
+def _relative_config(tmp_path: Path, **overrides) -> Path:
+    """tmp/configs/run.yaml naming ../ckpt, ../data and `results` relative to its own folder."""
+    write_checkpoints(tmp_path / "ckpt", epochs=[1])
+    write_eval_parquet(tmp_path / "data")
+    raw = tiny_config(tmp_path, "results", seeds=[0])
+    raw.update(pretrained="../ckpt/pretrained.safetensors", checkpoints="../ckpt/ft/epoch={epoch}.safetensors")
+    raw["data"] = {**raw["data"], "path": "../data"}
+    raw.update(overrides)
+    folder = tmp_path / "configs"
+    folder.mkdir(exist_ok=True)
+    (folder / "run.yaml").write_text(yaml.safe_dump(raw))
+    return folder / "run.yaml"
+
+
+def test_relative_paths_resolve_against_the_config_folder_from_any_working_directory(tmp_path: Path, monkeypatch) -> None:
+    path = _relative_config(tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    config, store, plan, spec = open_run("../configs/run.yaml")
+    assert config.output == str(tmp_path / "configs" / "results")
+    assert config.pretrained == str(tmp_path / "ckpt" / "pretrained.safetensors")
+    assert config.checkpoints == str(tmp_path / "ckpt" / "ft" / "epoch={epoch}.safetensors")
+    assert config.data.path == str(tmp_path / "data")
+    assert [c.epoch for c in plan.checkpoints] == [1]
+    assert spec.config.output == store.root == config.output  # what every task gets: absolute
+    assert not (elsewhere / "results").exists() and not (tmp_path / "configs" / "results").exists()
+
+
+def test_a_path_error_shows_the_resolved_path_and_the_working_directory(tmp_path: Path, monkeypatch, capsys) -> None:
+    path = _relative_config(tmp_path, checkpoints="ckpt/ft/epoch={epoch}.safetensors")
+    monkeypatch.chdir(tmp_path)
+    assert cli_main(["plan", str(path), "--no-cost"]) == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path / "configs" / "ckpt" / "ft" / "epoch={epoch}.safetensors") in err
+    assert f"working directory: {tmp_path}" in err
+    assert f"the config file's folder {tmp_path / 'configs'}" in err
+    assert "checkpoints: 'ckpt/ft/epoch={epoch}.safetensors'" in err
+
+
+def test_a_refused_run_leaves_the_output_untouched(tmp_path: Path, capsys) -> None:
+    path = _relative_config(tmp_path, output=str(tmp_path / "new" / "out"))
+    raw = yaml.safe_load(path.read_text())
+    raw["data"]["path"] = "../no-such-data"
+    path.write_text(yaml.safe_dump(raw))
+    assert cli_main(["run", str(path), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path / "no-such-data") in err
+    assert not (tmp_path / "new").exists()  # not even the writability probe's folders
+
+
+def test_the_writability_check_leaves_an_existing_output_as_it_was(tmp_path: Path) -> None:
+    from invariance.io.storage import Store
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("x")
+    Store(str(tmp_path / "out")).check_writable()
+    assert sorted(p.name for p in (tmp_path / "out").rglob("*")) == ["keep.txt"]
+    Store(str(tmp_path / "a" / "b")).check_writable()
+    assert not (tmp_path / "a").exists()
