@@ -176,8 +176,14 @@ class Store:
         return sorted(k for k in keys if not is_temporary(k))
 
     def check_writable(self) -> None:
-        """Fail early, naming the output prefix, when it cannot be written."""
+        """Fail early, naming the output prefix, when it cannot be written. Leaves nothing
+        behind: on a local disk the folders the probe created are removed with it."""
         probe = write_probe_key(uuid.uuid4().hex)
+        existing = None
+        if isinstance(self.fs, LocalFileSystem):  # the deepest folder that exists before the probe
+            existing = os.path.dirname(self.path(probe))
+            while existing and not os.path.isdir(existing) and os.path.dirname(existing) != existing:
+                existing = os.path.dirname(existing)
         try:
             self.put(probe, b"ok")
         except StorageError as exc:
@@ -187,5 +193,9 @@ class Store:
             ) from exc
         try:
             self.fs.rm_file(self.path(probe))
+            folder = os.path.dirname(self.path(probe))
+            while existing is not None and folder != existing and folder.startswith(existing):
+                os.rmdir(folder)  # only folders the probe created, empty once it is gone
+                folder = os.path.dirname(folder)
         except Exception:  # noqa: BLE001 - a leftover probe is harmless
             pass
