@@ -13,7 +13,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from invariance.io.checkpoints import load_state_dict
+from invariance.io.checkpoints import check_float_weights, load_state_dict
 from invariance.config import ModelConfig, TokenPolicy
 from invariance.errors import CheckpointError, ConfigError
 
@@ -89,6 +89,7 @@ def load_weights(network: nn.Module, state: dict[str, torch.Tensor], source: str
         for k in sorted(set(own) & set(state))
         if own[k].shape != state[k].shape
     ]
+    check_float_weights(state, own, source)
     if shape_mismatch or (strict and (missing or unexpected)):
         raise CheckpointError(
             f"{source} does not match the model (model.arch/kwargs or model.factory):\n"

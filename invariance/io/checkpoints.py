@@ -17,9 +17,11 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 
 from invariance.errors import CheckpointError
-from invariance.io.storage import open_filesystem
+from invariance.io.storage import fingerprint_file, fingerprint_info, open_filesystem, redact
 
 EPOCH_PLACEHOLDER = "{epoch}"
+# epochs are stored as Int64 (shard rows, hive folders): a larger number cannot be reduced
+MAX_EPOCH = 2**63 - 1
 _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module", "ema")
 _STRIPPED_PREFIXES = ("module.", "_orig_mod.")
 
@@ -27,11 +29,33 @@ _STRIPPED_PREFIXES = ("module.", "_orig_mod.")
 @dataclass(frozen=True, order=True)
 class Checkpoint:
     """One finetuning checkpoint: its epoch (sort key), name (its path from where the pattern
-    varies, without extension: ``epoch=07``, ``epoch=07/model``) and URL."""
+    varies, without extension: ``epoch=07``, ``epoch=07/model``), URL, and fingerprint (the
+    file's identity: content hash, ETag or size and mtime; a file replaced in place changes it)."""
 
     epoch: int
     name: str
     url: str
+    fingerprint: str = ""
+
+
+def glob_escape(path: str) -> str:
+    """``path`` with glob's special characters (``*?[``) matched literally: ``run[1]`` -> ``run[[]1]``."""
+    return "".join(f"[{char}]" if char in "*?[" else char for char in path)
+
+
+def weights_fingerprint(url: str, storage_options: dict[str, Any] | None = None, key: str = "pretrained") -> str:
+    """Identity of the weights at ``url`` (``timm`` names timm's own weights: its version)."""
+    if url == "timm":
+        import timm
+
+        return f"timm-{timm.__version__}"
+    fs, path = open_filesystem(url, storage_options)
+    try:
+        return fingerprint_file(fs, path)
+    except FileNotFoundError:
+        raise CheckpointError(f"{key}: no file at {redact(url)}") from None
+    except Exception as exc:  # noqa: BLE001 - every backend raises its own types
+        raise CheckpointError(f"{key}: cannot read {redact(url)} ({type(exc).__name__}: {redact(str(exc))})") from exc
 
 
 def discover_checkpoints(pattern: str, storage_options: dict[str, Any] | None = None) -> list[Checkpoint]:
@@ -39,30 +63,40 @@ def discover_checkpoints(pattern: str, storage_options: dict[str, Any] | None = 
     if pattern.count(EPOCH_PLACEHOLDER) != 1:
         raise CheckpointError(
             f"checkpoints: the pattern must contain {EPOCH_PLACEHOLDER} exactly once, "
-            f"e.g. 's3://lab/run/epoch={EPOCH_PLACEHOLDER}.safetensors'; got {pattern!r}"
+            f"e.g. 's3://lab/run/epoch={EPOCH_PLACEHOLDER}.safetensors'; got {redact(pattern)!r}"
         )
     fs, path_pattern = open_filesystem(pattern.replace(EPOCH_PLACEHOLDER, "EPOCHPLACEHOLDER"), storage_options)
     path_pattern = path_pattern.replace("EPOCHPLACEHOLDER", EPOCH_PLACEHOLDER)
     before, after = path_pattern.split(EPOCH_PLACEHOLDER)
-    matcher = re.compile(re.escape(before) + r"(\d+)" + re.escape(after) + "$")
+    # ASCII digits only: \d would read Unicode digits (epoch=\uff12) as an epoch
+    matcher = re.compile(re.escape(before) + r"([0-9]+)" + re.escape(after) + "$")
     try:
         fs.invalidate_cache()
-        candidates = fs.glob(before + "*" + after)
+        # the fixed parts are literal: a '[' in a folder name is not a glob character class
+        candidates = fs.glob(glob_escape(before) + "*" + glob_escape(after), detail=True)
     except Exception as exc:  # noqa: BLE001
-        raise CheckpointError(f"checkpoints: cannot list {pattern!r}: {type(exc).__name__}: {exc}") from exc
+        raise CheckpointError(
+            f"checkpoints: cannot list {redact(pattern)!r}: {type(exc).__name__}: {redact(str(exc))}"
+        ) from exc
     found: dict[int, Checkpoint] = {}
-    for path in candidates:
+    for path, info in sorted(candidates.items()):
         match = matcher.match(path)
-        if match is None:
+        if match is None or info.get("type", "file") != "file":
             continue
         epoch = int(match.group(1))
         url = path if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(path)
+        if epoch > MAX_EPOCH:
+            raise CheckpointError(
+                f"checkpoints: {redact(url)}: epoch {match.group(1)} is beyond the largest epoch a table can "
+                f"hold ({MAX_EPOCH}); rename the file or narrow the pattern"
+            )
         if epoch in found:
             raise CheckpointError(
-                f"checkpoints: epoch {epoch} matches two files ({found[epoch].url} and {url}); "
+                f"checkpoints: epoch {epoch} matches two files ({redact(found[epoch].url)} and {redact(url)}); "
                 "make the pattern specific to one run"
             )
-        found[epoch] = Checkpoint(epoch=epoch, name=_checkpoint_name(path, before), url=url)
+        fingerprint = fingerprint_file(fs, path, info) if isinstance(fs, LocalFileSystem) else fingerprint_info(info)
+        found[epoch] = Checkpoint(epoch=epoch, name=_checkpoint_name(path, before), url=url, fingerprint=fingerprint)
     return sorted(found.values())
 
 
@@ -91,12 +125,12 @@ def _unwrap(obj: Any, url: str) -> dict[str, torch.Tensor]:
                     obj = inner
                     break
     if not isinstance(obj, dict) or not obj:
-        raise CheckpointError(f"{url}: expected a state_dict (a dict of tensors), got {type(obj).__name__}")
+        raise CheckpointError(f"{redact(url)}: expected a state_dict (a dict of tensors), got {type(obj).__name__}")
     state: dict[str, torch.Tensor] = {}
     for key, value in obj.items():
         if not isinstance(value, torch.Tensor):
             raise CheckpointError(
-                f"{url}: entry {key!r} is a {type(value).__name__}, not a tensor; save "
+                f"{redact(url)}: entry {key!r} is a {type(value).__name__}, not a tensor; save "
                 "model.state_dict() (optionally under 'state_dict' or 'model')"
             )
         for prefix in _STRIPPED_PREFIXES:
@@ -114,23 +148,38 @@ def parse_state_dict(data: bytes, url: str) -> dict[str, torch.Tensor]:
         try:
             state = load_safetensors(data)
         except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
-            raise CheckpointError(f"{url}: not a readable safetensors file ({exc})") from exc
+            raise CheckpointError(f"{redact(url)}: not a readable safetensors file ({redact(str(exc))})") from exc
     else:
         try:
             obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
             raise CheckpointError(
-                f"{url}: refused to load: the pickle holds objects other than tensors and plain "
+                f"{redact(url)}: refused to load: the pickle holds objects other than tensors and plain "
                 "containers (it could execute code). Re-save it as model.state_dict(), or as "
                 f"safetensors. Detail: {str(exc).splitlines()[0]}"
             ) from exc
         except Exception as exc:  # noqa: BLE001 - corrupt zip, truncated file, ...
-            raise CheckpointError(f"{url}: not a readable torch checkpoint ({type(exc).__name__}: {exc})") from exc
+            raise CheckpointError(f"{redact(url)}: not a readable torch checkpoint ({type(exc).__name__}: {redact(str(exc))})") from exc
         state = _unwrap(obj, url)
     bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
-        raise CheckpointError(f"{url}: NaN or inf values in {len(bad)} tensors, e.g. {bad[:5]}")
+        raise CheckpointError(f"{redact(url)}: NaN or inf values in {len(bad)} tensors, e.g. {bad[:5]}")
     return state
+
+
+def check_float_weights(state: dict[str, torch.Tensor], model_state: dict[str, torch.Tensor], source: str) -> None:
+    """CheckpointError naming the tensors that hold integers where the model has floats (an int8 /
+    quantized checkpoint), which loading would otherwise cast to float silently."""
+    integer = [
+        f"{key}: {state[key].dtype}"
+        for key in sorted(set(model_state) & set(state))
+        if model_state[key].is_floating_point() and not state[key].is_floating_point()
+    ]
+    if integer:
+        raise CheckpointError(
+            f"{redact(source)}: {len(integer)} tensors hold integers where the model has floats, e.g. "
+            f"{integer[:5]}; a quantized (int8) checkpoint cannot be compared: save the float weights"
+        )
 
 
 def load_state_dict(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
@@ -139,7 +188,7 @@ def load_state_dict(url: str, storage_options: dict[str, Any] | None = None) -> 
     try:
         data = fs.cat_file(path)
     except FileNotFoundError as exc:
-        raise CheckpointError(f"checkpoint not found: {url}") from exc
+        raise CheckpointError(f"checkpoint not found: {redact(url)}") from exc
     except Exception as exc:  # noqa: BLE001
-        raise CheckpointError(f"cannot read checkpoint {url}: {type(exc).__name__}: {exc}") from exc
+        raise CheckpointError(f"cannot read checkpoint {redact(url)}: {type(exc).__name__}: {redact(str(exc))}") from exc
     return parse_state_dict(data, url)

@@ -10,8 +10,10 @@ The same readers give class labels for training (``load_labelled_images``): CIFA
 
 from __future__ import annotations
 
+import hashlib
 import io
 import pickle
+import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -21,9 +23,15 @@ import torch.nn.functional as F
 
 from invariance.config import DataConfig
 from invariance.errors import DataError
-from invariance.io.storage import open_filesystem
+from invariance.io.storage import open_filesystem, redact
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+# Bumped when decoding changes the pixels of unchanged files: it is part of every fingerprint.
+# 2: 16-bit images scaled by their bit depth (were saturated by an 8-bit conversion)
+DECODE_VERSION = 2
+# split folder names an image-folder dataset is recognised by (with any folder of class folders)
+KNOWN_SPLITS = ("train", "test", "validation", "valid", "val", "eval", "dev")
+_INTEGER_MODES = {"I;16": 65535.0, "I;16L": 65535.0, "I;16B": 65535.0, "I;16N": 65535.0, "I": 65535.0}
 _CIFAR_SPLIT_FILES = {
     "test": (["test_batch"], ["test"]),
     "train": ([f"data_batch_{k}" for k in range(1, 6)], ["train"]),
@@ -33,11 +41,33 @@ _CIFAR_SPLIT_FILES = {
 @dataclass(frozen=True)
 class EvalImages:
     """``images: [n, 3, S, S]`` float32 in [0, 1]; ``indices: [n]`` positions in the split;
-    ``labels: [n]`` int64 class labels when they were asked for, else None."""
+    ``labels: [n]`` int64 class labels when they were asked for, else None; ``fingerprint``: the
+    content of the chosen images (their stored bytes, positions, size and decoding), "" when
+    built by hand. The same fingerprint means the same images on any machine."""
 
     images: torch.Tensor
     indices: torch.Tensor
     labels: torch.Tensor | None = None
+    fingerprint: str = ""
+
+
+def _fingerprint(config: DataConfig, size: int, indices: np.ndarray, sources: list[bytes]) -> str:
+    """Hash of what the chosen images are made of: each one's stored bytes (encoded file, CIFAR
+    row), its position, the output size and the decoding version. Not the decoded floats, which
+    may differ in the last bit between CPUs; not the path, which does not change the numbers."""
+    digest = hashlib.sha256(f"{config.format}|{size}|decode{DECODE_VERSION}|".encode())
+    digest.update(np.asarray(indices, dtype=np.int64).tobytes())
+    for source in sources:
+        digest.update(len(source).to_bytes(8, "little"))
+        digest.update(source)
+    return digest.hexdigest()[:16]
+
+
+def is_hidden(path: str, root: str) -> bool:
+    """Whether ``path`` or a folder between ``root`` and it is hidden (``.DS_Store``, macOS ``._*``
+    resource forks, ``.ipynb_checkpoints``): never data."""
+    relative = path[len(root.rstrip("/")) + 1 :] if path.startswith(root.rstrip("/") + "/") else path.rsplit("/", 1)[-1]
+    return any(part.startswith(".") for part in relative.split("/"))
 
 
 @dataclass(frozen=True)
@@ -80,7 +110,9 @@ class _ArraysOnlyUnpickler(pickle.Unpickler):
 def select_indices(total: int, config: DataConfig) -> np.ndarray:
     """The n positions to use, sorted: the first n, or n at random with ``selection_seed``."""
     if config.n_samples > total:
-        raise DataError(f"data.n_samples is {config.n_samples} but {config.path} ({config.split}) holds only {total} images")
+        raise DataError(
+            f"data.n_samples is {config.n_samples} but {redact(config.path)} ({config.split}) holds only {total} images"
+        )
     if config.selection == "first":
         return np.arange(config.n_samples)
     rng = np.random.default_rng(config.selection_seed)
@@ -99,12 +131,31 @@ def to_model_input(images: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def _decode(data: bytes, where: str) -> torch.Tensor:
-    """Encoded image bytes -> ``[3, H, W]`` float in [0, 1]."""
+    """Encoded image bytes -> ``[3, H, W]`` float in [0, 1], scaled by the image's bit depth
+    (16-bit PNGs by 65535: an 8-bit conversion would saturate them)."""
     from PIL import Image
 
     try:
         with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            if image.mode in _INTEGER_MODES:
+                array = np.asarray(image)
+                if array.size and (array.min() < 0 or array.max() > _INTEGER_MODES[image.mode]):
+                    raise DataError(
+                        f"cannot decode image {where}: {image.mode} values {array.min()}..{array.max()} "
+                        "are outside 16 bits; save it as 8- or 16-bit"
+                    )
+                gray = torch.from_numpy(array.astype(np.float32) / _INTEGER_MODES[image.mode])
+                return gray.unsqueeze(0).expand(3, *gray.shape).contiguous()
+            if image.mode == "F":
+                array = np.asarray(image, dtype=np.float32)
+                if array.size and not (np.isfinite(array).all() and array.min() >= 0.0 and array.max() <= 1.0):
+                    raise DataError(f"cannot decode image {where}: a float image must hold values in [0, 1]")
+                gray = torch.from_numpy(array.copy())
+                return gray.unsqueeze(0).expand(3, *gray.shape).contiguous()
             array = np.asarray(image.convert("RGB"), dtype=np.uint8)
+    except DataError:
+        raise
     except Exception as exc:  # noqa: BLE001 - PIL raises many types
         raise DataError(f"cannot decode image {where}: {exc}") from exc
     return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
@@ -119,14 +170,16 @@ def _load_cifar(config: DataConfig, size: int, options: dict[str, Any], request:
         raise DataError(f"data.split for cifar must be 'test' or 'train', got {config.split!r}")
     fs, root = open_filesystem(config.path, options)
     if not fs.isdir(root):
-        raise DataError(f"data.path {config.path} is not a folder (expected cifar-10-batches-py or cifar-100-python)")
+        raise DataError(
+            f"data.path {redact(config.path)} is not a folder (expected cifar-10-batches-py or cifar-100-python)"
+        )
     for names in _CIFAR_SPLIT_FILES[config.split]:
         paths = [f"{root.rstrip('/')}/{name}" for name in names]
         if all(fs.exists(p) for p in paths):
             break
     else:
         raise DataError(
-            f"data.path {config.path}: no CIFAR {config.split} batches; expected 'test_batch' / "
+            f"data.path {redact(config.path)}: no CIFAR {config.split} batches; expected 'test_batch' / "
             "'data_batch_1..5' (CIFAR-10) or 'test' / 'train' (CIFAR-100)"
         )
     arrays, labels = [], []
@@ -137,12 +190,14 @@ def _load_cifar(config: DataConfig, size: int, options: dict[str, Any], request:
             if request.label_column is not None:  # CIFAR-10: labels; CIFAR-100: fine_labels (100 classes)
                 labels.append(np.asarray(batch[b"labels"] if b"labels" in batch else batch[b"fine_labels"]))
         except (pickle.UnpicklingError, KeyError, ValueError, EOFError) as exc:
-            raise DataError(f"{path}: not a CIFAR python batch ({exc})") from exc
+            raise DataError(f"{redact(path)}: not a CIFAR python batch ({exc})") from exc
     data = np.concatenate(arrays)
     indices = request.indices(len(data), config)
-    images = torch.from_numpy(data[indices].copy()).float().div_(255.0)
+    chosen = data[indices]
+    images = torch.from_numpy(chosen.copy()).float().div_(255.0)
     all_labels = np.concatenate(labels) if labels else None
-    return EvalImages(to_model_input(images, size), torch.from_numpy(indices), request.labels(all_labels, indices))
+    fingerprint = _fingerprint(config, size, indices, [chosen.tobytes()])
+    return EvalImages(to_model_input(images, size), torch.from_numpy(indices), request.labels(all_labels, indices), fingerprint)
 
 
 def _class_names(fs: Any, split_roots: list[str]) -> list[str]:
@@ -150,7 +205,8 @@ def _class_names(fs: Any, split_roots: list[str]) -> list[str]:
     split, so that a class missing from one split shifts no label of another."""
     names: set[str] = set()
     for split_root in split_roots:
-        names.update(entry.rstrip("/").rsplit("/", 1)[-1] for entry in fs.ls(split_root, detail=False) if fs.isdir(entry))
+        names.update(entry.rstrip("/").rsplit("/", 1)[-1] for entry in fs.ls(split_root, detail=False)
+                     if fs.isdir(entry) and not is_hidden(entry, split_root))  # fmt: skip
     return sorted(names)
 
 
@@ -163,43 +219,81 @@ def _class_indices(files: list[str], root: str, names: list[str]) -> np.ndarray:
     return np.asarray([index[name] for name in classes], dtype=np.int64)
 
 
+def _subfolders(fs: Any, root: str) -> list[str]:
+    """The visible subfolders of ``root`` (full paths, sorted)."""
+    return sorted(entry.rstrip("/") for entry in fs.ls(root, detail=False) if fs.isdir(entry) and not is_hidden(entry, root))
+
+
 def _load_imagefolder(config: DataConfig, size: int, options: dict[str, Any], request: _Request) -> EvalImages:
     fs, root = open_filesystem(config.path, options)
     root = root.rstrip("/")
-    split_roots = [root]
-    if fs.isdir(f"{root}/{config.split}"):
-        # <path>/<split>/<class>/...: every sibling of the split folder is a split too
-        split_roots = [entry.rstrip("/") for entry in fs.ls(root, detail=False) if fs.isdir(entry)]
-        root = f"{root}/{config.split}"
     if not fs.isdir(root):
-        raise DataError(f"data.path {config.path} is not a folder of class subfolders")
-    files = sorted(p for p in fs.find(root) if p.lower().endswith(IMAGE_SUFFIXES))
+        raise DataError(f"data.path {redact(config.path)} is not a folder of class subfolders")
+    split_roots = [root]
+    folders = _subfolders(fs, root)
+    if f"{root}/{config.split}" in folders:
+        # <path>/<split>/<class>/...: every sibling of the split folder is a split too
+        split_roots = folders
+        root = f"{root}/{config.split}"
+    else:
+        names = [folder.rsplit("/", 1)[-1] for folder in folders]
+        # split folders (train/, test/, or folders of class folders) but none named data.split:
+        # a typo must not fall back to every split, train included
+        if any(name in KNOWN_SPLITS for name in names) or any(_subfolders(fs, folder) for folder in folders):
+            raise DataError(
+                f"data.split {config.split!r}: no such split folder in {redact(config.path)}; splits found: {names}"
+            )
+    files = sorted(p for p in fs.find(root) if p.lower().endswith(IMAGE_SUFFIXES) and not is_hidden(p, root))
     if not files:
-        raise DataError(f"data.path {config.path}: no images ({', '.join(IMAGE_SUFFIXES)}) found below {root}")
+        raise DataError(
+            f"data.path {redact(config.path)}: no images ({', '.join(IMAGE_SUFFIXES)}) found below {redact(root)}"
+        )
     indices = request.indices(len(files), config)
-    decoded = [_decode(fs.cat_file(files[k]), files[k]) for k in indices]
+    sources = [fs.cat_file(files[k]) for k in indices]
+    decoded = [_decode(source, redact(files[k])) for source, k in zip(sources, indices)]
     all_labels = _class_indices(files, root, _class_names(fs, split_roots)) if request.label_column is not None else None
-    return EvalImages(_stack_resized(decoded, size), torch.from_numpy(indices), request.labels(all_labels, indices))
+    fingerprint = _fingerprint(config, size, indices, sources)
+    return EvalImages(_stack_resized(decoded, size), torch.from_numpy(indices), request.labels(all_labels, indices), fingerprint)
+
+
+_SPLIT_NAME = re.compile(r"^([^-_.]+)")
+
+
+def _split_of_file(path: str, root: str, split: str) -> bool:
+    """Whether a Parquet file belongs to ``split``: a folder named ``split`` below ``root``
+    (``test/0000.parquet``), or a file name that is the split name, alone or followed by
+    ``-``, ``_`` or ``.`` (``test-00000-of-00001.parquet``, ``test.parquet``). Not a substring:
+    ``latest-00000.parquet`` is not ``test``."""
+    relative = path[len(root) + 1 :]
+    *folders, name = relative.split("/")
+    stem = name[: -len(".parquet")]
+    return split in folders or stem == split or any(stem.startswith(split + sep) for sep in "-_.")
 
 
 def _parquet_files(config: DataConfig, fs: Any, root: str) -> list[str]:
     if fs.isfile(root):
         return [root]
-    files = sorted(p for p in fs.find(root) if p.endswith(".parquet"))
-    split_files = [p for p in files if config.split in p.rsplit("/", 2)[-1] or f"/{config.split}/" in p]
+    root = root.rstrip("/")
+    files = sorted(p for p in fs.find(root) if p.endswith(".parquet") and not is_hidden(p, root))
+    split_files = [p for p in files if _split_of_file(p, root, config.split)]
     if not split_files:
+        found = sorted({part for p in files for part in
+                        [*p[len(root) + 1 :].split("/")[:-1], _SPLIT_NAME.match(p.rsplit("/", 1)[-1]).group(1)]})  # fmt: skip
         raise DataError(
-            f"data.path {config.path}: no Parquet files for split {config.split!r} "
-            f"(looked for *{config.split}*.parquet among {len(files)} files)"
+            f"data.split {config.split!r}: no Parquet files of that split in {redact(config.path)} "
+            f"(a file named {config.split}[-_.]*.parquet or a {config.split}/ folder, among {len(files)} files); "
+            f"splits found: {found}"
         )
     return split_files
 
 
-def _image_bytes(value: Any, column: str) -> bytes:
+def _image_bytes(value: Any, column: str, where: str) -> bytes:
+    if value is None or (isinstance(value, dict) and value.get("bytes") is None):
+        raise DataError(f"data.image_column {column!r}: {where} holds no image (a null cell); drop the row or fill it")
     if isinstance(value, dict):
         value = value.get("bytes")
     if not isinstance(value, (bytes, bytearray)):
-        raise DataError(f"data.image_column {column!r}: expected encoded image bytes or a struct with 'bytes'")
+        raise DataError(f"data.image_column {column!r}: {where}: expected encoded image bytes or a struct with 'bytes'")
     return bytes(value)
 
 
@@ -208,24 +302,31 @@ def _load_parquet(config: DataConfig, size: int, options: dict[str, Any], reques
 
     fs, root = open_filesystem(config.path, options)
     if not fs.exists(root):
-        raise DataError(f"data.path {config.path} does not exist")
+        raise DataError(f"data.path {redact(config.path)} does not exist")
     columns = [config.image_column] + ([request.label_column] if request.label_column is not None else [])
-    tables = []
+    tables, origins = [], []  # origins: (file, row in it) of every row, for messages
     for path in _parquet_files(config, fs, root):
         with fs.open(path, "rb") as handle:
             schema = pq.read_schema(handle)
             for name, key in zip(columns, ("data.image_column", "data.label_column")):
                 if name not in schema.names:
-                    raise DataError(f"{path}: no column {name!r} ({key}); columns: {schema.names}")
+                    raise DataError(f"{redact(path)}: no column {name!r} ({key}); columns: {schema.names}")
             handle.seek(0)
             tables.append(pq.read_table(handle, columns=columns))
+        origins += [(path, row) for row in range(tables[-1].num_rows)]
     column = [value for table in tables for value in table.column(config.image_column).to_pylist()]
     indices = request.indices(len(column), config)
-    decoded = [_decode(_image_bytes(column[k], config.image_column), f"row {k} of {config.path}") for k in indices]
+
+    def where(k: int) -> str:
+        return f"row {k} of the split (row {origins[k][1]} of {redact(origins[k][0])})"
+
+    sources = [_image_bytes(column[k], config.image_column, where(k)) for k in indices]
+    decoded = [_decode(source, where(k)) for source, k in zip(sources, indices)]
     all_labels = None
     if request.label_column is not None:
         all_labels = np.concatenate([table.column(request.label_column).to_numpy() for table in tables])
-    return EvalImages(_stack_resized(decoded, size), torch.from_numpy(indices), request.labels(all_labels, indices))
+    fingerprint = _fingerprint(config, size, indices, sources)
+    return EvalImages(_stack_resized(decoded, size), torch.from_numpy(indices), request.labels(all_labels, indices), fingerprint)
 
 
 _LOADERS: dict[str, Callable[[DataConfig, int, dict[str, Any], _Request], EvalImages]] = {
@@ -244,7 +345,7 @@ def _load(config: DataConfig, image_size: int, storage_options: dict[str, Any] |
     try:
         return loader(config, size, storage_options or {}, request)
     except FileNotFoundError as exc:
-        raise DataError(f"data.path {config.path}: not found ({exc})") from exc
+        raise DataError(f"data.path {redact(config.path)}: not found ({redact(str(exc))})") from exc
 
 
 def load_eval_images(config: DataConfig, image_size: int, storage_options: dict[str, Any] | None = None) -> EvalImages:

@@ -7,8 +7,10 @@ folder and is renamed into place, so a crash never leaves a half file under a da
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
+import re
 import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -27,6 +29,19 @@ if TYPE_CHECKING:
 TEMPORARY_SUFFIX = ".tmp"
 
 
+# scheme://user:password@host/... : the userinfo part of a URL, wherever it appears in a text
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/@\s'\"]+)@")
+# content-hash local files up to this size; larger ones are identified by size and mtime
+CONTENT_HASH_LIMIT = 64 * 1024 * 1024
+
+
+def redact(text: str) -> str:
+    """``text`` (a URL, or a message holding URLs) with every URL's userinfo hidden:
+    ``s3://KEY:SECRET@bucket/x`` -> ``s3://***@bucket/x``. Use it wherever a URL a user wrote
+    enters a message or a log line: credentials in a URL never reach a screen or a log."""
+    return _USERINFO.sub(lambda m: f"{m.group('scheme')}***@", str(text))
+
+
 def is_temporary(key: str) -> bool:
     """Whether ``key`` is an unfinished local write (left behind only by a hard crash)."""
     name = os.path.basename(key)
@@ -39,8 +54,53 @@ def open_filesystem(url: str, storage_options: dict[str, Any] | None = None) -> 
     try:
         fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
     except (ImportError, ValueError) as exc:
-        raise StorageError(f"cannot open storage URL {url!r}: {exc}") from exc
+        raise StorageError(redact(f"cannot open storage URL {url!r}: {exc}")) from exc
     return fs, path
+
+
+def fingerprint_info(info: dict[str, Any]) -> str:
+    """Identity of one stored object from its listing entry (``fs.info``/``glob(detail=True)``):
+    the ETag / MD5 / CRC the store keeps, else size and modification time. Replacing the object
+    in place changes it."""
+    parts = [str(info.get("size"))]
+    for key in ("ETag", "etag", "md5Hash", "crc32c", "content_md5", "version_id", "VersionId"):
+        if info.get(key):
+            parts.append(f"{key}={str(info[key]).strip(chr(34))}")
+    if len(parts) == 1:  # no content tag: the modification time
+        for key in ("mtime", "LastModified", "last_modified", "updated", "modified", "created"):
+            if info.get(key) is not None:
+                parts.append(f"{key}={info[key]}")
+                break
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def fingerprint_file(fs: fsspec.AbstractFileSystem, path: str, info: dict[str, Any] | None = None) -> str:
+    """Identity of the file at ``path``: a content hash for local files up to CONTENT_HASH_LIMIT
+    (copies and rewrites with the same bytes keep it), else ``fingerprint_info``."""
+    info = info if info is not None else fs.info(path)
+    if isinstance(fs, LocalFileSystem) and (info.get("size") or 0) <= CONTENT_HASH_LIMIT:
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        return digest.hexdigest()[:16]
+    return fingerprint_info(info)
+
+
+def same_location(url: str, storage_options: dict[str, Any] | None = None) -> tuple[str, str]:
+    """(protocol, absolute path without trailing '/') of ``url``: comparable across spellings
+    (``./out``, ``/abs/out``, ``file:///abs/out``)."""
+    fs, path = open_filesystem(url, storage_options)
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    protocol = "file" if isinstance(fs, LocalFileSystem) else protocol
+    return protocol, path.rstrip("/")
+
+
+def is_inside(inner: str, outer: str, storage_options: dict[str, Any] | None = None) -> bool:
+    """Whether the location ``inner`` is ``outer`` or below it (same filesystem)."""
+    inner_protocol, inner_path = same_location(inner, storage_options)
+    outer_protocol, outer_path = same_location(outer, storage_options)
+    return inner_protocol == outer_protocol and (inner_path == outer_path or inner_path.startswith(outer_path + "/"))
 
 
 def parquet_bytes(frame: "pl.DataFrame") -> bytes:
@@ -81,8 +141,8 @@ class Store:
         return f"{self._root_path}/{key}" if key else self._root_path
 
     def url(self, key: str) -> str:
-        """Full URL of ``key``, as a user would pass it to Polars."""
-        return f"{self.root}/{key}" if key else self.root
+        """Full URL of ``key`` for messages, as a user would pass it to Polars (userinfo hidden)."""
+        return redact(f"{self.url('')}/{key}" if key else self.root)
 
     def put(self, key: str, data: bytes) -> None:
         """Write ``data`` to ``key`` in one put; readers never see a partial object."""
@@ -104,7 +164,7 @@ class Store:
             else:
                 self.fs.pipe_file(path, data)
         except Exception as exc:  # noqa: BLE001 - every backend raises its own types
-            raise StorageError(f"cannot write {self.url(key)}: {type(exc).__name__}: {exc}") from exc
+            raise StorageError(f"cannot write {self.url(key)}: {type(exc).__name__}: {redact(str(exc))}") from exc
 
     def put_if_changed(self, key: str, data: bytes) -> bool:
         """Write ``data`` to ``key`` unless ``key`` already holds exactly it; True if written.
@@ -134,18 +194,18 @@ class Store:
         try:
             blobs = self.fs.cat([self.path(key) for key in keys])
         except Exception as exc:  # noqa: BLE001
-            raise StorageError(f"cannot read Parquet under {self.root}: {type(exc).__name__}: {exc}") from exc
+            raise StorageError(f"cannot read Parquet under {self.url('')}: {type(exc).__name__}: {redact(str(exc))}") from exc
         frames = []
         for key in keys:
             try:
                 frames.append(pl.read_parquet(io.BytesIO(blobs.pop(self.path(key)))))
             except Exception as exc:  # noqa: BLE001
-                raise StorageError(f"{self.url(key)}: not a readable Parquet file ({type(exc).__name__}: {exc}); "
+                raise StorageError(f"{self.url(key)}: not a readable Parquet file ({type(exc).__name__}: {redact(str(exc))}); "
                                    "delete it and its completion record under _manifests/ to recompute it") from exc  # fmt: skip
         try:
             return pl.concat(frames, how=how)
         except Exception as exc:  # noqa: BLE001
-            raise StorageError(f"Parquet files under {self.root} do not share one schema: {exc}") from exc
+            raise StorageError(f"Parquet files under {self.url('')} do not share one schema: {redact(str(exc))}") from exc
 
     def get(self, key: str) -> bytes:
         try:
@@ -153,13 +213,13 @@ class Store:
         except FileNotFoundError:
             raise
         except Exception as exc:  # noqa: BLE001
-            raise StorageError(f"cannot read {self.url(key)}: {type(exc).__name__}: {exc}") from exc
+            raise StorageError(f"cannot read {self.url(key)}: {type(exc).__name__}: {redact(str(exc))}") from exc
 
     def exists(self, key: str) -> bool:
         try:
             return self.fs.exists(self.path(key))
         except Exception as exc:  # noqa: BLE001
-            raise StorageError(f"cannot reach {self.url(key)}: {type(exc).__name__}: {exc}") from exc
+            raise StorageError(f"cannot reach {self.url(key)}: {type(exc).__name__}: {redact(str(exc))}") from exc
 
     def list(self, prefix: str) -> list[str]:
         """Keys of every object below ``prefix`` (recursive), relative to the root; one listing."""
@@ -170,7 +230,7 @@ class Store:
         except FileNotFoundError:
             return []
         except Exception as exc:  # noqa: BLE001
-            raise StorageError(f"cannot list {self.url(prefix)}: {type(exc).__name__}: {exc}") from exc
+            raise StorageError(f"cannot list {self.url(prefix)}: {type(exc).__name__}: {redact(str(exc))}") from exc
         start = len(self._root_path) + 1
         keys = [p[start:] if p.startswith(self._root_path + "/") else p for p in found]
         return sorted(k for k in keys if not is_temporary(k))
@@ -188,7 +248,7 @@ class Store:
             self.put(probe, b"ok")
         except StorageError as exc:
             raise StorageError(
-                f"output: the prefix {self.root} is not writable ({exc}). Check the `output` URL, that "
+                f"output: the prefix {self.url('')} is not writable ({redact(str(exc))}). Check the `output` URL, that "
                 "the bucket exists, and the credentials (environment / AWS or GCS chain) or `storage_options`"
             ) from exc
         try:

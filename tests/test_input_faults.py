@@ -1,0 +1,199 @@
+"""Issue 13, the input side: inputs that used to change the numbers without saying so.
+
+Each test reproduces one fault of the issue: it failed (or passed silently with a wrong
+result) before the fix.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from invariance.config import DataConfig, ModelConfig
+from invariance.core.models import load_model
+from invariance.errors import CheckpointError, DataError
+from invariance.io.checkpoints import discover_checkpoints, glob_escape, weights_fingerprint
+from invariance.io.data import load_eval_images
+from invariance.io.storage import Store, redact
+from tests.helpers import TINY_MODEL, tiny_state
+from tests.test_data import assert_colors, constant_png, write_hf_parquet, write_image_folder
+
+# --- data: 16-bit images ------------------------------------------------------------------------
+
+
+def test_16_bit_png_is_scaled_by_its_bit_depth_not_saturated(tmp_path):
+    values = np.random.default_rng(0).integers(0, 65536, size=(20, 20), dtype=np.uint16)
+    (tmp_path / "ds" / "a").mkdir(parents=True)
+    Image.fromarray(values).save(tmp_path / "ds" / "a" / "0.png")
+    assert Image.open(tmp_path / "ds" / "a" / "0.png").mode == "I;16"
+    loaded = load_eval_images(DataConfig(format="imagefolder", path=str(tmp_path / "ds"), n_samples=1), image_size=20)
+    expected = torch.from_numpy(values.astype(np.float32) / 65535.0)
+    # before: convert("RGB") clipped to 255 -> mean 0.997 (every pixel white)
+    torch.testing.assert_close(loaded.images[0], expected.expand(3, 20, 20), rtol=0, atol=1e-6)
+    assert abs(float(loaded.images.mean()) - float(expected.mean())) < 1e-6
+
+
+# --- data: splits by exact name ----------------------------------------------------------------
+
+
+def test_parquet_split_is_matched_by_name_not_substring(tmp_path):
+    write_hf_parquet(tmp_path / "test-00000-of-00001.parquet", first=0, count=3)
+    write_hf_parquet(tmp_path / "latest-00000.parquet", first=50, count=3)  # "test" is a substring of "latest"
+    loaded = load_eval_images(DataConfig(format="parquet", path=str(tmp_path), n_samples=3), image_size=8)
+    assert_colors(loaded.images, [0, 1, 2])
+    with pytest.raises(DataError, match="holds only 3"):  # before: 6 rows, the latest file's too
+        load_eval_images(DataConfig(format="parquet", path=str(tmp_path), n_samples=4), image_size=8)
+    # HF folder layouts: <split>/0000.parquet and a bare <split>.parquet
+    write_hf_parquet(tmp_path / "other" / "validation" / "0000.parquet", first=10, count=2)
+    write_hf_parquet(tmp_path / "other" / "test.parquet", first=20, count=2)
+    val = load_eval_images(DataConfig(format="parquet", path=str(tmp_path / "other"), split="validation", n_samples=2),
+                           image_size=8)  # fmt: skip
+    assert_colors(val.images, [10, 11])
+    test = load_eval_images(DataConfig(format="parquet", path=str(tmp_path / "other"), n_samples=2), image_size=8)
+    assert_colors(test.images, [20, 21])
+
+
+def test_a_split_typo_is_an_error_naming_the_splits_found(tmp_path):
+    write_hf_parquet(tmp_path / "pq" / "test-00000-of-00001.parquet", first=0, count=3)
+    write_hf_parquet(tmp_path / "pq" / "train-00000-of-00001.parquet", first=10, count=3)
+    with pytest.raises(DataError, match=r"data.split 'tets'.*splits found: \['test', 'train'\]"):
+        load_eval_images(DataConfig(format="parquet", path=str(tmp_path / "pq"), split="tets", n_samples=2), image_size=8)
+    write_image_folder(tmp_path / "img" / "train", {"a": [0, 1, 2, 3]})
+    write_image_folder(tmp_path / "img" / "test", {"a": [7], "b": [8]})
+    # before: a split folder that does not exist fell back to every folder, train/ included
+    with pytest.raises(DataError, match=r"data.split 'tets'.*splits found: \['test', 'train'\]"):
+        load_eval_images(DataConfig(format="imagefolder", path=str(tmp_path / "img"), split="tets", n_samples=2),
+                         image_size=8)  # fmt: skip
+    # a folder of class folders (no splits) still serves any split name
+    write_image_folder(tmp_path / "flat", {"cat": [0], "dog": [1]})
+    flat = load_eval_images(DataConfig(format="imagefolder", path=str(tmp_path / "flat"), n_samples=2), image_size=8)
+    assert_colors(flat.images, [0, 1])
+
+
+# --- data: hidden files, null cells --------------------------------------------------------------
+
+
+def test_macos_resource_forks_and_hidden_files_are_ignored(tmp_path):
+    write_image_folder(tmp_path / "img", {"a": [0, 1]})
+    (tmp_path / "img" / "a" / "._000.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")  # not an image
+    (tmp_path / "img" / ".hidden").mkdir()
+    (tmp_path / "img" / ".hidden" / "x.png").write_bytes(constant_png(9))
+    loaded = load_eval_images(DataConfig(format="imagefolder", path=str(tmp_path / "img"), n_samples=2), image_size=8)
+    assert_colors(loaded.images, [0, 1])
+    with pytest.raises(DataError, match="holds only 2"):
+        load_eval_images(DataConfig(format="imagefolder", path=str(tmp_path / "img"), n_samples=3), image_size=8)
+    write_hf_parquet(tmp_path / "pq" / "test-00000-of-00001.parquet", first=0, count=2)
+    (tmp_path / "pq" / "._test-00000-of-00001.parquet").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    assert_colors(load_eval_images(DataConfig(format="parquet", path=str(tmp_path / "pq"), n_samples=2),
+                                   image_size=8).images, [0, 1])  # fmt: skip
+
+
+def test_a_null_parquet_image_cell_is_an_error_naming_the_row(tmp_path):
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    cells = [{"bytes": constant_png(0), "path": "0.png"}, None, {"bytes": None, "path": "2.png"}]
+    pq.write_table(pa.table({"image": pa.array(cells, type=image_type)}), tmp_path / "test.parquet")
+    config = DataConfig(format="parquet", path=str(tmp_path), n_samples=2)
+    with pytest.raises(DataError, match=r"row 1 of the split \(row 1 of .*test.parquet\) holds no image"):
+        load_eval_images(config, image_size=8)
+    # a struct whose bytes are null, in a second file: the row is counted across the split
+    cells = [{"bytes": constant_png(1), "path": "1.png"}, {"bytes": None, "path": "2.png"}]
+    (tmp_path / "b").mkdir()
+    pq.write_table(pa.table({"image": pa.array(cells, type=image_type)}), tmp_path / "b" / "test.parquet")
+    pq.write_table(pa.table({"image": pa.array(cells[:1] * 2, type=image_type)}), tmp_path / "b" / "test-0.parquet")
+    with pytest.raises(DataError, match=r"row 3 of the split \(row 1 of .*b/test.parquet\)"):
+        load_eval_images(config.model_copy(update={"path": str(tmp_path / "b"), "n_samples": 4}), image_size=8)
+
+
+# --- data: the eval images' fingerprint -----------------------------------------------------------
+
+
+def test_eval_fingerprint_follows_the_content_not_the_path(tmp_path):
+    write_image_folder(tmp_path / "a", {"x": [0, 1, 2]})
+    write_image_folder(tmp_path / "b", {"x": [0, 1, 2]})
+    config = DataConfig(format="imagefolder", path=str(tmp_path / "a"), n_samples=3)
+    first = load_eval_images(config, image_size=8).fingerprint
+    assert len(first) == 16
+    assert load_eval_images(config.model_copy(update={"path": str(tmp_path / "b")}), image_size=8).fingerprint == first
+    assert load_eval_images(config, image_size=16).fingerprint != first  # another input size
+    # a file replaced in place, same name: another fingerprint
+    (tmp_path / "a" / "x" / "001.png").write_bytes(constant_png(77, height=31, width=40))
+    assert load_eval_images(config, image_size=8).fingerprint != first
+    # a plot written into the dataset becomes an eval image: another fingerprint
+    (tmp_path / "b" / "x" / "000-plot.png").write_bytes(constant_png(55))
+    assert load_eval_images(config.model_copy(update={"path": str(tmp_path / "b")}), image_size=8).fingerprint != first
+
+
+# --- checkpoints ---------------------------------------------------------------------------------
+
+
+def test_a_bracket_in_a_folder_name_is_literal_not_a_glob(tmp_path):
+    run = tmp_path / "sweep[lr=0.1]"
+    run.mkdir()
+    for epoch in (1, 2):
+        save_file({"w": torch.zeros(2)}, str(run / f"epoch={epoch}.safetensors"))
+    found = discover_checkpoints(f"{run}/epoch={{epoch}}.safetensors")
+    assert [c.epoch for c in found] == [1, 2]  # before: "matches no file"
+    assert glob_escape("a[b]*?") == "a[[]b][*][?]"
+
+
+def test_only_ascii_digits_are_epochs(tmp_path):
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "epoch=1.safetensors"))
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "epoch=\uff12.safetensors"))  # fullwidth 2
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "epoch=\u0663.safetensors"))  # Arabic-Indic 3
+    assert [c.epoch for c in discover_checkpoints(f"{tmp_path}/epoch={{epoch}}.safetensors")] == [1]
+
+
+def test_an_epoch_beyond_int64_is_refused_at_discovery(tmp_path):
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "epoch=1.safetensors"))
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "epoch=12345678901234567890.safetensors"))
+    with pytest.raises(CheckpointError, match="epoch 12345678901234567890 is beyond"):
+        discover_checkpoints(f"{tmp_path}/epoch={{epoch}}.safetensors")
+    (tmp_path / "epoch=12345678901234567890.safetensors").unlink()
+    save_file({"w": torch.zeros(2)}, str(tmp_path / f"epoch={2**63 - 1}.safetensors"))
+    assert [c.epoch for c in discover_checkpoints(f"{tmp_path}/epoch={{epoch}}.safetensors")] == [1, 2**63 - 1]
+
+
+def test_checkpoint_fingerprint_changes_when_the_file_is_replaced(tmp_path):
+    save_file(tiny_state(0), str(tmp_path / "epoch=1.safetensors"))
+    pattern = f"{tmp_path}/epoch={{epoch}}.safetensors"
+    before = discover_checkpoints(pattern)[0].fingerprint
+    assert before and discover_checkpoints(pattern)[0].fingerprint == before
+    assert weights_fingerprint(str(tmp_path / "epoch=1.safetensors")) == before
+    save_file(tiny_state(1), str(tmp_path / "epoch=1.safetensors"))  # retrained epoch 1, same name and size
+    assert discover_checkpoints(pattern)[0].fingerprint != before
+    with pytest.raises(CheckpointError, match="pretrained: no file at"):
+        weights_fingerprint(str(tmp_path / "missing.safetensors"))
+
+
+def test_an_int8_checkpoint_is_refused_not_cast(tmp_path):
+    state = tiny_state(0)
+    quantized = {k: (v * 100).round().clamp(-128, 127).to(torch.int8) if v.is_floating_point() else v
+                 for k, v in state.items()}  # fmt: skip
+    save_file(quantized, str(tmp_path / "int8.safetensors"))
+    with pytest.raises(CheckpointError, match=r"tensors hold integers where the model has floats.*torch.int8"):
+        load_model(ModelConfig(**TINY_MODEL), str(tmp_path / "int8.safetensors"))
+
+
+# --- credentials in URLs -------------------------------------------------------------------------
+
+
+def test_redact_hides_the_userinfo_of_every_url():
+    text = "cannot read s3://AKIAKEY:SECRET123@bucket/x and http://user:TOKEN9@host:9000/y; s3://bucket/z"
+    assert redact(text) == "cannot read s3://***@bucket/x and http://***@host:9000/y; s3://bucket/z"
+    assert "SECRET123" not in Store("s3://AKIAKEY:SECRET123@bucket/out").url("stir/a.parquet")
+
+
+def test_data_and_checkpoint_errors_hide_url_credentials(tmp_path):
+    with pytest.raises(DataError) as error:
+        load_eval_images(DataConfig(format="imagefolder", path="memory://user:SECRET456@host/none", n_samples=1), 8)
+    assert "SECRET456" not in str(error.value)
+    with pytest.raises(CheckpointError) as error:
+        weights_fingerprint("memory://user:SECRET456@host/none.safetensors")
+    assert "SECRET456" not in str(error.value)
