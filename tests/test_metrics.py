@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
+
 import polars as pl
 from polars.testing import assert_frame_equal
 import pytest
@@ -232,3 +234,46 @@ def test_one_seed_gives_a_null_std():
     curves = metrics.curves(one_seed, hand_made_cka())
     assert curves["forgetting_std"].null_count() == len(curves)
     assert curves["n_seeds"].to_list() == [1, 1]
+
+
+def planted_stir(forgetting_by_seed: dict[int, list[float]], pt_self: dict[int, list[float]]) -> pl.DataFrame:
+    """pt-reference rows of one layer-diagonal: STIR(pt[l]|pt[l]) per seed from ``pt_self`` and
+    STIR(ft[l]|pt[l]) = that minus the planted forgetting; the ft-reference rows equal (learning 0)."""
+    rows = []
+    for layer, values in forgetting_by_seed.items():
+        for seed, value in enumerate(values):
+            own = pt_self[layer][seed]
+            for ref_model in ("pt", "ft"):
+                for target_model, stir in (("pt", own), ("ft", own - value if ref_model == "pt" else own)):
+                    rows.append({**CHECKPOINT, "ref_model": ref_model, "ref_layer": layer, "target_model": target_model,
+                                 "target_layer": layer, "seed": seed, "stir": stir, "stir_debiased": stir})  # fmt: skip
+    return pl.DataFrame(rows)
+
+
+def test_intervals_are_students_t_over_seeds_and_the_noise_floor_flags_real_values():
+    from scipy import stats
+
+    forgetting = {0: [0.001, 0.003, 0.002], 1: [0.30, 0.32, 0.31], 2: [0.05, -0.04, 0.02]}
+    pt_self = {0: [0.90, 0.91, 0.92], 1: [0.80, 0.81, 0.79], 2: [0.7, 0.7, 0.7]}
+    stir = planted_stir(forgetting, pt_self)
+    cka = pl.DataFrame([{**CHECKPOINT, "model_a": a, "layer_a": layer, "model_b": "pt", "layer_b": layer,
+                         "cka": 1.0 if a == "pt" else 0.9, "cka_debiased": 1.0}
+                        for a in ("pt", "ft") for layer in forgetting])  # fmt: skip
+    curves = metrics.curves(stir, cka).sort("layer")
+    for row in curves.iter_rows(named=True):
+        values = forgetting[row["layer"]]
+        low, high = stats.t.interval(0.95, len(values) - 1, loc=np.mean(values), scale=stats.sem(values))
+        assert (row["forgetting_ci_low"], row["forgetting_ci_high"]) == pytest.approx((low, high), abs=1e-12)
+        assert row["noise_floor"] == pytest.approx(np.std(pt_self[row["layer"]], ddof=1), abs=1e-12)
+        assert row["cka_divergence_ci_low"] == row["cka_divergence_ci_high"] == pytest.approx(0.1)
+    # layer 0: tiny forgetting under a noise floor of 0.01; layer 1: far above it; layer 2: an
+    # interval straddling 0 (and a floor of 0, so only the interval decides)
+    assert curves["forgetting_above_noise"].to_list() == [False, True, False]
+    assert curves["learning_above_noise"].to_list() == [False, False, False]
+
+
+def test_one_seed_has_no_interval_and_no_noise_floor():
+    curves = metrics.curves(hand_made_stir().filter(pl.col("seed") == 0), hand_made_cka())
+    assert curves["forgetting_ci_low"].null_count() == len(curves)
+    assert curves["noise_floor"].null_count() == len(curves)
+    assert curves["forgetting_above_noise"].null_count() == len(curves)

@@ -75,12 +75,38 @@ def flow(stir: Frame, value: Estimator = "stir") -> Frame:
     )
 
 
+# the interval over seeds: Student's t, two-sided
+CONFIDENCE = 0.95
+# a curve value is above the inversions' noise when it exceeds this many noise floors (and its
+# interval over seeds excludes 0)
+NOISE_MULTIPLE = 2.0
+
+
+def t_critical(n_seeds: int) -> float | None:
+    """Student's t quantile of the CONFIDENCE interval of a mean of ``n_seeds`` values; None below 2."""
+    from scipy import stats
+
+    return float(stats.t.ppf(0.5 + CONFIDENCE / 2, n_seeds - 1)) if n_seeds >= 2 else None
+
+
+def _interval(value: str) -> list[pl.Expr]:
+    """``{value}_ci_low``/``_ci_high`` from ``_mean``, ``_std`` and ``n_seeds`` (null for one seed)."""
+    critical = pl.col("n_seeds").map_elements(t_critical, return_dtype=pl.Float64)
+    half = critical * pl.col(f"{value}_std") / pl.col("n_seeds").cast(pl.Float64).sqrt()
+    return [(pl.col(f"{value}_mean") - half).alias(f"{value}_ci_low"), (pl.col(f"{value}_mean") + half).alias(f"{value}_ci_high")]
+
+
 def over_seeds(frame: Frame, value: str, by: list[str]) -> Frame:
-    """``value`` -> ``{value}_mean``, ``{value}_std`` over seeds, grouped by ``by``."""
-    return frame.group_by(by).agg(
-        pl.col(value).mean().alias(f"{value}_mean"),
-        pl.col(value).std(ddof=1).alias(f"{value}_std"),
-        pl.len().alias("n_seeds"),
+    """``value`` -> ``{value}_mean``, ``{value}_std`` (ddof=1) and the 95% t-interval of the mean,
+    ``{value}_ci_low`` / ``{value}_ci_high``, over seeds, grouped by ``by``; ``n_seeds``."""
+    return (
+        frame.group_by(by)
+        .agg(
+            pl.col(value).mean().alias(f"{value}_mean"),
+            pl.col(value).std(ddof=1).alias(f"{value}_std"),
+            pl.len().alias("n_seeds"),
+        )
+        .with_columns(_interval(value))
     )
 
 
@@ -89,15 +115,43 @@ def _diagonal_curve(matrix: Frame, value: str, suffix: str = "") -> Frame:
     stats = over_seeds(curve, value, [*CHECKPOINT_KEYS, "layer"])
     return stats.select(
         *CHECKPOINT_KEYS, "layer",
-        pl.col(f"{value}_mean").alias(f"{value}{suffix}_mean"),
-        pl.col(f"{value}_std").alias(f"{value}{suffix}_std"),
+        *(pl.col(f"{value}_{stat}").alias(f"{value}{suffix}_{stat}") for stat in ("mean", "std", "ci_low", "ci_high")),
         *(["n_seeds"] if not suffix else []),
     )  # fmt: skip
 
 
+def noise_floor(stir: Frame, value: Estimator = "stir") -> Frame:
+    """Per layer: ``noise_floor``, the standard deviation over seeds of STIR(pt[i] | pt[i]).
+
+    The pretrained model measured against its own inversions: what changes from seed to seed is
+    the inversion alone (the start noise), not the model, so this spread is how far apart two
+    measurements of one and the same model fall. Taken from the pt-reference shards already
+    computed (identical for every checkpoint)."""
+    own = stir.filter(
+        (pl.col("ref_model") == "pt") & (pl.col("target_model") == "pt") & (pl.col("ref_layer") == pl.col("target_layer"))
+    )
+    return (
+        own.group_by("target_layer", "seed")
+        .agg(pl.col(value).first())
+        .group_by("target_layer")
+        .agg(pl.col(value).std(ddof=1).alias("noise_floor"))
+        .rename({"target_layer": "layer"})
+    )
+
+
+def _above_noise(value: str) -> pl.Expr:
+    """``{value}_above_noise``: |mean| above NOISE_MULTIPLE noise floors, and (with 2+ seeds) the
+    interval over seeds excludes 0; null where the noise floor is unknown (one seed)."""
+    beyond_floor = pl.col(f"{value}_mean").abs() > NOISE_MULTIPLE * pl.col("noise_floor")
+    excludes_zero = (pl.col(f"{value}_ci_low") > 0) | (pl.col(f"{value}_ci_high") < 0)
+    return (beyond_floor & excludes_zero.fill_null(True)).alias(f"{value}_above_noise")
+
+
 def curves(stir: Frame, cka: Frame) -> Frame:
     """Per (checkpoint, epoch, layer): forgetting, learning (biased and debiased STIR) and
-    cka_divergence, each ``_mean`` and ``_std`` over seeds (CKA has no seed: std is 0)."""
+    cka_divergence, each ``_mean``, ``_std`` and the 95% t-interval ``_ci_low``/``_ci_high`` over
+    seeds (CKA has no seed: std 0, a zero-width interval); ``noise_floor`` of the layer and
+    ``forgetting_above_noise`` / ``learning_above_noise``."""
     keys = [*CHECKPOINT_KEYS, "layer"]
     parts = [
         _diagonal_curve(forgetting(stir), "forgetting"),
@@ -113,19 +167,26 @@ def curves(stir: Frame, cka: Frame) -> Frame:
             pl.col("ft_layer").alias("layer"),
             pl.col("cka_divergence").alias("cka_divergence_mean"),
             pl.lit(0.0).alias("cka_divergence_std"),
+            pl.col("cka_divergence").alias("cka_divergence_ci_low"),
+            pl.col("cka_divergence").alias("cka_divergence_ci_high"),
         )
     )
     joined = parts[0]
     for part in [*parts[1:], divergence]:
         joined = joined.join(part, on=keys, how="left")
-    return joined.sort(keys)
+    return (
+        joined.join(noise_floor(stir), on="layer", how="left")
+        .with_columns(_above_noise("forgetting"), _above_noise("learning"))
+        .sort(keys)
+    )
 
 
 def flow_table(stir: Frame) -> Frame:
-    """Per (checkpoint, epoch, pt_layer, ft_layer): ``flow`` (mean over seeds) and ``flow_std``."""
+    """Per (checkpoint, epoch, pt_layer, ft_layer): ``flow`` (mean over seeds), ``flow_std`` and
+    the 95% t-interval ``flow_ci_low`` / ``flow_ci_high``."""
     keys = [*CHECKPOINT_KEYS, "pt_layer", "ft_layer"]
     return (
         over_seeds(flow(stir), "flow", keys)
-        .select(*keys, pl.col("flow_mean").alias("flow"), "flow_std", "n_seeds")
+        .select(*keys, pl.col("flow_mean").alias("flow"), "flow_std", "flow_ci_low", "flow_ci_high", "n_seeds")
         .sort(keys)
     )
