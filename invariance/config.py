@@ -71,7 +71,7 @@ class DataConfig(_Strict):
 
 
 class InversionConfig(_Strict):
-    """The reference inversion (normalized gradient descent on relative L2)."""
+    """The inversion: the reference normalized gradient descent on relative L2, or Adam.
 
     iterations: Int = Field(500, ge=1)
     step_size: float = Field(0.5, gt=0)
@@ -95,9 +95,19 @@ class RunConfig(_Strict):
 
     output: str
     # may hold credentials: never in a repr, an error message or the settings hash
+InversionOptimizer = Literal["reference", "adam"]
+# the step size each optimizer gets when `step_size` is not given (bench/bench_optimizers.py)
+DEFAULT_STEP_SIZE: dict[str, float] = {"reference": 0.5, "adam": 0.05}
+
+
     storage_options: dict[str, Any] = Field(default_factory=dict, repr=False)
     model: ModelConfig
     pretrained: str
+    ``step_size`` defaults per ``optimizer`` (DEFAULT_STEP_SIZE): the reference's L2 step 0.5,
+    constant; Adam's learning rate, decayed to 0 over ``iterations`` on a cosine.
+    """
+
+    optimizer: InversionOptimizer = "reference"
     checkpoints: str
     data: DataConfig
     layers: Literal["all"] | list[Int] = "all"
@@ -105,6 +115,22 @@ class RunConfig(_Strict):
     seeds: list[Int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
     inversion: InversionConfig = Field(default_factory=InversionConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    @model_validator(mode="before")
+    @classmethod
+    def _default_step_size(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("step_size") is None:
+            optimizer = data.get("optimizer", "reference")
+            if optimizer in DEFAULT_STEP_SIZE:
+                data = {**data, "step_size": DEFAULT_STEP_SIZE[optimizer]}
+        return data
+
+    def numbers_settings(self) -> dict[str, Any]:
+        """The settings that change X' (not micro_batch, compile). ``optimizer: reference``, the
+        default, is left out: its hash is the one from before the key existed, so results
+        cached by earlier versions stay valid."""
+        exclude = {"micro_batch", "compile"} | ({"optimizer"} if self.optimizer == "reference" else set())
+        return self.model_dump(mode="json", exclude=exclude)
+
 
     @field_validator("checkpoints")
     @classmethod
@@ -165,7 +191,7 @@ class RunConfig(_Strict):
             "data": self.data.model_dump(mode="json"),
             "layers": self.layers,
             "token_policy": self.token_policy,
-            "inversion": self.inversion.model_dump(mode="json", exclude={"micro_batch", "compile"}),
+            "inversion": self.inversion.numbers_settings(),
         }
 
     def inversion_settings(self) -> dict[str, Any]:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
 
-from invariance.config import InversionConfig
-from invariance.core.inversion import EARLY_STOP_CHECK_EVERY, invert, start_noise
+from invariance.config import DEFAULT_STEP_SIZE, InversionConfig, settings_hash
+from invariance.core.inversion import EARLY_STOP_CHECK_EVERY, adam_learning_rate, invert, start_noise
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -180,3 +181,96 @@ def test_early_stop_is_per_sample_so_micro_batching_stays_exact(tiny_vit):
     torch.testing.assert_close(whole.final_loss[stopped], stopped_there.final_loss[stopped], rtol=0, atol=1e-7)
     torch.testing.assert_close(whole.images[stopped], stopped_there.images[stopped], rtol=0, atol=1e-6)
     assert torch.all(whole.final_loss[~stopped] < stopped_there.final_loss[~stopped])  # the others went on
+
+
+# --- optimizer: adam ---------------------------------------------------------------------------
+
+
+def adam_settings(**overrides) -> InversionConfig:
+    return settings(**{"optimizer": "adam", "step_size": None, **overrides})
+
+
+def test_adam_matches_torch_optim_adam_per_sample(tiny_vit):
+    """An independent transcription: torch.optim.Adam on each sample alone, with a cosine
+    LambdaLR to 0 over the iterations, clamped to [0, 1] after each step, best iterate kept."""
+    layer, images, iterations = 1, eval_images(4, seed=2), 30
+    noise = start_noise(3, torch.arange(4), SHAPE)
+    config = adam_settings(iterations=iterations)
+    expected_images, expected_loss = [], []
+    for k in range(4):
+        target = tiny_vit.layer_features(images[k : k + 1], [layer])[layer].detach()
+        x = noise[k : k + 1].clone().requires_grad_(True)
+        optimizer = torch.optim.Adam([x], lr=config.step_size)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / iterations))
+        )
+        best_loss, best_x = float("inf"), x.detach().clone()
+        for _ in range(iterations + 1):
+            loss = ((tiny_vit.layer_features(x, [layer])[layer] - target).norm() / target.norm())
+            if float(loss.detach()) < best_loss:
+                best_loss, best_x = float(loss), x.detach().clone()
+            if _ == iterations:
+                break
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            with torch.no_grad():
+                x.clamp_(0.0, 1.0)
+        expected_images.append(best_x[0])
+        expected_loss.append(best_loss)
+
+    result = invert(tiny_vit, layer, images, noise, config)
+    torch.testing.assert_close(result.images, torch.stack(expected_images), rtol=0, atol=1e-5)
+    torch.testing.assert_close(result.final_loss, torch.tensor(expected_loss), rtol=1e-5, atol=1e-6)
+
+
+def test_adam_micro_batching_is_exact_with_and_without_early_stop(tiny_vit):
+    images, noise = eval_images(6), start_noise(0, torch.arange(6), SHAPE)
+    at_first_check = invert(tiny_vit, 2, images, noise, adam_settings(iterations=EARLY_STOP_CHECK_EVERY - 1)).final_loss
+    tolerance = float(at_first_check.median())  # some samples stop at the first check, some go on
+    for extra in ({}, {"tolerance": tolerance}):
+        results = {mb: invert(tiny_vit, 2, images, noise, adam_settings(iterations=60, micro_batch=mb, **extra))
+                   for mb in (1, 4, 6)}  # fmt: skip
+        whole = results[6]
+        for micro_batch in (1, 4):
+            torch.testing.assert_close(results[micro_batch].images, whole.images, rtol=0, atol=1e-6)
+            torch.testing.assert_close(results[micro_batch].final_loss, whole.final_loss, rtol=0, atol=1e-7)
+            assert results[micro_batch].iterations_run == whole.iterations_run
+    assert whole.iterations_run < 60  # the tolerance run stopped early
+
+
+def test_adam_keeps_the_clamp_and_the_best_iterate(tiny_vit):
+    images, noise = eval_images(8), start_noise(0, torch.arange(8), SHAPE)
+    result = invert(tiny_vit, 4, images, noise, adam_settings(iterations=40))
+    assert result.images.min() >= 0.0 and result.images.max() <= 1.0
+    torch.testing.assert_close(result.final_loss, relative_loss(tiny_vit, 4, result.images, images), rtol=1e-5, atol=1e-6)
+
+
+# Measured on the tiny ViT, 8 images (bench/bench_optimizers.py measures the 13-layer bench model):
+# the reference's mean loss after 500 steps is 0.0109 (block 2) and 0.0159 (pre-logits); Adam at
+# the default step size after 100 steps: 0.0001 and 0.0012.
+@pytest.mark.parametrize("layer", [2, 4])
+def test_adam_reaches_the_reference_500_step_loss_in_a_fifth_of_the_steps(tiny_vit, layer):
+    images, noise = eval_images(8), start_noise(0, torch.arange(8), SHAPE)
+    reference = invert(tiny_vit, layer, images, noise, settings(iterations=500))
+    adam = invert(tiny_vit, layer, images, noise, adam_settings(iterations=100))
+    assert adam.final_loss.mean() < reference.final_loss.mean()
+
+
+def test_the_step_size_defaults_per_optimizer():
+    assert InversionConfig().step_size == DEFAULT_STEP_SIZE["reference"] == 0.5
+    assert InversionConfig(optimizer="adam").step_size == DEFAULT_STEP_SIZE["adam"]
+    assert InversionConfig(optimizer="adam", step_size=0.3).step_size == 0.3
+    assert adam_learning_rate(0, InversionConfig(optimizer="adam", iterations=10)) == DEFAULT_STEP_SIZE["adam"]
+    assert adam_learning_rate(10, InversionConfig(optimizer="adam", iterations=10)) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_the_reference_optimizer_keeps_the_hash_of_results_cached_before_it_existed():
+    # the inversion settings as every earlier version hashed them (no `optimizer` key)
+    before = {"iterations": 500, "step_size": 0.5, "tolerance": None, "bf16": True}
+    assert InversionConfig().numbers_settings() == before
+    assert InversionConfig(optimizer="reference", micro_batch=8, compile=True).numbers_settings() == before
+    adam = InversionConfig(optimizer="adam", step_size=0.5).numbers_settings()
+    assert adam == {**before, "optimizer": "adam"}
+    assert settings_hash(adam) != settings_hash(before)

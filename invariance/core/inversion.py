@@ -1,15 +1,19 @@
-"""Representation inversion as the STIR reference code runs it.
+"""Representation inversion as the STIR reference code runs it, or with Adam.
 
-X' = argmin ||m[j](X') - m[j](X)||_2 / ||m[j](X)||_2 per sample, by normalized gradient
-descent from N(0, 1) noise, iterates clamped to [0, 1], best iterate kept per sample
-(including one evaluation after the last step). Every quantity is per sample, so
-micro-batching is exact: each chunk is inverted on its own with identical results.
+X' = argmin ||m[j](X') - m[j](X)||_2 / ||m[j](X)||_2 per sample, from N(0, 1) noise, iterates
+clamped to [0, 1], best iterate kept per sample (including one evaluation after the last step).
+``optimizer: reference`` takes the reference code's normalized gradient step (constant L2 step
+``step_size``); ``optimizer: adam`` takes Adam steps (elementwise moments, learning rate
+``step_size`` decayed to 0 on a cosine over ``iterations``). Every quantity is per sample (the
+loss is a sum of per-sample terms, so each sample's gradient is its own; Adam's state is
+elementwise), so micro-batching is exact: each chunk is inverted on its own with identical results.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -26,6 +30,9 @@ _PROBE_SAMPLES = 4
 MICRO_BATCH_MEMORY_FRACTION = 0.6
 # compiled feature graphs kept per process: layers x chunk shapes of a grid, with room to spare
 _COMPILED_GRAPHS = 128
+# Adam's moment decay rates and denominator guard (torch.optim.Adam's defaults)
+ADAM_BETAS = (0.9, 0.999)
+ADAM_EPS = 1e-8
 
 
 @dataclass(frozen=True)
@@ -96,6 +103,55 @@ def _compile_cache_room(compiled: bool) -> contextlib.AbstractContextManager:
     return dynamo_config.patch(**{name: max(getattr(dynamo_config, name), _COMPILED_GRAPHS)})
 
 
+# (step index, iterate [n, 3, H, W], its gradient, active samples or None) -> the next iterate,
+# before clamping; built per chunk, so optimizer state lives and dies with the chunk
+StepFunction = Callable[[int, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+
+def _reference_step(start: torch.Tensor, config: InversionConfig) -> StepFunction:
+    """The reference code's normalized gradient step: ``x - step_size * g / ||g||_2`` per sample."""
+
+    def take_step(step: int, current: torch.Tensor, gradient: torch.Tensor, active: torch.Tensor | None) -> torch.Tensor:
+        gradient_norm = gradient.flatten(1).norm(dim=1).clamp_min(1e-12)[:, None, None, None]
+        return current - config.step_size * gradient / gradient_norm
+
+    return take_step
+
+
+def adam_learning_rate(step: int, config: InversionConfig) -> float:
+    """Adam's learning rate at ``step`` (0-based): ``step_size`` on a cosine down to 0 at ``iterations``."""
+    return config.step_size * 0.5 * (1.0 + math.cos(math.pi * step / config.iterations))
+
+
+def _adam_step(start: torch.Tensor, config: InversionConfig) -> StepFunction:
+    """Adam (torch.optim.Adam's update, elementwise moments) with a cosine-decayed learning rate.
+
+    The moments are elementwise, so a sample's state depends only on its own gradients. A sample
+    stopped by the tolerance never moves again (the caller discards its step), so its state no
+    longer matters.
+    """
+    first = torch.zeros_like(start)
+    second = torch.zeros_like(start)
+    beta1, beta2 = ADAM_BETAS
+
+    def take_step(step: int, current: torch.Tensor, gradient: torch.Tensor, active: torch.Tensor | None) -> torch.Tensor:
+        gradient = gradient.float()
+        first.mul_(beta1).add_(gradient, alpha=1 - beta1)
+        second.mul_(beta2).addcmul_(gradient, gradient, value=1 - beta2)
+        correction1 = 1 - beta1 ** (step + 1)
+        correction2 = 1 - beta2 ** (step + 1)
+        denominator = (second / correction2).sqrt_().add_(ADAM_EPS)
+        return current - adam_learning_rate(step, config) / correction1 * first / denominator
+
+    return take_step
+
+
+_STEPS: dict[str, Callable[[torch.Tensor, InversionConfig], StepFunction]] = {
+    "reference": _reference_step,
+    "adam": _adam_step,
+}
+
+
 def _invert_chunk(
     features: Callable[[torch.Tensor], torch.Tensor],
     images: torch.Tensor,
@@ -118,17 +174,18 @@ def _invert_chunk(
     # early stop is decided per sample at fixed steps, so no sample's result depends on which
     # others share its chunk: a sample below the tolerance at a check stops moving
     active = None if config.tolerance is None else torch.ones(len(images), dtype=torch.bool, device=images.device)
+    take_step = _STEPS[config.optimizer](current, config)
     steps = 0
     for step in range(config.iterations):
         current.requires_grad_(True)
         loss = relative_loss(current)
+        # the sum of per-sample losses: each sample's gradient is its own loss's
         (gradient,) = torch.autograd.grad(loss.sum(), current)
         with torch.no_grad():
             improved = loss < best_loss
             best_loss = torch.where(improved, loss, best_loss)
             best_images = torch.where(improved[:, None, None, None], current, best_images)
-            gradient_norm = gradient.flatten(1).norm(dim=1).clamp_min(1e-12)[:, None, None, None]
-            stepped = (current - config.step_size * gradient / gradient_norm).clamp_(0.0, 1.0)
+            stepped = take_step(step, current.detach(), gradient, active).clamp_(0.0, 1.0)
             current = stepped if active is None else torch.where(active[:, None, None, None], stepped, current.detach())
         steps = step + 1
         if active is not None and steps % EARLY_STOP_CHECK_EVERY == 0:
