@@ -70,9 +70,19 @@ class DataConfig(_Strict):
     image_column: str = "image"
 
 
+InversionOptimizer = Literal["reference", "adam"]
+# the step size each optimizer gets when `step_size` is not given (bench/bench_optimizers.py)
+DEFAULT_STEP_SIZE: dict[str, float] = {"reference": 0.5, "adam": 0.05}
+
+
 class InversionConfig(_Strict):
     """The inversion: the reference normalized gradient descent on relative L2, or Adam.
 
+    ``step_size`` defaults per ``optimizer`` (DEFAULT_STEP_SIZE): the reference's L2 step 0.5,
+    constant; Adam's learning rate, decayed to 0 over ``iterations`` on a cosine.
+    """
+
+    optimizer: InversionOptimizer = "reference"
     iterations: Int = Field(500, ge=1)
     step_size: float = Field(0.5, gt=0)
     tolerance: float | None = Field(None, gt=0)
@@ -80,41 +90,6 @@ class InversionConfig(_Strict):
     bf16: bool = True
     compile: bool = False
 
-
-class ResourcesConfig(_Strict):
-    """What each Ray task asks for, and how much work is in flight."""
-
-    num_gpus: float = Field(0.0, ge=0)
-    num_cpus: float = Field(1.0, gt=0)
-    max_in_flight: Int | None = Field(None, ge=1)
-    max_retries: Int = Field(3, ge=0)
-
-
-class RunConfig(_Strict):
-    """One run: a pretrained model, its finetuning checkpoints, and what to measure."""
-
-    output: str
-    # may hold credentials: never in a repr, an error message or the settings hash
-InversionOptimizer = Literal["reference", "adam"]
-# the step size each optimizer gets when `step_size` is not given (bench/bench_optimizers.py)
-DEFAULT_STEP_SIZE: dict[str, float] = {"reference": 0.5, "adam": 0.05}
-
-
-    storage_options: dict[str, Any] = Field(default_factory=dict, repr=False)
-    model: ModelConfig
-    pretrained: str
-    ``step_size`` defaults per ``optimizer`` (DEFAULT_STEP_SIZE): the reference's L2 step 0.5,
-    constant; Adam's learning rate, decayed to 0 over ``iterations`` on a cosine.
-    """
-
-    optimizer: InversionOptimizer = "reference"
-    checkpoints: str
-    data: DataConfig
-    layers: Literal["all"] | list[Int] = "all"
-    token_policy: TokenPolicy = "flatten"
-    seeds: list[Int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
-    inversion: InversionConfig = Field(default_factory=InversionConfig)
-    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     @model_validator(mode="before")
     @classmethod
     def _default_step_size(cls, data: Any) -> Any:
@@ -131,6 +106,31 @@ DEFAULT_STEP_SIZE: dict[str, float] = {"reference": 0.5, "adam": 0.05}
         exclude = {"micro_batch", "compile"} | ({"optimizer"} if self.optimizer == "reference" else set())
         return self.model_dump(mode="json", exclude=exclude)
 
+
+class ResourcesConfig(_Strict):
+    """What each Ray task asks for, and how much work is in flight."""
+
+    num_gpus: float = Field(0.0, ge=0)
+    num_cpus: float = Field(1.0, gt=0)
+    max_in_flight: Int | None = Field(None, ge=1)
+    max_retries: Int = Field(3, ge=0)
+
+
+class RunConfig(_Strict):
+    """One run: a pretrained model, its finetuning checkpoints, and what to measure."""
+
+    output: str
+    # may hold credentials: never in a repr, an error message or the settings hash
+    storage_options: dict[str, Any] = Field(default_factory=dict, repr=False)
+    model: ModelConfig
+    pretrained: str
+    checkpoints: str
+    data: DataConfig
+    layers: Literal["all"] | list[Int] = "all"
+    token_policy: TokenPolicy = "flatten"
+    seeds: list[Int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    inversion: InversionConfig = Field(default_factory=InversionConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
 
     @field_validator("checkpoints")
     @classmethod
