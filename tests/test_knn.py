@@ -1,0 +1,70 @@
+"""DINO's weighted kNN classifier (invariance.core.knn) against the formula written out directly."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from invariance.core.knn import knn_accuracy
+
+
+def direct_knn(bank, bank_labels, queries, query_labels, k, temperature, classes):
+    """The formula, one query at a time in float64: cosine similarity, top-k, exp(sim / T) votes."""
+    top1 = top5 = 0
+    for query, label in zip(queries.double(), query_labels.tolist()):
+        sims = [
+            float(query @ row.double()) / (float(query.norm()) * float(row.double().norm()))
+            for row in bank
+        ]
+        nearest = sorted(range(len(sims)), key=lambda i: -sims[i])[:k]
+        votes = [0.0] * classes
+        for i in nearest:
+            votes[int(bank_labels[i])] += math.exp(sims[i] / temperature)
+        ranked = sorted(range(classes), key=lambda c: -votes[c])
+        top1 += ranked[0] == label
+        top5 += label in ranked[:5]
+    n = len(queries)
+    return top1 / n, (top5 / n if classes >= 5 else None)
+
+
+@pytest.mark.parametrize(("classes", "temperature"), [(7, 0.07), (3, 0.5)])
+def test_matches_the_formula_on_planted_features(classes, temperature) -> None:
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.randn(classes, 6, generator=generator)
+    bank_labels = torch.randint(0, classes, (60,), generator=generator)
+    bank = centres[bank_labels] + 1.2 * torch.randn(60, 6, generator=generator)
+    query_labels = torch.randint(0, classes, (25,), generator=generator)
+    queries = centres[query_labels] + 1.2 * torch.randn(25, 6, generator=generator)
+    ks = (1, 5, 20)
+    got = knn_accuracy(bank, bank_labels, queries, query_labels, ks=ks, temperature=temperature, chunk_size=7,
+                       num_classes=classes)  # fmt: skip
+    for k in ks:
+        expected = direct_knn(bank, bank_labels, queries, query_labels, k, temperature, classes)
+        assert got[k][0] == pytest.approx(expected[0])
+        assert (got[k][1] is None) == (expected[1] is None)
+        if expected[1] is not None:
+            assert got[k][1] == pytest.approx(expected[1])
+    # noisy clusters: neither trivial nor hopeless, so the comparison above means something
+    assert 0.2 < got[20][0] < 1.0
+
+
+def test_separable_set_scores_one_and_chunking_changes_nothing() -> None:
+    generator = torch.Generator().manual_seed(1)
+    labels = torch.arange(40) % 4
+    directions = torch.eye(8)[:4] * 5
+    bank = directions[labels] + 0.05 * torch.randn(40, 8, generator=generator)
+    queries = directions[labels[:12]] + 0.05 * torch.randn(12, 8, generator=generator)
+    whole = knn_accuracy(bank, labels, queries, labels[:12], ks=(10, 200))
+    assert whole == {10: (1.0, None), 200: (1.0, None)}  # 4 classes: no top-5; k > N uses the bank
+    assert knn_accuracy(bank, labels, queries, labels[:12], ks=(10,), chunk_size=5) == {10: (1.0, None)}
+    wrong = knn_accuracy(bank, labels, queries, (labels[:12] + 1) % 4, ks=(10,))
+    assert wrong == {10: (0.0, None)}
+
+
+def test_bad_shapes_are_refused() -> None:
+    with pytest.raises(ValueError, match="features must be"):
+        knn_accuracy(torch.zeros(4, 3), torch.zeros(4), torch.zeros(2, 5), torch.zeros(2))
+    with pytest.raises(ValueError, match="ks must be"):
+        knn_accuracy(torch.zeros(4, 3), torch.zeros(4), torch.zeros(2, 3), torch.zeros(2), ks=(0,))
