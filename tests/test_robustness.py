@@ -96,7 +96,10 @@ def test_reduce_writes_tables_and_plot_only_for_runs_with_metrics(tmp_path) -> N
     write_metrics(run)
     out = Store(str(tmp_path / "out"))
     written = reduce_module._reduce_robustness(out, curves(), checkpoints, depth=4, make_plots=True)
-    assert written == ["reduced/robustness.parquet", "reduced/robustness_correlation.parquet", "plots/robustness.png"]
+    assert written == ["reduced/robustness.parquet", "reduced/robustness_correlation.parquet",
+                       "reduced/robustness_search.parquet", "reduced/robustness_early.parquet", "plots/robustness.png"]
+    search = pl.read_parquet(tmp_path / "out" / "reduced" / "robustness_search.parquet")
+    assert set(search["combination"]) == {"forgetting"} and set(search["run"]) == {str(run)}  # the columns there are
     table = pl.read_parquet(tmp_path / "out" / "reduced" / "robustness.parquet")
     assert table["epoch"].to_list() == [1, 2, 3, 4] and set(table["run"]) == {str(run)}
     assert (tmp_path / "out" / "plots" / "robustness.png").read_bytes()[:4] == b"\x89PNG"

@@ -14,13 +14,14 @@ from dataclasses import dataclass, field
 
 import polars as pl
 
-from invariance.analysis import metrics, plots, robustness
+from invariance.analysis import metrics, plots, robustness, robustness_search
 from invariance.engine.plan import Plan
 from invariance.errors import StorageError
 from invariance.io.checkpoints import Checkpoint, run_folders
 from invariance.io.layout import (
     DYNAMICS_PLOT, LAYER_CURVES_PLOT, REDUCED_CURVES, REDUCED_FLOW, REDUCED_ROBUSTNESS,
-    REDUCED_ROBUSTNESS_CORRELATION, REDUCED_STATUS, ROBUSTNESS_PLOT, flow_plot_key,
+    REDUCED_ROBUSTNESS_CORRELATION, REDUCED_ROBUSTNESS_EARLY, REDUCED_ROBUSTNESS_SEARCH, REDUCED_STATUS,
+    ROBUSTNESS_PLOT, flow_plot_key,
 )  # fmt: skip
 from invariance.io.layout import Unit
 from invariance.io.run_metrics import read_run_metrics
@@ -162,9 +163,30 @@ def _reduce_robustness(
     if table.is_empty():
         return []
     outputs = {REDUCED_ROBUSTNESS: parquet_bytes(table), REDUCED_ROBUSTNESS_CORRELATION: parquet_bytes(correlation)}
+    outputs.update(_robustness_search(curves, run_metrics, run_epochs))
     if make_plots:
         outputs[ROBUSTNESS_PLOT] = robustness.robustness_png(table, correlation, depth)
     return [key for key, data in outputs.items() if store.put_if_changed(key, data)]
+
+
+def _robustness_search(
+    curves: pl.DataFrame, run_metrics: dict[str, pl.DataFrame], run_epochs: dict[str, list[int]]
+) -> dict[str, bytes]:
+    """The paper's search over hypotheses per run, its early-epoch view; the strongest logged."""
+    searches, early = [], []
+    for run, metrics in run_metrics.items():
+        run_curves = curves.filter(pl.col("epoch").is_in(run_epochs.get(run, [])))
+        table = robustness_search.search(run_curves, metrics, run)
+        searches.append(table)
+        early.append(robustness_search.early_epochs(run_curves, metrics, run, robustness_search.strongest(table, n=3)))
+    if not searches:
+        return {}
+    search = pl.concat(searches)
+    for row in robustness_search.strongest(search, n=5).iter_rows(named=True):
+        log.info("robustness search %s: %s of %s over %s: r = %.3f (n = %d epochs), Bonferroni p = %.3g of %d tested",
+                 row["run"], row["aggregation"], row["combination"], row["layer_set"], row["pearson_r"],
+                 row["n_epochs"], row["p_bonferroni"], row["n_hypotheses"])  # fmt: skip
+    return {REDUCED_ROBUSTNESS_SEARCH: parquet_bytes(search), REDUCED_ROBUSTNESS_EARLY: parquet_bytes(pl.concat(early))}
 
 
 def _stored_status(store: Store) -> dict | None:

@@ -1,0 +1,179 @@
+"""The finetuning paper's robustness search (its Appendix E.1, Fig. 14): which summary of the
+per-layer metrics tracks the accuracy on corrupted test sets over the epochs of a run?
+
+A hypothesis is (layer set, combination, aggregation):
+- layer sets: each single layer, the first n layers and the last n layers (n = 2..L, the full
+  set once);
+- combinations of the STIR metrics: ``forgetting``, ``learning``, their ``sum`` and their
+  ``difference`` (forgetting - learning); for CKA, ``cka_divergence`` alone;
+- aggregations over the layers of the set: ``mean``, ``std`` (population), ``min``, ``max``; a
+  single layer has one value, so it is tested once (``value``), not four times.
+Each is correlated over epochs (Pearson r and its two-sided p from ``scipy.stats.pearsonr``)
+with the mean corrupted accuracy and with the accuracy at each severity, per run. The p values
+are Bonferroni-corrected over the hypotheses actually tested for that run and target (those with
+a defined r), and that count is reported. The early-epoch view (Fig. 14): r over epochs
+0..n only, as n grows, for the strongest hypotheses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+
+STIR_COMBINATIONS: dict[str, pl.Expr] = {
+    "forgetting": pl.col("forgetting_mean"),
+    "learning": pl.col("learning_mean"),
+    "sum": pl.col("forgetting_mean") + pl.col("learning_mean"),
+    "difference": pl.col("forgetting_mean") - pl.col("learning_mean"),
+}
+CKA_COMBINATIONS: dict[str, pl.Expr] = {"cka_divergence": pl.col("cka_divergence_mean")}
+
+
+def _available(combinations: dict[str, pl.Expr], columns: list[str]) -> dict[str, pl.Expr]:
+    """The combinations whose columns the curves have (a table without learning tests forgetting only)."""
+    return {name: e for name, e in combinations.items() if set(e.meta.root_names()) <= set(columns)}
+AGGREGATIONS = ("mean", "std", "min", "max")
+HYPOTHESIS_KEYS = ["family", "combination", "layer_set", "aggregation"]
+SEARCH_COLUMNS = [
+    "run", *HYPOTHESIS_KEYS, "layers", "target", "n_epochs", "pearson_r", "p_value", "n_hypotheses", "p_bonferroni",
+]
+# the early-epoch curve starts at this many epochs (r of 2 points is always +-1)
+EARLY_MIN_EPOCHS = 3
+
+
+@dataclass(frozen=True)
+class LayerSet:
+    name: str
+    layers: tuple[int, ...]
+
+
+def layer_sets(layers: list[int]) -> list[LayerSet]:
+    """Each single layer, then the first n and the last n layers for n = 2..L (the full set once)."""
+    layers = sorted(layers)
+    sets = [LayerSet(f"layer {layer}", (layer,)) for layer in layers]
+    seen: set[tuple[int, ...]] = set()
+    for n in range(2, len(layers) + 1):
+        for name, chosen in ((f"first {n}", tuple(layers[:n])), (f"last {n}", tuple(layers[-n:]))):
+            if chosen not in seen:
+                seen.add(chosen)
+                sets.append(LayerSet(name, chosen))
+    return sets
+
+
+def _aggregate(expression: pl.Expr, aggregation: str) -> pl.Expr:
+    return {"mean": expression.mean(), "std": expression.std(ddof=0), "min": expression.min(),
+            "max": expression.max(), "value": expression.first()}[aggregation]  # fmt: skip
+
+
+def hypothesis_values(curves: pl.DataFrame) -> pl.DataFrame:
+    """Per (epoch, hypothesis): ``value``, the aggregated metric; columns epoch, family,
+    combination, layer_set, aggregation, layers, value."""
+    frames = []
+    for layer_set in layer_sets(curves["layer"].unique().to_list()):
+        rows = curves.filter(pl.col("layer").is_in(layer_set.layers))
+        aggregations = ("value",) if len(layer_set.layers) == 1 else AGGREGATIONS
+        for family, all_combinations in (("stir", STIR_COMBINATIONS), ("cka", CKA_COMBINATIONS)):
+            combinations = _available(all_combinations, curves.columns)
+            if not combinations:
+                continue
+            wide = rows.group_by("epoch").agg(
+                _aggregate(expression, aggregation).alias(f"{combination}|{aggregation}")
+                for combination, expression in combinations.items()
+                for aggregation in aggregations
+            )
+            frames.append(
+                wide.unpivot(index="epoch", variable_name="hypothesis", value_name="value").select(
+                    "epoch",
+                    pl.lit(family).alias("family"),
+                    pl.col("hypothesis").str.split("|").list.get(0).alias("combination"),
+                    pl.lit(layer_set.name).alias("layer_set"),
+                    pl.col("hypothesis").str.split("|").list.get(1).alias("aggregation"),
+                    pl.lit(list(layer_set.layers), dtype=pl.List(pl.Int64)).alias("layers"),
+                    pl.col("value").cast(pl.Float64),
+                )
+            )
+    return pl.concat(frames).sort("epoch", *HYPOTHESIS_KEYS)
+
+
+def accuracy_targets(run_metrics: pl.DataFrame) -> pl.DataFrame:
+    """Per (epoch, target): ``accuracy``, the mean corrupted accuracy (target ``mean``) and the
+    mean over corruptions at each severity (``severity 1`` ...), from a finetuning run's metrics."""
+    mean = run_metrics.select("epoch", pl.lit("mean").alias("target"), pl.col("corrupted_accuracy").alias("accuracy"))
+    if "corrupted" not in run_metrics.columns:
+        return mean.drop_nulls("accuracy")
+    per_severity = (
+        run_metrics.select("epoch", "corrupted")
+        .explode("corrupted")
+        .unnest("corrupted")
+        .drop_nulls("accuracy")
+        .group_by("epoch", "severity")
+        .agg(pl.col("accuracy").mean())
+        .select("epoch", pl.format("severity {}", "severity").alias("target"), "accuracy")
+    )
+    return pl.concat([mean, per_severity]).drop_nulls("accuracy").sort("target", "epoch")
+
+
+def _pearson(x: np.ndarray, y: np.ndarray) -> tuple[float | None, float | None]:
+    """(r, two-sided p) by scipy, or (None, None) where undefined (< 3 points, a constant series)."""
+    from scipy import stats
+
+    keep = np.isfinite(x) & np.isfinite(y)
+    x, y = x[keep], y[keep]
+    if len(x) < EARLY_MIN_EPOCHS or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return None, None
+    result = stats.pearsonr(x, y)
+    return float(result.statistic), float(result.pvalue)
+
+
+def search(curves: pl.DataFrame, run_metrics: pl.DataFrame, run: str) -> pl.DataFrame:
+    """Every hypothesis against every accuracy target over the epochs of one run; columns
+    SEARCH_COLUMNS, strongest (smallest corrected p, then largest |r|) first."""
+    joined = hypothesis_values(curves).join(accuracy_targets(run_metrics), on="epoch", how="inner")
+    rows = []
+    for keys, group in joined.sort("epoch").group_by([*HYPOTHESIS_KEYS, "target"], maintain_order=True):
+        r, p = _pearson(group["value"].to_numpy(), group["accuracy"].to_numpy())
+        rows.append({**dict(zip([*HYPOTHESIS_KEYS, "target"], keys)), "layers": group["layers"][0].to_list(),
+                     "n_epochs": group.height, "pearson_r": r, "p_value": p})  # fmt: skip
+    if not rows:
+        return pl.DataFrame(schema={c: pl.Float64 for c in SEARCH_COLUMNS}).with_columns(pl.col("run").cast(pl.String))
+    table = pl.DataFrame(rows, schema_overrides={"layers": pl.List(pl.Int64), "pearson_r": pl.Float64, "p_value": pl.Float64})
+    return (
+        table.with_columns(pl.lit(run).alias("run"), pl.col("p_value").is_not_null().sum().over("target").alias("n_hypotheses"))
+        .with_columns((pl.col("p_value") * pl.col("n_hypotheses")).clip(upper_bound=1.0).alias("p_bonferroni"))
+        .select(SEARCH_COLUMNS)
+        .sort(["target", "p_bonferroni", pl.col("pearson_r").abs()], descending=[False, False, True], nulls_last=True)
+    )
+
+
+def strongest(table: pl.DataFrame, n: int = 5, target: str = "mean") -> pl.DataFrame:
+    """The ``n`` hypotheses with the smallest corrected p (ties: largest |r|) per run, for ``target``."""
+    return (
+        table.filter((pl.col("target") == target) & pl.col("pearson_r").is_not_null())
+        .sort(["run", "p_bonferroni", pl.col("pearson_r").abs()], descending=[False, False, True])
+        .group_by("run", maintain_order=True)
+        .head(n)
+    )
+
+
+def early_epochs(curves: pl.DataFrame, run_metrics: pl.DataFrame, run: str, hypotheses: pl.DataFrame) -> pl.DataFrame:
+    """Fig. 14: for each of ``hypotheses`` (rows of ``search``), Pearson r against the mean corrupted
+    accuracy over the first n epochs of the run, for n = 3 .. all; columns run, the hypothesis
+    keys, up_to_epoch, n_epochs, pearson_r."""
+    joined = (
+        hypothesis_values(curves)
+        .join(hypotheses.select(HYPOTHESIS_KEYS), on=HYPOTHESIS_KEYS, how="semi")
+        .join(accuracy_targets(run_metrics).filter(pl.col("target") == "mean"), on="epoch", how="inner")
+        .sort("epoch")
+    )
+    rows = []
+    for keys, group in joined.group_by(HYPOTHESIS_KEYS, maintain_order=True):
+        epochs, values, accuracy = (group[c].to_numpy() for c in ("epoch", "value", "accuracy"))
+        for end in range(EARLY_MIN_EPOCHS, len(epochs) + 1):
+            r, _ = _pearson(values[:end], accuracy[:end])
+            rows.append({"run": run, **dict(zip(HYPOTHESIS_KEYS, keys)), "up_to_epoch": int(epochs[end - 1]),
+                         "n_epochs": end, "pearson_r": r})  # fmt: skip
+    schema = {"run": pl.String, **{k: pl.String for k in HYPOTHESIS_KEYS}, "up_to_epoch": pl.Int64,
+              "n_epochs": pl.Int64, "pearson_r": pl.Float64}  # fmt: skip
+    return pl.DataFrame(rows, schema=schema)
