@@ -13,10 +13,9 @@ import ray
 
 from invariance.config import RunConfig, load_config, settings_hash
 from invariance.core.cost import inversion_flops
-from invariance.io.data import load_eval_images
 from invariance.engine.lease import RunLease
 from invariance.core.models import describe_layers, load_model
-from invariance.engine.plan import Plan, make_plan
+from invariance.engine.plan import Plan, check_output_location, make_plan
 from invariance.engine.reduce import ReduceResult, reduce_plan
 from invariance.engine.steps import RunSpec
 from invariance.io.storage import Store
@@ -56,14 +55,15 @@ def open_run(config: RunConfig | str, check_data: bool = True) -> tuple[RunConfi
         store = Store(config.output, dict(config.storage_options))
         store.check_writable()
         plan = make_plan(config, store)
-        if check_data and (plan.missing_stir or plan.missing_cka or plan.missing_inversions):
-            # fail before any task starts: every shard reads the same eval images
-            load_eval_images(config.data, config.data.image_size or plan.input_size, config.storage_options)
+        check_output_location(config)  # before the write probe lands inside a data or checkpoint folder
     except (CheckpointError, DataError, StorageError) as error:
         if not paths.note():
+        # the plan reads the eval images once (their fingerprint keys the results): a dataset
+        # that cannot be read fails here, before any task starts, whatever ``check_data`` says
             raise
         raise type(error)(f"{error} {paths.note()}") from error
-    spec = RunSpec(config, store, plan.settings_hash, plan.inversion_hash, tuple(plan.layers))
+    spec = RunSpec(config, store, plan.settings_hash, plan.inversion_hash, tuple(plan.layers),
+                   eval_fingerprint=plan.fingerprints.get("eval_images", ""))  # fmt: skip
     return config, store, plan, spec
 
 

@@ -197,3 +197,100 @@ def test_data_and_checkpoint_errors_hide_url_credentials(tmp_path):
     with pytest.raises(CheckpointError) as error:
         weights_fingerprint("memory://user:SECRET456@host/none.safetensors")
     assert "SECRET456" not in str(error.value)
+
+
+# --- fingerprints in the plan: replaced inputs are never taken for done ----------------------------
+
+
+def _plan(tmp_path, **overrides):
+    from invariance.config import parse_config
+    from invariance.engine.plan import make_plan
+    from tests.helpers import tiny_config
+
+    config = parse_config(tiny_config(tmp_path, str(tmp_path / "out"), seeds=[0], layers=[0, 2], **overrides))
+    store = Store(config.output)
+    return config, store, make_plan(config, store)
+
+
+def test_an_output_inside_the_data_or_checkpoint_folder_is_refused(tmp_path):
+    from invariance.config import parse_config
+    from invariance.engine.plan import make_plan
+    from invariance.errors import ConfigError
+    from tests.helpers import tiny_config, write_checkpoints, write_eval_parquet
+
+    write_checkpoints(tmp_path / "ckpt", epochs=[1])
+    write_eval_parquet(tmp_path / "data")
+    for output in (tmp_path / "data" / "results", tmp_path / "ckpt" / "ft" / "inv", f"file://{tmp_path}/data"):
+        config = parse_config(tiny_config(tmp_path, str(output)))
+        with pytest.raises(ConfigError, match=r"^output: .* lies inside the (data.path|checkpoints) folder"):
+            make_plan(config, Store(config.output))
+    assert not (tmp_path / "data" / "results").exists()
+    make_plan(parse_config(tiny_config(tmp_path, str(tmp_path / "data-results"))), Store(str(tmp_path / "data-results")))
+
+
+def test_replaced_pretrained_weights_or_eval_images_change_both_hashes(tmp_path):
+    from tests.helpers import write_checkpoints, write_eval_parquet
+
+    write_checkpoints(tmp_path / "ckpt", epochs=[1])
+    write_eval_parquet(tmp_path / "data", n=24)
+    _, _, plan = _plan(tmp_path)
+    assert set(plan.fingerprints) == {"pretrained", "eval_images"}
+    assert _plan(tmp_path)[2].settings_hash == plan.settings_hash  # stable
+    # the pretrained file replaced in place (same name, same size)
+    save_file(tiny_state(7), str(tmp_path / "ckpt" / "pretrained.safetensors"))
+    replaced = _plan(tmp_path)[2]
+    assert replaced.settings_hash != plan.settings_hash and replaced.inversion_hash != plan.inversion_hash
+    # other eval images under the same data config: the cached pt inversions of the old ones are not reused
+    write_eval_parquet(tmp_path / "data", n=30)
+    more = _plan(tmp_path)[2]
+    assert more.inversion_hash != replaced.inversion_hash and more.settings_hash != replaced.settings_hash
+
+
+def test_a_checkpoint_replaced_under_its_epoch_is_computed_anew(tmp_path, torch_single_thread):
+    import polars as pl
+
+    from invariance.engine.execute import execute_in_process
+    from invariance.engine.reduce import reduce_plan
+    from invariance.engine.steps import RunSpec, Workspace
+    from tests.helpers import perturbed, write_checkpoints, write_eval_parquet
+
+    write_checkpoints(tmp_path / "ckpt", epochs=[1, 2])
+    write_eval_parquet(tmp_path / "data")
+    config, store, plan = _plan(tmp_path)
+    spec = RunSpec(config, store, plan.settings_hash, plan.inversion_hash, tuple(plan.layers),
+                   eval_fingerprint=plan.fingerprints["eval_images"])  # fmt: skip
+    assert execute_in_process(plan, spec, Workspace("cpu")).failures == []
+    plan.refresh(store)
+    first = reduce_plan(plan, store, make_plots=False).curves
+    # retrained epoch 2: same file name, other weights
+    save_file(perturbed(tiny_state(0), 0.3, seed=99), str(tmp_path / "ckpt" / "ft" / "epoch=02.safetensors"))
+    _, _, again = _plan(tmp_path)
+    assert again.settings_hash == plan.settings_hash and again.inversion_hash == plan.inversion_hash
+    assert again.missing_inversions == [] and again.incomplete_epochs() == {2: len(again.layers) * 2 + 1}
+    assert execute_in_process(again, spec, Workspace("cpu")).failures == []
+    again.refresh(store)
+    second = reduce_plan(again, store, make_plots=False).curves
+    epoch_of = lambda frame, e: frame.filter(pl.col("epoch") == e).sort("layer")  # noqa: E731
+    assert epoch_of(second, 1).equals(epoch_of(first, 1))
+    assert not epoch_of(second, 2)["forgetting_mean"].equals(epoch_of(first, 2)["forgetting_mean"])
+    # both versions' rows stay in the hive layout; the fingerprint column tells them apart
+    rows = pl.scan_parquet(f"{tmp_path}/out/stir/**/*.parquet", hive_partitioning=True).collect()
+    assert rows.filter(pl.col("epoch") == 2)["checkpoint_fingerprint"].n_unique() == 2
+    fingerprints = {c.epoch: c.fingerprint for c in again.checkpoints}
+    assert set(rows.filter(pl.col("epoch") == 1)["checkpoint_fingerprint"]) == {fingerprints[1]}
+
+
+def test_a_worker_refuses_eval_images_other_than_the_planned_ones(tmp_path):
+    from invariance.engine.steps import Workspace
+    from tests.helpers import write_eval_parquet
+
+    write_eval_parquet(tmp_path / "data")
+    config = DataConfig(format="parquet", path=str(tmp_path / "data"), n_samples=12)
+    from invariance.config import parse_config
+    from tests.helpers import tiny_config
+
+    run_config = parse_config(tiny_config(tmp_path, str(tmp_path / "out")))
+    planned = load_eval_images(config, 16).fingerprint
+    assert Workspace("cpu").eval_images(run_config, 16, planned).fingerprint == planned
+    with pytest.raises(DataError, match="the eval images changed since the run was planned"):
+        Workspace("cpu").eval_images(run_config, 16, "0123456789abcdef")

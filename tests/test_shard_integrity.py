@@ -13,7 +13,7 @@ from invariance.engine.execute import execute_in_process
 from invariance.engine.plan import make_plan
 from invariance.engine.reduce import reduce_plan
 from invariance.engine.steps import RunSpec, Workspace
-from invariance.io.layout import MANIFESTS, CkaUnit, StirUnit
+from invariance.io.layout import MANIFESTS
 from invariance.io.storage import Store
 from invariance.io.synthetic import ShapesDataset, make_shapes, to_parquet_bytes
 from tests.helpers import tiny_config, write_checkpoints, write_eval_parquet
@@ -40,7 +40,7 @@ def test_a_record_whose_shard_file_was_deleted_is_recomputed(finished) -> None:
     tmp_path, store, spec = finished
     _, plan, _ = _open(tmp_path)
     assert plan.work() == []
-    lost = StirUnit(2, "ft", 2, 0, "epoch=02", "")
+    lost = next(u for u in plan.stir if (u.epoch, u.ref_model, u.ref_layer, u.seed) == (2, "ft", 2, 0))
     (tmp_path / "out" / plan.data_key(lost)).unlink()
     _, plan, spec = _open(tmp_path)
     assert [str(unit) for unit, _ in plan.work()] == ["stir epoch=02 ft[2] seed 0"]
@@ -54,7 +54,7 @@ def test_a_record_whose_shard_file_was_deleted_is_recomputed(finished) -> None:
 def test_an_unreadable_shard_is_missing_again_and_recomputed(finished) -> None:
     tmp_path, store, spec = finished
     _, plan, _ = _open(tmp_path)
-    cka = (tmp_path / "out" / plan.data_key(CkaUnit(1, "epoch=01", "")))
+    cka = (tmp_path / "out" / plan.data_key(next(u for u in plan.cka if u.epoch == 1)))
     cka.write_bytes(cka.read_bytes()[:50])  # truncated
     result = reduce_plan(plan, store, make_plots=False)
     assert [str(u) for u in result.unreadable] == ["cka epoch=01"]

@@ -8,9 +8,11 @@ import logging
 import posixpath
 from dataclasses import dataclass, field
 
-from invariance.io.checkpoints import Checkpoint, discover_checkpoints
+from invariance.io.checkpoints import Checkpoint, discover_checkpoints, weights_fingerprint
 from invariance.config import RunConfig, settings_hash
-from invariance.errors import CheckpointError
+from invariance.errors import CheckpointError, ConfigError
+from invariance.io.data import load_eval_images
+from invariance.io.storage import is_inside, redact
 from invariance.io.layout import MANIFESTS, CkaUnit, InversionUnit, StirUnit, Unit
 from invariance.core.models import check_models
 from invariance.io.storage import Store
@@ -34,6 +36,8 @@ class Plan:
     cka: list[CkaUnit]
     done: set[str] = field(default_factory=set)
     layer_names: list[str] = field(default_factory=list)  # what each layer index is ("blocks.3", "pre-logits")
+    # what the numbers depend on beyond the config, in both hashes: {"pretrained": ..., "eval_images": ...}
+    fingerprints: dict[str, str] = field(default_factory=dict)
 
     def refresh(self, store: Store) -> None:
         """Re-read what is done, e.g. after an execution: one listing of the completion records
@@ -107,8 +111,34 @@ class Plan:
         return order
 
 
+def check_output_location(config: RunConfig) -> None:
+    """ConfigError naming ``output`` when it lies inside the eval data or the checkpoint folder:
+    the run's own files (plots/*.png, shards) would become eval images or checkpoints."""
+    checkpoint_folder = config.checkpoints.split("{epoch}")[0].rsplit("/", 1)[0]
+    for key, folder in (("data.path", config.data.path), ("checkpoints", checkpoint_folder)):
+        if folder and is_inside(config.output, folder, config.storage_options):
+            raise ConfigError(
+                f"output: {redact(config.output)} lies inside the {key} folder {redact(folder)}; the run's own "
+                f"files (plots, shards) would be read as inputs: choose an output prefix outside it"
+            )
+
+
+def input_fingerprints(config: RunConfig, input_size: int) -> dict[str, str]:
+    """The identity of what the numbers depend on beyond the config: the pretrained weights (content
+    hash, or ETag / size / mtime) and the eval images (their content, after selection). Reads the
+    eval images once: a missing or unreadable dataset fails here, before any task."""
+    images = load_eval_images(config.data, config.data.image_size or input_size, config.storage_options)
+    return {"pretrained": weights_fingerprint(config.pretrained, config.storage_options),
+            "eval_images": images.fingerprint}  # fmt: skip
+
+
 def make_plan(config: RunConfig, store: Store, checkpoints: list[Checkpoint] | None = None) -> Plan:
-    """Discover checkpoints (unless given), enumerate the shards, read the completion records."""
+    """Discover checkpoints (unless given), enumerate the shards, read the completion records.
+
+    The settings hash and the inversion hash take the fingerprints of the pretrained weights
+    and of the eval images; each unit takes its checkpoint file's fingerprint: replacing any of
+    them in place computes anew instead of reusing results of the old content."""
+    check_output_location(config)
     if checkpoints is None:
         checkpoints = discover_checkpoints(config.checkpoints, config.storage_options)
     if not checkpoints:
@@ -121,16 +151,17 @@ def make_plan(config: RunConfig, store: Store, checkpoints: list[Checkpoint] | N
                          config.data.image_size)  # fmt: skip
     depth = model.depth
     layers = config.resolve_layers(depth)
+    fingerprints = input_fingerprints(config, model.input_size)
     stir = [
-        StirUnit(c.epoch, ref_model, layer, seed, c.name, c.url)
+        StirUnit(c.epoch, ref_model, layer, seed, c.name, c.url, c.fingerprint)
         for c in checkpoints
         for ref_model in REF_MODELS
         for layer in layers
         for seed in config.seeds
     ]
     plan = Plan(
-        settings_hash=settings_hash(config.numbers_settings()),
-        inversion_hash=settings_hash(config.inversion_settings()),
+        settings_hash=settings_hash({**config.numbers_settings(), "fingerprints": fingerprints}),
+        inversion_hash=settings_hash({**config.inversion_settings(), "fingerprints": fingerprints}),
         checkpoints=checkpoints,
         layers=layers,
         depth=depth,
@@ -138,7 +169,8 @@ def make_plan(config: RunConfig, store: Store, checkpoints: list[Checkpoint] | N
         layer_names=model.layer_names(),
         inversions=[InversionUnit(layer, seed) for layer in layers for seed in config.seeds],
         stir=stir,
-        cka=[CkaUnit(c.epoch, c.name, c.url) for c in checkpoints],
+        cka=[CkaUnit(c.epoch, c.name, c.url, c.fingerprint) for c in checkpoints],
+        fingerprints=fingerprints,
     )
     plan.refresh(store)
     return plan

@@ -23,8 +23,8 @@ from invariance.core.inversion import InversionResult
 from invariance.io.layout import CkaUnit, InversionUnit, StirUnit, Unit
 from invariance.core.models import FeatureModel, load_model
 from invariance.core.shards import CKA_COLUMNS, STIR_COLUMNS, ShardContext
-from invariance.errors import NumericsError
-from invariance.io.storage import Store
+from invariance.errors import DataError, NumericsError
+from invariance.io.storage import Store, redact
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,8 @@ class RunSpec:
     settings_hash: str
     inversion_hash: str
     layers: tuple[int, ...]
+    # the plan's fingerprint of the eval images: a worker that loads other images refuses to compute
+    eval_fingerprint: str = ""
 
 
 class Workspace:
@@ -72,12 +74,20 @@ class Workspace:
         self._models.move_to_end(key)
         return self._models[key]
 
-    def eval_images(self, config: RunConfig, image_size: int) -> EvalImages:
+    def eval_images(self, config: RunConfig, image_size: int, expected_fingerprint: str = "") -> EvalImages:
+        """The eval images, loaded once; DataError when they are not the ones the run was planned
+        with (``expected_fingerprint``, unless empty): the dataset changed since."""
         key = config.data.model_dump_json() + f"@{image_size}"
         if key not in self._images:
             loaded = load_eval_images(config.data, image_size, config.storage_options)
-            self._images[key] = EvalImages(loaded.images.to(self.device), loaded.indices)
-        return self._images[key]
+            self._images[key] = EvalImages(loaded.images.to(self.device), loaded.indices, fingerprint=loaded.fingerprint)
+        images = self._images[key]
+        if expected_fingerprint and images.fingerprint != expected_fingerprint:
+            raise DataError(
+                f"data.path {redact(config.data.path)}: the eval images changed since the run was planned "
+                f"(fingerprint {images.fingerprint}, planned {expected_fingerprint}); rerun to plan them anew"
+            )
+        return images
 
     def context(self, spec: RunSpec, checkpoint_url: str | None) -> ShardContext:
         """Shard context for pt and (unless None) the checkpoint at ``checkpoint_url``."""
@@ -86,7 +96,7 @@ class Workspace:
             models = {"pt": self.model(spec.config, spec.config.pretrained, "pt", spec.layers)}
             if checkpoint_url is not None:
                 models["ft"] = self.model(spec.config, checkpoint_url, "ft", spec.layers)
-            images = self.eval_images(spec.config, models["pt"].input_size)
+            images = self.eval_images(spec.config, models["pt"].input_size, spec.eval_fingerprint)
             self._contexts[key] = ShardContext(
                 models, images, spec.layers, spec.config.token_policy, spec.config.inversion
             )
@@ -174,14 +184,15 @@ def _write_shard(
     started: float, **record_fields: Any,
 ) -> str:  # fmt: skip
     """Write a shard's rows once, then its completion record; returns the record key."""
-    identity = {"settings": spec.settings_hash, "checkpoint": unit.checkpoint, "epoch": unit.epoch, "version": __version__}
+    identity = {"settings": spec.settings_hash, "checkpoint": unit.checkpoint, "epoch": unit.epoch, "version": __version__,
+                "checkpoint_fingerprint": unit.checkpoint_fingerprint}  # fmt: skip
     data_key = unit.data_key(spec.settings_hash)
-    frame = _shard_frame(rows, columns, identity)
+    frame = _shard_frame(rows, (*columns, "checkpoint_fingerprint"), identity)
     check_finite(unit, frame)
     spec.store.put_parquet(data_key, frame)
     record_key = unit.record_key(spec.settings_hash)
     spec.store.put(record_key, _record(data_key, len(rows), started, checkpoint=unit.checkpoint, epoch=unit.epoch,
-                                       **record_fields))  # fmt: skip
+                                       checkpoint_fingerprint=unit.checkpoint_fingerprint, **record_fields))  # fmt: skip
     return record_key
 
 

@@ -2,8 +2,9 @@
 
 Under a run's ``output`` (hive-style, one writer per key):
 
-    stir/settings=<hash>/epoch=<e>/<ref_model>_layer<j>_seed<s>.parquet   STIR shards
-    cka/settings=<hash>/epoch=<e>/cka.parquet                             CKA shards
+    stir/settings=<hash>/epoch=<e>/<ref_model>_layer<j>_seed<s>_<ckpt>.parquet   STIR shards
+    cka/settings=<hash>/epoch=<e>/cka_<ckpt>.parquet                             CKA shards
+    (<ckpt>: the checkpoint file's fingerprint; a file replaced under its epoch writes new shards)
     _manifests/settings=<hash>/...                                        completion records
     _manifests/inversions/<hash>/layer<j>_seed<s>.json                    cached pt inversions
     _manifests/leases/settings=<hash>.json                                the run lease
@@ -41,6 +42,13 @@ FINETUNE_INITIAL = "initial.safetensors"
 FINETUNE_METRICS = "metrics"
 FINETUNE_STATE = "_state/last.pt"
 
+# the run-config sections (model, finetuned_model) that read the run's checkpoints
+FINETUNE_ANALYSIS = "analysis.json"
+
+
+def _fingerprint_suffix(fingerprint: str) -> str:
+    """``_<fingerprint>`` in a shard's file name: the hive folders (settings, epoch) stay as they are."""
+    return f"_{fingerprint}" if fingerprint else ""
 
 @dataclass(frozen=True, order=True)
 class StirUnit:
@@ -53,14 +61,18 @@ class StirUnit:
     checkpoint: str
     checkpoint_url: str
 
+    checkpoint_fingerprint: str = ""  # the file's identity: a file replaced under the same epoch is another unit
     def __str__(self) -> str:
         return f"stir {self.checkpoint} {self.ref_model}[{self.ref_layer}] seed {self.seed}"
 
     def data_key(self, settings_hash: str) -> str:
-        return f"stir/settings={settings_hash}/epoch={self.epoch}/{self.ref_model}_layer{self.ref_layer}_seed{self.seed}.parquet"
+    def _stem(self) -> str:
+        return f"{self.ref_model}_layer{self.ref_layer}_seed{self.seed}{_fingerprint_suffix(self.checkpoint_fingerprint)}"
+
+        return f"stir/settings={settings_hash}/epoch={self.epoch}/{self._stem()}.parquet"
 
     def record_key(self, settings_hash: str) -> str:
-        return f"{MANIFESTS}/settings={settings_hash}/stir/epoch={self.epoch}/{self.ref_model}_layer{self.ref_layer}_seed{self.seed}.json"
+        return f"{MANIFESTS}/settings={settings_hash}/stir/epoch={self.epoch}/{self._stem()}.json"
 
 
 @dataclass(frozen=True, order=True)
@@ -71,14 +83,15 @@ class CkaUnit:
     checkpoint: str
     checkpoint_url: str
 
+    checkpoint_fingerprint: str = ""
     def __str__(self) -> str:
         return f"cka {self.checkpoint}"
 
     def data_key(self, settings_hash: str) -> str:
-        return f"cka/settings={settings_hash}/epoch={self.epoch}/cka.parquet"
+        return f"cka/settings={settings_hash}/epoch={self.epoch}/cka{_fingerprint_suffix(self.checkpoint_fingerprint)}.parquet"
 
     def record_key(self, settings_hash: str) -> str:
-        return f"{MANIFESTS}/settings={settings_hash}/cka/epoch={self.epoch}.json"
+        return f"{MANIFESTS}/settings={settings_hash}/cka/epoch={self.epoch}{_fingerprint_suffix(self.checkpoint_fingerprint)}.json"
 
 
 @dataclass(frozen=True, order=True)
