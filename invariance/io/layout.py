@@ -32,6 +32,7 @@ REDUCED_ROBUSTNESS = "reduced/robustness.parquet"
 REDUCED_ROBUSTNESS_CORRELATION = "reduced/robustness_correlation.parquet"
 REDUCED_ROBUSTNESS_SEARCH = "reduced/robustness_search.parquet"
 REDUCED_ROBUSTNESS_EARLY = "reduced/robustness_early.parquet"
+REPORT = "reports/index.html"
 PLOTS = "plots"
 LAYER_CURVES_PLOT = f"{PLOTS}/layer_curves.png"
 DYNAMICS_PLOT = f"{PLOTS}/dynamics.png"
@@ -41,7 +42,6 @@ ROBUSTNESS_PLOT = f"{PLOTS}/robustness.png"
 FINETUNE_INITIAL = "initial.safetensors"
 FINETUNE_METRICS = "metrics"
 FINETUNE_STATE = "_state/last.pt"
-
 # the run-config sections (model, finetuned_model) that read the run's checkpoints
 FINETUNE_ANALYSIS = "analysis.json"
 
@@ -49,6 +49,7 @@ FINETUNE_ANALYSIS = "analysis.json"
 def _fingerprint_suffix(fingerprint: str) -> str:
     """``_<fingerprint>`` in a shard's file name: the hive folders (settings, epoch) stay as they are."""
     return f"_{fingerprint}" if fingerprint else ""
+
 
 @dataclass(frozen=True, order=True)
 class StirUnit:
@@ -60,15 +61,15 @@ class StirUnit:
     seed: int
     checkpoint: str
     checkpoint_url: str
-
     checkpoint_fingerprint: str = ""  # the file's identity: a file replaced under the same epoch is another unit
+
     def __str__(self) -> str:
         return f"stir {self.checkpoint} {self.ref_model}[{self.ref_layer}] seed {self.seed}"
 
-    def data_key(self, settings_hash: str) -> str:
     def _stem(self) -> str:
         return f"{self.ref_model}_layer{self.ref_layer}_seed{self.seed}{_fingerprint_suffix(self.checkpoint_fingerprint)}"
 
+    def data_key(self, settings_hash: str) -> str:
         return f"stir/settings={settings_hash}/epoch={self.epoch}/{self._stem()}.parquet"
 
     def record_key(self, settings_hash: str) -> str:
@@ -82,8 +83,8 @@ class CkaUnit:
     epoch: int
     checkpoint: str
     checkpoint_url: str
-
     checkpoint_fingerprint: str = ""
+
     def __str__(self) -> str:
         return f"cka {self.checkpoint}"
 
