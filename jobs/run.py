@@ -52,14 +52,14 @@ def open_run(config: RunConfig | str, check_data: bool = True) -> tuple[RunConfi
     A path error says how relative paths were resolved."""
     config, paths = load_run_config(config)
     try:
+        check_output_location(config)  # before the write probe lands inside a data or checkpoint folder
         store = Store(config.output, dict(config.storage_options))
         store.check_writable()
-        plan = make_plan(config, store)
-        check_output_location(config)  # before the write probe lands inside a data or checkpoint folder
-    except (CheckpointError, DataError, StorageError) as error:
-        if not paths.note():
         # the plan reads the eval images once (their fingerprint keys the results): a dataset
         # that cannot be read fails here, before any task starts, whatever ``check_data`` says
+        plan = make_plan(config, store)
+    except (CheckpointError, DataError, StorageError) as error:
+        if not paths.note():
             raise
         raise type(error)(f"{error} {paths.note()}") from error
     spec = RunSpec(config, store, plan.settings_hash, plan.inversion_hash, tuple(plan.layers),
