@@ -47,6 +47,15 @@ class ModelConfig(_Strict):
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
     strict: bool = True
+    # named-module layers (layers: {modules: [...]}) of a model that is not timm's: how many
+    # leading tokens are prefix tokens (class, registers); None: the network's num_prefix_tokens, else 0
+    prefix_tokens: Int | None = Field(None, ge=0)
+
+    def numbers_settings(self) -> dict[str, Any]:
+        """What of the model changes the numbers: not ``strict`` (it changes whether a checkpoint
+        loads); ``prefix_tokens`` only when set (older configs keep their hash)."""
+        exclude = {"strict"} | ({"prefix_tokens"} if self.prefix_tokens is None else set())
+        return self.model_dump(mode="json", exclude=exclude)
 
     @model_validator(mode="after")
     def _one_source(self) -> "ModelConfig":
@@ -55,6 +64,19 @@ class ModelConfig(_Strict):
         if self.factory is not None and ":" not in self.factory:
             raise ValueError(f"model.factory must look like 'package.module:function', got {self.factory!r}")
         return self
+
+
+class LayerModules(_Strict):
+    """``layers: {modules: [name, ...]}``: layer k is the output of the k-th named submodule."""
+
+    modules: list[str] = Field(min_length=1)
+
+    @field_validator("modules")
+    @classmethod
+    def _unique(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("module names must be unique")
+        return value
 
 
 class DataConfig(_Strict):
@@ -123,10 +145,12 @@ class RunConfig(_Strict):
     # may hold credentials: never in a repr, an error message or the settings hash
     storage_options: dict[str, Any] = Field(default_factory=dict, repr=False)
     model: ModelConfig
+    # the finetuned checkpoints' module when it differs from `model` (adapters, another head)
+    finetuned_model: ModelConfig | None = None
     pretrained: str
     checkpoints: str
     data: DataConfig
-    layers: Literal["all"] | list[Int] = "all"
+    layers: Literal["all"] | list[Int] | LayerModules = "all"
     token_policy: TokenPolicy = "flatten"
     seeds: list[Int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
     inversion: InversionConfig = Field(default_factory=InversionConfig)
@@ -167,9 +191,14 @@ class RunConfig(_Strict):
             raise ValueError("seeds must be unique")
         return value
 
+    @property
+    def layer_modules(self) -> list[str] | None:
+        """The named submodules of ``layers: {modules: [...]}``; None for timm's layers."""
+        return list(self.layers.modules) if isinstance(self.layers, LayerModules) else None
+
     def resolve_layers(self, depth: int) -> list[int]:
         """Layer indices 0..depth (depth = pre-logits); errors name ``layers`` when out of range."""
-        if self.layers == "all":
+        if self.layers == "all" or isinstance(self.layers, LayerModules):
             return list(range(depth + 1))
         too_deep = [k for k in self.layers if k > depth]
         if too_deep:
@@ -184,21 +213,25 @@ class RunConfig(_Strict):
         return {
             "algorithm": ALGORITHM_VERSION,
             # strict changes whether a checkpoint loads, never the numbers of one that does
-            "model": self.model.model_dump(mode="json", exclude={"strict"}),
+            "model": self.model.numbers_settings(),
             "pretrained": self.pretrained,
             # which finetuning run: another run's epoch=3 in the same output prefix is not done
             "checkpoints": self.checkpoints,
             "data": self.data.model_dump(mode="json"),
-            "layers": self.layers,
+            "layers": self.layers.model_dump(mode="json") if isinstance(self.layers, LayerModules) else self.layers,
             "token_policy": self.token_policy,
             "inversion": self.inversion.numbers_settings(),
+            # left out when unset: the hash of a config without it is the one from before the key existed
+            **({"finetuned_model": self.finetuned_model.numbers_settings()} if self.finetuned_model else {}),
         }
 
     def inversion_settings(self) -> dict[str, Any]:
         """What a pretrained-model inversion depends on: not the checkpoints, not the layer set."""
         settings = self.numbers_settings()
-        settings.pop("layers")
+        if self.layer_modules is None:  # named modules: the index says which module, so they stay
+            settings.pop("layers")
         settings.pop("checkpoints")
+        settings.pop("finetuned_model", None)
         return settings
 
 
