@@ -367,3 +367,27 @@ def load_labelled_images(
     subfolders in sorted order; the Parquet column ``label_column``.
     """
     return _load(config, image_size, storage_options, _Request(whole_split=whole_split, label_column=label_column))
+
+
+def class_names(config: DataConfig, storage_options: dict[str, Any] | None = None) -> list[str] | None:
+    """The name of each class label, label order: CIFAR's ``batches.meta`` (``label_names``) or
+    ``meta`` (``fine_label_names``), an image folder's class subfolders (sorted, every split);
+    None for Parquet (it stores no names) or a CIFAR folder without its meta file."""
+    fs, root = open_filesystem(config.path, storage_options or {})
+    root = root.rstrip("/")
+    if config.format == "cifar":
+        for name, key in (("batches.meta", b"label_names"), ("meta", b"fine_label_names")):
+            path = f"{root}/{name}"
+            if fs.exists(path):
+                try:
+                    meta = _ArraysOnlyUnpickler(io.BytesIO(fs.cat_file(path)), encoding="bytes").load()
+                    return [value.decode() if isinstance(value, bytes) else str(value) for value in meta[key]]
+                except (pickle.UnpicklingError, KeyError, ValueError, EOFError) as exc:
+                    raise DataError(f"{redact(path)}: not a CIFAR meta file ({exc})") from exc
+        return None
+    if config.format == "imagefolder":
+        folders = _subfolders(fs, root)
+        if f"{root}/{config.split}" in folders:
+            return _class_names(fs, folders)
+        return _class_names(fs, [root])
+    return None

@@ -17,10 +17,15 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from invariance.config import Int, ModelConfig, read_yaml, validate_config
+from invariance.training.adapters import AdapterKind
 from invariance.training.corruptions import CORRUPTIONS, SEVERITIES
 from invariance.errors import ConfigError
 from invariance.training.tasks import TaskName
 from invariance.training.loop import OptimizerName, TrainSettings
+
+MethodName = Literal["full", "linear_probe", "lp_ft"]
+_NEW_KEY_DEFAULTS = {"method": "full", "lp_epochs": None, "lp_lr": None, "adapter": None, "clip": None,
+                     "warmup_steps": 0}  # fmt: skip
 
 # Keys a sweep may not vary: where results go and how trials are placed are not grid values.
 _NOT_SWEEPABLE = ("output", "storage_options", "sweep", "resources")
@@ -74,6 +79,58 @@ class CorruptionsConfig(_Strict):
         return sorted(value)
 
 
+class AdapterConfig(_Strict):
+    """A parameter-efficient adapter on the frozen encoder (training/adapters.py)."""
+
+    kind: AdapterKind
+    rank: Int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | None = None
+    reduction_factor: Int = Field(16, ge=1)
+    merge: bool = False
+
+    @model_validator(mode="after")
+    def _merge_is_lora(self) -> "AdapterConfig":
+        if self.merge and self.kind != "lora":
+            raise ValueError("adapter.merge: only LoRA updates merge into the base weights; use merge: false")
+        return self
+
+    def factory_kwargs(self) -> dict[str, Any]:
+        """The settings ``adapters.add_adapter`` takes (what a run's ``finetuned_model`` passes on)."""
+        keys = ("kind", "rank", "alpha", "dropout", "target_modules") if self.kind == "lora" else ("kind", "reduction_factor")
+        return {key: getattr(self, key) for key in keys}
+
+
+class KnnConfig(_Strict):
+    """Per-epoch weighted kNN (core/knn.py) of the pre-logits: train-split bank, test-split queries."""
+
+    k: Int = Field(20, ge=1)
+    temperature: float = Field(0.07, gt=0)
+    n_train: Int | None = Field(None, gt=0)
+
+
+class ClipConfig(_Strict):
+    """FLYP (task: contrastive): an open_clip CLIP model and the prompts of the class names."""
+
+    model_name: str | None = None
+    model_config_dict: dict[str, Any] | None = Field(None, alias="model_config")
+    pretrained: str | None = None
+    class_names: list[str] | None = None
+    templates: list[str] | None = None
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, protected_namespaces=())
+
+    @model_validator(mode="after")
+    def _one_model(self) -> "ClipConfig":
+        if (self.model_name is None) == (self.model_config_dict is None):
+            raise ValueError("give exactly one of clip.model_name (an open_clip name) or clip.model_config (a dict)")
+        for template in self.templates or []:
+            if "{}" not in template:
+                raise ValueError(f"clip.templates: {template!r} has no '{{}}' for the class name")
+        return self
+
+
 class FinetuneResources(_Strict):
     """What each run (each sweep trial) asks Ray for, and how often Tune restarts a failed trial."""
 
@@ -87,16 +144,23 @@ class FinetuneConfig(_Strict):
 
     output: str
     storage_options: dict[str, Any] = Field(default_factory=dict, repr=False)  # may hold credentials
-    model: ModelConfig
+    model: ModelConfig | None = None
     pretrained: str | None = None
     data: FinetuneDataConfig
     task: TaskName = "classification"
+    method: MethodName = "full"
+    lp_epochs: Int | None = Field(None, ge=1)
+    lp_lr: float | None = Field(None, gt=0)
+    adapter: AdapterConfig | None = None
+    clip: ClipConfig | None = None
+    knn: KnnConfig | None = None
     num_classes: Int | None = Field(None, gt=0)
     optimizer: OptimizerName = "sgd"
     lr: float = Field(1e-3, gt=0)
     momentum: float = Field(0.9, ge=0)
     weight_decay: float = Field(1e-4, ge=0)
     epochs: Int = Field(100, ge=1)
+    warmup_steps: Int = Field(0, ge=0)
     batch_size: Int = Field(64, ge=1)
     augment: bool = False
     seed: Int = 0
@@ -124,6 +188,27 @@ class FinetuneConfig(_Strict):
         return value
 
     @model_validator(mode="after")
+    def _method_fits(self) -> "FinetuneConfig":
+        if self.task == "contrastive":
+            if self.clip is None:
+                raise ValueError("task: contrastive needs a clip section (clip.model_name or clip.model_config)")
+            if self.model is not None:
+                raise ValueError("model: a contrastive run builds its model from clip; leave model out")
+            if self.method != "full" or self.adapter is not None:
+                raise ValueError("task: contrastive trains the whole CLIP (method: full, no adapter)")
+        else:
+            if self.model is None:
+                raise ValueError("model: required (a timm arch + kwargs, or a factory)")
+            if self.clip is not None:
+                raise ValueError("clip: only task: contrastive reads the clip section")
+        if self.method == "lp_ft":
+            if self.lp_epochs is None or self.lp_epochs >= self.epochs:
+                raise ValueError(f"lp_epochs: method lp_ft needs 1 <= lp_epochs < epochs ({self.epochs}), got {self.lp_epochs}")
+        if self.method == "linear_probe" and self.adapter is not None:
+            raise ValueError("adapter: method linear_probe trains the head only; drop the adapter or use method full")
+        return self
+
+    @model_validator(mode="after")
     def _trials_valid(self) -> "FinetuneConfig":
         # every grid point must be a valid config: fail at parse time, not in the 7th trial
         if self.sweep is not None:
@@ -135,24 +220,40 @@ class FinetuneConfig(_Strict):
                     raise ValueError(f"sweep: the trial {trial_name(params)} is not a valid config: {detail}") from None
         return self
 
-    def train_settings(self) -> TrainSettings:
+    def train_settings(self, stage: str = "ft") -> TrainSettings:
+        """The optimizer and schedule of one stage: ``lp`` (lp_ft's first lp_epochs, at lp_lr or lr)
+        or ``ft`` (the rest; every epoch of method full and linear_probe)."""
+        epochs, lr = self.epochs, self.lr
+        if self.method == "lp_ft":
+            epochs = self.lp_epochs if stage == "lp" else self.epochs - self.lp_epochs
+            lr = (self.lp_lr or self.lr) if stage == "lp" else self.lr
         return TrainSettings(
-            epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, optimizer=self.optimizer,
+            epochs=epochs, batch_size=self.batch_size, lr=lr, optimizer=self.optimizer,
             momentum=self.momentum, weight_decay=self.weight_decay, augment=self.augment, seed=self.seed,
+            warmup_steps=self.warmup_steps,
         )  # fmt: skip
+
+    def stage(self, epoch: int) -> str:
+        """``lp`` when only the head trains in ``epoch`` (linear_probe; lp_ft's first lp_epochs), else ``ft``."""
+        if self.method == "linear_probe" or (self.method == "lp_ft" and epoch <= self.lp_epochs):
+            return "lp"
+        return "ft"
 
     def fingerprint(self) -> str:
         """Hash of every setting that changes the trained weights: a run resumes only under the
-        same fingerprint. Not in it: output, storage, resources, sweep, corruptions, checkpoint_every."""
-        excluded = {"output", "storage_options", "resources", "sweep", "corruptions", "checkpoint_every"}
-        settings = self.model_dump(mode="json", exclude=excluded)
+        same fingerprint. Not in it: output, storage, resources, sweep, corruptions, checkpoint_every, knn."""
+        excluded = {"output", "storage_options", "resources", "sweep", "corruptions", "checkpoint_every", "knn"}
+        settings = self.model_dump(mode="json", exclude=excluded, by_alias=True)
+        for key, default in _NEW_KEY_DEFAULTS.items():  # runs from before these keys keep their fingerprint
+            if settings.get(key) == default:
+                settings.pop(key, None)
         canonical = json.dumps(settings, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
     def for_trial(self, params: dict[str, Any]) -> "FinetuneConfig":
         """The config of one grid point: ``params`` applied (dotted keys reach nested sections),
         output ``<output>/<trial name>``, no sweep."""
-        raw = self.model_dump(mode="python")
+        raw = self.model_dump(mode="python", by_alias=True, exclude_none=True)
         for key, value in params.items():
             section = raw
             *parents, leaf = key.split(".")

@@ -34,6 +34,7 @@ class TrainSettings:
     weight_decay: float = 1e-4
     augment: bool = False
     seed: int = 0
+    warmup_steps: int = 0
 
 
 def make_optimizer(parameters: Iterable[nn.Parameter], settings: TrainSettings) -> torch.optim.Optimizer:
@@ -46,12 +47,18 @@ def make_optimizer(parameters: Iterable[nn.Parameter], settings: TrainSettings) 
     raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {settings.optimizer!r}")
 
 
-def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """lr x 0.5 (1 + cos(pi step / total)): from lr at step 0 to 0 at the last step."""
-    total = max(1, total_steps)
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
-    )
+def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+    """A linear warmup from lr / (warmup + 1) to lr over ``warmup_steps``, then lr x 0.5 (1 + cos(pi
+    s / S)) over the S = total - warmup steps left: lr at its first step, 0 at the last step."""
+    warmup = min(max(0, warmup_steps), max(0, total_steps - 1))
+    total = max(1, total_steps - warmup)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return 0.5 * (1 + math.cos(math.pi * min(step - warmup, total) / total))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -85,7 +92,7 @@ class Trainer:
         self.settings = settings
         self.steps_per_epoch = math.ceil(n_train / settings.batch_size)
         self.optimizer = make_optimizer(parameters, settings)
-        self.schedule = cosine_schedule(self.optimizer, settings.epochs * self.steps_per_epoch)
+        self.schedule = cosine_schedule(self.optimizer, settings.epochs * self.steps_per_epoch, settings.warmup_steps)
 
     def state_dict(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict()}

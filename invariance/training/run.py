@@ -17,6 +17,7 @@ was never interrupted. ``_state/last.pt`` holds plain tensors and containers onl
 from __future__ import annotations
 
 import io
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -27,12 +28,20 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 
 from invariance.config import DataConfig
+from invariance.core.knn import knn_accuracy
 from invariance.core.models import load_model, load_weights
 from invariance.errors import ConfigError, DataError
 from invariance.io.checkpoints import load_state_dict
-from invariance.io.data import EvalImages, load_labelled_images, to_model_input
-from invariance.io.layout import FINETUNE_INITIAL, FINETUNE_STATE, finetune_checkpoint_key, finetune_metrics_key
+from invariance.io.data import EvalImages, class_names, load_labelled_images, to_model_input
+from invariance.io.layout import (
+    FINETUNE_ANALYSIS,
+    FINETUNE_INITIAL,
+    FINETUNE_STATE,
+    finetune_checkpoint_key,
+    finetune_metrics_key,
+)
 from invariance.io.storage import Store
+from invariance.training.adapters import add_adapter, adapter_parameters, merged_state
 from invariance.training.config import FinetuneConfig
 from invariance.training.corruptions import corrupt
 from invariance.training.loop import Trainer
@@ -45,12 +54,17 @@ _CORRUPTED_CACHE_BYTES = 512 * 2**20
 METRICS_SCHEMA = {
     "epoch": pl.Int64,
     "task": pl.String,
+    "method": pl.String,
+    "stage": pl.String,
     "train_loss": pl.Float64,
     "lr": pl.Float64,
     "test_loss": pl.Float64,
     "clean_accuracy": pl.Float64,
     "corrupted_loss": pl.Float64,
     "corrupted_accuracy": pl.Float64,
+    "knn_k": pl.Int64,
+    "knn_top1": pl.Float64,
+    "knn_top5": pl.Float64,
     "n_train": pl.Int64,
     "n_test": pl.Int64,
     "n_corrupted": pl.Int64,
@@ -186,6 +200,8 @@ class SavedProgress:
     same_settings: bool
     trainer: dict[str, Any]
     task: dict[str, Any]
+    stage: str = "ft"
+    network: dict[str, Any] | None = None
 
 
 def saved_progress(config: FinetuneConfig) -> SavedProgress | None:
@@ -196,7 +212,8 @@ def saved_progress(config: FinetuneConfig) -> SavedProgress | None:
     if not store.exists(FINETUNE_STATE):
         return None
     state = torch.load(io.BytesIO(store.get(FINETUNE_STATE)), map_location="cpu", weights_only=True)
-    return SavedProgress(int(state["epoch"]), state["fingerprint"] == config.fingerprint(), state["trainer"], state["task"])
+    return SavedProgress(int(state["epoch"]), state["fingerprint"] == config.fingerprint(), state["trainer"], state["task"],
+                         state.get("stage", "ft"), state.get("network"))  # fmt: skip
 
 
 def log_epoch(row: dict[str, Any]) -> None:
@@ -209,6 +226,127 @@ def log_epoch(row: dict[str, Any]) -> None:
     elif row["corrupted_loss"] is not None:
         parts.append(f"corrupted loss {row['corrupted_loss']:.4f}")
     log.info("  %s", ", ".join(parts))
+
+
+@dataclass
+class Producer:
+    """What a run trains and writes: the task around its network, the data, how a checkpoint is
+    made from the network, and the run-config sections that read the checkpoints."""
+
+    task: Task
+    network: torch.nn.Module
+    data: FinetuneData
+    input_size: int
+    checkpoint: Callable[[], dict[str, torch.Tensor]]
+    analysis: dict[str, Any]
+    # the checkpoint cannot be loaded back into the trained module (merged LoRA, CLIP image tower):
+    # the resume state carries the module's own state_dict
+    network_in_state: bool = False
+
+
+def _model_section(config: FinetuneConfig) -> dict[str, Any]:
+    return config.model.model_dump(mode="json", exclude_none=True, exclude={"strict"})
+
+
+def build_producer(config: FinetuneConfig, store: Store) -> Producer:
+    """The task, data and checkpoint function of ``config``; writes ``initial.safetensors`` (the
+    plain network training starts from, new head included) on a fresh start."""
+    if config.task == "contrastive":
+        return _contrastive_producer(config, store)
+    model = load_model(config.model, config.pretrained, config.storage_options)
+    network, input_size = model.network.requires_grad_(True), model.input_size
+    data = load_finetune_data(config, input_size)
+    task = build_task(config.task, network, model.mean.flatten().tolist(), model.std.flatten().tolist(),
+                      data.num_classes)  # fmt: skip
+    if not store.exists(FINETUNE_INITIAL):
+        store.put(FINETUNE_INITIAL, _state_bytes(network.state_dict()))
+    plain = {**_model_section(config), "kwargs": {**config.model.kwargs, "num_classes": data.num_classes}}
+    if config.task != "classification":
+        plain = _model_section(config)
+    analysis: dict[str, Any] = {"model": plain}
+    checkpoint: Callable[[], dict[str, torch.Tensor]] = network.state_dict
+    merged = False
+    if config.adapter is not None:
+        add_adapter(network, **config.adapter.factory_kwargs())
+        merged = config.adapter.merge
+        if merged:
+            checkpoint = lambda: merged_state(network)  # noqa: E731
+        else:
+            source = {"arch": plain["arch"]} if config.model.arch else {"factory": config.model.factory}
+            analysis["finetuned_model"] = {
+                "factory": "invariance.training.adapters:adapted_model",
+                "kwargs": {**source, "kwargs": plain["kwargs"], "adapter": config.adapter.factory_kwargs()},
+                **{key: plain[key] for key in ("mean", "std") if key in plain},
+            }
+    return Producer(task, network, data, input_size, checkpoint, analysis, network_in_state=merged)
+
+
+def _contrastive_producer(config: FinetuneConfig, store: Store) -> Producer:
+    from invariance.training.contrastive import (
+        DEFAULT_TEMPLATES,
+        ContrastiveTask,
+        build_clip,
+        check_tower_conversion,
+        image_tower_model,
+        image_tower_state,
+    )
+
+    section = config.clip
+    clip = build_clip(section.model_name, section.model_config_dict, section.pretrained, config.storage_options)
+    check_tower_conversion(clip)
+    data = load_finetune_data(config, clip.input_size)
+    names = section.class_names or class_names(_split_config(config, config.data.train_split, None), config.storage_options)
+    if names is None:
+        raise ConfigError(f"clip.class_names: {config.data.path} stores no class names ({config.data.format}); list them, in label order")
+    if len(names) < data.num_classes:
+        raise ConfigError(f"clip.class_names: {len(names)} names, but the data has labels up to {data.num_classes - 1}")
+    task = ContrastiveTask(clip, names, section.templates or DEFAULT_TEMPLATES, config.seed)
+    if not store.exists(FINETUNE_INITIAL):
+        store.put(FINETUNE_INITIAL, _state_bytes(image_tower_state(clip)))
+    return Producer(task, clip.model.requires_grad_(True), data, clip.input_size, lambda: image_tower_state(clip),
+                    {"model": image_tower_model(clip)}, network_in_state=False)  # fmt: skip
+
+
+def trainable_parameters(config: FinetuneConfig, producer: Producer, stage: str) -> list[torch.nn.Parameter]:
+    """Freeze everything, then unfreeze what ``stage`` trains: ``lp`` the head (the encoder then runs
+    in eval mode, so it stays bitwise unchanged); ``ft`` the adapters and the head when there is an
+    adapter, else every parameter."""
+    task = producer.task
+    task.requires_grad_(False)
+    task.frozen_encoder = stage == "lp"
+    if stage == "lp":
+        parameters = task.head_parameters()
+    elif config.adapter is not None:
+        parameters = [parameter for _, parameter in adapter_parameters(producer.network)] + task.head_parameters()
+    else:
+        parameters = list(task.parameters())
+    for parameter in parameters:
+        parameter.requires_grad_(True)
+    return parameters
+
+
+@torch.no_grad()
+def _features(task: Task, images: torch.Tensor, input_size: int, batch_size: int) -> torch.Tensor:
+    """The pre-logits ``[n, d]`` of ``images: [n, 3, H, W]`` in [0, 1]."""
+    device = task.mean.device
+    task.eval()
+    parts = [task.pre_logits(to_model_input(images[begin : begin + batch_size].to(device), input_size)).float()
+             for begin in range(0, len(images), batch_size)]  # fmt: skip
+    return torch.cat(parts)
+
+
+def knn_scores(config: FinetuneConfig, task: Task, data: FinetuneData, input_size: int) -> dict[str, Any]:
+    """``knn_k``, ``knn_top1``, ``knn_top5`` of the pre-logits (core/knn.py): the train split
+    (its first ``knn.n_train`` images) as the labelled bank, the test split as queries."""
+    if config.knn is None:
+        return {"knn_k": None, "knn_top1": None, "knn_top5": None}
+    n_bank = config.knn.n_train or len(data.train.images)
+    bank = _features(task, data.train.images[:n_bank], input_size, config.batch_size)
+    queries = _features(task, data.test.images, input_size, config.batch_size)
+    scores = knn_accuracy(bank, data.train.labels[:n_bank], queries, data.test.labels, ks=(config.knn.k,),
+                          temperature=config.knn.temperature, num_classes=data.num_classes)  # fmt: skip
+    top1, top5 = scores[config.knn.k]
+    return {"knn_k": config.knn.k, "knn_top1": top1, "knn_top5": top5}
 
 
 def run_finetune(
@@ -226,53 +364,65 @@ def run_finetune(
     store = Store(config.output, dict(config.storage_options))
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(config.seed)
-    model = load_model(config.model, config.pretrained, config.storage_options)
-    network, input_size = model.network.requires_grad_(True), model.input_size
-    data = load_finetune_data(config, input_size)
-    task = build_task(config.task, network, model.mean.flatten().tolist(), model.std.flatten().tolist(),
-                      data.num_classes).to(device)  # fmt: skip
-    trainer = Trainer(task.parameters(), config.train_settings(), len(data.train.images))
-
     progress = saved_progress(config)
+    if progress is not None and not progress.same_settings:
+        raise ConfigError(
+            f"output: {store.url(FINETUNE_STATE)} belongs to a run with other settings; give this run "
+            "its own output, or delete that folder to start over"
+        )
+    producer = build_producer(config, store)
+    task, network, data, input_size = producer.task.to(device), producer.network, producer.data, producer.input_size
     if progress is None:
         resumed_from = 0
-        store.put(FINETUNE_INITIAL, _state_bytes(network))
+        store.put(FINETUNE_ANALYSIS, json.dumps(producer.analysis, indent=2, sort_keys=True).encode())
+        if config.adapter is not None:  # the adapted model at init: its features are the base's
+            store.put(finetune_checkpoint_key(0), _state_bytes(producer.checkpoint()))
     else:
-        if not progress.same_settings:
-            raise ConfigError(
-                f"output: {store.url(FINETUNE_STATE)} belongs to a run with other settings; give this run "
-                "its own output, or delete that folder to start over"
-            )
         resumed_from = progress.epoch
-        url = store.url(finetune_checkpoint_key(resumed_from))
-        load_weights(network, load_state_dict(url, config.storage_options), url)
+        if progress.network is not None:
+            network.load_state_dict(progress.network)
+        elif config.task != "contrastive":
+            url = store.url(finetune_checkpoint_key(resumed_from))
+            load_weights(network, load_state_dict(url, config.storage_options), url)
         task.load_extra_state(progress.task)
-        trainer.load_state_dict(progress.trainer)
 
     n_corrupted = min(config.corruptions.n_samples or len(data.test.images), len(data.test.images))
     corrupted = CorruptedTestSets(data.test.images[:n_corrupted], config.corruptions.names,
                                   config.corruptions.severities, config.corruptions.seed)  # fmt: skip
     rows = []
+    trainer, trainer_stage = None, None
     for epoch in range(resumed_from + 1, config.epochs + 1):
+        stage = config.stage(epoch)
+        if stage != trainer_stage:  # a new stage starts with its own optimizer and schedule
+            parameters = trainable_parameters(config, producer, stage)
+            trainer = Trainer(parameters, config.train_settings(stage), len(data.train.images))
+            if progress is not None and progress.stage == stage and epoch == resumed_from + 1:
+                trainer.load_state_dict(progress.trainer)
+            trainer_stage = stage
         started = time.time()
         lr = trainer.lr
         train_loss = trainer.run_epoch(epoch, task, task.loss, data.train.images, data.train.labels, input_size)
-        row = {"epoch": epoch, "task": config.task, "train_loss": train_loss, "lr": lr, "n_train": len(data.train.images),
-               **evaluate_epoch(task, data, corrupted, input_size, config.batch_size)}  # fmt: skip
+        row = {"epoch": epoch, "task": config.task, "method": config.method, "stage": stage, "train_loss": train_loss,
+               "lr": lr, "n_train": len(data.train.images),
+               **evaluate_epoch(task, data, corrupted, input_size, config.batch_size),
+               **knn_scores(config, task, data, input_size)}  # fmt: skip
         row["checkpoint"] = epoch % config.checkpoint_every == 0 or epoch == config.epochs
         row["seconds"] = time.time() - started
         if row["checkpoint"]:
-            store.put(finetune_checkpoint_key(epoch), _state_bytes(network))
+            store.put(finetune_checkpoint_key(epoch), _state_bytes(producer.checkpoint()))
         store.put_parquet(finetune_metrics_key(epoch), _frame([row]))
         if row["checkpoint"]:  # last: a state names a checkpoint that is already complete
-            _put_torch(store, FINETUNE_STATE, {"epoch": epoch, "fingerprint": config.fingerprint(),
-                                          "trainer": trainer.state_dict(), "task": task.extra_state()})  # fmt: skip
+            state = {"epoch": epoch, "fingerprint": config.fingerprint(), "stage": stage,
+                     "trainer": trainer.state_dict(), "task": task.extra_state()}  # fmt: skip
+            if producer.network_in_state:
+                state["network"] = {key: value.detach().cpu() for key, value in network.state_dict().items()}
+            _put_torch(store, FINETUNE_STATE, state)
         rows.append(row)
         if on_epoch is not None:
             on_epoch(row)
     return FinetuneResult(store.url(""), resumed_from, len(rows), _frame(rows))
 
 
-def _state_bytes(network: torch.nn.Module) -> bytes:
-    """The ViT's state_dict as safetensors bytes (CPU, contiguous)."""
-    return safetensors_bytes({key: value.detach().cpu().contiguous() for key, value in network.state_dict().items()})
+def _state_bytes(state: dict[str, torch.Tensor]) -> bytes:
+    """A state_dict as safetensors bytes (CPU, contiguous)."""
+    return safetensors_bytes({key: value.detach().cpu().contiguous() for key, value in state.items()})

@@ -14,7 +14,7 @@ from typing import Literal, Sequence
 import torch
 from torch import nn
 
-TaskName = Literal["classification", "reconstruction"]
+TaskName = Literal["classification", "reconstruction", "contrastive"]
 
 
 class TokenDecoder(nn.Module):
@@ -55,6 +55,16 @@ class Task(nn.Module):
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
 
+    # set while only the head trains (linear probing): the encoder then stays in eval mode, so
+    # dropout, drop-path and batch statistics leave it bitwise unchanged
+    frozen_encoder: bool = False
+
+    def train(self, mode: bool = True) -> "Task":
+        super().train(mode)
+        if mode and self.frozen_encoder:
+            self.network.eval()
+        return self
+
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         return (images - self.mean) / self.std
 
@@ -65,6 +75,15 @@ class Task(nn.Module):
     def score(self, inputs: torch.Tensor, labels: torch.Tensor, clean: torch.Tensor) -> tuple[float, int | None]:
         """(summed loss, number correct or None) of a test batch; ``clean`` is the uncorrupted input."""
         raise NotImplementedError
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        """What a linear probe trains: the classifier, or the decoder (the encoder stays frozen)."""
+        raise ValueError(f"task {self.name} has no head to probe")
+
+    def pre_logits(self, inputs: torch.Tensor) -> torch.Tensor:
+        """``[b, 3, S, S]`` in [0, 1] -> the pre-logits ``[b, d]`` (final norm + pooling): the kNN features."""
+        network = self.network
+        return network.forward_head(network.forward_features(self.normalize(inputs)), pre_logits=True)
 
     def extra_state(self) -> dict[str, torch.Tensor]:
         """Trained weights outside the network (saved beside the optimizer state)."""
@@ -90,6 +109,9 @@ class ClassificationTask(Task):
         loss = nn.functional.cross_entropy(logits, labels, reduction="sum")
         return float(loss), int((logits.argmax(dim=1) == labels).sum())
 
+    def head_parameters(self) -> list[nn.Parameter]:
+        return list(self.network.get_classifier().parameters())
+
 
 class ReconstructionTask(Task):
     name: TaskName = "reconstruction"
@@ -111,6 +133,9 @@ class ReconstructionTask(Task):
         per_image = (self.reconstruct(inputs) - clean).abs().flatten(1).mean(dim=1)
         return float(per_image.sum()), None
 
+    def head_parameters(self) -> list[nn.Parameter]:
+        return list(self.decoder.parameters())
+
     def extra_state(self) -> dict[str, torch.Tensor]:
         return {key: value.detach().cpu() for key, value in self.decoder.state_dict().items()}
 
@@ -128,4 +153,4 @@ def build_task(
         return ClassificationTask(network, mean, std, num_classes)
     if name == "reconstruction":
         return ReconstructionTask(network, mean, std)
-    raise ValueError(f"task must be 'classification' or 'reconstruction', got {name!r}")
+    raise ValueError(f"task must be 'classification' or 'reconstruction' here (contrastive: contrastive.ContrastiveTask), got {name!r}")

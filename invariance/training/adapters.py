@@ -1,0 +1,167 @@
+"""Parameter-efficient adapters on a frozen encoder: LoRA (through ``peft``), bottleneck
+adapters and FiLM. Each starts as the identity, so the adapted model's features at epoch 0
+equal the base's exactly.
+
+- ``lora``: low-rank updates ``W + (alpha / rank) B A`` of the target linears/convs, ``B``
+  zero-initialised (peft's default). Default targets: every ``nn.Linear`` and ``nn.Conv2d``
+  inside the blocks (a ViT's attention qkv/proj and MLP fc1/fc2; a CNN's stage convs).
+- ``bottleneck``: after each block's MLP, ``h + up(gelu(down(h)))`` with ``down: dim -> dim /
+  reduction_factor`` and ``up`` zero-initialised (Houlsby et al. 2019, the MLP-side adapter).
+- ``film``: after each block's MLP, ``h * (1 + gamma) + beta`` per channel, gamma and beta
+  zero-initialised.
+
+``adapted_model`` is a model factory: a run config names it under ``finetuned_model:
+{factory: invariance.training.adapters:adapted_model, kwargs: {...}}`` to rebuild the adapted
+module an unmerged checkpoint holds.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Iterator, Literal
+
+import torch
+from torch import nn
+
+from invariance.errors import ConfigError
+
+AdapterKind = Literal["lora", "bottleneck", "film"]
+_BLOCK_CONTAINERS = ("blocks", "stages", "layers")
+
+
+class BottleneckAdapter(nn.Module):
+    """``h: [..., dim] -> h + up(gelu(down(h)))``; ``up`` starts at zero (the identity)."""
+
+    def __init__(self, dim: int, reduction_factor: int) -> None:
+        super().__init__()
+        hidden = max(1, dim // reduction_factor)
+        self.down = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.up = nn.Linear(hidden, dim)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden + self.up(self.act(self.down(hidden)))
+
+
+class FiLM(nn.Module):
+    """``h: [..., dim] -> h * (1 + gamma) + beta`` per channel; gamma = beta = 0 at init."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.zeros(dim))
+        self.beta = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden * (1 + self.gamma) + self.beta
+
+
+class AfterMLP(nn.Sequential):
+    """A block's MLP followed by its adapter: ``adapter(mlp(x))``. Keys: ``mlp.0.*``, ``mlp.1.*``."""
+
+
+def _blocks(network: nn.Module) -> list[nn.Module]:
+    blocks = getattr(network, "blocks", None)
+    if blocks is None or not all(hasattr(block, "mlp") for block in blocks):
+        raise ConfigError(
+            f"adapter.kind: bottleneck and film go after each block's MLP of a ViT-style model "
+            f"(network.blocks[i].mlp); {type(network).__name__} has none. Use adapter.kind: lora"
+        )
+    return list(blocks)
+
+
+def _mlp_width(mlp: nn.Module) -> int:
+    out = getattr(mlp, "fc2", None)
+    if isinstance(out, nn.Linear):
+        return out.out_features
+    linears = [module for module in mlp.modules() if isinstance(module, nn.Linear)]
+    if not linears:
+        raise ConfigError(f"adapter: cannot tell the width of the block MLP {type(mlp).__name__}")
+    return linears[-1].out_features
+
+
+def default_lora_targets(network: nn.Module) -> list[str]:
+    """Names of every ``nn.Linear`` / ``nn.Conv2d`` inside the network's blocks (or stages/layers)."""
+    names = [
+        name
+        for name, module in network.named_modules()
+        if isinstance(module, (nn.Linear, nn.Conv2d)) and name.split(".")[0] in _BLOCK_CONTAINERS
+    ]
+    if not names:
+        raise ConfigError(
+            f"adapter.target_modules: {type(network).__name__} has no Linear/Conv2d inside "
+            f"{'/'.join(_BLOCK_CONTAINERS)}; name the modules to adapt"
+        )
+    return names
+
+
+def add_adapter(
+    network: nn.Module,
+    kind: AdapterKind,
+    rank: int = 8,
+    alpha: float = 16.0,
+    dropout: float = 0.0,
+    target_modules: list[str] | None = None,
+    reduction_factor: int = 16,
+) -> nn.Module:
+    """Adapt ``network`` in place (and return it): the adapter modules are added, the identity at init.
+
+    Freezing is the caller's: ``adapter_parameters`` names what an adapter adds."""
+    if kind == "lora":
+        try:
+            from peft import LoraConfig, inject_adapter_in_model
+        except ImportError as exc:
+            raise ConfigError("adapter.kind: lora needs peft (pip install 'invariance[adapters]')") from exc
+        targets = target_modules or default_lora_targets(network)
+        config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets)
+        try:
+            return inject_adapter_in_model(config, network)
+        except ValueError as exc:  # peft: "Target modules ... not found in the base model"
+            raise ConfigError(f"adapter.target_modules: {str(exc).splitlines()[0]}") from None
+    if kind in ("bottleneck", "film"):
+        for block in _blocks(network):
+            width = _mlp_width(block.mlp)
+            adapter = BottleneckAdapter(width, reduction_factor) if kind == "bottleneck" else FiLM(width)
+            block.mlp = AfterMLP(block.mlp, adapter)
+        return network
+    raise ConfigError(f"adapter.kind: expected lora, bottleneck or film, got {kind!r}")
+
+
+def adapter_parameters(network: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """(name, parameter) of everything an adapter added: LoRA's ``lora_*`` and the MLP adapters."""
+    for name, parameter in network.named_parameters():
+        if "lora_" in name or ".mlp.1." in name:
+            yield name, parameter
+
+
+def merged_state(network: nn.Module) -> dict[str, torch.Tensor]:
+    """The state_dict of a LoRA-adapted ``network`` with every update merged into its base weights,
+    under the base architecture's keys (``blocks.0.attn.qkv.weight``); the network is left as is."""
+    from peft.tuners.lora import LoraLayer
+
+    merged = copy.deepcopy(network)
+    for module in merged.modules():
+        if isinstance(module, LoraLayer):
+            module.merge()
+    state = {}
+    for key, value in merged.state_dict().items():
+        if "lora_" in key:
+            continue
+        state[key.replace(".base_layer.", ".")] = value
+    return state
+
+
+def adapted_model(arch: str | None = None, kwargs: dict[str, Any] | None = None, factory: str | None = None,
+                  adapter: dict[str, Any] | None = None) -> nn.Module:  # fmt: skip
+    """A model factory for run configs: the base network (timm ``arch`` + ``kwargs``, or a
+    ``factory``) with ``adapter`` (the finetune config's ``adapter`` section) added, random init;
+    an unmerged adapter checkpoint then loads into it."""
+    from invariance.config import ModelConfig
+    from invariance.core.models import build_network
+
+    if adapter is None or "kind" not in adapter:
+        raise ConfigError("finetuned_model.kwargs.adapter: give the finetune config's adapter section, e.g. {kind: lora, rank: 8}")
+    base = ModelConfig(arch=arch, factory=factory, kwargs=kwargs or {})
+    settings = {key: value for key, value in adapter.items() if key != "merge"}
+    return add_adapter(build_network(base), **settings)
