@@ -1,0 +1,101 @@
+"""The report a person opens: built from a real (tiny) run, opened in headless Chromium."""
+
+from __future__ import annotations
+
+import io
+import shutil
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from invariance.analysis import report
+from invariance.config import parse_config
+from invariance.engine.execute import execute_in_process
+from invariance.engine.plan import make_plan
+from invariance.engine.reduce import reduce_plan
+from invariance.engine.steps import RunSpec, Workspace
+from invariance.io.layout import REPORT, finetune_metrics_key
+from invariance.io.storage import Store
+from invariance.training.run import METRICS_SCHEMA
+from tests.helpers import tiny_config, write_checkpoints, write_eval_parquet
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture(scope="module")
+def reduced_run(tmp_path_factory, torch_single_thread):
+    """A 4-epoch tiny run with finetuning metrics beside the checkpoints, computed in process."""
+    tmp = tmp_path_factory.mktemp("report")
+    epochs = [1, 2, 3, 4]
+    write_checkpoints(tmp / "ckpt", epochs=epochs)
+    write_eval_parquet(tmp / "data")
+    run_store = Store(str(tmp / "ckpt" / "ft"))
+    for epoch in epochs:
+        row = {"epoch": epoch, "task": "classification", "train_loss": 1.0, "lr": 0.1, "test_loss": 1.0,
+               "clean_accuracy": 0.9, "corrupted_loss": 1.0, "corrupted_accuracy": 0.8 - 0.1 * epoch, "n_train": 8,
+               "n_test": 8, "n_corrupted": 8, "checkpoint": True, "seconds": 1.0,
+               "corrupted": [{"corruption": "noise", "severity": 1, "loss": 1.0, "accuracy": 0.8 - 0.1 * epoch}]}  # fmt: skip
+        buffer = io.BytesIO()
+        pl.DataFrame([row], schema=METRICS_SCHEMA).write_parquet(buffer)
+        run_store.put(finetune_metrics_key(epoch), buffer.getvalue())
+    config = parse_config(tiny_config(tmp, str(tmp / "out"), seeds=[0, 1]))
+    store = Store(config.output)
+    plan = make_plan(config, store)
+    spec = RunSpec(config, store, plan.settings_hash, plan.inversion_hash, tuple(plan.layers))
+    assert not execute_in_process(plan, spec, Workspace("cpu")).failures
+    plan.refresh(store)
+    result = reduce_plan(plan, store, settings=config.numbers_settings())
+    return tmp, config, store, plan, result
+
+
+def test_the_report_is_written_and_only_rewritten_when_it_changes(reduced_run) -> None:
+    tmp, config, store, plan, result = reduced_run
+    assert REPORT in result.written
+    page = (tmp / "out" / "reports" / "index.html").read_text()
+    assert "Robustness search: strongest hypotheses" in page and "Inversion quality" in page
+    assert "http://" not in page and "https://" not in page  # self-contained: nothing fetched
+    assert page.count("data:image/png;base64,") >= 2 + len(result.complete_epochs)  # curves, dynamics, flows
+    again = reduce_plan(plan, store, settings=config.numbers_settings())
+    assert REPORT not in again.written
+
+
+def test_inversions_that_did_not_converge_are_flagged(reduced_run) -> None:
+    tmp, _, _, _, _ = reduced_run
+    page = (tmp / "out" / "reports" / "index.html").read_text()
+    # 15 iterations on the tiny model leave relative losses far above 0.1
+    assert "Inversions did not converge at" in page and "inversion.iterations" in page
+
+
+def test_inversion_quality_flags_only_the_layers_above_the_threshold() -> None:
+    rows = [{"ref_model": m, "ref_layer": j, "target_model": m, "target_layer": j, "seed": s, "stir": 0.99,
+             "inv_loss_mean": loss, "inv_loss_max": loss * 2, "inv_iterations": 500}
+            for m, j, loss in (("pt", 0, 0.02), ("pt", 1, 0.3), ("ft", 0, 0.05)) for s in (0, 1)]  # fmt: skip
+    quality = report.inversion_quality(pl.DataFrame(rows))
+    assert quality.select("ref_model", "ref_layer", "converged").rows() == [("pt", 0, True), ("pt", 1, False), ("ft", 0, True)]
+    page = report.render(report.ReportInputs("abc", {}, [(1, "epoch=01")], [1], {}, pl.DataFrame(), quality)).decode()
+    assert "did not converge at pt[1]:" in page
+
+
+@pytest.mark.skipif(CHROMIUM is None and not __import__("os").environ.get("CI"), reason="no chromium here; CI installs it")
+def test_the_report_opens_in_headless_chromium(reduced_run, tmp_path: Path) -> None:
+    from playwright.sync_api import sync_playwright
+
+    assert CHROMIUM is not None, "make test installs Debian's chromium (make browser)"
+    tmp, _, _, _, _ = reduced_run
+    errors: list[str] = []
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.on("request", lambda request: errors.append(f"fetched {request.url}")
+                if not request.url.startswith(("file:", "data:")) else None)  # fmt: skip
+        page.goto((tmp / "out" / "reports" / "index.html").as_uri())
+        images = page.evaluate("Array.from(document.images).map(i => [i.complete, i.naturalWidth])")
+        screenshot = tmp_path / "report.png"
+        page.screenshot(path=str(screenshot), full_page=True)
+        browser.close()
+    assert not errors
+    assert len(images) >= 3 and all(complete and width > 0 for complete, width in images)
+    assert screenshot.stat().st_size > 10_000
