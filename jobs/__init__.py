@@ -8,3 +8,6 @@ import os
 # ray; a driver joining a cluster (RAY_ADDRESS set) keeps Ray's default.
 if not os.environ.get("RAY_ADDRESS"):
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    # and keeps token auth, Ray's default for a new local Ray, said explicitly: Ray then does not
+    # print "Token authentication is enabled for this Ray cluster..." on every run
+    os.environ.setdefault("RAY_AUTH_MODE", "token")

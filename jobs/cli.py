@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 
 from invariance import __version__
 from invariance.errors import InvarianceError
@@ -12,6 +14,23 @@ from invariance.errors import InvarianceError
 
 # `invariance plan --submission-id`: no work to submit (a scheduler's `&& ray job submit` skips)
 NOTHING_TO_SUBMIT = 3
+# interrupted by Ctrl-C (SIGINT) or SIGTERM: the shell's 128 + signal number
+INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+class Terminated(BaseException):
+    """Raised in the main thread on SIGTERM, as KeyboardInterrupt is on SIGINT: the command
+    unwinds (stops submitting, releases the lease) and exits 143 with one line."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+def terminate_on_sigterm() -> None:
+    """SIGTERM raises Terminated in the main thread (ray.init replaces this handler: call again)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,6 +97,7 @@ def setup_logging() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
+    terminate_on_sigterm()
     try:
         if args.command == "demo":
             from jobs.demo import run_demo
@@ -103,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "reduce":
             from jobs.run import reduce_only
 
-            reduce_only(args.config)
+            if reduce_only(args.config) is None:
+                return 0  # a run of these settings is live: it said so, and that run reduces
         elif args.command == "finetune":
             from jobs.finetune import finetune
 
@@ -112,6 +133,14 @@ def main(argv: list[str] | None = None) -> int:
     except InvarianceError as error:
         print(f"invariance {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except (KeyboardInterrupt, Terminated) as interrupt:
+        # the run has stopped submitting and released its lease on the way out (finally blocks)
+        received = signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the exit short
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        print(f"invariance {args.command}: interrupted ({received.name}): stopped; what finished is kept, "
+              "the next run computes the rest", file=sys.stderr)  # fmt: skip
+        return INTERRUPTED[received]
     return 0
 
 

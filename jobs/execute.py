@@ -20,13 +20,15 @@ from invariance.config import ResourcesConfig
 from invariance.engine.execute import ExecuteSummary
 from invariance.engine.plan import Plan
 from invariance.engine.steps import RunSpec, Workspace, run_unit
-from invariance.errors import StorageError
+from invariance.errors import ConfigError, StorageError
 from invariance.io.layout import Unit
 
 log = logging.getLogger(__name__)
 
 # How long the driver waits on the shards in flight before it looks at the lease again.
 WAIT_SECONDS = 15.0
+# How long a run on a cluster waits for a node that can take one task (an autoscaler adding it).
+NODE_WAIT_SECONDS = 900.0
 
 _workspace: Workspace | None = None
 
@@ -67,18 +69,58 @@ def default_max_in_flight(resources: ResourcesConfig) -> int:
     return max(2, int(2 * max(slots, 1)))
 
 
-def execute(plan: Plan, spec: RunSpec, progress: bool = True, lease_lost: Callable[[], bool] | None = None) -> ExecuteSummary:
+def _largest_node() -> tuple[float, float]:
+    """(CPUs, GPUs) of the alive node with the most of them, each taken on its own."""
+    nodes = [node.get("Resources", {}) for node in ray.nodes() if node.get("Alive")]
+    return max((n.get("CPU", 0.0) for n in nodes), default=0.0), max((n.get("GPU", 0.0) for n in nodes), default=0.0)
+
+
+def _a_node_fits(resources: ResourcesConfig) -> bool:
+    nodes = [node.get("Resources", {}) for node in ray.nodes() if node.get("Alive")]
+    return any(n.get("CPU", 0.0) >= resources.num_cpus and n.get("GPU", 0.0) >= resources.num_gpus for n in nodes)
+
+
+def check_resources(resources: ResourcesConfig, can_grow: bool, wait_seconds: float = NODE_WAIT_SECONDS,
+                    poll_seconds: float = 5.0) -> None:  # fmt: skip
+    """Refuse, before any task, what no node can give one task: Ray would wait on it forever.
+
+    On a Ray that cannot grow (the local Ray a run starts) at once; on a cluster, whose
+    autoscaler may add a node that fits, after saying what is waited for and waiting at most
+    ``wait_seconds``."""
+    if _a_node_fits(resources):
+        return
+    cpus, gpus = _largest_node()
+    asked = f"resources.num_cpus {resources.num_cpus:g}, resources.num_gpus {resources.num_gpus:g} per task"
+    largest = f"the largest node has {cpus:g} CPUs and {gpus:g} GPUs"
+    if not can_grow:
+        raise ConfigError(f"{asked}, but {largest} on this local Ray: no task could ever start; "
+                          "lower resources.num_cpus / num_gpus")  # fmt: skip
+    log.warning("waiting up to %.0f s for a node that fits %s (%s now; an autoscaler may add one; "
+                "stop with Ctrl-C or `ray job stop`)", wait_seconds, asked, largest)  # fmt: skip
+    deadline = time.monotonic() + wait_seconds
+    while time.monotonic() < deadline:
+        time.sleep(min(poll_seconds, max(0.0, deadline - time.monotonic())))
+        if _a_node_fits(resources):
+            log.warning("a node that fits the tasks has joined; submitting")
+            return
+    cpus, gpus = _largest_node()
+    raise ConfigError(f"{asked}, but after {wait_seconds:.0f} s the largest node of the cluster has {cpus:g} CPUs "
+                      f"and {gpus:g} GPUs: no task could start; lower resources.num_cpus / num_gpus or add "
+                      "nodes that fit")  # fmt: skip
+
+
+def execute(plan: Plan, spec: RunSpec, progress: bool = True, lease_lost: Callable[[], bool] | None = None,
+            can_grow: bool = True) -> ExecuteSummary:  # fmt: skip
     """Run every missing unit of ``plan``; returns counts and failures (never raises for a unit).
 
     ``lease_lost``: polled between submissions and at least every WAIT_SECONDS; once true,
     nothing more is submitted (the run lease was taken over or could not be renewed) and what
-    is in flight is awaited.
+    is in flight is awaited. ``can_grow``: whether an autoscaler may add nodes (a cluster), else
+    resources no node has are refused at once (ConfigError). On an interrupt (Ctrl-C, SIGTERM)
+    nothing more is submitted, the tasks in flight are cancelled, and the interrupt goes on.
     """
     resources = spec.config.resources
-    cluster = ray.cluster_resources()
-    if resources.num_gpus > 0 and cluster.get("GPU", 0) == 0:
-        log.warning("resources.num_gpus is %s but the cluster has no GPU now: shards wait until the autoscaler "
-                    "adds GPU nodes (stop with Ctrl-C or `ray job stop`)", resources.num_gpus)  # fmt: skip
+    check_resources(resources, can_grow)
     options = {
         "num_cpus": resources.num_cpus,
         "num_gpus": resources.num_gpus,
@@ -86,13 +128,32 @@ def execute(plan: Plan, spec: RunSpec, progress: bool = True, lease_lost: Callab
         "retry_exceptions": [StorageError],
     }
     spec_ref = ray.put(spec)
-    submitted: dict[Unit, ray.ObjectRef] = {}
     queue = plan.work()
     summary = ExecuteSummary()
     started = time.time()
     in_flight: dict[ray.ObjectRef, Unit] = {}
     bar = tqdm(total=len(queue), desc="shards", unit="shard", disable=not progress or not queue,
                mininterval=1.0, dynamic_ncols=True)  # fmt: skip
+    try:
+        _submit_and_wait(queue, options, spec_ref, summary, bar, resources, lease_lost, in_flight)
+    except BaseException:  # Ctrl-C, SIGTERM: submit nothing more, and stop what runs
+        for ref in list(in_flight):
+            try:
+                ray.cancel(ref)
+            except Exception:  # noqa: BLE001 - best effort: the tasks end with the job anyway
+                pass
+        raise
+    finally:
+        bar.close()
+    summary.seconds = time.time() - started
+    return summary
+
+
+def _submit_and_wait(
+    queue: list, options: dict[str, Any], spec_ref: ray.ObjectRef, summary: ExecuteSummary, bar: tqdm,
+    resources: ResourcesConfig, lease_lost: Callable[[], bool] | None, in_flight: dict[ray.ObjectRef, Unit],
+) -> None:  # fmt: skip
+    submitted: dict[Unit, ray.ObjectRef] = {}
     position = 0
     while position < len(queue) or in_flight:
         if lease_lost is not None and not summary.stopped_early and lease_lost():
@@ -126,6 +187,3 @@ def execute(plan: Plan, spec: RunSpec, progress: bool = True, lease_lost: Callab
                 bar.write(f"stopping: {summary.stop_reason}")
         bar.update(1)
         bar.set_postfix(done=summary.completed, failed=len(summary.failures), refresh=False)
-    bar.close()
-    summary.seconds = time.time() - started
-    return summary

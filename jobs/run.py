@@ -22,6 +22,7 @@ from invariance.io.storage import Store
 from invariance.engine.execute import ExecuteSummary
 from invariance.errors import CheckpointError, DataError, StorageError
 from invariance.io.paths import ResolvedPaths, config_folder, resolve_paths
+from jobs.cli import terminate_on_sigterm
 from jobs.execute import execute
 
 
@@ -33,8 +34,12 @@ def connect_ray(num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
+        # a Ray of our own, on 127.0.0.1 only: token auth stays on (Ray's default for a new local
+        # Ray), said explicitly so that Ray does not warn about it on every run
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
                  _node_ip_address="127.0.0.1")
+    terminate_on_sigterm()  # ray.init installed its own handler (sys.exit) in place of ours
 
 
 def load_run_config(config: RunConfig | str) -> tuple[RunConfig, ResolvedPaths]:
@@ -99,10 +104,21 @@ class RunResult:
     reduced: ReduceResult
 
 
+def _merge(total: ExecuteSummary, part: ExecuteSummary) -> None:
+    total.submitted += part.submitted
+    total.completed += part.completed
+    total.failures += part.failures
+    total.seconds += part.seconds
+    if part.stopped_early:
+        total.stop(part.stop_reason)
+
+
 def run(config: RunConfig | str, progress: bool = True, num_cpus: int | None = None) -> RunResult | None:
     """`invariance run`: compute every missing shard, then reduce. Idempotent.
 
     Returns None, computing nothing, when another run of the same settings holds the lease.
+    With nothing to compute, Ray is not started: plan, reduce (if anything changed), done. A
+    shard the reduce finds unreadable is missing again and recomputed once, here.
     """
     config, store, plan, spec = open_run(config)
     describe_plan(plan)
@@ -111,17 +127,24 @@ def run(config: RunConfig | str, progress: bool = True, num_cpus: int | None = N
     if other is not None:
         print(f"another run of these settings is in progress: {other.describe()}; nothing to do here")
         return None
+    execution = ExecuteSummary()
     try:
         # planned before the lease was ours: a run that finished meanwhile may have done some of it
         plan.refresh(store)
-        connect_ray(num_cpus)
-        execution = execute(plan, spec, progress=progress, lease_lost=lambda: lease.lost)
-        plan.refresh(store)
-        if lease.lost:  # the run that holds the lease now reduces; an older view must not overwrite it
-            print("lost the run lease: reduced/ is left to the run that holds it", file=sys.stderr)
-            reduced = ReduceResult(pl.DataFrame(), pl.DataFrame(), [], plan.incomplete_epochs())
-        else:
+        for attempt in range(2):
+            if plan.missing_keys:
+                connect_ray(num_cpus)
+                _merge(execution, execute(plan, spec, progress=progress, lease_lost=lambda: lease.lost,
+                                          can_grow=bool(os.environ.get("RAY_ADDRESS"))))  # fmt: skip
+                plan.refresh(store)
+            if lease.lost:  # the run that holds the lease now reduces; an older view must not overwrite it
+                print("lost the run lease: reduced/ is left to the run that holds it", file=sys.stderr)
+                reduced = ReduceResult(pl.DataFrame(), pl.DataFrame(), [], plan.incomplete_epochs())
+                break
             reduced = reduce_plan(plan, store)
+            if not reduced.unreadable or attempt or execution.stopped_early:
+                break
+            print(f"{len(reduced.unreadable)} shards were unreadable: recomputing them", file=sys.stderr)
     finally:
         lease.release()
     print(
@@ -173,11 +196,27 @@ def plan_only(config: RunConfig | str, with_cost: bool = True) -> Plan:
     return plan
 
 
-def reduce_only(config: RunConfig | str) -> ReduceResult:
-    """`invariance reduce`: rebuild the reduced tables and plots from what is complete."""
+def reduce_only(config: RunConfig | str) -> ReduceResult | None:
+    """`invariance reduce`: rebuild the reduced tables and plots from what is complete.
+
+    Holds the run lease while it reduces: while a run of these settings is live, it writes
+    nothing (that run's view is newer) and returns None."""
     config, store, plan, _ = open_run(config, check_data=False)
-    result = reduce_plan(plan, store)
+    lease = RunLease(store, plan.settings_hash)
+    lease.holder = f"reduce-{lease.holder}"  # what a run starting meanwhile reports
+    other = lease.acquire()
+    if other is not None:
+        print(f"a run of these settings is in progress: {other.describe()}; reduce wrote nothing "
+              "(that run rebuilds reduced/ when it finishes)", file=sys.stderr)  # fmt: skip
+        return None
+    try:
+        plan.refresh(store)
+        result = reduce_plan(plan, store)
+    finally:
+        lease.release()
     print(f"reduced {len(result.complete_epochs)} complete checkpoints -> {store.url('reduced/')}")
     if result.incomplete_epochs:
         print(f"incomplete checkpoints (epoch: missing shards): {result.incomplete_epochs}")
+    if result.unreadable:
+        print(f"{len(result.unreadable)} unreadable shards are missing again: the next run recomputes them")
     return result
