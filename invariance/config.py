@@ -7,10 +7,14 @@ into it, nothing else (never credentials).
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
+import math
+import re
+import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Iterable, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -56,6 +60,22 @@ class ModelConfig(_Strict):
         loads); ``prefix_tokens`` only when set (older configs keep their hash)."""
         exclude = {"strict"} | ({"prefix_tokens"} if self.prefix_tokens is None else set())
         return self.model_dump(mode="json", exclude=exclude)
+
+    @field_validator("mean", "std")
+    @classmethod
+    def _sane_normalization(cls, value: tuple[float, float, float] | None, info: Any) -> Any:
+        # images enter in [0, 1]: a std of 0 divides by 0 (every metric NaN), a 0-255 scale
+        # (mean 123.7, std 58.4) or a negative std silently changes every feature
+        if value is None:
+            return value
+        if not all(math.isfinite(v) for v in value):
+            raise ValueError(f"{info.field_name} must be finite numbers")
+        if info.field_name == "std" and not all(0.001 <= v <= 10 for v in value):
+            raise ValueError("every std must be in [0.001, 10] (images enter in [0, 1]; a std of 0 divides by 0, "
+                             "a 0-255 scale would be ~58)")  # fmt: skip
+        if info.field_name == "mean" and not all(0 <= v <= 1 for v in value):
+            raise ValueError("every mean must be in [0, 1] (images enter in [0, 1]; a 0-255 scale would be ~120)")
+        return value
 
     @model_validator(mode="after")
     def _one_source(self) -> "ModelConfig":
@@ -159,6 +179,10 @@ class RunConfig(_Strict):
     @field_validator("checkpoints")
     @classmethod
     def _has_epoch(cls, value: str) -> str:
+        spec = re.search(r"\{epoch[:!][^}]*\}", value)
+        if spec:
+            raise ValueError(f"{spec.group(0)} has a format spec; write plain {{epoch}}: it matches the digits "
+                             "with or without leading zeros (epoch=7 and epoch=07 alike)")  # fmt: skip
         if value.count("{epoch}") != 1:
             raise ValueError("must contain {epoch} exactly once, e.g. 's3://lab/run/epoch={epoch}.safetensors'")
         return value
@@ -241,14 +265,33 @@ def settings_hash(settings: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
-def _format_validation_error(error: ValidationError, kind: str, reference: str) -> str:
+def did_you_mean(word: str, choices: Iterable[str], limit: int = 3) -> list[str]:
+    """The choices closest to ``word`` (a misspelt key or name), closest first."""
+    return difflib.get_close_matches(word, list(choices), n=limit, cutoff=0.6)
+
+
+def _known_keys(model: type[BaseModel], path: list[str]) -> list[str]:
+    """The keys a config section accepts: the fields of ``model`` at ``path`` (``["data"]``)."""
+    for part in path:
+        field = model.model_fields.get(part)
+        inner = getattr(field, "annotation", None)
+        candidates = [inner, *typing.get_args(inner)]
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if model is None:
+            return []
+    return list(model.model_fields)
+
+
+def _format_validation_error(error: ValidationError, kind: str, reference: str, model: type[BaseModel]) -> str:
     lines = []
     for item in error.errors():
         # drop pydantic's union-branch tags ("literal['all']", "list[...]") from the key path
         parts = [str(part) for part in item["loc"] if not (isinstance(part, str) and "[" in part)]
         key = ".".join(parts) or "(top level)"
         if item["type"] == "extra_forbidden":
-            lines.append(f"  {key}: unknown key (misspelt? see the config reference in {reference})")
+            close = did_you_mean(str(parts[-1]), _known_keys(model, parts[:-1])) if parts else []
+            hint = f"did you mean {' or '.join(repr(c) for c in close)}?" if close else "misspelt?"
+            lines.append(f"  {key}: unknown key ({hint} see the config reference in {reference})")
         elif item["type"] == "missing":
             lines.append(f"  {key}: required key is missing")
         elif parts and parts[0] == "storage_options":
@@ -268,20 +311,57 @@ def validate_config(model: type[ConfigModel], raw: Any, kind: str = "run", refer
     try:
         return model.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(_format_validation_error(exc, kind, reference)) from None
+        raise ConfigError(_format_validation_error(exc, kind, reference, model)) from None
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses a mapping holding the same key twice (PyYAML keeps the last
+    silently: `seeds` written twice would run with the second and say nothing)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise ConfigError(f"duplicate key {key!r} at line {line} (first at line {seen[key]}): each key may appear once")
+            if isinstance(key, (str, int, float, bool)):
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _shown(path: str | Path) -> str:
+    # URLs may carry credentials (s3://KEY:SECRET@bucket/...); config.py is below io/, so inline
+    import re
+
+    return re.sub(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/@\s'\"]+@", r"\1***@", str(path))
 
 
 def read_yaml(path: str | Path) -> Any:
-    """The YAML document at a local path or any fsspec URL; ConfigError when missing or invalid."""
+    """The YAML document at a local path or any fsspec URL; ConfigError when missing, a folder,
+    not UTF-8 text, not valid YAML, or holding a key twice."""
     import fsspec
 
     try:
-        with fsspec.open(str(path), "r") as handle:
-            return yaml.safe_load(handle)
+        fs, inner = fsspec.core.url_to_fs(str(path))
+        if fs.isdir(inner):
+            raise ConfigError(f"{_shown(path)} is a folder; give the path of the YAML run config file in it")
+        with fsspec.open(str(path), "rb") as handle:
+            data = handle.read()
+        text = data.decode("utf-8-sig")
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
     except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
+        raise ConfigError(f"config file not found: {_shown(path)}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{_shown(path)} is a folder; give the path of the YAML run config file in it") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{_shown(path)}: not UTF-8 text (byte {exc.start}): save the config as UTF-8 YAML") from None
+    except ConfigError as exc:
+        raise ConfigError(f"{_shown(path)}: {exc}" if str(exc).startswith("duplicate key") else str(exc)) from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        raise ConfigError(f"{_shown(path)}: not valid YAML: {exc}") from None
+    except (OSError, ValueError, ImportError) as exc:
+        raise ConfigError(f"cannot read the config {_shown(path)}: {type(exc).__name__}: {_shown(str(exc))}") from None
 
 
 def parse_config(raw: dict[str, Any]) -> RunConfig:

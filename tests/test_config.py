@@ -51,17 +51,27 @@ def test_minimal_config_gets_the_documented_defaults():
 
 
 @pytest.mark.parametrize(
-    ("raw", "key"),
+    ("raw", "key", "meant"),
     [
-        ({**minimal(), "inversoin": {"iterations": 50}}, "inversoin"),
-        (with_value("inversion.iteratons", 50), "inversion.iteratons"),
-        (with_value("data.n_sample", 10), "data.n_sample"),
-        (with_value("model.kwrags", {}), "model.kwrags"),
+        ({**minimal(), "inversoin": {"iterations": 50}}, "inversoin", "inversion"),
+        (with_value("inversion.iteratons", 50), "inversion.iteratons", "iterations"),
+        (with_value("data.n_sample", 10), "data.n_sample", "n_samples"),
+        (with_value("model.kwrags", {}), "model.kwrags", "kwargs"),
+        ({**minimal(), "seed": [0]}, "seed", "seeds"),
     ],
 )
-def test_misspelt_key_is_named(raw, key):
+def test_misspelt_key_is_named_with_the_closest_keys(raw, key, meant):
     message = config_error(raw)
-    assert f"{key}: unknown key" in message
+    assert f"{key}: unknown key (did you mean '{meant}'" in message
+
+
+def test_an_unknown_key_far_from_every_key_gets_no_guess():
+    assert "zzzzzz: unknown key (misspelt?" in config_error({**minimal(), "zzzzzz": 1})
+
+
+def test_a_format_spec_in_the_epoch_placeholder_gets_its_own_message():
+    message = config_error(with_value("checkpoints", "s3://lab/run/epoch={epoch:02d}.safetensors"))
+    assert "{epoch:02d} has a format spec; write plain {epoch}" in message
 
 
 @pytest.mark.parametrize(
@@ -212,3 +222,12 @@ def test_storage_options_never_appear_in_errors_or_reprs():
     from invariance.io.storage import Store
 
     assert secret not in repr(Store("/tmp/out", {"key": secret}))
+
+
+def test_an_unknown_architecture_suggests_the_closest_names_first():
+    from invariance.core.models import build_network
+
+    with pytest.raises(ConfigError, match=r"unknown timm architecture 'vit_tiny_patch8_32'; did you mean .*vit_tiny_patch16_224"):
+        build_network(parse_config(with_value("model.arch", "vit_tiny_patch8_32")).model)
+    with pytest.raises(ConfigError, match=r"did you mean resnet18,"):
+        build_network(parse_config({**with_value("model.arch", "resnet_18"), "model": {"arch": "resnet_18"}}).model)

@@ -26,7 +26,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from invariance.config import ModelConfig, TokenPolicy
+from invariance.config import ModelConfig, TokenPolicy, did_you_mean
 from invariance.errors import CheckpointError, ConfigError
 from invariance.io.checkpoints import check_float_weights, load_state_dict
 
@@ -66,8 +66,9 @@ def build_network(config: ModelConfig) -> nn.Module:
     import timm
 
     if not timm.is_model(config.arch):
-        close = timm.list_models(f"*{config.arch.split('_')[0]}*")[:8]
-        raise ConfigError(f"model.arch: unknown timm architecture {config.arch!r}; similar names: {close}")
+        close = did_you_mean(config.arch, timm.list_models(), limit=5)
+        hint = f"did you mean {', '.join(close)}?" if close else "see timm.list_models()"
+        raise ConfigError(f"model.arch: unknown timm architecture {config.arch!r}; {hint}")
     try:
         return timm.create_model(config.arch, pretrained=False, **config.kwargs)
     except (TypeError, AssertionError, ValueError) as exc:
