@@ -115,7 +115,7 @@ def _pretrain_and_finetune(out: Path, epochs: int) -> None:
 
 def run_demo(out: str | Path = "invariance-demo", epochs: int = 3) -> pl.DataFrame:
     """Train (unless the checkpoints exist), run the pipeline, print the last epoch's curves."""
-    from jobs.run import run
+    from jobs.run import plural, run
 
     started = time.time()
     out = Path(out).resolve()
@@ -160,7 +160,7 @@ def run_demo(out: str | Path = "invariance-demo", epochs: int = 3) -> pl.DataFra
     if correlation.exists():
         row = pl.read_parquet(correlation).row(0, named=True)
         r = f"{row['pearson_r']:.3f}" if row["pearson_r"] is not None else "undefined"
-        print(f"\nrobustness link over {row['n_epochs']} epochs: Pearson r = {r} between the std of forgetting "
+        print(f"\nrobustness link over {plural(row['n_epochs'], 'epoch')}: Pearson r = {r} between the std of forgetting "
               "across layers and the accuracy on corrupted test sets (plots/robustness.png)")  # fmt: skip
     print(f"\nplots:  {out / 'results' / 'plots'}\ntables: {out / 'results' / 'reduced'}")
     print(f"demo finished in {time.time() - started:.0f}s")
