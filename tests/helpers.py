@@ -113,3 +113,22 @@ def write_job_dir(tmp: Path, epochs: list[int], **overrides: Any) -> Path:
     job_dir.mkdir()
     (job_dir / "run.yaml").write_text(yaml.safe_dump(tiny_config(tmp, str(tmp / "out"), **overrides)))
     return job_dir
+
+
+def hf_vit_factory(hidden_size: int = 32, layers: int = 2, image_size: int = 32):
+    """A Hugging Face ``transformers`` ViT from a small config (random init, offline):
+    "tests.helpers:hf_vit_factory" with ``layers: {modules: [encoder.layer.0, ...]}``."""
+    from transformers import ViTConfig, ViTModel
+
+    config = ViTConfig(hidden_size=hidden_size, num_hidden_layers=layers, num_attention_heads=2,
+                       intermediate_size=2 * hidden_size, image_size=image_size, patch_size=8)  # fmt: skip
+    return ViTModel(config, add_pooling_layer=False)
+
+
+def lora_vit_factory(rank: int = 4, **vit_kwargs: Any):
+    """The tiny timm ViT of ``tiny_factory`` with a LoRA adapter (peft) on every attention's qkv;
+    LoRA's B starts at zero, so before finetuning its features are the base model's."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    network = tiny_factory(**vit_kwargs)
+    return inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=["qkv"]), network)
