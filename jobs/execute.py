@@ -46,10 +46,20 @@ def _process_workspace(spec: RunSpec) -> Workspace:
     return _workspace
 
 
+def _device_label(workspace: Workspace) -> str:
+    """Where this worker computes; says so when Ray assigned it a GPU that CUDA cannot see (a node
+    started with --num-gpus but without a driver): the unit then runs on CPU."""
+    if workspace.device.type == "cpu" and ray.get_gpu_ids():
+        return "cpu (Ray assigned a GPU, CUDA is not available)"
+    return workspace.device.type
+
+
 @ray.remote
-def unit_task(spec: RunSpec, unit: Unit, *dependencies: Any) -> str:
-    """One unit of work in a Ray worker; ``dependencies`` are ObjectRefs Ray waits on first."""
-    return run_unit(spec, unit, _process_workspace(spec))
+def unit_task(spec: RunSpec, unit: Unit, *dependencies: Any) -> tuple[str, str]:
+    """One unit of work in a Ray worker; ``dependencies`` are ObjectRefs Ray waits on first.
+    Returns the unit's completion record key and the device it ran on."""
+    workspace = _process_workspace(spec)
+    return run_unit(spec, unit, workspace), _device_label(workspace)
 
 
 def _root_cause(error: BaseException) -> BaseException:
@@ -146,6 +156,8 @@ def execute(plan: Plan, spec: RunSpec, progress: bool = True, lease_lost: Callab
     finally:
         bar.close()
     summary.seconds = time.time() - started
+    if summary.devices:
+        print(f"shards ran on {summary.describe_devices()}")
     return summary
 
 
@@ -177,8 +189,9 @@ def _submit_and_wait(
             continue
         unit = in_flight.pop(ready[0])
         try:
-            ray.get(ready[0])
+            _, device = ray.get(ready[0])
             summary.completed += 1
+            summary.ran_on(device)
         except Exception as error:  # noqa: BLE001 - every failure is reported, none is lost
             was_stopped = summary.stopped_early
             message = summary.add_failure(unit, _root_cause(error))

@@ -41,6 +41,15 @@ class ExecuteSummary:
     seconds: float = 0.0
     stopped_early: bool = False
     stop_reason: str = ""
+    # units completed per device they ran on ("cpu", "cuda", or what the executor reports)
+    devices: dict[str, int] = field(default_factory=dict)
+
+    def ran_on(self, device: str) -> None:
+        self.devices[device] = self.devices.get(device, 0) + 1
+
+    def describe_devices(self) -> str:
+        """``cpu: 73 units`` style: where the completed units ran."""
+        return ", ".join(f"{device}: {count} units" for device, count in sorted(self.devices.items())) or "no unit ran"
 
     def stop(self, reason: str) -> None:
         if not self.stopped_early:
@@ -84,6 +93,7 @@ def execute_in_process(
         try:
             run_unit(spec, unit, workspace)
             summary.completed += 1
+            summary.ran_on(workspace.device.type)
         except Exception as error:  # noqa: BLE001 - every failure is reported, none is lost
             failed.add(unit)
             message = summary.add_failure(unit, error)
