@@ -195,7 +195,8 @@ def analyse(tmp_path: Path, run_dir: Path, data_dir: Path, name: str) -> tuple[p
     config = parse_config(raw)
     store = Store(config.output)
     plan = make_plan(config, store)
-    spec = RunSpec(config, store, plan.settings_hash, plan.inversion_hash, tuple(plan.layers), plan.eval_fingerprint)
+    spec = RunSpec(config, store, plan.settings_hash, plan.inversion_hash, tuple(plan.layers),
+                   eval_fingerprint=plan.fingerprints.get("eval_images", ""))
     summary = execute_in_process(plan, spec, Workspace("cpu"))
     assert summary.failures == []
     plan.refresh(store)
@@ -206,7 +207,8 @@ def analyse(tmp_path: Path, run_dir: Path, data_dir: Path, name: str) -> tuple[p
 @pytest.mark.parametrize("adapter", [{"kind": "bottleneck", "reduction_factor": 4}, {"kind": "lora", "rank": 2, "merge": True}])
 def test_an_adapter_series_is_analysed_against_its_base(adapter, tmp_path, data_dir, torch_single_thread) -> None:
     run_dir = tmp_path / "run"
-    run_finetune(parse_finetune_config(raw_config(data_dir, run_dir, adapter=adapter, lr=0.05)), on_epoch=None)
+    raw = raw_config(data_dir, run_dir, adapter=adapter, lr=0.05, corruptions={"names": ["contrast"], "severities": [1]})
+    run_finetune(parse_finetune_config(raw), on_epoch=None)
     curves, config = analyse(tmp_path, run_dir, data_dir, "stir")
     assert (config.finetuned_model is None) == adapter.get("merge", False)  # merged LoRA: plain weights
     assert sorted(set(curves["epoch"])) == [0, 1, 2]
