@@ -294,3 +294,47 @@ def test_a_worker_refuses_eval_images_other_than_the_planned_ones(tmp_path):
     assert Workspace("cpu").eval_images(run_config, 16, planned).fingerprint == planned
     with pytest.raises(DataError, match="the eval images changed since the run was planned"):
         Workspace("cpu").eval_images(run_config, 16, "0123456789abcdef")
+
+
+# --- config files and values ---------------------------------------------------------------------
+
+
+def test_a_duplicate_yaml_key_is_an_error_naming_key_and_line(tmp_path):
+    from invariance.config import load_config
+    from invariance.errors import ConfigError
+
+    path = tmp_path / "run.yaml"
+    path.write_text("output: out\nseeds: [0, 1, 2]\ndata: {format: parquet, path: d}\nseeds: [0]\n")
+    with pytest.raises(ConfigError, match=r"duplicate key 'seeds' at line 4 \(first at line 2\)"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: p.mkdir(), "is a folder; give the path of the YAML run config file"),
+    (lambda p: p.write_bytes(b"output: \xff\xfeout\n"), r"not UTF-8 text \(byte 8\)"),
+])  # fmt: skip
+def test_a_config_path_that_is_a_folder_or_not_utf8_is_a_config_error(tmp_path, make, message):
+    from invariance.config import load_config
+    from invariance.errors import ConfigError
+
+    make(tmp_path / "run.yaml")
+    with pytest.raises(ConfigError, match=message):  # before: IsADirectoryError / UnicodeDecodeError tracebacks
+        load_config(tmp_path / "run.yaml")
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("std", [0, 0, 0], "every std must be in"),
+    ("std", [-0.2, 0.2, 0.2], "every std must be in"),
+    ("std", [58.4, 57.1, 57.4], "every std must be in"),
+    ("mean", [123.7, 116.3, 103.5], "every mean must be in"),
+    ("std", [float("nan"), 0.2, 0.2], "must be finite"),
+])  # fmt: skip
+def test_impossible_normalizations_are_refused(key, value, message):
+    from invariance.config import parse_config
+    from invariance.errors import ConfigError
+
+    raw = {"output": "o", "model": {"arch": "vit_tiny_patch16_224", key: value}, "pretrained": "p.safetensors",
+           "checkpoints": "e={epoch}.pt", "data": {"format": "parquet", "path": "d"}}  # fmt: skip
+    with pytest.raises(ConfigError, match=rf"model.{key}: .*{message}"):
+        parse_config(raw)
+    parse_config({**raw, "model": {"arch": "vit_tiny_patch16_224", "mean": [0.5] * 3, "std": [0.5] * 3}})
