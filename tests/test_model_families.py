@@ -33,8 +33,8 @@ FAMILIES: dict[str, tuple[str, dict[str, Any], int, str, int, bool]] = {
              {"img_size": 32, "window_size": 2, "embed_dim": 8, "depths": (1, 1, 1, 1), "num_heads": (1, 1, 1, 1)},
              32, "0..3: layers, 4: pre-logits", 0, False),
     "convnext": ("convnext_atto", {"depths": (1, 1, 1, 1), "dims": (8, 8, 16, 16)}, 32, "0..3: stages, 4: pre-logits", 0, False),
-    "resnet": ("resnet18", {}, 32, "0: act1, 1: layer1, 2: layer2, 3: layer3, 4: layer4, 5: pre-logits", 0, False),
-    "efficientnet": ("efficientnet_b0", {}, 32, "", 0, False),
+    "resnet": ("test_resnet", {}, 32, "0: act1, 1: layer1, 2: layer2, 3: layer3, 4: layer4, 5: pre-logits", 0, False),
+    "efficientnet": ("test_efficientnet", {}, 32, "", 0, False),
     "regnet": ("regnetx_002", {}, 32, "0: stem, 1: s1, 2: s2, 3: s3, 4: s4, 5: pre-logits", 0, False),
 }  # fmt: skip
 N_IMAGES = 8
