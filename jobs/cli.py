@@ -10,6 +10,7 @@ import threading
 
 from invariance import __version__
 from invariance.errors import InvarianceError
+from invariance.io.storage import RedactingFormatter, redact
 
 
 # `invariance plan --submission-id`: no work to submit (a scheduler's `&& ray job submit` skips)
@@ -88,7 +89,7 @@ def setup_logging() -> None:
         logger = logging.getLogger(name)
         if not any(getattr(handler, "invariance_cli", False) for handler in logger.handlers):
             handler = logging.StreamHandler(sys.stderr)
-            handler.setFormatter(logging.Formatter("%(message)s"))
+            handler.setFormatter(RedactingFormatter("%(message)s"))  # URL credentials never shown
             handler.invariance_cli = True  # type: ignore[attr-defined]
             logger.addHandler(handler)
         logger.setLevel(logging.INFO)
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             if finetune(args.config).failures:
                 return 1
     except InvarianceError as error:
-        print(f"invariance {args.command}: error: {error}", file=sys.stderr)
+        print(f"invariance {args.command}: error: {redact(str(error))}", file=sys.stderr)
         return 2
     except (KeyboardInterrupt, Terminated) as interrupt:
         # the run has stopped submitting and released its lease on the way out (finally blocks)

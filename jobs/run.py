@@ -18,7 +18,7 @@ from invariance.core.models import describe_layers, load_model
 from invariance.engine.plan import Plan, check_output_location, make_plan
 from invariance.engine.reduce import ReduceResult, reduce_plan
 from invariance.engine.steps import RunSpec
-from invariance.io.storage import Store
+from invariance.io.storage import Store, redact
 from invariance.engine.execute import ExecuteSummary
 from invariance.errors import CheckpointError, DataError, StorageError
 from invariance.io.paths import ResolvedPaths, config_folder, resolve_paths
@@ -155,7 +155,7 @@ def run(config: RunConfig | str, progress: bool = True, num_cpus: int | None = N
     if reduced.incomplete_epochs:
         print(f"incomplete checkpoints (epoch: missing shards): {reduced.incomplete_epochs}")
     for unit, message in execution.failures[:20]:
-        print(f"  failed {unit}: {message}", file=sys.stderr)
+        print(f"  failed {unit}: {redact(message)}", file=sys.stderr)
     return RunResult(plan, execution, reduced)
 
 

@@ -338,3 +338,45 @@ def test_impossible_normalizations_are_refused(key, value, message):
     with pytest.raises(ConfigError, match=rf"model.{key}: .*{message}"):
         parse_config(raw)
     parse_config({**raw, "model": {"arch": "vit_tiny_patch16_224", "mean": [0.5] * 3, "std": [0.5] * 3}})
+
+
+def test_a_failing_run_never_shows_url_credentials(tmp_path, capsys, caplog, torch_single_thread):
+    """Credentials in URLs (s3://KEY:SECRET@bucket/..., http://user:TOKEN@host/...) stay out of
+    errors, FAILED lines and log lines: a run over checkpoints behind such a URL, one of them corrupt."""
+    import fsspec
+    import logging
+
+    from invariance.config import parse_config
+    from invariance.engine.execute import execute_in_process
+    from invariance.engine.plan import make_plan
+    from invariance.engine.steps import RunSpec, Workspace
+    from jobs.cli import main
+    from tests.helpers import tiny_config, write_checkpoints, write_eval_parquet
+
+    secret = "TOKEN7SECRET"
+    base = f"memory://user:{secret}@host/{tmp_path.name}"
+    write_checkpoints(tmp_path / "ckpt", epochs=[1])
+    write_eval_parquet(tmp_path / "data")
+    fs = fsspec.filesystem("memory")
+    fs.pipe_file(f"/user:{secret}@host/{tmp_path.name}/ft/epoch=01.safetensors",
+                 (tmp_path / "ckpt" / "ft" / "epoch=01.safetensors").read_bytes())  # fmt: skip
+    fs.pipe_file(f"/user:{secret}@host/{tmp_path.name}/ft/epoch=02.safetensors", b"not a checkpoint")
+    raw = tiny_config(tmp_path, str(tmp_path / "out"), seeds=[0], layers=[0],
+                      checkpoints=f"{base}/ft/epoch={{epoch}}.safetensors")  # fmt: skip
+    config = parse_config(raw)
+    store = Store(config.output)
+    plan = make_plan(config, store)
+    assert secret in plan.checkpoints[0].url  # the URL itself is kept: it is how the file is read
+    spec = RunSpec(config, store, plan.settings_hash, plan.inversion_hash, tuple(plan.layers))
+    with caplog.at_level(logging.INFO):
+        summary = execute_in_process(plan, spec, Workspace("cpu"))
+    assert [unit for unit, _ in summary.failures] and all("epoch=02" in unit for unit, _ in summary.failures)
+    assert "***@host" in summary.failures[0][1] and "FAILED" in caplog.text
+    assert secret not in caplog.text and secret not in str(summary.failures)
+    # the CLI: a pattern that matches nothing, with credentials in it -> exit 2, one line, no secret
+    empty = dict(raw, checkpoints=f"{base}/none/epoch={{epoch}}.safetensors")
+    (tmp_path / "run.yaml").write_text(__import__("yaml").safe_dump(empty))
+    capsys.readouterr()
+    assert main(["plan", str(tmp_path / "run.yaml"), "--no-cost"]) == 2
+    printed = capsys.readouterr()
+    assert "matches no file" in printed.err and secret not in printed.err + printed.out

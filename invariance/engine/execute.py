@@ -17,6 +17,7 @@ from invariance.engine.plan import Plan
 from invariance.engine.steps import RunSpec, Workspace, run_unit
 from invariance.errors import ConfigError, DataError, InvarianceError, StorageError
 from invariance.io.layout import Unit
+from invariance.io.storage import redact
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,8 @@ SAME_ERROR_LIMIT = 3
 
 def describe_error(error: BaseException) -> str:
     """A failure as one message: our errors as they are, anything else with its type."""
-    return str(error) if isinstance(error, InvarianceError) else f"{type(error).__name__}: {error}"
+    # a URL with credentials (s3://KEY:SECRET@...) in a library's message never reaches a FAILED line
+    return redact(str(error) if isinstance(error, InvarianceError) else f"{type(error).__name__}: {error}")
 
 
 @dataclass

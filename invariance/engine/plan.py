@@ -143,7 +143,7 @@ def make_plan(config: RunConfig, store: Store, checkpoints: list[Checkpoint] | N
         checkpoints = discover_checkpoints(config.checkpoints, config.storage_options)
     if not checkpoints:
         raise CheckpointError(
-            f"checkpoints: the pattern {config.checkpoints!r} matches no file; check the folder "
+            f"checkpoints: the pattern {redact(config.checkpoints)!r} matches no file; check the folder "
             "and that {epoch} stands where the epoch number is in the file names"
         )
     # before any task: a model, image size or finetuned model that cannot work fails every shard alike

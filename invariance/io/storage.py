@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
 import re
 import uuid
@@ -30,7 +31,7 @@ TEMPORARY_SUFFIX = ".tmp"
 
 
 # scheme://user:password@host/... : the userinfo part of a URL, wherever it appears in a text
-_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/@\s'\"]+)@")
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*:///?)(?P<userinfo>[^/@\s'\"]+)@")
 # content-hash local files up to this size; larger ones are identified by size and mtime
 CONTENT_HASH_LIMIT = 64 * 1024 * 1024
 
@@ -40,6 +41,14 @@ def redact(text: str) -> str:
     ``s3://KEY:SECRET@bucket/x`` -> ``s3://***@bucket/x``. Use it wherever a URL a user wrote
     enters a message or a log line: credentials in a URL never reach a screen or a log."""
     return _USERINFO.sub(lambda m: f"{m.group('scheme')}***@", str(text))
+
+
+class RedactingFormatter(logging.Formatter):
+    """A log formatter that hides URL credentials in every line it formats (message, arguments,
+    traceback), whichever module logged it."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
 
 
 def is_temporary(key: str) -> bool:
