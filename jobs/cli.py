@@ -6,32 +6,15 @@ import argparse
 import logging
 import signal
 import sys
-import threading
 
 from invariance import __version__
 from invariance.errors import InvarianceError
+from jobs.signals import INTERRUPTED, Terminated, terminate_on_sigterm
 from invariance.io.storage import RedactingFormatter, redact
 
 
 # `invariance plan --submission-id`: no work to submit (a scheduler's `&& ray job submit` skips)
 NOTHING_TO_SUBMIT = 3
-# interrupted by Ctrl-C (SIGINT) or SIGTERM: the shell's 128 + signal number
-INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143}
-
-
-class Terminated(BaseException):
-    """Raised in the main thread on SIGTERM, as KeyboardInterrupt is on SIGINT: the command
-    unwinds (stops submitting, releases the lease) and exits 143 with one line."""
-
-
-def _on_sigterm(signum: int, frame: object) -> None:
-    raise Terminated()
-
-
-def terminate_on_sigterm() -> None:
-    """SIGTERM raises Terminated in the main thread (ray.init replaces this handler: call again)."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _on_sigterm)
 
 
 def build_parser() -> argparse.ArgumentParser:

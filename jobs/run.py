@@ -22,7 +22,7 @@ from invariance.io.storage import Store, redact
 from invariance.engine.execute import ExecuteSummary
 from invariance.errors import CheckpointError, DataError, StorageError
 from invariance.io.paths import ResolvedPaths, config_folder, resolve_paths
-from jobs.cli import terminate_on_sigterm
+from jobs.signals import terminate_on_sigterm
 from jobs.execute import execute
 
 
