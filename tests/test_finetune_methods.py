@@ -157,6 +157,8 @@ def test_config_errors_name_the_method_keys(tmp_path, data_dir) -> None:
         with pytest.raises(ConfigError) as error:
             parse_finetune_config(raw_config(data_dir, tmp_path / "x", **change))
         assert key in str(error.value), (change, str(error.value))
+    with pytest.raises(ConfigError, match="model: a contrastive run builds its model from clip"):
+        parse_finetune_config(raw_config(data_dir, tmp_path / "c", task="contrastive", clip={"model_config": TINY_CLIP}))
     with pytest.raises(ConfigError, match="adapter.target_modules"):
         run_finetune(parse_finetune_config(raw_config(data_dir, tmp_path / "t", adapter={"kind": "lora", "target_modules": ["nope"]})),
                      on_epoch=None)  # fmt: skip
@@ -286,3 +288,34 @@ def colour_folder_as_parquet(tmp_path: Path, colour_folder: Path) -> Path:
     pl.DataFrame(rows).write_parquet(buffer)
     (folder / "test-00000-of-00001.parquet").write_bytes(buffer.getvalue())
     return folder
+
+
+def test_flyp_on_data_without_class_names_asks_for_them(tmp_path, data_dir, torch_single_thread) -> None:
+    pytest.importorskip("open_clip")
+    raw = {**raw_config(data_dir, tmp_path / "names", task="contrastive", clip={"model_config": TINY_CLIP})}
+    raw.pop("model")
+    with pytest.raises(ConfigError, match="clip.class_names: .* stores no class names"):
+        run_finetune(parse_finetune_config(raw), on_epoch=None)
+
+
+class Killed(Exception):
+    pass
+
+
+def test_a_killed_merged_lora_lp_ft_run_resumes_to_the_same_weights(tmp_path, data_dir, torch_single_thread) -> None:
+    raw = raw_config(data_dir, tmp_path / "killed", method="lp_ft", lp_epochs=1, epochs=3,
+                     adapter={"kind": "lora", "rank": 2, "merge": True})  # fmt: skip
+
+    def kill(row: dict[str, Any]) -> None:
+        if row["epoch"] == 2:
+            raise Killed
+
+    with pytest.raises(Killed):
+        run_finetune(parse_finetune_config(raw), on_epoch=kill)
+    resumed = run_finetune(parse_finetune_config(raw), on_epoch=None)
+    assert resumed.resumed_from == 2 and resumed.epochs_run == 1
+    run_finetune(parse_finetune_config({**raw, "output": str(tmp_path / "whole")}), on_epoch=None)
+    ours, theirs = load_file(tmp_path / "killed" / "epoch=03.safetensors"), load_file(tmp_path / "whole" / "epoch=03.safetensors")
+    assert ours.keys() == theirs.keys() and not any("lora_" in key for key in ours)
+    for key in ours:
+        assert torch.equal(ours[key], theirs[key]), key
