@@ -220,13 +220,19 @@ def test_submission_id_follows_the_work_left(tmp_path: Path, capsys) -> None:
     assert identifier is None and "in progress" in why
     lease.release()
 
-    # part of the work done (a run that failed half way): another id, so a scheduler retries
-    for key in plan.missing_keys[: len(plan.missing_keys) // 2]:
-        store.put(key, b"{}")
+    # part of the work done (a run that failed half way): another id, so a scheduler retries;
+    # a unit is done when its record and its data object exist
+    units = sorted([*plan.missing_inversions, *plan.missing_stir, *plan.missing_cka], key=plan.record_key)
+    for unit in units[: len(units) // 2]:
+        store.put(plan.data_key(unit), b"data")
+        store.put(plan.record_key(unit), b"{}")
     partly = submission_id(seeds=[0])
     assert partly is not None and partly != first
-    for key in plan.missing_keys:
-        store.put(key, b"{}")
+    for unit in units:
+        store.put(plan.record_key(unit), b"{}")
+    assert submission_id(seeds=[0]) is not None  # records without data are not done
+    for unit in units:
+        store.put(plan.data_key(unit), b"data")
     identifier, why = run_module.next_submission(config(seeds=[0]))
     assert identifier is None and "nothing to compute" in why
     path = tmp_path / "run.yaml"
