@@ -9,8 +9,8 @@ import sys
 
 from invariance import __version__
 from invariance.errors import InvarianceError
-from jobs.signals import INTERRUPTED, Terminated, terminate_on_sigterm
 from invariance.io.storage import RedactingFormatter, redact
+from jobs.signals import INTERRUPTED, Terminated, terminate_on_sigterm
 
 
 # `invariance plan --submission-id`: no work to submit (a scheduler's `&& ray job submit` skips)
@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("run", "compute every missing shard on Ray, then reduce (idempotent; reruns compute only new checkpoints)"),
         ("plan", "show what is done, what is missing and a rough cost; computes nothing"),
         ("reduce", "rebuild reduced/curves.parquet, reduced/flow.parquet and plots/ from complete shards"),
+        ("report", "rebuild reports/index.html, the page a person opens (with the reduced tables and plots it shows)"),
     ):
         joins = " Joins the cluster at RAY_ADDRESS when set (as under `ray job submit`), else starts a local Ray."
         sub = commands.add_parser(name, help=summary, description=summary + "." + (joins if name == "run" else ""))
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(identifier)
             else:
                 plan_only(args.config, with_cost=not args.no_cost)
-        elif args.command == "reduce":
+        elif args.command in ("reduce", "report"):
             from jobs.run import reduce_only
 
             if reduce_only(args.config) is None:

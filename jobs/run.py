@@ -17,6 +17,7 @@ from invariance.engine.lease import RunLease
 from invariance.core.models import describe_layers, load_model
 from invariance.engine.plan import Plan, check_output_location, make_plan
 from invariance.engine.reduce import ReduceResult, reduce_plan
+from invariance.io.layout import REPORT
 from invariance.engine.steps import RunSpec
 from invariance.io.storage import Store, redact
 from invariance.engine.execute import ExecuteSummary
@@ -72,16 +73,21 @@ def open_run(config: RunConfig | str, check_data: bool = True) -> tuple[RunConfi
     return config, store, plan, spec
 
 
+def plural(count: int, noun: str) -> str:
+    """``1 checkpoint``, ``3 checkpoints``."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def describe_plan(plan: Plan, out: TextIO = sys.stdout) -> None:
     n_missing = len(plan.missing_stir) + len(plan.missing_cka) + len(plan.missing_inversions)
     print(
-        f"settings {plan.settings_hash}: {len(plan.checkpoints)} checkpoints "
+        f"settings {plan.settings_hash}: {plural(len(plan.checkpoints), 'checkpoint')} "
         f"(epochs {plan.checkpoints[0].epoch}..{plan.checkpoints[-1].epoch}), layers {plan.layers}\n"
         f"  layers of the model: {describe_layers(plan.layer_names)}\n"
         f"  pretrained inversions: {len(plan.inversions) - len(plan.missing_inversions)}/{len(plan.inversions)} cached\n"
         f"  STIR shards: {len(plan.stir) - len(plan.missing_stir)}/{len(plan.stir)} done\n"
         f"  CKA shards:  {len(plan.cka) - len(plan.missing_cka)}/{len(plan.cka)} done\n"
-        f"  to compute:  {n_missing} units",
+        f"  to compute:  {plural(n_missing, 'unit')} (a unit: one pretrained inversion, or one STIR or CKA shard)",
         file=out,
     )
 
@@ -141,16 +147,16 @@ def run(config: RunConfig | str, progress: bool = True, num_cpus: int | None = N
                 print("lost the run lease: reduced/ is left to the run that holds it", file=sys.stderr)
                 reduced = ReduceResult(pl.DataFrame(), pl.DataFrame(), [], plan.incomplete_epochs())
                 break
-            reduced = reduce_plan(plan, store)
+            reduced = reduce_plan(plan, store, settings=config.numbers_settings())
             if not reduced.unreadable or attempt or execution.stopped_early:
                 break
             print(f"{len(reduced.unreadable)} shards were unreadable: recomputing them", file=sys.stderr)
     finally:
         lease.release()
     print(
-        f"computed {execution.completed}/{execution.submitted} units in {execution.seconds:.1f}s, "
-        f"{len(execution.failures)} failed; reduced {len(reduced.complete_epochs)} complete checkpoints "
-        f"-> {store.url('reduced/')}"
+        f"computed {execution.completed}/{plural(execution.submitted, 'unit')} in {execution.seconds:.1f}s, "
+        f"{len(execution.failures)} failed; reduced {plural(len(reduced.complete_epochs), 'complete checkpoint')} "
+        f"-> {store.url('reduced/')}; report: {store.url(REPORT)}"
     )
     if reduced.incomplete_epochs:
         print(f"incomplete checkpoints (epoch: missing shards): {reduced.incomplete_epochs}")
@@ -211,10 +217,11 @@ def reduce_only(config: RunConfig | str) -> ReduceResult | None:
         return None
     try:
         plan.refresh(store)
-        result = reduce_plan(plan, store)
+        result = reduce_plan(plan, store, settings=config.numbers_settings())
     finally:
         lease.release()
-    print(f"reduced {len(result.complete_epochs)} complete checkpoints -> {store.url('reduced/')}")
+    print(f"reduced {plural(len(result.complete_epochs), 'complete checkpoint')} -> {store.url('reduced/')}; "
+          f"report: {store.url(REPORT)}")  # fmt: skip
     if result.incomplete_epochs:
         print(f"incomplete checkpoints (epoch: missing shards): {result.incomplete_epochs}")
     if result.unreadable:

@@ -14,14 +14,14 @@ from dataclasses import dataclass, field
 
 import polars as pl
 
-from invariance.analysis import metrics, plots, robustness, robustness_search
+from invariance.analysis import metrics, plots, report, robustness, robustness_search
 from invariance.engine.plan import Plan
 from invariance.errors import StorageError
 from invariance.io.checkpoints import Checkpoint, run_folders
 from invariance.io.layout import (
     DYNAMICS_PLOT, LAYER_CURVES_PLOT, REDUCED_CURVES, REDUCED_FLOW, REDUCED_ROBUSTNESS,
     REDUCED_ROBUSTNESS_CORRELATION, REDUCED_ROBUSTNESS_EARLY, REDUCED_ROBUSTNESS_SEARCH, REDUCED_STATUS,
-    ROBUSTNESS_PLOT, flow_plot_key,
+    REPORT, ROBUSTNESS_PLOT, flow_plot_key,
 )  # fmt: skip
 from invariance.io.layout import Unit
 from invariance.io.run_metrics import read_run_metrics
@@ -77,8 +77,9 @@ def _forget(plan: Plan, store: Store, units: list[Unit]) -> None:
         plan.done.discard(plan.record_key(unit))
 
 
-def reduce_plan(plan: Plan, store: Store, make_plots: bool = True) -> ReduceResult:
-    """Build ``reduced/`` and ``plots/`` from the complete checkpoints of ``plan``.
+def reduce_plan(plan: Plan, store: Store, make_plots: bool = True, settings: dict | None = None) -> ReduceResult:
+    """Build ``reduced/``, ``plots/`` and (with ``make_plots``) ``reports/index.html`` from the
+    complete checkpoints of ``plan``; ``settings`` (the config's numbers settings) are shown in the report.
 
     A shard whose data is unreadable counts as missing: its completion record is removed (the
     next run recomputes it), its checkpoint is incomplete, and ``result.unreadable`` lists it."""
@@ -102,9 +103,9 @@ def reduce_plan(plan: Plan, store: Store, make_plots: bool = True) -> ReduceResu
             for frame in (stir, cka)
         )
         # the settings hash on every reduced row: a table left from other settings is visible
-        settings = pl.lit(plan.settings_hash).alias("settings")
-        curves = metrics.curves(stir, cka).with_columns(settings)
-        flow = metrics.flow_table(stir).with_columns(settings)
+        settings_column = pl.lit(plan.settings_hash).alias("settings")
+        curves = metrics.curves(stir, cka).with_columns(settings_column)
+        flow = metrics.flow_table(stir).with_columns(settings_column)
     else:
         curves, flow = pl.DataFrame(), pl.DataFrame()
     result = ReduceResult(curves, flow, complete, incomplete, unreadable=unreadable)
@@ -120,6 +121,8 @@ def reduce_plan(plan: Plan, store: Store, make_plots: bool = True) -> ReduceResu
     result.written += [key for key, data in outputs.items() if store.put_if_changed(key, data)]
     if complete:  # finetuning runs with metrics/ beside their checkpoints: the robustness link
         result.written += _reduce_robustness(store, curves, plan.checkpoints, plan.depth, make_plots)
+    if make_plots:
+        result.written += _write_report(store, plan, result, stir, outputs, settings or {})
     status = {
         "settings": plan.settings_hash,
         "complete_epochs": complete,
@@ -197,3 +200,37 @@ def _stored_status(store: Store) -> dict | None:
         return None
     stored.pop("reduced_at", None)
     return stored
+
+
+def _stored_table(store: Store, key: str) -> pl.DataFrame:
+    """A reduced table written before, or an empty frame when there is none (or it is unreadable)."""
+    try:
+        return store.read_parquet([key]) if store.exists(key) else pl.DataFrame()
+    except StorageError as exc:
+        log.warning("report: %s left out (%s)", key, exc)
+        return pl.DataFrame()
+
+
+def _write_report(
+    store: Store, plan: Plan, result: ReduceResult, stir: pl.DataFrame, outputs: dict[str, bytes], settings: dict
+) -> list[str]:
+    """``reports/index.html`` from this reduce's tables and plots; written only when it changed."""
+    pngs = {"Forgetting, learning and CKA divergence per layer": outputs.get(LAYER_CURVES_PLOT),
+            "Dynamics across checkpoint epochs": outputs.get(DYNAMICS_PLOT)}  # fmt: skip
+    robustness_png = store.get(ROBUSTNESS_PLOT) if result.complete_epochs and store.exists(ROBUSTNESS_PLOT) else None
+    if robustness_png is not None:
+        pngs["Robustness link"] = robustness_png
+    inputs = report.ReportInputs(
+        settings_hash=plan.settings_hash,
+        settings=settings,
+        checkpoints=[(c.epoch, c.name) for c in plan.checkpoints],
+        complete_epochs=result.complete_epochs,
+        incomplete_epochs=result.incomplete_epochs,
+        curves=result.curves,
+        inversion_quality=report.inversion_quality(stir) if result.complete_epochs else pl.DataFrame(),
+        plots={title: png for title, png in pngs.items() if png is not None},
+        flow_plots={epoch: outputs[flow_plot_key(epoch)] for epoch in result.complete_epochs if flow_plot_key(epoch) in outputs},
+        robustness_correlation=_stored_table(store, REDUCED_ROBUSTNESS_CORRELATION) if result.complete_epochs else pl.DataFrame(),
+        robustness_search=_stored_table(store, REDUCED_ROBUSTNESS_SEARCH) if result.complete_epochs else pl.DataFrame(),
+    )
+    return [REPORT] if store.put_if_changed(REPORT, report.render(inputs)) else []
