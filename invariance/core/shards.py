@@ -66,7 +66,8 @@ class ShardContext:
         self.layers = list(layers)
         self.token_policy = token_policy
         self.inversion = inversion
-        self._clean: dict[str, dict[int, torch.Tensor]] = {}
+        # only the Grams of the features on X are kept: the features themselves (n x d per layer,
+        # ~1 GB per model at ViT-B/32 with `flatten`) are dropped once both Grams exist
         self._clean_grams: dict[tuple[str, bool], torch.Tensor] = {}
 
     @property
@@ -74,20 +75,26 @@ class ShardContext:
         return len(self.eval_images.images)
 
     def clean_features(self, model_name: str) -> dict[int, torch.Tensor]:
-        """Features of ``model_name`` on X at every layer: {layer: ``[n, d]``}, cached."""
-        if model_name not in self._clean:
-            self._clean[model_name] = batched_features(
-                self.models[model_name], self.eval_images.images, self.layers, self.token_policy
-            )
-        return self._clean[model_name]
+        """Features of ``model_name`` on X at every layer: {layer: ``[n, d]``}, computed anew (not kept)."""
+        return batched_features(self.models[model_name], self.eval_images.images, self.layers, self.token_policy)
 
     def clean_grams(self, model_name: str, debiased: bool) -> torch.Tensor:
-        """Normalized centered Grams of the features on X, ``[len(layers), n, n]`` float64, cached."""
+        """Normalized centered Grams of the features on X, ``[len(layers), n, n]`` float64, cached.
+
+        The first call for a model computes its features once and both Grams (biased and
+        debiased) from them; the features are then released."""
         key = (model_name, debiased)
         if key not in self._clean_grams:
             features = self.clean_features(model_name)
-            self._clean_grams[key] = normalized_grams([features[layer] for layer in self.layers], debiased)
+            per_layer = [features[layer] for layer in self.layers]
+            for both in (False, True):
+                self._clean_grams[model_name, both] = normalized_grams(per_layer, both)
+            del features, per_layer
         return self._clean_grams[key]
+
+    def held_bytes(self) -> int:
+        """Bytes of tensors this context keeps beyond the models and the eval images (the Grams)."""
+        return sum(gram.numel() * gram.element_size() for gram in self._clean_grams.values())
 
     def invert(self, ref_model: str, ref_layer: int, seed: int) -> InversionResult:
         """X' for r[j] from the (seed, sample)-keyed start noise."""

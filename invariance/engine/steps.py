@@ -41,14 +41,53 @@ class RunSpec:
     eval_fingerprint: str = ""
 
 
+# host memory a worker may hold in pretrained X' it has read (6 ViT-B/32 inversions of 500 images)
+INVERSION_CACHE_BYTES = 2 * 1024**3
+
+
+class InversionCache:
+    """Pretrained X' read from the store, by data key, least recently used first out, bounded in
+    bytes (X' and its losses, on the host). An X' larger than the bound is not kept."""
+
+    def __init__(self, max_bytes: int = INVERSION_CACHE_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[str, InversionResult] = OrderedDict()
+        self.bytes = 0
+
+    @staticmethod
+    def size(result: InversionResult) -> int:
+        return sum(t.numel() * t.element_size() for t in (result.images, result.final_loss))
+
+    def get(self, key: str, load: Callable[[], InversionResult]) -> InversionResult:
+        """The X' at ``key``: from the cache, else ``load()`` (then kept if it fits the bound)."""
+        if key in self._entries:
+            self._entries.move_to_end(key)
+            return self._entries[key]
+        result = load()
+        size = self.size(result)
+        if size <= self.max_bytes:
+            while self.bytes + size > self.max_bytes:
+                _, evicted = self._entries.popitem(last=False)
+                self.bytes -= self.size(evicted)
+            self._entries[key] = result
+            self.bytes += size
+        return result
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
 class Workspace:
-    """Per-process cache of models (by weights URL, LRU), eval images and shard contexts.
+    """Per-process cache of models (by weights URL, LRU), eval images, shard contexts (which keep
+    the Grams of the features on X, not the features) and the pretrained X' read from the store
+    (``inversion_cache_bytes``, LRU): a worker reads each X' once while it fits.
 
     ``gpu_memory_share``: the part of the GPU's memory this process may use (below 1 where
     processes share a GPU); the caching allocator enforces it and auto micro-batches fit in it.
     """
 
-    def __init__(self, device: str | torch.device | None = None, max_models: int = 3, gpu_memory_share: float = 1.0) -> None:
+    def __init__(self, device: str | torch.device | None = None, max_models: int = 3, gpu_memory_share: float = 1.0,
+                 inversion_cache_bytes: int = INVERSION_CACHE_BYTES) -> None:  # fmt: skip
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if not 0 < gpu_memory_share <= 1:
             raise ValueError(f"gpu_memory_share must be in (0, 1], got {gpu_memory_share}")
@@ -60,6 +99,11 @@ class Workspace:
         self._models: OrderedDict[tuple[str, str | None], FeatureModel] = OrderedDict()
         self._images: dict[str, EvalImages] = {}
         self._contexts: OrderedDict[tuple[str, str | None], ShardContext] = OrderedDict()
+        self.inversions = InversionCache(inversion_cache_bytes)
+
+    def pretrained_inversion(self, store: Store, data_key: str) -> InversionResult:
+        """The pretrained X' at ``data_key``, read from ``store`` only when not cached."""
+        return self.inversions.get(data_key, lambda: load_inversion(store, data_key))
 
     def model(self, config: RunConfig, weights: str | None, role: str = "pt", layers: tuple[int, ...] | None = None) -> FeatureModel:
         """The model of ``role`` ("pt": ``model``; "ft": ``finetuned_model``, else ``model``) with
@@ -202,7 +246,8 @@ def run_stir(spec: RunSpec, unit: StirUnit, workspace: Workspace) -> str:
     context = workspace.context(spec, unit.checkpoint_url)
     inverted = None
     if unit.ref_model == "pt":
-        inverted = load_inversion(spec.store, InversionUnit(unit.ref_layer, unit.seed).data_key(spec.inversion_hash))
+        data_key = InversionUnit(unit.ref_layer, unit.seed).data_key(spec.inversion_hash)
+        inverted = workspace.pretrained_inversion(spec.store, data_key)
     rows = context.stir_rows(unit.ref_model, unit.ref_layer, unit.seed, inverted)
     return _write_shard(spec, unit, rows, STIR_COLUMNS, started,
                         ref_model=unit.ref_model, ref_layer=unit.ref_layer, seed=unit.seed)  # fmt: skip
