@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test env lock lock-check clean bench
+.PHONY: demo test env lock lock-check clean bench browser
 
 # uv.lock is the one dependency set (make, CI, docker/Dockerfile). `uv sync --frozen` installs
 # exactly the locked versions and fails instead of re-resolving; --inexact keeps packages the
@@ -22,7 +22,12 @@ env: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/invariance demo
 
-test: $(STAMP)
+# The report test opens reports/index.html in a real headless browser: Debian's chromium
+# (playwright drives it through executable_path; its own browser download is not used).
+browser:
+	command -v chromium >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
+
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q -ra
 
 # After editing dependencies in pyproject.toml: re-resolve, then commit uv.lock.

@@ -75,3 +75,12 @@ def test_too_few_epochs_give_no_r_and_count_no_hypothesis() -> None:
     curves, metrics = planted()
     short = rs.search(curves.filter(pl.col("epoch") <= 2), metrics, run="r")
     assert short["pearson_r"].null_count() == len(short) and set(short["n_hypotheses"]) == {0}
+
+
+def test_a_run_without_accuracies_gives_an_empty_table_of_the_right_types() -> None:
+    curves, metrics = planted()
+    no_scores = metrics.with_columns(pl.lit(None, dtype=pl.Float64).alias("corrupted_accuracy"), pl.lit([]).alias("corrupted"))
+    table = rs.search(curves, no_scores, run="r")
+    assert table.is_empty() and table.schema == rs.SEARCH_SCHEMA
+    assert rs.strongest(table).is_empty()
+    assert rs.early_epochs(curves, no_scores, "r", rs.strongest(table)).is_empty()

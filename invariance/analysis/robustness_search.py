@@ -39,6 +39,11 @@ HYPOTHESIS_KEYS = ["family", "combination", "layer_set", "aggregation"]
 SEARCH_COLUMNS = [
     "run", *HYPOTHESIS_KEYS, "layers", "target", "n_epochs", "pearson_r", "p_value", "n_hypotheses", "p_bonferroni",
 ]
+SEARCH_SCHEMA = {
+    "run": pl.String, **{key: pl.String for key in HYPOTHESIS_KEYS}, "layers": pl.List(pl.Int64), "target": pl.String,
+    "n_epochs": pl.Int64, "pearson_r": pl.Float64, "p_value": pl.Float64, "n_hypotheses": pl.UInt32,
+    "p_bonferroni": pl.Float64,
+}
 # the early-epoch curve starts at this many epochs (r of 2 points is always +-1)
 EARLY_MIN_EPOCHS = 3
 
@@ -101,7 +106,8 @@ def accuracy_targets(run_metrics: pl.DataFrame) -> pl.DataFrame:
     """Per (epoch, target): ``accuracy``, the mean corrupted accuracy (target ``mean``) and the
     mean over corruptions at each severity (``severity 1`` ...), from a finetuning run's metrics."""
     mean = run_metrics.select("epoch", pl.lit("mean").alias("target"), pl.col("corrupted_accuracy").alias("accuracy"))
-    if "corrupted" not in run_metrics.columns:
+    corrupted = run_metrics.schema.get("corrupted")
+    if not (isinstance(corrupted, pl.List) and isinstance(corrupted.inner, pl.Struct)):  # no per-corruption scores
         return mean.drop_nulls("accuracy")
     per_severity = (
         run_metrics.select("epoch", "corrupted")
@@ -137,7 +143,7 @@ def search(curves: pl.DataFrame, run_metrics: pl.DataFrame, run: str) -> pl.Data
         rows.append({**dict(zip([*HYPOTHESIS_KEYS, "target"], keys)), "layers": group["layers"][0].to_list(),
                      "n_epochs": group.height, "pearson_r": r, "p_value": p})  # fmt: skip
     if not rows:
-        return pl.DataFrame(schema={c: pl.Float64 for c in SEARCH_COLUMNS}).with_columns(pl.col("run").cast(pl.String))
+        return pl.DataFrame(schema=SEARCH_SCHEMA)
     table = pl.DataFrame(rows, schema_overrides={"layers": pl.List(pl.Int64), "pearson_r": pl.Float64, "p_value": pl.Float64})
     return (
         table.with_columns(pl.lit(run).alias("run"), pl.col("p_value").is_not_null().sum().over("target").alias("n_hypotheses"))
