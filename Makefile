@@ -41,6 +41,8 @@ lock-check: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/bench_shards_vs_pairwise.py
 	$(BIN)/python bench/bench_memory.py
+	$(BIN)/python bench/bench_throughput.py
+	$(BIN)/python bench/bench_reads.py
 
 clean:
 	rm -rf $(VENV) invariance-demo .pytest_cache

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TextIO
 
 import polars as pl
@@ -187,6 +189,32 @@ def next_submission(config: RunConfig | str) -> tuple[str | None, str]:
     return submission_id(plan), f"{missing} units to compute"
 
 
+def local_gpu_name() -> str | None:
+    """The name of this machine's first CUDA device (the one bench_throughput.py records), or None."""
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+
+
+# bench/bench_throughput.py --device cuda --record writes a device's measured inversion TFLOP/s here
+THROUGHPUT_TABLE = Path(__file__).resolve().parent.parent / "bench" / "throughput.json"
+GUESSED_TFLOPS = 200.0  # achieved bf16 on an A100/H100-class GPU, not measured
+
+
+def inversion_throughput(device_name: str | None, table: Path = THROUGHPUT_TABLE) -> tuple[float, str]:
+    """(TFLOP/s, how it is known): the figure bench/throughput.json records for ``device_name``
+    (a CUDA device's name), else GUESSED_TFLOPS, said to be a guess."""
+    try:
+        devices = json.loads(table.read_text()).get("devices", {})
+    except (OSError, ValueError):
+        devices = {}
+    if device_name and device_name in devices:
+        entry = devices[device_name]
+        return float(entry["tflops"]), f"measured on {device_name} ({entry.get('measured', 'undated')}, {table.name})"
+    where = f"for {device_name}" if device_name else "(this machine has no GPU to look up)"
+    return GUESSED_TFLOPS, f"a guess: no throughput measured {where} in {table.name}"
+
+
 def plan_only(config: RunConfig | str, with_cost: bool = True) -> Plan:
     """`invariance plan`: what is done, what is missing, and a rough cost."""
     config, _, plan, _ = open_run(config)
@@ -194,9 +222,10 @@ def plan_only(config: RunConfig | str, with_cost: bool = True) -> Plan:
     if with_cost:
         started = time.time()
         tflops, inversions = estimate_cost(config, plan)
+        throughput, source = inversion_throughput(local_gpu_name())
         print(
             f"  cost: {inversions} inversions, {tflops:,.1f} TFLOP "
-            f"(~{tflops / 200 / 3600:.2f} GPU-hours at 200 TFLOP/s achieved bf16; "
+            f"(~{tflops / throughput / 3600:.2f} GPU-hours at {throughput:g} TFLOP/s, {source}; "
             f"measured in {time.time() - started:.1f}s)"
         )
     return plan
