@@ -16,6 +16,37 @@ from jobs.signals import INTERRUPTED, Terminated, terminate_on_sigterm
 # `invariance plan --submission-id`: no work to submit (a scheduler's `&& ray job submit` skips)
 NOTHING_TO_SUBMIT = 3
 
+_COMMON_EXITS = "  2    bad input (config, checkpoints, data, storage): the message names the key or path\n" \
+                "  130  interrupted (Ctrl-C); 143: terminated (SIGTERM); the run lease is released\n"
+EXIT_CODES = {
+    "run": "exit codes:\n  0    done (or another run of these settings holds the lease: it says so)\n"
+           "  1    some shards failed (listed; the next run retries them)\n" + _COMMON_EXITS,
+    "plan": "exit codes:\n  0    planned\n"
+            f"  {NOTHING_TO_SUBMIT}    with --submission-id: nothing to submit (nothing left, or a run is live)\n"
+            + _COMMON_EXITS,
+    "reduce": "exit codes:\n  0    reduced (or a run of these settings is live: it says so and writes nothing)\n"
+              + _COMMON_EXITS,
+    "report": "exit codes:\n  0    the report is up to date (or a run of these settings is live: it says so)\n"
+              + _COMMON_EXITS,
+    "finetune": "exit codes:\n  0    every trial finished\n  1    some trials failed (listed)\n" + _COMMON_EXITS,
+}  # fmt: skip
+
+
+class LineFormatter(argparse.HelpFormatter):
+    """Wraps each line of a description or epilog on its own; indented lines (a table of exit
+    codes) are kept as written."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return "\n".join(indent + line if line.startswith(" ") else super(LineFormatter, self)._fill_text(line, width, indent)
+                         for line in text.splitlines())  # fmt: skip
+
+
+def finetune_reference() -> str:
+    """Where the installed package keeps the finetune config reference."""
+    from importlib import resources
+
+    return str(resources.files("invariance.training") / "README.md")
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -42,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("report", "rebuild reports/index.html, the page a person opens (with the reduced tables and plots it shows)"),
     ):
         joins = " Joins the cluster at RAY_ADDRESS when set (as under `ray job submit`), else starts a local Ray."
-        sub = commands.add_parser(name, help=summary, description=summary + "." + (joins if name == "run" else ""))
+        sub = commands.add_parser(name, help=summary, description=summary + "." + (joins if name == "run" else ""),
+                                  epilog=EXIT_CODES[name], formatter_class=LineFormatter)  # fmt: skip
         sub.add_argument("config", help="run config YAML: a local path or any fsspec URL (s3://...)")
         if name == "run":
             sub.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -60,7 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
         "reconstruction, writing <output>/epoch=NN.safetensors and <output>/metrics/epoch=NN.parquet (clean and "
         "corrupted test accuracy) per epoch; with a `sweep` section, one Ray Tune trial per grid point, each in "
         "<output>/<trial name>/. Unfinished runs resume after their last checkpoint. Joins the cluster at "
-        "RAY_ADDRESS when set, else starts a local Ray. Config reference: docs/finetune.md.",
+        "RAY_ADDRESS when set, else starts a local Ray. Config reference: "
+        f"{finetune_reference()} (invariance/training/README.md in the source tree).",
+        epilog=EXIT_CODES["finetune"],
+        formatter_class=LineFormatter,
     )
     finetune.add_argument("config", help="finetune config YAML: a local path or any fsspec URL (s3://...)")
     return parser

@@ -1,6 +1,6 @@
 """The finetune config: YAML, validated up front; errors name the key and the problem.
 
-Every key, its default and its meaning is in docs/finetune.md; keep the two in step.
+Every key, its default and its meaning is in invariance/training/README.md; keep the two in step.
 A ``sweep`` section expands into one trial config per grid point, each writing below
 ``<output>/<trial name>/``, the name spelling out the grid values (``lr-0.001_augment-true``).
 """
@@ -297,7 +297,7 @@ def trial_name(params: dict[str, Any]) -> str:
 
 def parse_finetune_config(raw: dict[str, Any]) -> FinetuneConfig:
     """A dict (as read from YAML) -> validated FinetuneConfig, or ConfigError naming every bad key."""
-    return validate_config(FinetuneConfig, raw, kind="finetune", reference="docs/finetune.md")
+    return validate_config(FinetuneConfig, raw, kind="finetune", reference="invariance/training/README.md")
 
 
 def load_finetune_config(path: str | Path) -> FinetuneConfig:
