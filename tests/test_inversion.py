@@ -274,3 +274,12 @@ def test_the_reference_optimizer_keeps_the_hash_of_results_cached_before_it_exis
     adam = InversionConfig(optimizer="adam", step_size=0.5).numbers_settings()
     assert adam == {**before, "optimizer": "adam"}
     assert settings_hash(adam) != settings_hash(before)
+
+
+def test_an_unknown_optimizer_is_a_config_error_naming_the_key_and_the_choices(tmp_path):
+    from invariance.config import parse_config
+    from invariance.errors import ConfigError
+    from tests.helpers import tiny_config
+
+    with pytest.raises(ConfigError, match=r"inversion\.optimizer: Input should be 'reference' or 'adam' \(got 'sgd'\)"):
+        parse_config(tiny_config(tmp_path, str(tmp_path / "out"), inversion={"optimizer": "sgd"}))
