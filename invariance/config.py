@@ -149,6 +149,72 @@ class InversionConfig(_Strict):
 class ResourcesConfig(_Strict):
     """What each Ray task asks for, and how much work is in flight."""
 
+class InterpolationConfig(_Strict):
+    """The weight path ``theta(alpha) = (1 - alpha) * pretrained + alpha * finetuned`` (WiSE-FT):
+    which alphas, which checkpoints get a path, and what becomes of tensors only the checkpoint has."""
+
+    alphas: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0], min_length=1)
+    # last: the newest checkpoint; all: every one; a list: those epochs
+    epochs: Literal["last", "all"] | list[Int] = "last"
+    # tensors the pretrained model lacks or has in another shape: keep (the checkpoint's) | scale (times alpha)
+    extra: Literal["keep", "scale"] = "keep"
+
+    @field_validator("alphas")
+    @classmethod
+    def _alphas_on_the_path(cls, value: list[float]) -> list[float]:
+        outside = [a for a in value if not (math.isfinite(a) and 0.0 <= a <= 1.0)]
+        if outside:
+            raise ValueError(f"every alpha must be in [0, 1] (0: the pretrained weights, 1: the checkpoint), got {outside}")
+        if len(set(value)) != len(value):
+            raise ValueError("alphas must be unique")
+        return sorted(float(a) for a in value)
+
+    @field_validator("epochs")
+    @classmethod
+    def _epochs_listed(cls, value: Any) -> Any:
+        if isinstance(value, list) and not value:
+            raise ValueError("give last, all or a non-empty list of epochs")
+        return sorted(set(value)) if isinstance(value, list) else value
+
+
+class KnnProbeConfig(_Strict):
+    """DINO's weighted kNN on frozen features at every run layer: a labelled bank (``train``,
+    the keys of ``data``), the run's eval images with their labels as the queries."""
+
+    train: DataConfig
+    label_column: str = "label"  # Parquet banks and eval images: the integer class column
+    k: list[Int] = Field(default_factory=lambda: [20], min_length=1)
+    temperature: float = Field(0.07, gt=0)
+    # None: cls where the model has a class token, else mean
+    token_policy: TokenPolicy | None = None
+
+    @field_validator("k")
+    @classmethod
+    def _k_positive(cls, value: list[int]) -> list[int]:
+        if any(k < 1 for k in value):
+            raise ValueError(f"every k must be at least 1, got {value}")
+        if len(set(value)) != len(value):
+            raise ValueError("k values must be unique")
+        return sorted(value)
+
+    @model_validator(mode="after")
+    def _k_within_the_bank(self) -> "KnnProbeConfig":
+        if max(self.k) > self.train.n_samples:
+            raise ValueError(f"knn.k: {max(self.k)} neighbours asked of a bank of knn.train.n_samples = "
+                             f"{self.train.n_samples} images; lower k or enlarge the bank")  # fmt: skip
+        return self
+
+    def numbers_settings(self) -> dict[str, Any]:
+        """What changes the kNN numbers (beyond the run's own settings)."""
+        return self.model_dump(mode="json")
+
+
+def knn_settings_hash(run_settings_hash: str, knn: KnnProbeConfig) -> str:
+    """The hash keying kNN shards: the run's settings hash (model, weights, eval images) and the
+    kNN settings; the STIR/CKA hash stays as it is when a ``knn`` section is added."""
+    return settings_hash({"run": run_settings_hash, "knn": knn.numbers_settings()})
+
+
     num_gpus: float = Field(0.0, ge=0)
     num_cpus: float = Field(1.0, gt=0)
     max_in_flight: Int | None = Field(None, ge=1)
@@ -175,6 +241,9 @@ class RunConfig(_Strict):
 
     @field_validator("checkpoints")
     @classmethod
+    # not in the settings hash: each alpha is a unit of its own, kNN shards have their own hash
+    interpolation: InterpolationConfig | None = None
+    knn: KnnProbeConfig | None = None
     def _has_epoch(cls, value: str) -> str:
         if value.count("{epoch}") != 1:
             raise ValueError("must contain {epoch} exactly once, e.g. 's3://lab/run/epoch={epoch}.safetensors'")

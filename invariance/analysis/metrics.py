@@ -6,6 +6,9 @@ pt = pretrained, ft = a finetuning checkpoint; i = target layer, j = reference l
 - cka_divergence(ft[i], pt[j]) = CKA(pt[i], pt[j]) - CKA(ft[i], pt[j])
 - flow(ft[j], pt[i]) = STIR(ft[j] | pt[i]) - STIR(ft[i] | pt[i])
 Curves take i = j; mean and std (ddof=1, null for one seed) are over seeds.
+Rows are keyed by (run, checkpoint, epoch, alpha): ``alpha`` places ft on the weight path
+(1: the checkpoint itself), ``run`` the finetuning run of a sweep (empty for one run); rows
+without these columns (shards of older releases) take alpha 1 and run "".
 All functions accept DataFrames or LazyFrames and return the same kind.
 """
 
@@ -17,13 +20,23 @@ import polars as pl
 
 Frame = TypeVar("Frame", pl.DataFrame, pl.LazyFrame)
 Estimator = Literal["stir", "stir_debiased"]
-CHECKPOINT_KEYS = ["checkpoint", "epoch"]
+CHECKPOINT_KEYS = ["run", "checkpoint", "epoch", "alpha"]
 _PAIR_KEYS = [*CHECKPOINT_KEYS, "ref_layer", "target_layer", "seed"]
+
+
+def with_path_columns(frame: Frame) -> Frame:
+    """``frame`` with ``run`` ("") and ``alpha`` (1.0, the checkpoint itself) where it lacks them
+    or holds nulls there."""
+    names = frame.collect_schema().names() if isinstance(frame, pl.LazyFrame) else frame.columns
+    return frame.with_columns(
+        pl.col("run").fill_null("") if "run" in names else pl.lit("").alias("run"),
+        pl.col("alpha").cast(pl.Float64).fill_null(1.0) if "alpha" in names else pl.lit(1.0).alias("alpha"),
+    )
 
 
 def _targets_side_by_side(stir: Frame, ref_model: str, value: Estimator) -> Frame:
     """Rows of one reference model with the pt and ft targets as columns ``pt`` and ``ft``."""
-    rows = stir.filter(pl.col("ref_model") == ref_model)
+    rows = with_path_columns(stir).filter(pl.col("ref_model") == ref_model)
     by_target = {
         name: rows.filter(pl.col("target_model") == name).select(*_PAIR_KEYS, pl.col(value).alias(name))
         for name in ("pt", "ft")
@@ -45,7 +58,7 @@ def learning(stir: Frame, value: Estimator = "stir") -> Frame:
 
 def cka_divergence(cka: Frame, value: Literal["cka", "cka_debiased"] = "cka") -> Frame:
     """Per (checkpoint, epoch, ft_layer i, pt_layer j): ``cka_divergence``."""
-    against_pt = cka.filter(pl.col("model_b") == "pt")
+    against_pt = with_path_columns(cka).filter(pl.col("model_b") == "pt")
     keys = [*CHECKPOINT_KEYS, "layer_a", "layer_b"]
     pt = against_pt.filter(pl.col("model_a") == "pt").select(*keys, pl.col(value).alias("pt"))
     ft = against_pt.filter(pl.col("model_a") == "ft").select(*keys, pl.col(value).alias("ft"))
@@ -62,7 +75,7 @@ def flow(stir: Frame, value: Estimator = "stir") -> Frame:
 
     j < i with flow > 0: compression; j > i: expansion; the diagonal is 0.
     """
-    ft_given_pt = stir.filter((pl.col("ref_model") == "pt") & (pl.col("target_model") == "ft"))
+    ft_given_pt = with_path_columns(stir).filter((pl.col("ref_model") == "pt") & (pl.col("target_model") == "ft"))
     diagonal = ft_given_pt.filter(pl.col("target_layer") == pl.col("ref_layer")).select(
         *CHECKPOINT_KEYS, "ref_layer", "seed", pl.col(value).alias("diagonal")
     )

@@ -184,3 +184,119 @@ def dynamics_png(curves: pl.DataFrame, title: str = "") -> bytes:
 
 def flow_heatmap_png(flow: pl.DataFrame, epoch: int) -> bytes:
     return png_bytes(flow_figure(flow, epoch))
+
+
+# ---------------------------------------------------------------------------------------------
+# weight paths (interpolation.alphas) and kNN probes
+
+
+def _layer_key(figure: Figure, axes: Any, layers: list[int], colors: dict[int, tuple], cmap: Any, norm: Any) -> None:
+    """One legend entry per layer (few), else a discrete colour bar."""
+    if len(layers) <= LEGEND_LIMIT:
+        handles = [matplotlib.lines.Line2D([], [], color=colors[layer], marker="o", ms=4, label=f"layer {layer}")
+                   for layer in layers]  # fmt: skip
+        figure.legend(handles=handles, loc="outside right center", fontsize=8, title="layer")
+    else:
+        colorbar = figure.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=axes, shrink=0.9)
+        colorbar.set_ticks(np.arange(len(layers)), labels=[str(v) for v in layers])
+        colorbar.set_label("layer")
+
+
+def interpolation_figure(curves: pl.DataFrame, epoch: int) -> Figure:
+    """Forgetting, learning and CKA divergence against alpha for the checkpoint of ``epoch``, one
+    line per layer (alpha 0: the pretrained weights, 1: the checkpoint)."""
+    rows = curves.filter(pl.col("epoch") == epoch)
+    layers = sorted(rows["layer"].unique().to_list())
+    colors, cmap, norm = _discrete_colors(layers, "turbo")
+    figure = new_figure(figsize=(16, 4.2))
+    axes = figure.subplots(1, 3)
+    for axis, (metric, label) in zip(axes, CURVE_METRICS):
+        for layer in layers:
+            line = rows.filter(pl.col("layer") == layer).sort("alpha")
+            axis.plot(line["alpha"].to_numpy(), line[f"{metric}_mean"].to_numpy(), marker="o", ms=3, color=colors[layer], lw=1.3)
+        axis.axhline(0.0, color="grey", lw=0.6)
+        axis.set_xlabel("alpha  ((1 - alpha) pretrained + alpha finetuned)")
+        axis.set_ylabel(metric.replace("_", " ") + " (mean over seeds)")
+        axis.set_xlim(-0.02, 1.02)
+        axis.set_title(label, fontsize=10)
+        axis.grid(alpha=0.3)
+    _layer_key(figure, axes, layers, colors, cmap, norm)
+    checkpoint = rows["checkpoint"][0] if len(rows) else ""
+    figure.suptitle(f"along the weight path to {checkpoint_title(checkpoint, epoch)}")
+    return figure
+
+
+def _first_k(knn: pl.DataFrame) -> int:
+    """The k the kNN plots show: 20 (DINO's usual best) when asked, else the smallest."""
+    ks = sorted(knn["k"].unique().to_list())
+    return 20 if 20 in ks else ks[0]
+
+
+def knn_layers_figure(knn: pl.DataFrame) -> Figure:
+    """kNN top-1 per layer: one line for the pretrained model and one per checkpoint epoch
+    (the checkpoints themselves, alpha 1)."""
+    k = _first_k(knn)
+    rows = knn.filter(pl.col("k") == k)
+    pretrained = rows.filter(pl.col("model") == "pt").sort("layer")
+    tuned = rows.filter((pl.col("model") == "ft") & (pl.col("alpha") == 1.0))
+    epochs = sorted(tuned["epoch"].unique().to_list())
+    colors, cmap, norm = _discrete_colors(epochs or [0], "viridis")
+    figure = new_figure(figsize=(8, 4.5))
+    axis = figure.subplots()
+    for epoch in epochs:
+        line = tuned.filter(pl.col("epoch") == epoch).sort("layer")
+        axis.plot(line["layer"].to_numpy(), line["top1"].to_numpy(), marker="o", ms=3, color=colors[epoch], lw=1.3)
+    if len(pretrained):
+        axis.plot(pretrained["layer"].to_numpy(), pretrained["top1"].to_numpy(), color="black", ls="--", marker="s", ms=4, lw=1.6)
+    axis.set_xticks(sorted(rows["layer"].unique().to_list()))
+    axis.set_xlabel("layer (last = pre-logits)")
+    axis.set_ylabel(f"kNN top-1 accuracy (k = {k})")
+    axis.set_ylim(-0.02, 1.02)
+    axis.set_title("weighted kNN (DINO) on frozen features, per layer", fontsize=10)
+    axis.grid(alpha=0.3)
+    handles = [matplotlib.lines.Line2D([], [], color="black", ls="--", marker="s", ms=4, label="pretrained")]
+    if len(epochs) <= LEGEND_LIMIT:
+        handles += [matplotlib.lines.Line2D([], [], color=colors[e], marker="o", ms=4, label=f"epoch {e}") for e in epochs]
+    else:
+        colorbar = figure.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=axis, shrink=0.9)
+        colorbar.set_ticks(np.arange(len(epochs)), labels=[str(e) for e in epochs])
+        colorbar.set_label("epoch")
+    figure.legend(handles=handles, loc="outside right center", fontsize=8, title="model")
+    return figure
+
+
+def knn_alpha_figure(knn: pl.DataFrame) -> Figure:
+    """kNN top-1 against alpha, one line per layer, a panel per checkpoint with a weight path."""
+    k = _first_k(knn)
+    rows = knn.filter((pl.col("k") == k) & (pl.col("model") == "ft"))
+    path_epochs = sorted(rows.filter(pl.col("alpha") != 1.0)["epoch"].unique().to_list())
+    layers = sorted(rows["layer"].unique().to_list())
+    colors, cmap, norm = _discrete_colors(layers, "turbo")
+    figure = new_figure(figsize=(6 * max(1, len(path_epochs)), 4.2))
+    axes = np.atleast_1d(figure.subplots(1, max(1, len(path_epochs))))
+    for axis, epoch in zip(axes, path_epochs):
+        path = rows.filter(pl.col("epoch") == epoch)
+        for layer in layers:
+            line = path.filter(pl.col("layer") == layer).sort("alpha")
+            axis.plot(line["alpha"].to_numpy(), line["top1"].to_numpy(), marker="o", ms=3, color=colors[layer], lw=1.3)
+        axis.set_xlabel("alpha  ((1 - alpha) pretrained + alpha finetuned)")
+        axis.set_ylabel(f"kNN top-1 accuracy (k = {k})")
+        axis.set_xlim(-0.02, 1.02)
+        axis.set_ylim(-0.02, 1.02)
+        checkpoint = path["checkpoint"][0] if len(path) else ""
+        axis.set_title(f"weight path to {checkpoint_title(checkpoint, epoch)}", fontsize=10)
+        axis.grid(alpha=0.3)
+    _layer_key(figure, axes, layers, colors, cmap, norm)
+    return figure
+
+
+def interpolation_png(curves: pl.DataFrame, epoch: int) -> bytes:
+    return png_bytes(interpolation_figure(curves, epoch))
+
+
+def knn_layers_png(knn: pl.DataFrame) -> bytes:
+    return png_bytes(knn_layers_figure(knn))
+
+
+def knn_alpha_png(knn: pl.DataFrame) -> bytes:
+    return png_bytes(knn_alpha_figure(knn))

@@ -9,12 +9,13 @@ import posixpath
 from dataclasses import dataclass, field
 
 from invariance.io.checkpoints import Checkpoint, discover_checkpoints, weights_fingerprint
-from invariance.config import RunConfig, settings_hash
+from invariance.config import RunConfig, knn_settings_hash, settings_hash
 from invariance.errors import CheckpointError, ConfigError
 from invariance.io.data import load_eval_images
 from invariance.io.storage import is_inside, redact
-from invariance.io.layout import MANIFESTS, CkaUnit, InversionUnit, StirUnit, Unit
-from invariance.core.models import check_models
+from invariance.io.layout import MANIFESTS, PLAIN_ALPHA, CkaUnit, InversionUnit, KnnUnit, StirUnit, Unit
+from invariance.core.interpolation import check_interpolable
+from invariance.core.models import FeatureModel, check_models, load_model
 from invariance.io.storage import Store
 
 REF_MODELS = ("pt", "ft")
@@ -38,13 +39,16 @@ class Plan:
     layer_names: list[str] = field(default_factory=list)  # what each layer index is ("blocks.3", "pre-logits")
     # what the numbers depend on beyond the config, in both hashes: {"pretrained": ..., "eval_images": ...}
     fingerprints: dict[str, str] = field(default_factory=dict)
+    # kNN shards (``knn`` section): pt once, every checkpoint at every alpha of its path; their own hash
+    knn: list[KnnUnit] = field(default_factory=list)
+    knn_hash: str = ""
 
     def refresh(self, store: Store) -> None:
         """Re-read what is done, e.g. after an execution: one listing of the completion records
         and one of each kind's data folder. A unit is done when its record AND its data object
         exist; a record whose data is gone (a deleted shard) leaves the unit missing, to recompute."""
         records = set(store.list(MANIFESTS))
-        units: list[Unit] = [*self.inversions, *self.stir, *self.cka]
+        units: list[Unit] = [*self.inversions, *self.stir, *self.cka, *self.knn]
         recorded = [u for u in units if self.record_key(u) in records]
         present: set[str] = set()
         for kind in {type(u) for u in recorded}:  # the folder all data keys of a kind share
@@ -55,13 +59,19 @@ class Plan:
             log.warning("%d completion records without their data (e.g. %s): recomputing them",
                         len(lost), store.url(self.data_key(lost[0])))  # fmt: skip
 
+    def _hash_of(self, unit: Unit) -> str:
+        """The hash keying ``unit``: pt inversions and kNN shards have their own."""
+        if isinstance(unit, InversionUnit):
+            return self.inversion_hash
+        return self.knn_hash if isinstance(unit, KnnUnit) else self.settings_hash
+
     def record_key(self, unit: Unit) -> str:
         """Where ``unit``'s completion record goes (pt inversions: under their own settings)."""
-        return unit.record_key(self.inversion_hash if isinstance(unit, InversionUnit) else self.settings_hash)
+        return unit.record_key(self._hash_of(unit))
 
     def data_key(self, unit: Unit) -> str:
         """Where ``unit``'s data goes."""
-        return unit.data_key(self.inversion_hash if isinstance(unit, InversionUnit) else self.settings_hash)
+        return unit.data_key(self._hash_of(unit))
 
     def is_done(self, unit: Unit) -> bool:
         return self.record_key(unit) in self.done
@@ -69,7 +79,8 @@ class Plan:
     @property
     def missing_keys(self) -> list[str]:
         """The completion records still to be written, sorted."""
-        return sorted(self.record_key(u) for u in [*self.missing_inversions, *self.missing_stir, *self.missing_cka])
+        return sorted(self.record_key(u) for u in [*self.missing_inversions, *self.missing_stir, *self.missing_cka,
+                                                   *self.missing_knn])  # fmt: skip
 
     @property
     def missing_inversions(self) -> list[InversionUnit]:
@@ -83,6 +94,10 @@ class Plan:
     def missing_cka(self) -> list[CkaUnit]:
         return [u for u in self.cka if not self.is_done(u)]
 
+    @property
+    def missing_knn(self) -> list[KnnUnit]:
+        return [u for u in self.knn if not self.is_done(u)]
+
     def incomplete_epochs(self) -> dict[int, int]:
         """{epoch: number of its shards (STIR + CKA) not yet complete}."""
         missing: dict[int, int] = {}
@@ -95,19 +110,26 @@ class Plan:
 
         Inversions first (pt-reference STIR shards read their X'); then checkpoint by
         checkpoint, so that a worker's cached models and features serve consecutive units:
-        ft-reference shards, the CKA shard, then the pt-reference shards, whose inversions
-        have had the longest to finish.
+        ft-reference shards, the CKA shard, the kNN shard, then the pt-reference shards, whose
+        inversions have had the longest to finish; each point of a weight path (alpha) after the
+        checkpoint itself. The pretrained kNN shard comes with the inversions.
         """
         missing_inversions = set(self.missing_inversions)
         order: list[tuple[Unit, tuple[Unit, ...]]] = [(unit, ()) for unit in self.missing_inversions]
-        missing_stir, missing_cka = self.missing_stir, self.missing_cka
+        missing_stir, missing_cka, missing_knn = self.missing_stir, self.missing_cka, self.missing_knn
+        order += [(u, ()) for u in missing_knn if u.model == "pt"]
         for checkpoint in self.checkpoints:
-            stir = [u for u in missing_stir if u.epoch == checkpoint.epoch]
-            order += [(u, ()) for u in stir if u.ref_model == "ft"]
-            order += [(u, ()) for u in missing_cka if u.epoch == checkpoint.epoch]
-            for unit in (u for u in stir if u.ref_model == "pt"):
-                inversion = InversionUnit(unit.ref_layer, unit.seed)
-                order.append((unit, (inversion,) if inversion in missing_inversions else ()))
+            own = [u for u in [*missing_stir, *missing_cka, *missing_knn]
+                   if u.epoch == checkpoint.epoch and getattr(u, "model", "ft") == "ft"]  # fmt: skip
+            alphas = sorted({u.alpha for u in own}, key=lambda alpha: (alpha != PLAIN_ALPHA, -alpha))
+            for alpha in alphas:
+                stir = [u for u in missing_stir if u.epoch == checkpoint.epoch and u.alpha == alpha]
+                order += [(u, ()) for u in stir if u.ref_model == "ft"]
+                order += [(u, ()) for u in missing_cka if u.epoch == checkpoint.epoch and u.alpha == alpha]
+                order += [(u, ()) for u in missing_knn if u.model == "ft" and u.epoch == checkpoint.epoch and u.alpha == alpha]
+                for unit in (u for u in stir if u.ref_model == "pt"):
+                    inversion = InversionUnit(unit.ref_layer, unit.seed)
+                    order.append((unit, (inversion,) if inversion in missing_inversions else ()))
         return order
 
 
@@ -130,6 +152,35 @@ def input_fingerprints(config: RunConfig, input_size: int) -> dict[str, str]:
     images = load_eval_images(config.data, config.data.image_size or input_size, config.storage_options)
     return {"pretrained": weights_fingerprint(config.pretrained, config.storage_options),
             "eval_images": images.fingerprint}  # fmt: skip
+
+
+def path_checkpoints(config: RunConfig, checkpoints: list[Checkpoint]) -> list[Checkpoint]:
+    """The checkpoints that get a weight path (``interpolation.epochs``): the last, all, or the
+    listed epochs among those found (a listed epoch not found yet is logged and gets its path
+    when a rerun finds it)."""
+    if config.interpolation is None:
+        return []
+    epochs = config.interpolation.epochs
+    if epochs == "last":
+        return [max(checkpoints, key=lambda c: c.epoch)]
+    if epochs == "all":
+        return list(checkpoints)
+    found = [c for c in checkpoints if c.epoch in epochs]
+    absent = sorted(set(epochs) - {c.epoch for c in checkpoints})
+    if absent:
+        log.warning("interpolation.epochs: no checkpoint of epochs %s yet; their paths come when a rerun finds them", absent)
+    return found
+
+
+def check_path_shapes(config: RunConfig, pretrained: FeatureModel) -> None:
+    """Before any task: under ``interpolation.extra: keep`` the finetuned module (``finetuned_model``)
+    must hold every tensor it shares with the pretrained one in the same shape (ConfigError)."""
+    if config.interpolation is None or config.finetuned_model is None:
+        return  # one module: every checkpoint that loads has the pretrained shapes
+    finetuned = load_model(config.finetuned_model, None, modules=config.layer_modules)
+    check_interpolable({k: v.shape for k, v in pretrained.network.state_dict().items()},
+                       {k: v.shape for k, v in finetuned.network.state_dict().items()},
+                       config.interpolation.extra, where=f"finetuned_model {finetuned.name}")  # fmt: skip
 
 
 def make_plan(config: RunConfig, store: Store, checkpoints: list[Checkpoint] | None = None) -> Plan:
@@ -159,8 +210,28 @@ def make_plan(config: RunConfig, store: Store, checkpoints: list[Checkpoint] | N
         for layer in layers
         for seed in config.seeds
     ]
+    cka = [CkaUnit(c.epoch, c.name, c.url, c.fingerprint) for c in checkpoints]
+    # points of the weight paths: alpha 1 is the checkpoint itself (the units above)
+    check_path_shapes(config, model)
+    extra = config.interpolation.extra if config.interpolation else "keep"
+    path = [(c, alpha) for c in path_checkpoints(config, checkpoints)
+            for alpha in (config.interpolation.alphas if config.interpolation else []) if alpha != PLAIN_ALPHA]  # fmt: skip
+    stir += [
+        StirUnit(c.epoch, ref_model, layer, seed, c.name, c.url, c.fingerprint, alpha, extra)
+        for c, alpha in path
+        for ref_model in REF_MODELS
+        for layer in layers
+        for seed in config.seeds
+    ]
+    cka += [CkaUnit(c.epoch, c.name, c.url, c.fingerprint, alpha, extra) for c, alpha in path]
+    knn: list[KnnUnit] = []
+    if config.knn is not None:
+        knn = [KnnUnit(-1, "pt")]
+        knn += [KnnUnit(c.epoch, "ft", c.name, c.url, c.fingerprint) for c in checkpoints]
+        knn += [KnnUnit(c.epoch, "ft", c.name, c.url, c.fingerprint, alpha, extra) for c, alpha in path]
+    run_hash = settings_hash({**config.numbers_settings(), "fingerprints": fingerprints})
     plan = Plan(
-        settings_hash=settings_hash({**config.numbers_settings(), "fingerprints": fingerprints}),
+        settings_hash=run_hash,
         inversion_hash=settings_hash({**config.inversion_settings(), "fingerprints": fingerprints}),
         checkpoints=checkpoints,
         layers=layers,
@@ -169,8 +240,10 @@ def make_plan(config: RunConfig, store: Store, checkpoints: list[Checkpoint] | N
         layer_names=model.layer_names(),
         inversions=[InversionUnit(layer, seed) for layer in layers for seed in config.seeds],
         stir=stir,
-        cka=[CkaUnit(c.epoch, c.name, c.url, c.fingerprint) for c in checkpoints],
+        cka=cka,
         fingerprints=fingerprints,
+        knn=knn,
+        knn_hash=knn_settings_hash(run_hash, config.knn) if config.knn is not None else "",
     )
     plan.refresh(store)
     return plan

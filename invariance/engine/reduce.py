@@ -16,6 +16,7 @@ import polars as pl
 
 from invariance.analysis import metrics, plots, report, robustness, robustness_search
 from invariance.engine.plan import Plan
+from invariance.engine.reduce_paths import path_outputs, plain
 from invariance.errors import StorageError
 from invariance.io.checkpoints import Checkpoint, run_folders
 from invariance.io.layout import (
@@ -40,6 +41,9 @@ class ReduceResult:
     incomplete_epochs: dict[int, int]
     written: list[str] = field(default_factory=list)
     unreadable: list[Unit] = field(default_factory=list)  # shards found unreadable: missing again
+    knn: pl.DataFrame = field(default_factory=pl.DataFrame)  # reduced/knn.parquet (a knn section)
+    path_plots: dict[str, bytes] = field(default_factory=dict)  # report title -> PNG (weight paths, kNN)
+    extra_tables: dict[str, pl.DataFrame] = field(default_factory=dict)  # report title -> table
 
 
 def _read_shards(plan: Plan, store: Store, units: list[Unit]) -> tuple[pl.DataFrame, list[Unit]]:
@@ -47,7 +51,7 @@ def _read_shards(plan: Plan, store: Store, units: list[Unit]) -> tuple[pl.DataFr
     (a truncated or overwritten file): all read at once, one by one only to find the bad ones."""
     keys = [plan.data_key(u) for u in units]
     try:
-        return store.read_parquet(keys), []
+        return store.read_parquet(keys, how="diagonal_relaxed"), []  # older shards lack run, alpha
     except StorageError:
         pass
     frames, unreadable = [], []
@@ -60,7 +64,7 @@ def _read_shards(plan: Plan, store: Store, units: list[Unit]) -> tuple[pl.DataFr
                         store.url(key), type(exc).__name__, exc)  # fmt: skip
             unreadable.append(unit)
     try:
-        return (pl.concat(frames) if frames else pl.DataFrame()), unreadable
+        return (pl.concat(frames, how="diagonal_relaxed") if frames else pl.DataFrame()), unreadable
     except pl.exceptions.PolarsError as exc:
         raise StorageError(f"Parquet files under {store.url('')} do not share one schema: {exc}") from exc
 
@@ -99,7 +103,8 @@ def reduce_plan(plan: Plan, store: Store, make_plots: bool = True, settings: dic
         # naming (an older release) still group with their epoch
         names = {c.epoch: c.name for c in plan.checkpoints}
         stir, cka = (
-            frame.with_columns(pl.col("epoch").replace_strict(names, return_dtype=pl.String).alias("checkpoint"))
+            metrics.with_path_columns(frame.with_columns(pl.col("epoch").replace_strict(names, return_dtype=pl.String)
+                                                         .alias("checkpoint")))  # fmt: skip
             for frame in (stir, cka)
         )
         # the settings hash on every reduced row: a table left from other settings is visible
@@ -113,14 +118,17 @@ def reduce_plan(plan: Plan, store: Store, make_plots: bool = True, settings: dic
     if complete:
         outputs[REDUCED_CURVES] = parquet_bytes(curves)
         outputs[REDUCED_FLOW] = parquet_bytes(flow)
-    if complete and make_plots:
-        outputs[LAYER_CURVES_PLOT] = plots.layer_curves_png(curves)
-        outputs[DYNAMICS_PLOT] = plots.dynamics_png(curves)
-        outputs.update({flow_plot_key(epoch): plots.flow_heatmap_png(flow, epoch) for epoch in complete})
+    if complete and make_plots:  # per checkpoint: its own rows (alpha 1); the weight paths have their plots
+        outputs[LAYER_CURVES_PLOT] = plots.layer_curves_png(plain(curves))
+        outputs[DYNAMICS_PLOT] = plots.dynamics_png(plain(curves))
+        outputs.update({flow_plot_key(epoch): plots.flow_heatmap_png(plain(flow), epoch) for epoch in complete})
+    paths = path_outputs(plan, store, curves, make_plots)
+    result.knn, result.path_plots, result.extra_tables = paths.knn, paths.plots, paths.tables
+    outputs.update(paths.files)
     # only what changed is written: a rerun with nothing new leaves every file as it was
     result.written += [key for key, data in outputs.items() if store.put_if_changed(key, data)]
     if complete:  # finetuning runs with metrics/ beside their checkpoints: the robustness link
-        result.written += _reduce_robustness(store, curves, plan.checkpoints, plan.depth, make_plots)
+        result.written += _reduce_robustness(store, plain(curves), plan.checkpoints, plan.depth, make_plots)
     if make_plots:
         result.written += _write_report(store, plan, result, stir, outputs, settings or {})
     status = {
@@ -220,17 +228,19 @@ def _write_report(
     robustness_png = store.get(ROBUSTNESS_PLOT) if result.complete_epochs and store.exists(ROBUSTNESS_PLOT) else None
     if robustness_png is not None:
         pngs["Robustness link"] = robustness_png
+    pngs.update(result.path_plots)
     inputs = report.ReportInputs(
         settings_hash=plan.settings_hash,
         settings=settings,
         checkpoints=[(c.epoch, c.name) for c in plan.checkpoints],
         complete_epochs=result.complete_epochs,
         incomplete_epochs=result.incomplete_epochs,
-        curves=result.curves,
+        curves=plain(result.curves),
         inversion_quality=report.inversion_quality(stir) if result.complete_epochs else pl.DataFrame(),
         plots={title: png for title, png in pngs.items() if png is not None},
         flow_plots={epoch: outputs[flow_plot_key(epoch)] for epoch in result.complete_epochs if flow_plot_key(epoch) in outputs},
         robustness_correlation=_stored_table(store, REDUCED_ROBUSTNESS_CORRELATION) if result.complete_epochs else pl.DataFrame(),
         robustness_search=_stored_table(store, REDUCED_ROBUSTNESS_SEARCH) if result.complete_epochs else pl.DataFrame(),
+        extra_tables=result.extra_tables,
     )
     return [REPORT] if store.put_if_changed(REPORT, report.render(inputs)) else []

@@ -17,13 +17,15 @@ import polars as pl
 import torch
 
 from invariance import __version__
-from invariance.config import RunConfig
-from invariance.io.data import EvalImages, load_eval_images
+from invariance.config import DataConfig, RunConfig, knn_settings_hash
+from invariance.io.data import EvalImages, load_eval_images, load_labelled_images
 from invariance.core.inversion import InversionResult
-from invariance.io.layout import CkaUnit, InversionUnit, StirUnit, Unit
+from invariance.io.layout import PLAIN_ALPHA, CkaUnit, InversionUnit, KnnUnit, StirUnit, Unit
+from invariance.core.interpolation import interpolated_model
+from invariance.core.knn_probe import KNN_COLUMNS, knn_rows
 from invariance.core.models import FeatureModel, load_model
 from invariance.core.shards import CKA_COLUMNS, STIR_COLUMNS, ShardContext
-from invariance.errors import DataError, NumericsError
+from invariance.errors import ConfigError, DataError, NumericsError
 from invariance.io.storage import Store, redact
 
 
@@ -118,6 +120,40 @@ class Workspace:
         self._models.move_to_end(key)
         return self._models[key]
 
+    def path_model(self, spec: RunSpec, checkpoint_url: str, alpha: float = PLAIN_ALPHA, extra: str = "keep") -> FeatureModel:
+        """The finetuned model of ``checkpoint_url`` at ``alpha`` on the weight path from the pretrained
+        weights (built here from the two loaded models, no file written); alpha 1: the checkpoint."""
+        finetuned = self.model(spec.config, checkpoint_url, "ft", spec.layers)
+        if alpha == PLAIN_ALPHA:
+            return finetuned
+        key = ("interpolated", f"{alpha!r}:{extra}", checkpoint_url)
+        if key not in self._models:
+            pretrained = self.model(spec.config, spec.config.pretrained, "pt", spec.layers)
+            self._models[key] = interpolated_model(pretrained, finetuned, alpha, extra)  # type: ignore[arg-type]
+            while len(self._models) > self.max_models:
+                self._models.popitem(last=False)
+        self._models.move_to_end(key)
+        return self._models[key]
+
+    def labelled_images(self, data: DataConfig, image_size: int, label_column: str, storage_options: dict,
+                        key_name: str) -> EvalImages:  # fmt: skip
+        """Images of ``data`` with their labels, loaded once; a DataError names ``key_name``
+        (``knn.train``, ``data``) when they have none."""
+        key = f"labelled:{data.model_dump_json()}@{image_size}:{label_column}"
+        if key not in self._images:
+            try:
+                loaded = load_labelled_images(data, image_size, storage_options, label_column)
+            except DataError as exc:
+                raise DataError(f"{key_name} (the kNN probe needs class labels; knn.label_column "
+                                f"{label_column!r}): {exc}") from None  # fmt: skip
+            if loaded.labels is None or len(loaded.labels) == 0:
+                raise DataError(f"{key_name}: {redact(data.path)} gave no class labels; the kNN probe needs them")
+            if int(loaded.labels.min()) < 0:
+                raise DataError(f"{key_name}: negative class labels in {redact(data.path)} (knn.label_column {label_column!r})")
+            self._images[key] = EvalImages(loaded.images.to(self.device), loaded.indices, loaded.labels.to(self.device),
+                                           fingerprint=loaded.fingerprint)  # fmt: skip
+        return self._images[key]
+
     def eval_images(self, config: RunConfig, image_size: int, expected_fingerprint: str = "") -> EvalImages:
         """The eval images, loaded once; DataError when they are not the ones the run was planned
         with (``expected_fingerprint``, unless empty): the dataset changed since."""
@@ -133,13 +169,14 @@ class Workspace:
             )
         return images
 
-    def context(self, spec: RunSpec, checkpoint_url: str | None) -> ShardContext:
-        """Shard context for pt and (unless None) the checkpoint at ``checkpoint_url``."""
-        key = (spec.settings_hash, checkpoint_url)
+    def context(self, spec: RunSpec, checkpoint_url: str | None, alpha: float = PLAIN_ALPHA, extra: str = "keep") -> ShardContext:
+        """Shard context for pt and (unless None) the checkpoint at ``checkpoint_url``, at ``alpha``
+        on the weight path (1: the checkpoint itself)."""
+        key = (spec.settings_hash, checkpoint_url) if alpha == PLAIN_ALPHA else (spec.settings_hash, checkpoint_url, alpha, extra)
         if key not in self._contexts:
             models = {"pt": self.model(spec.config, spec.config.pretrained, "pt", spec.layers)}
             if checkpoint_url is not None:
-                models["ft"] = self.model(spec.config, checkpoint_url, "ft", spec.layers)
+                models["ft"] = self.path_model(spec, checkpoint_url, alpha, extra)
             images = self.eval_images(spec.config, models["pt"].input_size, spec.eval_fingerprint)
             self._contexts[key] = ShardContext(
                 models, images, spec.layers, spec.config.token_policy, spec.config.inversion
@@ -164,6 +201,18 @@ def _record(data_key: str, rows: int, started: float, **identity: Any) -> bytes:
 
 def _shard_frame(rows: list[dict[str, Any]], columns: tuple[str, ...], identity: dict[str, Any]) -> pl.DataFrame:
     return pl.DataFrame([{**identity, **row} for row in rows]).select(columns)
+
+
+def _with_path_columns(columns: tuple[str, ...]) -> tuple[str, ...]:
+    """``run`` before ``checkpoint`` and ``alpha`` after ``epoch`` (where the columns lack them)."""
+    out: list[str] = []
+    for column in columns:
+        if column == "checkpoint" and "run" not in columns:
+            out.append("run")
+        out.append(column)
+        if column == "epoch" and "alpha" not in columns:
+            out.append("alpha")
+    return tuple(out)
 
 
 NON_FINITE_HINT = ("check model.mean and model.std (a std of 0 divides by 0), the weights, and that the "
@@ -229,21 +278,22 @@ def _write_shard(
 ) -> str:  # fmt: skip
     """Write a shard's rows once, then its completion record; returns the record key."""
     identity = {"settings": spec.settings_hash, "checkpoint": unit.checkpoint, "epoch": unit.epoch, "version": __version__,
-                "checkpoint_fingerprint": unit.checkpoint_fingerprint}  # fmt: skip
+                "checkpoint_fingerprint": unit.checkpoint_fingerprint, "run": "", "alpha": float(unit.alpha)}  # fmt: skip
     data_key = unit.data_key(spec.settings_hash)
-    frame = _shard_frame(rows, (*columns, "checkpoint_fingerprint"), identity)
+    frame = _shard_frame(rows, (*_with_path_columns(columns), "checkpoint_fingerprint"), identity)
     check_finite(unit, frame)
     spec.store.put_parquet(data_key, frame)
     record_key = unit.record_key(spec.settings_hash)
     spec.store.put(record_key, _record(data_key, len(rows), started, checkpoint=unit.checkpoint, epoch=unit.epoch,
-                                       checkpoint_fingerprint=unit.checkpoint_fingerprint, **record_fields))  # fmt: skip
+                                       checkpoint_fingerprint=unit.checkpoint_fingerprint, alpha=unit.alpha,
+                                       **record_fields))  # fmt: skip
     return record_key
 
 
 def run_stir(spec: RunSpec, unit: StirUnit, workspace: Workspace) -> str:
     """One STIR shard: reuses the cached pt inversion for ref_model 'pt'; returns the record key."""
     started = time.time()
-    context = workspace.context(spec, unit.checkpoint_url)
+    context = workspace.context(spec, unit.checkpoint_url, unit.alpha, unit.extra)
     inverted = None
     if unit.ref_model == "pt":
         data_key = InversionUnit(unit.ref_layer, unit.seed).data_key(spec.inversion_hash)
@@ -256,13 +306,46 @@ def run_stir(spec: RunSpec, unit: StirUnit, workspace: Workspace) -> str:
 def run_cka(spec: RunSpec, unit: CkaUnit, workspace: Workspace) -> str:
     """One CKA shard for a checkpoint; returns the record key."""
     started = time.time()
-    rows = workspace.context(spec, unit.checkpoint_url).cka_rows()
+    rows = workspace.context(spec, unit.checkpoint_url, unit.alpha, unit.extra).cka_rows()
     return _write_shard(spec, unit, rows, CKA_COLUMNS, started)
+
+
+def run_knn(spec: RunSpec, unit: KnnUnit, workspace: Workspace) -> str:
+    """One kNN shard: the pretrained model (once per run) or a checkpoint at one alpha, every run
+    layer, the ``knn.train`` bank against the eval images with their labels; returns the record key."""
+    started = time.time()
+    config = spec.config
+    if config.knn is None:
+        raise ConfigError("knn: a kNN unit was planned, but the config has no knn section")
+    pretrained = workspace.model(config, config.pretrained, "pt", spec.layers)
+    model = pretrained if unit.model == "pt" else workspace.path_model(spec, unit.checkpoint_url, unit.alpha, unit.extra)
+    size = config.data.image_size or pretrained.input_size
+    bank = workspace.labelled_images(config.knn.train, size, config.knn.label_column, config.storage_options, "knn.train")
+    queries = workspace.labelled_images(config.data, size, config.knn.label_column, config.storage_options, "data")
+    if spec.eval_fingerprint and queries.fingerprint != spec.eval_fingerprint:
+        raise DataError(f"data.path {redact(config.data.path)}: the eval images changed since the run was planned; "
+                        "rerun to plan them anew")  # fmt: skip
+    if max(config.knn.k) > len(bank.labels):
+        raise ConfigError(f"knn.k: {max(config.knn.k)} neighbours asked of a bank of {len(bank.labels)} images (knn.train)")
+    rows = knn_rows(model, bank.images, bank.labels, queries.images, queries.labels, spec.layers, config.knn)
+    knn_hash = knn_settings_hash(spec.settings_hash, config.knn)
+    identity = {"settings": knn_hash, "run": "", "checkpoint": unit.checkpoint, "epoch": unit.epoch if unit.model == "ft" else None,
+                "alpha": float(unit.alpha) if unit.model == "ft" else None, "model": unit.model, "version": __version__,
+                "checkpoint_fingerprint": unit.checkpoint_fingerprint}  # fmt: skip
+    frame = pl.DataFrame([{**identity, **row} for row in rows],
+                         schema_overrides={"epoch": pl.Int64, "alpha": pl.Float64, "top5": pl.Float64}).select(KNN_COLUMNS)  # fmt: skip
+    check_finite(unit, frame.drop("top5", "alpha"))
+    data_key = unit.data_key(knn_hash)
+    spec.store.put_parquet(data_key, frame)
+    record_key = unit.record_key(knn_hash)
+    spec.store.put(record_key, _record(data_key, len(rows), started, model=unit.model, checkpoint=unit.checkpoint,
+                                       epoch=unit.epoch, alpha=unit.alpha, knn_hash=knn_hash))  # fmt: skip
+    return record_key
 
 
 Step = Callable[[RunSpec, Any, Workspace], str]
 # one step per kind of unit: executors call ``run_unit`` and never look at the unit's type
-STEPS: dict[type, Step] = {InversionUnit: run_inversion, StirUnit: run_stir, CkaUnit: run_cka}
+STEPS: dict[type, Step] = {InversionUnit: run_inversion, StirUnit: run_stir, CkaUnit: run_cka, KnnUnit: run_knn}
 
 
 def run_unit(spec: RunSpec, unit: Unit, workspace: Workspace) -> str:

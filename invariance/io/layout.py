@@ -5,12 +5,16 @@ Under a run's ``output`` (hive-style, one writer per key):
     stir/settings=<hash>/epoch=<e>/<ref_model>_layer<j>_seed<s>_<ckpt>.parquet   STIR shards
     cka/settings=<hash>/epoch=<e>/cka_<ckpt>.parquet                             CKA shards
     (<ckpt>: the checkpoint file's fingerprint; a file replaced under its epoch writes new shards)
+    (a point of the weight path: ``_alpha<a>`` after <ckpt>, ``_alpha<a>_scale`` under extra: scale;
+    alpha 1 is the checkpoint itself and keeps the plain key)
+    knn/settings=<knn hash>/epoch=<e>/knn_<ckpt>.parquet                     kNN shards of a checkpoint
+    knn/settings=<knn hash>/pretrained.parquet                              kNN shard of pt (one per run)
     _manifests/settings=<hash>/...                                        completion records
     _manifests/inversions/<hash>/layer<j>_seed<s>.json                    cached pt inversions
     _manifests/leases/settings=<hash>.json                                the run lease
     _cache/inversions/<hash>/layer<j>_seed<s>.safetensors                 X' of pt[j], seed s
-    reduced/curves.parquet, flow.parquet, robustness*.parquet, status.json
-    plots/*.png, plots/flow/epoch=<e>.png
+    reduced/curves.parquet, flow.parquet, knn.parquet, robustness*.parquet, status.json
+    plots/*.png, plots/flow/epoch=<e>.png, plots/interpolation/epoch=<e>.png
 
 Under a finetuning run's ``output`` (``invariance finetune``):
 
@@ -27,6 +31,7 @@ from dataclasses import dataclass
 MANIFESTS = "_manifests"
 REDUCED_CURVES = "reduced/curves.parquet"
 REDUCED_FLOW = "reduced/flow.parquet"
+REDUCED_KNN = "reduced/knn.parquet"
 REDUCED_STATUS = "reduced/status.json"
 REDUCED_ROBUSTNESS = "reduced/robustness.parquet"
 REDUCED_ROBUSTNESS_CORRELATION = "reduced/robustness_correlation.parquet"
@@ -37,6 +42,8 @@ PLOTS = "plots"
 LAYER_CURVES_PLOT = f"{PLOTS}/layer_curves.png"
 DYNAMICS_PLOT = f"{PLOTS}/dynamics.png"
 ROBUSTNESS_PLOT = f"{PLOTS}/robustness.png"
+KNN_LAYERS_PLOT = f"{PLOTS}/knn_layers.png"
+KNN_ALPHA_PLOT = f"{PLOTS}/knn_alpha.png"
 
 # a finetuning run's outputs
 FINETUNE_INITIAL = "initial.safetensors"
@@ -51,6 +58,17 @@ def _fingerprint_suffix(fingerprint: str) -> str:
     return f"_{fingerprint}" if fingerprint else ""
 
 
+PLAIN_ALPHA = 1.0  # the checkpoint itself
+
+
+def alpha_suffix(alpha: float, extra: str = "keep") -> str:
+    """``_alpha0.25`` (``_alpha0.25_scale`` under ``interpolation.extra: scale``) in the name of a
+    point of the weight path; empty for alpha 1, the checkpoint itself, whose keys stay as they were."""
+    if alpha == PLAIN_ALPHA:
+        return ""
+    return f"_alpha{alpha:g}" + ("_scale" if extra == "scale" else "")
+
+
 @dataclass(frozen=True, order=True)
 class StirUnit:
     """One STIR shard: (checkpoint, reference model, reference layer, seed)."""
@@ -62,12 +80,16 @@ class StirUnit:
     checkpoint: str
     checkpoint_url: str
     checkpoint_fingerprint: str = ""  # the file's identity: a file replaced under the same epoch is another unit
+    alpha: float = PLAIN_ALPHA  # the point of the weight path (1: the checkpoint)
+    extra: str = "keep"  # interpolation.extra (only in the keys of alpha < 1)
 
     def __str__(self) -> str:
-        return f"stir {self.checkpoint} {self.ref_model}[{self.ref_layer}] seed {self.seed}"
+        at = f" alpha {self.alpha:g}" if self.alpha != PLAIN_ALPHA else ""
+        return f"stir {self.checkpoint}{at} {self.ref_model}[{self.ref_layer}] seed {self.seed}"
 
     def _stem(self) -> str:
-        return f"{self.ref_model}_layer{self.ref_layer}_seed{self.seed}{_fingerprint_suffix(self.checkpoint_fingerprint)}"
+        return (f"{self.ref_model}_layer{self.ref_layer}_seed{self.seed}{_fingerprint_suffix(self.checkpoint_fingerprint)}"
+                f"{alpha_suffix(self.alpha, self.extra)}")  # fmt: skip
 
     def data_key(self, settings_hash: str) -> str:
         return f"stir/settings={settings_hash}/epoch={self.epoch}/{self._stem()}.parquet"
@@ -84,15 +106,50 @@ class CkaUnit:
     checkpoint: str
     checkpoint_url: str
     checkpoint_fingerprint: str = ""
+    alpha: float = PLAIN_ALPHA
+    extra: str = "keep"
 
     def __str__(self) -> str:
-        return f"cka {self.checkpoint}"
+        return f"cka {self.checkpoint}" + (f" alpha {self.alpha:g}" if self.alpha != PLAIN_ALPHA else "")
+
+    def _suffix(self) -> str:
+        return _fingerprint_suffix(self.checkpoint_fingerprint) + alpha_suffix(self.alpha, self.extra)
 
     def data_key(self, settings_hash: str) -> str:
-        return f"cka/settings={settings_hash}/epoch={self.epoch}/cka{_fingerprint_suffix(self.checkpoint_fingerprint)}.parquet"
+        return f"cka/settings={settings_hash}/epoch={self.epoch}/cka{self._suffix()}.parquet"
 
     def record_key(self, settings_hash: str) -> str:
-        return f"{MANIFESTS}/settings={settings_hash}/cka/epoch={self.epoch}{_fingerprint_suffix(self.checkpoint_fingerprint)}.json"
+        return f"{MANIFESTS}/settings={settings_hash}/cka/epoch={self.epoch}{self._suffix()}.json"
+
+
+@dataclass(frozen=True, order=True)
+class KnnUnit:
+    """One kNN shard: every run layer of one model, ``pt`` (once per run: empty checkpoint, epoch
+    -1) or ``ft`` (a checkpoint at one alpha). Keyed by the kNN settings hash."""
+
+    epoch: int
+    model: str  # pt | ft
+    checkpoint: str = ""
+    checkpoint_url: str = ""
+    checkpoint_fingerprint: str = ""
+    alpha: float = PLAIN_ALPHA
+    extra: str = "keep"
+
+    def __str__(self) -> str:
+        if self.model == "pt":
+            return "knn pretrained"
+        return f"knn {self.checkpoint}" + (f" alpha {self.alpha:g}" if self.alpha != PLAIN_ALPHA else "")
+
+    def _stem(self) -> str:
+        if self.model == "pt":
+            return "pretrained"
+        return f"epoch={self.epoch}/knn{_fingerprint_suffix(self.checkpoint_fingerprint)}{alpha_suffix(self.alpha, self.extra)}"
+
+    def data_key(self, knn_hash: str) -> str:
+        return f"knn/settings={knn_hash}/{self._stem()}.parquet"
+
+    def record_key(self, knn_hash: str) -> str:
+        return f"{MANIFESTS}/knn/{knn_hash}/{self._stem()}.json"
 
 
 @dataclass(frozen=True, order=True)
@@ -112,11 +169,16 @@ class InversionUnit:
         return f"{MANIFESTS}/inversions/{inversion_hash}/layer{self.ref_layer}_seed{self.seed}.json"
 
 
-Unit = StirUnit | CkaUnit | InversionUnit
+Unit = StirUnit | CkaUnit | InversionUnit | KnnUnit
 
 
 def flow_plot_key(epoch: int) -> str:
     return f"{PLOTS}/flow/epoch={epoch}.png"
+
+
+def interpolation_plot_key(epoch: int) -> str:
+    """Forgetting, learning and CKA divergence against alpha, one line per layer, for one checkpoint."""
+    return f"{PLOTS}/interpolation/epoch={epoch}.png"
 
 
 def lease_key(settings_hash: str) -> str:

@@ -1,0 +1,172 @@
+"""Weight-interpolation paths (issue 15): theta(alpha) = (1 - alpha) * pt + alpha * ft, in process."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+import pytest
+import torch
+
+from invariance.config import ModelConfig, parse_config
+from invariance.core.interpolation import interpolate_state, interpolated_model
+from invariance.core.models import FeatureModel, load_model
+from invariance.engine.execute import execute_in_process
+from invariance.engine.plan import make_plan
+from invariance.engine.reduce import reduce_plan
+from invariance.engine.steps import RunSpec, Workspace, run_unit
+from invariance.errors import ConfigError, DataError
+from invariance.io.layout import KNN_ALPHA_PLOT, KNN_LAYERS_PLOT, REDUCED_KNN, KnnUnit, interpolation_plot_key
+from invariance.io.storage import Store
+from tests.helpers import TINY_MODEL, tiny_config, write_checkpoints, write_eval_parquet
+
+GOLDEN = Path(__file__).resolve().parent / "data"
+KNN = {"train": {"format": "parquet", "path": "", "n_samples": 24}, "k": [3]}
+
+
+def _config(tmp_path: Path, **overrides):
+    knn = overrides.pop("knn", None)
+    if knn is not None:
+        knn = {**knn, "train": {**knn["train"], "path": str(tmp_path / "data")}}
+        overrides["knn"] = knn
+    return parse_config(tiny_config(tmp_path, str(tmp_path / "out"), **overrides))
+
+
+def _open(config):
+    store = Store(config.output)
+    plan = make_plan(config, store)
+    spec = RunSpec(config, store, plan.settings_hash, plan.inversion_hash, tuple(plan.layers),
+                   eval_fingerprint=plan.fingerprints["eval_images"])  # fmt: skip
+    return store, plan, spec
+
+
+def test_alpha_zero_measures_nothing_alpha_one_is_the_checkpoint_and_a_new_alpha_computes_only_itself(
+    tmp_path: Path, torch_single_thread
+) -> None:
+    write_checkpoints(tmp_path / "ckpt", epochs=[1, 2])
+    write_eval_parquet(tmp_path / "data")
+    plain_plan = make_plan(_config(tmp_path), Store(str(tmp_path / "out")))
+    config = _config(tmp_path, interpolation={"alphas": [0.0, 1.0]}, knn=KNN)
+    store, plan, spec = _open(config)
+    # alpha 1 is the checkpoint itself: the same units under the same keys as without interpolation
+    assert plan.settings_hash == plain_plan.settings_hash
+    plain_keys = {plain_plan.data_key(u) for u in [*plain_plan.stir, *plain_plan.cka]}
+    assert plain_keys <= {plan.data_key(u) for u in [*plan.stir, *plan.cka]}
+    assert {u.alpha for u in plan.stir if u.epoch == 1} == {1.0}  # epochs: last (2) gets the path
+    assert [u for u in plan.knn if u.model == "pt"] == [KnnUnit(-1, "pt")]
+    summary = execute_in_process(plan, spec, Workspace("cpu"))
+    assert summary.failures == [] and summary.completed == len(plan.work())
+    plan.refresh(store)
+    result = reduce_plan(plan, store)
+    curves = result.curves
+    assert set(curves["alpha"].unique()) == {0.0, 1.0} and set(curves["run"].unique()) == {""}
+    at_zero = curves.filter(pl.col("alpha") == 0.0)
+    assert at_zero["epoch"].unique().to_list() == [2] and len(at_zero) == len(plan.layers)
+    for metric in ("forgetting_mean", "learning_mean", "cka_divergence_mean", "forgetting_debiased_mean"):
+        assert at_zero[metric].to_list() == [0.0] * len(plan.layers), metric
+    assert curves.filter(pl.col("alpha") == 1.0)["forgetting_mean"].abs().max() > 1e-4  # the checkpoints moved
+    # alpha 1 rows equal the pinned rows of the same run without interpolation
+    stir = store.read_parquet([plan.data_key(u) for u in plan.stir])
+    assert {"run", "alpha"} <= set(stir.columns)
+    plain_stir = stir.filter(pl.col("alpha") == 1.0)
+    keys = ["epoch", "ref_model", "ref_layer", "target_model", "target_layer", "seed"]
+    golden = pl.read_csv(GOLDEN / "golden_stir.csv")
+    joined = golden.join(plain_stir, on=keys, how="left", suffix="_now")
+    assert len(joined) == len(plain_stir) == len(golden)
+    assert (joined["stir"] - joined["stir_now"]).abs().max() < 1e-6
+    # flow and kNN tables carry alpha too; plots against alpha and per layer were written
+    assert set(result.flow["alpha"].unique()) == {0.0, 1.0}
+    knn = pl.read_parquet(store.path(REDUCED_KNN))
+    assert knn.columns == ["run", "checkpoint", "epoch", "alpha", "model", "layer", "k", "top1", "top5", "n_train",
+                           "n_test", "settings"]  # fmt: skip
+    assert knn["top1"].is_between(0.0, 1.0).all() and knn["top5"].is_null().all()  # 3 classes: no top-5
+    assert (knn["n_train"].unique().to_list(), knn["n_test"].unique().to_list()) == ([24], [12])
+    pretrained = knn.filter(pl.col("model") == "pt").sort("layer")
+    # ft at alpha 0 holds the pretrained weights (one module, extra: keep): the same kNN accuracy
+    zero = knn.filter((pl.col("model") == "ft") & (pl.col("alpha") == 0.0)).sort("layer")
+    assert zero["top1"].to_list() == pretrained["top1"].to_list()
+    for key in (KNN_LAYERS_PLOT, KNN_ALPHA_PLOT, interpolation_plot_key(2), "reports/index.html"):
+        assert store.exists(key), key
+    assert "Along the weight path" in store.get("reports/index.html").decode()
+
+    # a rerun adding alpha 0.5 computes its own units only; pt kNN stays computed once per run
+    wider = _config(tmp_path, interpolation={"alphas": [0.0, 0.5, 1.0]}, knn=KNN)
+    store, plan, spec = _open(wider)
+    work = [unit for unit, _ in plan.work()]
+    assert work and {getattr(u, "alpha", None) for u in work} == {0.5}
+    assert len(work) == 2 * len(plan.layers) * len(wider.seeds) + 1 + 1  # STIR, CKA, kNN of epoch 2 at 0.5
+    assert {(getattr(u, "model", "ft"), u.epoch) for u in work} == {("ft", 2)}
+    assert execute_in_process(plan, spec, Workspace("cpu")).failures == []
+    plan.refresh(store)
+    assert plan.work() == []
+    reduce_plan(plan, store, make_plots=False)
+    knn = pl.read_parquet(store.path(REDUCED_KNN))
+    assert len(knn.filter(pl.col("model") == "pt")) == len(plan.layers)
+    assert sorted(knn.filter(pl.col("epoch") == 2)["alpha"].unique().to_list()) == [0.0, 0.5, 1.0]
+    assert len(store.list("knn")) == 1 + 2 + 2  # pretrained once; epochs 1, 2 at 1; epoch 2 at 0, 0.5
+
+
+def test_interpolated_state_is_exact_at_the_ends() -> None:
+    generator = torch.Generator().manual_seed(0)
+    pretrained = {"w": torch.randn(4, 3, generator=generator), "steps": torch.tensor(5)}
+    finetuned = {"w": torch.randn(4, 3, generator=generator), "steps": torch.tensor(9), "head": torch.randn(2, generator=generator)}
+    assert torch.equal(interpolate_state(pretrained, finetuned, 0.0)["w"], pretrained["w"])
+    assert torch.equal(interpolate_state(pretrained, finetuned, 1.0)["w"], finetuned["w"])
+    middle = interpolate_state(pretrained, finetuned, 0.25, "keep")
+    assert torch.allclose(middle["w"], 0.75 * pretrained["w"] + 0.25 * finetuned["w"])
+    assert torch.equal(middle["head"], finetuned["head"]) and int(middle["steps"]) == 5
+    assert torch.equal(interpolate_state(pretrained, finetuned, 0.25, "scale")["head"], 0.25 * finetuned["head"])
+    with pytest.raises(ConfigError, match="interpolation.extra"):
+        interpolate_state({"w": torch.zeros(3)}, {"w": torch.zeros(4)}, 0.5, "keep")
+
+
+def test_an_adapter_checkpoint_scaled_to_alpha_zero_gives_the_base_features_exactly(torch_single_thread) -> None:
+    pytest.importorskip("peft")
+    torch.manual_seed(0)
+    base_config = ModelConfig(factory="tests.helpers:tiny_factory")
+    adapted_config = ModelConfig(factory="tests.helpers:lora_vit_factory")
+    base = load_model(base_config, None)
+    adapted = load_model(adapted_config, None)
+    # the finetuned adapter model: the base weights moved, LoRA's B (zero at init) trained away from 0
+    state = adapted.network.state_dict()
+    for key, value in base.network.state_dict().items():
+        wrapped = key.replace("qkv.", "qkv.base_layer.")
+        state[wrapped] = value + 0.1 * torch.randn_like(value)
+    for key in [k for k in state if "lora_B" in k]:
+        state[key] = torch.randn_like(state[key])
+    adapted.network.load_state_dict(state)
+    images = torch.rand(4, 3, 16, 16)
+    layers = range(base.n_layers)
+    expected = base.layer_features(images, layers)
+    scaled = interpolated_model(base, adapted, 0.0, "scale").layer_features(images, layers)
+    kept = interpolated_model(base, adapted, 0.0, "keep").layer_features(images, layers)
+    for layer in layers:
+        assert torch.equal(scaled[layer], expected[layer]), layer
+    assert max((kept[layer] - expected[layer]).abs().max() for layer in layers) > 1e-3  # keep: LoRA stays on
+    assert max((adapted.layer_features(images, layers)[layer] - expected[layer]).abs().max() for layer in layers) > 1e-3
+
+
+def test_faults_name_their_key(tmp_path: Path, torch_single_thread) -> None:
+    write_checkpoints(tmp_path / "ckpt", epochs=[1])
+    write_eval_parquet(tmp_path / "data")
+    with pytest.raises(ConfigError, match=r"interpolation\.alphas.*\[1\.5\]"):
+        _config(tmp_path, interpolation={"alphas": [0.0, 1.5]})
+    with pytest.raises(ConfigError, match=r"knn\.k: 30 neighbours"):
+        _config(tmp_path, knn={**KNN, "k": [30]})
+    # a finetuned module whose head has another shape: no path under extra: keep, before any task
+    other_head = {**TINY_MODEL, "kwargs": {**TINY_MODEL["kwargs"], "num_classes": 5}}
+    config = _config(tmp_path, finetuned_model=other_head, interpolation={"alphas": [0.5]})
+    with pytest.raises(ConfigError, match=r"interpolation\.extra: keep.*head\.weight"):
+        make_plan(config, Store(config.output))
+    # a bank without labels
+    (tmp_path / "bank").mkdir()
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(next((tmp_path / "data").glob("*.parquet"))).drop(["label"])
+    pq.write_table(table, tmp_path / "bank" / "test.parquet")
+    config = _config(tmp_path, knn={**KNN, "train": {"format": "parquet", "path": "", "n_samples": 24}})
+    config = config.model_copy(update={"knn": config.knn.model_copy(update={"train": config.knn.train.model_copy(
+        update={"path": str(tmp_path / "bank")})})})  # fmt: skip
+    store, plan, spec = _open(config)
+    with pytest.raises(DataError, match=r"knn\.train.*label"):
+        run_unit(spec, KnnUnit(-1, "pt"), Workspace("cpu"))
