@@ -7,11 +7,14 @@ into it, nothing else (never credentials).
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import math
+import re
+import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Iterable, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -146,9 +149,6 @@ class InversionConfig(_Strict):
         return self.model_dump(mode="json", exclude=exclude)
 
 
-class ResourcesConfig(_Strict):
-    """What each Ray task asks for, and how much work is in flight."""
-
 class InterpolationConfig(_Strict):
     """The weight path ``theta(alpha) = (1 - alpha) * pretrained + alpha * finetuned`` (WiSE-FT):
     which alphas, which checkpoints get a path, and what becomes of tensors only the checkpoint has."""
@@ -215,6 +215,9 @@ def knn_settings_hash(run_settings_hash: str, knn: KnnProbeConfig) -> str:
     return settings_hash({"run": run_settings_hash, "knn": knn.numbers_settings()})
 
 
+class ResourcesConfig(_Strict):
+    """What each Ray task asks for, and how much work is in flight."""
+
     num_gpus: float = Field(0.0, ge=0)
     num_cpus: float = Field(1.0, gt=0)
     max_in_flight: Int | None = Field(None, ge=1)
@@ -238,13 +241,17 @@ class RunConfig(_Strict):
     seeds: list[Int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
     inversion: InversionConfig = Field(default_factory=InversionConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
-
-    @field_validator("checkpoints")
-    @classmethod
     # not in the settings hash: each alpha is a unit of its own, kNN shards have their own hash
     interpolation: InterpolationConfig | None = None
     knn: KnnProbeConfig | None = None
+
+    @field_validator("checkpoints")
+    @classmethod
     def _has_epoch(cls, value: str) -> str:
+        spec = re.search(r"\{epoch[:!][^}]*\}", value)
+        if spec:
+            raise ValueError(f"{spec.group(0)} has a format spec; write plain {{epoch}}: it matches the digits "
+                             "with or without leading zeros (epoch=7 and epoch=07 alike)")  # fmt: skip
         if value.count("{epoch}") != 1:
             raise ValueError("must contain {epoch} exactly once, e.g. 's3://lab/run/epoch={epoch}.safetensors'")
         return value
@@ -327,14 +334,33 @@ def settings_hash(settings: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
-def _format_validation_error(error: ValidationError, kind: str, reference: str) -> str:
+def did_you_mean(word: str, choices: Iterable[str], limit: int = 3) -> list[str]:
+    """The choices closest to ``word`` (a misspelt key or name), closest first."""
+    return difflib.get_close_matches(word, list(choices), n=limit, cutoff=0.6)
+
+
+def _known_keys(model: type[BaseModel], path: list[str]) -> list[str]:
+    """The keys a config section accepts: the fields of ``model`` at ``path`` (``["data"]``)."""
+    for part in path:
+        field = model.model_fields.get(part)
+        inner = getattr(field, "annotation", None)
+        candidates = [inner, *typing.get_args(inner)]
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if model is None:
+            return []
+    return list(model.model_fields)
+
+
+def _format_validation_error(error: ValidationError, kind: str, reference: str, model: type[BaseModel]) -> str:
     lines = []
     for item in error.errors():
         # drop pydantic's union-branch tags ("literal['all']", "list[...]") from the key path
         parts = [str(part) for part in item["loc"] if not (isinstance(part, str) and "[" in part)]
         key = ".".join(parts) or "(top level)"
         if item["type"] == "extra_forbidden":
-            lines.append(f"  {key}: unknown key (misspelt? see the config reference in {reference})")
+            close = did_you_mean(str(parts[-1]), _known_keys(model, parts[:-1])) if parts else []
+            hint = f"did you mean {' or '.join(repr(c) for c in close)}?" if close else "misspelt?"
+            lines.append(f"  {key}: unknown key ({hint} see the config reference in {reference})")
         elif item["type"] == "missing":
             lines.append(f"  {key}: required key is missing")
         elif parts and parts[0] == "storage_options":
@@ -354,7 +380,7 @@ def validate_config(model: type[ConfigModel], raw: Any, kind: str = "run", refer
     try:
         return model.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(_format_validation_error(exc, kind, reference)) from None
+        raise ConfigError(_format_validation_error(exc, kind, reference, model)) from None
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
