@@ -27,14 +27,17 @@ def test_readme_forgetting_example_runs_and_shows_zero_then_growth() -> None:
 
 
 def test_readme_names_only_real_commands_and_config_keys() -> None:
-    from invariance.config import DataConfig, InversionConfig, ModelConfig, ResourcesConfig, RunConfig
+    from invariance.config import (
+        DataConfig, InterpolationConfig, InversionConfig, KnnProbeConfig, ModelConfig, ResourcesConfig, RunConfig,
+    )  # fmt: skip
     from jobs.cli import build_parser
 
     text = README.read_text()
     subcommands = set(build_parser()._subparsers._group_actions[0].choices)
     for command in re.findall(r"`invariance (\w+)", text):
         assert command in subcommands, command
-    sections = {"model": ModelConfig, "data": DataConfig, "inversion": InversionConfig, "resources": ResourcesConfig}
+    sections = {"model": ModelConfig, "data": DataConfig, "inversion": InversionConfig, "resources": ResourcesConfig,
+                "interpolation": InterpolationConfig, "knn": KnnProbeConfig}  # fmt: skip
     reference = text.split("## Config reference", 1)[1].split("## Output layout", 1)[0]
     documented = set(re.findall(r"^\| `([a-z0-9_.]+)`", reference, flags=re.M))
     for row in re.findall(r"^\| `([a-z0-9_.]+)`(?:, `([a-z0-9_.]+)`)?", reference, flags=re.M):
