@@ -22,7 +22,9 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from invariance.errors import ConfigError
 
 # Bump when a code change alters the numbers computed for unchanged settings.
-ALGORITHM_VERSION = 3  # 2: early stop (inversion.tolerance) decided per sample; 3: `mean` leaves prefix tokens out
+# 2: early stop (inversion.tolerance) decided per sample; 3: `mean` leaves prefix tokens out;
+# 4: CKA shards carry subspace similarity (a new column: old shards must not mix with new ones)
+ALGORITHM_VERSION = 4
 
 TokenPolicy = Literal["flatten", "cls", "mean"]
 

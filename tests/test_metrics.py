@@ -277,3 +277,27 @@ def test_one_seed_has_no_interval_and_no_noise_floor():
     assert curves["forgetting_ci_low"].null_count() == len(curves)
     assert curves["noise_floor"].null_count() == len(curves)
     assert curves["forgetting_above_noise"].null_count() == len(curves)
+
+
+def test_subspace_similarity_is_one_for_identical_models_and_drops_only_where_blocks_changed(
+    identical_tables, changed_tables, pretrained, eval_images
+):
+    from invariance.core.shards import batched_features
+    from invariance.core.subspace import subspace_similarity
+
+    same = metrics.curves(*identical_tables)
+    assert same["subspace_similarity"].to_list() == pytest.approx([1.0] * len(LAYERS), abs=1e-9)
+    changed = metrics.curves(*changed_tables).sort("layer")
+    values = changed["subspace_similarity"].to_list()
+    assert values[:CHANGED_FROM] == pytest.approx([1.0] * CHANGED_FROM, abs=1e-9)
+    assert all(v < 0.999 for v in values[CHANGED_FROM:])
+    cka = changed_tables[1]
+    undefined = cka.filter((pl.col("layer_a") != pl.col("layer_b")) | (pl.col("model_a") == pl.col("model_b")))
+    assert undefined["subspace_similarity"].null_count() == undefined.height
+    # the shard's value is the core function on the layer's features (16 images, k = 10)
+    finetuned = copy.deepcopy(pretrained)
+    redraw_blocks(finetuned, range(CHANGED_FROM, finetuned.depth), seed=2)
+    layer = LAYERS[-1]
+    direct = subspace_similarity(batched_features(finetuned, eval_images.images, [layer], "flatten")[layer],
+                                 batched_features(pretrained, eval_images.images, [layer], "flatten")[layer])  # fmt: skip
+    assert values[-1] == pytest.approx(direct, abs=1e-12)

@@ -84,3 +84,12 @@ def test_a_run_without_accuracies_gives_an_empty_table_of_the_right_types() -> N
     assert table.is_empty() and table.schema == rs.SEARCH_SCHEMA
     assert rs.strongest(table).is_empty()
     assert rs.early_epochs(curves, no_scores, "r", rs.strongest(table)).is_empty()
+
+
+def test_subspace_similarity_is_searched_as_its_own_family_when_present() -> None:
+    curves, metrics = planted()
+    with_subspace = curves.with_columns((1.0 - pl.col("cka_divergence_mean") / 2).alias("subspace_similarity"))
+    table = rs.search(with_subspace, metrics, run="r").filter(pl.col("target") == "mean")
+    subspace = table.filter(pl.col("family") == "subspace")
+    assert set(subspace["combination"]) == {"subspace_similarity"} and subspace.height == 5 + 7 * 4
+    assert set(table["n_hypotheses"]) == {4 * (5 + 7 * 4) + 2 * (5 + 7 * 4)}

@@ -160,11 +160,21 @@ def _above_noise(value: str) -> pl.Expr:
     return (beyond_floor & excludes_zero.fill_null(True)).alias(f"{value}_above_noise")
 
 
+def subspace_curve(cka: Frame) -> Frame:
+    """Per (checkpoint, epoch, layer): ``subspace_similarity`` of ft[i] and pt[i] on X (Ramasesh
+    et al.; core/subspace.py), from the CKA shards; null where it is not defined or the shards
+    predate it."""
+    keys = [*CHECKPOINT_KEYS, "layer"]
+    same_layer = with_path_columns(cka).filter((pl.col("model_a") == "ft") & (pl.col("model_b") == "pt") & (pl.col("layer_a") == pl.col("layer_b")))
+    value = pl.col("subspace_similarity") if "subspace_similarity" in cka.collect_schema().names() else pl.lit(None)
+    return same_layer.select(*CHECKPOINT_KEYS, pl.col("layer_a").alias("layer"), value.cast(pl.Float64).alias("subspace_similarity")).unique(keys)
+
+
 def curves(stir: Frame, cka: Frame) -> Frame:
     """Per (checkpoint, epoch, layer): forgetting, learning (biased and debiased STIR) and
     cka_divergence, each ``_mean``, ``_std`` and the 95% t-interval ``_ci_low``/``_ci_high`` over
-    seeds (CKA has no seed: std 0, a zero-width interval); ``noise_floor`` of the layer and
-    ``forgetting_above_noise`` / ``learning_above_noise``."""
+    seeds (CKA has no seed: std 0, a zero-width interval); ``subspace_similarity`` of ft[i] and
+    pt[i]; ``noise_floor`` of the layer and ``forgetting_above_noise`` / ``learning_above_noise``."""
     keys = [*CHECKPOINT_KEYS, "layer"]
     parts = [
         _diagonal_curve(forgetting(stir), "forgetting"),
@@ -185,7 +195,7 @@ def curves(stir: Frame, cka: Frame) -> Frame:
         )
     )
     joined = parts[0]
-    for part in [*parts[1:], divergence]:
+    for part in [*parts[1:], divergence, subspace_curve(cka)]:
         joined = joined.join(part, on=keys, how="left")
     return (
         joined.join(noise_floor(stir), on="layer", how="left")

@@ -5,7 +5,8 @@ A hypothesis is (layer set, combination, aggregation):
 - layer sets: each single layer, the first n layers and the last n layers (n = 2..L, the full
   set once);
 - combinations of the STIR metrics: ``forgetting``, ``learning``, their ``sum`` and their
-  ``difference`` (forgetting - learning); for CKA, ``cka_divergence`` alone;
+  ``difference`` (forgetting - learning); for CKA, ``cka_divergence`` alone; and the paper's
+  other baseline, ``subspace_similarity`` (family ``subspace``);
 - aggregations over the layers of the set: ``mean``, ``std`` (population), ``min``, ``max``; a
   single layer has one value, so it is tested once (``value``), not four times.
 Each is correlated over epochs (Pearson r and its two-sided p from ``scipy.stats.pearsonr``)
@@ -29,6 +30,9 @@ STIR_COMBINATIONS: dict[str, pl.Expr] = {
     "difference": pl.col("forgetting_mean") - pl.col("learning_mean"),
 }
 CKA_COMBINATIONS: dict[str, pl.Expr] = {"cka_divergence": pl.col("cka_divergence_mean")}
+# the paper's other baseline (Ramasesh et al.): subspace similarity of ft[i] and pt[i]
+SUBSPACE_COMBINATIONS: dict[str, pl.Expr] = {"subspace_similarity": pl.col("subspace_similarity")}
+FAMILIES = (("stir", STIR_COMBINATIONS), ("cka", CKA_COMBINATIONS), ("subspace", SUBSPACE_COMBINATIONS))
 
 
 def _available(combinations: dict[str, pl.Expr], columns: list[str]) -> dict[str, pl.Expr]:
@@ -79,7 +83,7 @@ def hypothesis_values(curves: pl.DataFrame) -> pl.DataFrame:
     for layer_set in layer_sets(curves["layer"].unique().to_list()):
         rows = curves.filter(pl.col("layer").is_in(layer_set.layers))
         aggregations = ("value",) if len(layer_set.layers) == 1 else AGGREGATIONS
-        for family, all_combinations in (("stir", STIR_COMBINATIONS), ("cka", CKA_COMBINATIONS)):
+        for family, all_combinations in FAMILIES:
             combinations = _available(all_combinations, curves.columns)
             if not combinations:
                 continue

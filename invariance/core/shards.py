@@ -8,6 +8,7 @@ columns are listed in STIR_COLUMNS / CKA_COLUMNS (README.md, "Output schema").
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal, Sequence
 
 import torch
@@ -17,6 +18,7 @@ from invariance.config import InversionConfig, TokenPolicy
 from invariance.io.data import EvalImages
 from invariance.core.inversion import InversionResult, invert, start_noise
 from invariance.core.models import FeatureModel
+from invariance.core.subspace import DEFAULT_COMPONENTS, subspace_similarity
 
 ModelName = Literal["pt", "ft"]
 MODEL_NAMES: tuple[ModelName, ModelName] = ("pt", "ft")
@@ -29,8 +31,10 @@ STIR_COLUMNS = (
 )  # fmt: skip
 CKA_COLUMNS = (
     "settings", "checkpoint", "epoch", "model_a", "layer_a", "model_b", "layer_b",
-    "cka", "cka_debiased", "n_samples", "version",
+    "cka", "cka_debiased", "subspace_similarity", "n_samples", "version",
 )  # fmt: skip
+# null where subspace similarity is not defined: pairs of different layers, or of one model with itself
+NULLABLE_COLUMNS = frozenset({"subspace_similarity"})
 
 
 @torch.no_grad()
@@ -141,9 +145,26 @@ class ShardContext:
                 )
         return rows
 
+    def subspace_similarities(self) -> dict[int, float | None]:
+        """{layer: SubspaceSim_k(ft[i](X), pt[i](X))} with k = DEFAULT_COMPONENTS (Ramasesh et al.);
+        None where undefined (fewer than k + 1 samples, or fewer than k directions of variance).
+        One layer at a time: two layers' features at most are held."""
+        similarities: dict[int, float | None] = {}
+        for layer in self.layers:
+            pt, ft = (batched_features(self.models[name], self.eval_images.images, [layer], self.token_policy)[layer]
+                      for name in MODEL_NAMES)  # fmt: skip
+            if self.n_samples <= DEFAULT_COMPONENTS:
+                similarities[layer] = None
+                continue
+            value = subspace_similarity(ft, pt, DEFAULT_COMPONENTS)
+            similarities[layer] = None if math.isnan(value) else value
+        return similarities
+
     def cka_rows(self) -> list[dict[str, Any]]:
-        """CKA(a[i], b[j]) on X for a, b in {pt, ft} and all layer pairs; one Gram per layer."""
+        """CKA(a[i], b[j]) on X for a, b in {pt, ft} and all layer pairs; one Gram per layer.
+        ``subspace_similarity`` on the rows of ft[i] against pt[i] (and pt[i] against ft[i])."""
         grams = {(name, debiased): self.clean_grams(name, debiased) for name in MODEL_NAMES for debiased in (False, True)}
+        subspace = self.subspace_similarities() if "ft" in self.models else {}
         rows = []
         for model_a in MODEL_NAMES:
             for model_b in MODEL_NAMES:
@@ -159,6 +180,8 @@ class ShardContext:
                                 "layer_b": layer_b,
                                 "cka": float(biased[a, b]),
                                 "cka_debiased": float(debiased[a, b]),
+                                "subspace_similarity": (subspace.get(layer_a) if model_a != model_b and layer_a == layer_b
+                                                        else None),  # fmt: skip
                                 "n_samples": self.n_samples,
                             }
                         )

@@ -24,7 +24,7 @@ from invariance.io.layout import PLAIN_ALPHA, CkaUnit, InversionUnit, KnnUnit, S
 from invariance.core.interpolation import interpolated_model
 from invariance.core.knn_probe import KNN_COLUMNS, knn_rows
 from invariance.core.models import FeatureModel, load_model
-from invariance.core.shards import CKA_COLUMNS, STIR_COLUMNS, ShardContext
+from invariance.core.shards import CKA_COLUMNS, NULLABLE_COLUMNS, STIR_COLUMNS, ShardContext
 from invariance.errors import ConfigError, DataError, NumericsError
 from invariance.io.storage import Store, redact
 
@@ -200,7 +200,9 @@ def _record(data_key: str, rows: int, started: float, **identity: Any) -> bytes:
 
 
 def _shard_frame(rows: list[dict[str, Any]], columns: tuple[str, ...], identity: dict[str, Any]) -> pl.DataFrame:
-    return pl.DataFrame([{**identity, **row} for row in rows]).select(columns)
+    frame = pl.DataFrame([{**identity, **row} for row in rows]).select(columns)
+    # a column null in every row of this shard (nothing defined) keeps the type it has in the others
+    return frame.with_columns(pl.col(name).cast(pl.Float64) for name in NULLABLE_COLUMNS if name in frame.columns)
 
 
 def _with_path_columns(columns: tuple[str, ...]) -> tuple[str, ...]:
@@ -225,7 +227,8 @@ def check_finite(unit: Unit, frame: pl.DataFrame) -> None:
     bad = {}
     for name, dtype in frame.schema.items():
         if dtype.is_float():
-            count = frame.select((pl.col(name).is_nan() | pl.col(name).is_infinite() | pl.col(name).is_null()).sum()).item()
+            undefined = pl.lit(False) if name in NULLABLE_COLUMNS else pl.col(name).is_null()  # null: not defined there
+            count = frame.select((pl.col(name).is_nan() | pl.col(name).is_infinite() | undefined).sum()).item()
             if count:
                 bad[name] = count
     if bad:
