@@ -148,7 +148,7 @@ def render(inputs: ReportInputs) -> bytes:
         last = inputs.curves.filter(pl.col("epoch") == inputs.curves["epoch"].max())
         columns = [c for c in ("layer", "forgetting_mean", "forgetting_ci_low", "forgetting_ci_high", "forgetting_above_noise",
                                "learning_mean", "learning_ci_low", "learning_ci_high", "learning_above_noise",
-                               "cka_divergence_mean", "noise_floor") if c in last.columns]  # fmt: skip
+                               "cka_divergence_mean", "subspace_similarity", "noise_floor") if c in last.columns]  # fmt: skip
         parts.append(f"<h2>Last checkpoint (epoch {last['epoch'][0]}): per layer, mean and 95% interval over seeds</h2>"
                      + _table(last.select(columns)))  # fmt: skip
     if not inputs.robustness_correlation.is_empty():
