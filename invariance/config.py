@@ -256,7 +256,19 @@ class RunConfig(_Strict):
                              "with or without leading zeros (epoch=7 and epoch=07 alike)")  # fmt: skip
         if value.count("{epoch}") != 1:
             raise ValueError("must contain {epoch} exactly once, e.g. 's3://lab/run/epoch={epoch}.safetensors'")
+        run_spec = re.search(r"\{run[:!][^}]*\}", value)
+        if run_spec:
+            raise ValueError(f"{run_spec.group(0)} has a format spec; write plain {{run}}: it matches a run's name "
+                             "(any text without '/')")  # fmt: skip
+        if value.count("{run}") > 1 or ("{run}" in value and value.index("{run}") > value.index("{epoch}")):
+            raise ValueError("{run} may stand once, before {epoch}: a study of runs, e.g. "
+                             "'s3://lab/runs/{run}/epoch={epoch}.safetensors'")  # fmt: skip
         return value
+
+    @property
+    def is_study(self) -> bool:
+        """Whether ``checkpoints`` holds ``{run}``: many finetuning runs analysed in one job."""
+        return "{run}" in self.checkpoints
 
     @field_validator("data")
     @classmethod

@@ -80,17 +80,36 @@ def plural(count: int, noun: str) -> str:
     return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
-def describe_plan(plan: Plan, out: TextIO = sys.stdout) -> None:
+def epoch_list(epochs: list[int]) -> str:
+    """``1..4`` for consecutive epochs, else ``1, 3, 8``."""
+    if len(epochs) > 2 and epochs == list(range(epochs[0], epochs[-1] + 1)):
+        return f"{epochs[0]}..{epochs[-1]}"
+    return ", ".join(str(epoch) for epoch in epochs)
+
+
+def describe_runs(plan: Plan) -> str:
+    """A study's runs, one line each: its epochs and how many of its checkpoints are complete."""
+    incomplete = plan.incomplete_checkpoints()
+    lines = [f"  {plural(len(plan.runs), 'run')} (one set of pretrained inversions for all):"]
+    for run, epochs in plan.runs.items():
+        done = sum((run, epoch) not in incomplete for epoch in epochs)
+        lines.append(f"    {run}: epochs {epoch_list(epochs)} ({done}/{plural(len(epochs), 'checkpoint')} complete)")
+    return "\n".join(lines) + "\n"
+
+
+def describe_plan(plan: Plan, out: TextIO | None = None) -> None:
     n_missing = len(plan.missing_stir) + len(plan.missing_cka) + len(plan.missing_inversions)
+    epochs = [c.epoch for c in plan.checkpoints]
     print(
         f"settings {plan.settings_hash}: {plural(len(plan.checkpoints), 'checkpoint')} "
-        f"(epochs {plan.checkpoints[0].epoch}..{plan.checkpoints[-1].epoch}), layers {plan.layers}\n"
+        f"(epochs {min(epochs)}..{max(epochs)}), layers {plan.layers}\n"
+        + (describe_runs(plan) if plan.is_study else "") +
         f"  layers of the model: {describe_layers(plan.layer_names)}\n"
         f"  pretrained inversions: {len(plan.inversions) - len(plan.missing_inversions)}/{len(plan.inversions)} cached\n"
         f"  STIR shards: {len(plan.stir) - len(plan.missing_stir)}/{len(plan.stir)} done\n"
         f"  CKA shards:  {len(plan.cka) - len(plan.missing_cka)}/{len(plan.cka)} done\n"
         f"  to compute:  {plural(n_missing, 'unit')} (a unit: one pretrained inversion, or one STIR or CKA shard)",
-        file=out,
+        file=out or sys.stdout,  # looked up when called: a redirected stdout is honoured
     )
 
 
@@ -157,14 +176,24 @@ def run(config: RunConfig | str, progress: bool = True, num_cpus: int | None = N
         lease.release()
     print(
         f"computed {execution.completed}/{plural(execution.submitted, 'unit')} in {execution.seconds:.1f}s, "
-        f"{len(execution.failures)} failed; reduced {plural(len(reduced.complete_epochs), 'complete checkpoint')} "
+        f"{len(execution.failures)} failed; reduced {plural(len(reduced.complete_checkpoints or reduced.complete_epochs), 'complete checkpoint')} "
         f"-> {store.url('reduced/')}; report: {store.url(REPORT)}"
     )
-    if reduced.incomplete_epochs:
-        print(f"incomplete checkpoints (epoch: missing shards): {reduced.incomplete_epochs}")
+    print_incomplete(plan, reduced)
     for unit, message in execution.failures[:20]:
         print(f"  failed {unit}: {redact(message)}", file=sys.stderr)
     return RunResult(plan, execution, reduced)
+
+
+def print_incomplete(plan: Plan, reduced: ReduceResult) -> None:
+    """The checkpoints left incomplete, with their missing shards (a study's by run)."""
+    if not reduced.incomplete_epochs:
+        return
+    if plan.is_study:
+        listed = {f"{run}/{epoch}": count for (run, epoch), count in sorted(plan.incomplete_checkpoints().items())}
+        print(f"incomplete checkpoints (run/epoch: missing shards): {listed}")
+    else:
+        print(f"incomplete checkpoints (epoch: missing shards): {reduced.incomplete_epochs}")
 
 
 def submission_id(plan: Plan) -> str:
@@ -249,10 +278,9 @@ def reduce_only(config: RunConfig | str) -> ReduceResult | None:
         result = reduce_plan(plan, store, settings=config.numbers_settings())
     finally:
         lease.release()
-    print(f"reduced {plural(len(result.complete_epochs), 'complete checkpoint')} -> {store.url('reduced/')}; "
+    print(f"reduced {plural(len(result.complete_checkpoints), 'complete checkpoint')} -> {store.url('reduced/')}; "
           f"report: {store.url(REPORT)}")  # fmt: skip
-    if result.incomplete_epochs:
-        print(f"incomplete checkpoints (epoch: missing shards): {result.incomplete_epochs}")
+    print_incomplete(plan, result)
     if result.unreadable:
         print(f"{len(result.unreadable)} unreadable shards are missing again: the next run recomputes them")
     return result

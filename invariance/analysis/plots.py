@@ -300,3 +300,50 @@ def knn_layers_png(knn: pl.DataFrame) -> bytes:
 
 def knn_alpha_png(knn: pl.DataFrame) -> bytes:
     return png_bytes(knn_alpha_figure(knn))
+
+
+# ---------------------------------------------------------------------------------------------
+# a study: many finetuning runs of one config (``{run}`` in ``checkpoints``)
+
+
+def runs_compared_figure(table: pl.DataFrame, spread_layers: tuple[int, int]) -> Figure:
+    """The paper's Fig. 6 view of a study: mean corrupted accuracy (left, where runs have finetuning
+    metrics) and the standard deviation of forgetting across layers ``spread_layers`` (right) over
+    the checkpoint epochs, one line (colour) per run.
+
+    ``table``: run, epoch, forgetting_std_across_layers, corrupted_accuracy_mean (null without metrics)."""
+    runs = list(dict.fromkeys(table.sort("run")["run"].to_list()))
+    with_accuracy = table["corrupted_accuracy_mean"].is_not_null().any()
+    figure = new_figure(figsize=(13 if with_accuracy else 7, 4.4))
+    axes = list(np.atleast_1d(figure.subplots(1, 2 if with_accuracy else 1)))
+    accuracy_axis, spread_axis = (axes[0], axes[1]) if with_accuracy else (None, axes[0])
+    for index, run in enumerate(runs):
+        rows = table.filter(pl.col("run") == run).sort("epoch")
+        color = f"C{index % 10}"
+        style = "-" if index < 10 else "--"  # 20 runs stay apart
+        spread_axis.plot(rows["epoch"].to_numpy(), rows["forgetting_std_across_layers"].to_numpy(), marker="o", ms=3,
+                         ls=style, color=color, label=run)  # fmt: skip
+        if accuracy_axis is not None:
+            measured = rows.filter(pl.col("corrupted_accuracy_mean").is_not_null())
+            accuracy_axis.plot(measured["epoch"].to_numpy(), measured["corrupted_accuracy_mean"].to_numpy(), marker="s",
+                               ms=3, ls=style, color=color, label=run)  # fmt: skip
+    first, last = spread_layers
+    spread_axis.set_ylabel(f"std of forgetting across layers {first}..{last}")
+    spread_axis.set_title("spread of forgetting across layers", fontsize=10)
+    if accuracy_axis is not None:
+        accuracy_axis.set_ylabel("mean corrupted accuracy")
+        accuracy_axis.set_title("robustness: accuracy on corrupted test images", fontsize=10)
+    for axis in axes:
+        axis.set_xlabel("checkpoint epoch")
+        axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        axis.grid(alpha=0.3)
+    handles, labels = spread_axis.get_legend_handles_labels()
+    figure.legend(handles, labels, loc="outside right center", fontsize=8, title="run")
+    if not with_accuracy:
+        figure.suptitle("no run has finetuning metrics (metrics/ beside its checkpoints): forgetting spread only",
+                        fontsize=9, color="dimgrey")  # fmt: skip
+    return figure
+
+
+def runs_compared_png(table: pl.DataFrame, spread_layers: tuple[int, int]) -> bytes:
+    return png_bytes(runs_compared_figure(table, spread_layers))

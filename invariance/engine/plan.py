@@ -8,7 +8,7 @@ import logging
 import posixpath
 from dataclasses import dataclass, field
 
-from invariance.io.checkpoints import Checkpoint, discover_checkpoints, weights_fingerprint
+from invariance.io.checkpoints import Checkpoint, discover_checkpoints, pattern_root, weights_fingerprint
 from invariance.config import RunConfig, knn_settings_hash, settings_hash
 from invariance.errors import CheckpointError, ConfigError
 from invariance.io.data import load_eval_images
@@ -99,11 +99,31 @@ class Plan:
         return [u for u in self.knn if not self.is_done(u)]
 
     def incomplete_epochs(self) -> dict[int, int]:
-        """{epoch: number of its shards (STIR + CKA) not yet complete}."""
+        """{epoch: number of its shards (STIR + CKA) not yet complete} (a study: summed over its runs)."""
         missing: dict[int, int] = {}
-        for unit in [*self.missing_stir, *self.missing_cka]:
-            missing[unit.epoch] = missing.get(unit.epoch, 0) + 1
+        for (_, epoch), count in self.incomplete_checkpoints().items():
+            missing[epoch] = missing.get(epoch, 0) + count
         return missing
+
+    def incomplete_checkpoints(self) -> dict[tuple[str, int], int]:
+        """{(run, epoch): number of its shards (STIR + CKA) not yet complete}."""
+        missing: dict[tuple[str, int], int] = {}
+        for unit in [*self.missing_stir, *self.missing_cka]:
+            missing[unit.run, unit.epoch] = missing.get((unit.run, unit.epoch), 0) + 1
+        return missing
+
+    @property
+    def runs(self) -> dict[str, list[int]]:
+        """{run: its checkpoint epochs}, runs in name order ({"": epochs} without ``{run}``)."""
+        runs: dict[str, list[int]] = {}
+        for checkpoint in self.checkpoints:
+            runs.setdefault(checkpoint.run, []).append(checkpoint.epoch)
+        return runs
+
+    @property
+    def is_study(self) -> bool:
+        """Whether the checkpoints come from many runs (``{run}`` in the pattern)."""
+        return any(c.run for c in self.checkpoints)
 
     def work(self) -> list[tuple[Unit, tuple[Unit, ...]]]:
         """The missing units in submission order, each with the missing units it waits for.
@@ -120,13 +140,13 @@ class Plan:
         order += [(u, ()) for u in missing_knn if u.model == "pt"]
         for checkpoint in self.checkpoints:
             own = [u for u in [*missing_stir, *missing_cka, *missing_knn]
-                   if u.epoch == checkpoint.epoch and getattr(u, "model", "ft") == "ft"]  # fmt: skip
+                   if (u.run, u.epoch) == checkpoint.key and getattr(u, "model", "ft") == "ft"]  # fmt: skip
             alphas = sorted({u.alpha for u in own}, key=lambda alpha: (alpha != PLAIN_ALPHA, -alpha))
             for alpha in alphas:
-                stir = [u for u in missing_stir if u.epoch == checkpoint.epoch and u.alpha == alpha]
+                stir = [u for u in own if isinstance(u, StirUnit) and u.alpha == alpha]
                 order += [(u, ()) for u in stir if u.ref_model == "ft"]
-                order += [(u, ()) for u in missing_cka if u.epoch == checkpoint.epoch and u.alpha == alpha]
-                order += [(u, ()) for u in missing_knn if u.model == "ft" and u.epoch == checkpoint.epoch and u.alpha == alpha]
+                order += [(u, ()) for u in own if isinstance(u, CkaUnit) and u.alpha == alpha]
+                order += [(u, ()) for u in own if isinstance(u, KnnUnit) and u.alpha == alpha]
                 for unit in (u for u in stir if u.ref_model == "pt"):
                     inversion = InversionUnit(unit.ref_layer, unit.seed)
                     order.append((unit, (inversion,) if inversion in missing_inversions else ()))
@@ -136,7 +156,7 @@ class Plan:
 def check_output_location(config: RunConfig) -> None:
     """ConfigError naming ``output`` when it lies inside the eval data or the checkpoint folder:
     the run's own files (plots/*.png, shards) would become eval images or checkpoints."""
-    checkpoint_folder = config.checkpoints.split("{epoch}")[0].rsplit("/", 1)[0]
+    checkpoint_folder = pattern_root(config.checkpoints)
     for key, folder in (("data.path", config.data.path), ("checkpoints", checkpoint_folder)):
         if folder and is_inside(config.output, folder, config.storage_options):
             raise ConfigError(
@@ -155,14 +175,18 @@ def input_fingerprints(config: RunConfig, input_size: int) -> dict[str, str]:
 
 
 def path_checkpoints(config: RunConfig, checkpoints: list[Checkpoint]) -> list[Checkpoint]:
-    """The checkpoints that get a weight path (``interpolation.epochs``): the last, all, or the
-    listed epochs among those found (a listed epoch not found yet is logged and gets its path
-    when a rerun finds it)."""
+    """The checkpoints that get a weight path (``interpolation.epochs``): the last (of each run of a
+    study), all, or the listed epochs among those found (a listed epoch not found yet is logged and
+    gets its path when a rerun finds it)."""
     if config.interpolation is None:
         return []
     epochs = config.interpolation.epochs
     if epochs == "last":
-        return [max(checkpoints, key=lambda c: c.epoch)]
+        last: dict[str, Checkpoint] = {}
+        for checkpoint in checkpoints:
+            if checkpoint.run not in last or checkpoint.epoch > last[checkpoint.run].epoch:
+                last[checkpoint.run] = checkpoint
+        return list(last.values())
     if epochs == "all":
         return list(checkpoints)
     found = [c for c in checkpoints if c.epoch in epochs]
@@ -204,31 +228,31 @@ def make_plan(config: RunConfig, store: Store, checkpoints: list[Checkpoint] | N
     layers = config.resolve_layers(depth)
     fingerprints = input_fingerprints(config, model.input_size)
     stir = [
-        StirUnit(c.epoch, ref_model, layer, seed, c.name, c.url, c.fingerprint)
+        StirUnit(c.epoch, ref_model, layer, seed, c.name, c.url, c.fingerprint, run=c.run)
         for c in checkpoints
         for ref_model in REF_MODELS
         for layer in layers
         for seed in config.seeds
     ]
-    cka = [CkaUnit(c.epoch, c.name, c.url, c.fingerprint) for c in checkpoints]
+    cka = [CkaUnit(c.epoch, c.name, c.url, c.fingerprint, run=c.run) for c in checkpoints]
     # points of the weight paths: alpha 1 is the checkpoint itself (the units above)
     check_path_shapes(config, model)
     extra = config.interpolation.extra if config.interpolation else "keep"
     path = [(c, alpha) for c in path_checkpoints(config, checkpoints)
             for alpha in (config.interpolation.alphas if config.interpolation else []) if alpha != PLAIN_ALPHA]  # fmt: skip
     stir += [
-        StirUnit(c.epoch, ref_model, layer, seed, c.name, c.url, c.fingerprint, alpha, extra)
+        StirUnit(c.epoch, ref_model, layer, seed, c.name, c.url, c.fingerprint, alpha, extra, run=c.run)
         for c, alpha in path
         for ref_model in REF_MODELS
         for layer in layers
         for seed in config.seeds
     ]
-    cka += [CkaUnit(c.epoch, c.name, c.url, c.fingerprint, alpha, extra) for c, alpha in path]
+    cka += [CkaUnit(c.epoch, c.name, c.url, c.fingerprint, alpha, extra, run=c.run) for c, alpha in path]
     knn: list[KnnUnit] = []
     if config.knn is not None:
-        knn = [KnnUnit(-1, "pt")]
-        knn += [KnnUnit(c.epoch, "ft", c.name, c.url, c.fingerprint) for c in checkpoints]
-        knn += [KnnUnit(c.epoch, "ft", c.name, c.url, c.fingerprint, alpha, extra) for c, alpha in path]
+        knn = [KnnUnit(-1, "pt")]  # shared by every run of a study
+        knn += [KnnUnit(c.epoch, "ft", c.name, c.url, c.fingerprint, run=c.run) for c in checkpoints]
+        knn += [KnnUnit(c.epoch, "ft", c.name, c.url, c.fingerprint, alpha, extra, run=c.run) for c, alpha in path]
     run_hash = settings_hash({**config.numbers_settings(), "fingerprints": fingerprints})
     plan = Plan(
         settings_hash=run_hash,

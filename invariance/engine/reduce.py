@@ -16,13 +16,13 @@ import polars as pl
 
 from invariance.analysis import metrics, plots, report, robustness, robustness_search
 from invariance.engine.plan import Plan
-from invariance.engine.reduce_paths import path_outputs, plain
+from invariance.engine.reduce_paths import checkpoint_names, path_outputs, plain, run_title
 from invariance.errors import StorageError
 from invariance.io.checkpoints import Checkpoint, run_folders
 from invariance.io.layout import (
-    DYNAMICS_PLOT, LAYER_CURVES_PLOT, REDUCED_CURVES, REDUCED_FLOW, REDUCED_ROBUSTNESS,
-    REDUCED_ROBUSTNESS_CORRELATION, REDUCED_ROBUSTNESS_EARLY, REDUCED_ROBUSTNESS_SEARCH, REDUCED_STATUS,
-    REPORT, ROBUSTNESS_PLOT, flow_plot_key,
+    REDUCED_CURVES, REDUCED_FLOW, REDUCED_ROBUSTNESS, REDUCED_ROBUSTNESS_CORRELATION, REDUCED_ROBUSTNESS_EARLY,
+    REDUCED_ROBUSTNESS_SEARCH, REDUCED_STATUS, REPORT, ROBUSTNESS_PLOT, RUNS_COMPARED_PLOT, dynamics_plot_key,
+    flow_plot_key, layer_curves_plot_key,
 )  # fmt: skip
 from invariance.io.layout import Unit
 from invariance.io.run_metrics import read_run_metrics
@@ -44,6 +44,10 @@ class ReduceResult:
     knn: pl.DataFrame = field(default_factory=pl.DataFrame)  # reduced/knn.parquet (a knn section)
     path_plots: dict[str, bytes] = field(default_factory=dict)  # report title -> PNG (weight paths, kNN)
     extra_tables: dict[str, pl.DataFrame] = field(default_factory=dict)  # report title -> table
+    # (run, epoch) of each checkpoint: what tells a study's checkpoints apart (run "" without {run})
+    complete_checkpoints: list[tuple[str, int]] = field(default_factory=list)
+    incomplete_checkpoints: dict[tuple[str, int], int] = field(default_factory=dict)
+    runs_compared: pl.DataFrame = field(default_factory=pl.DataFrame)  # a study's Fig. 6 view, per run and epoch
 
 
 def _read_shards(plan: Plan, store: Store, units: list[Unit]) -> tuple[pl.DataFrame, list[Unit]]:
@@ -81,61 +85,91 @@ def _forget(plan: Plan, store: Store, units: list[Unit]) -> None:
         plan.done.discard(plan.record_key(unit))
 
 
+def _of_checkpoints(frame: pl.DataFrame, keys: list[tuple[str, int]]) -> pl.DataFrame:
+    """The rows of ``frame`` whose (run, epoch) is among ``keys``."""
+    if frame.is_empty():
+        return frame
+    wanted = pl.DataFrame(keys, schema={"run": pl.String, "epoch": pl.Int64}, orient="row")
+    return metrics.with_path_columns(frame).join(wanted, on=["run", "epoch"], how="semi")
+
+
 def reduce_plan(plan: Plan, store: Store, make_plots: bool = True, settings: dict | None = None) -> ReduceResult:
     """Build ``reduced/``, ``plots/`` and (with ``make_plots``) ``reports/index.html`` from the
     complete checkpoints of ``plan``; ``settings`` (the config's numbers settings) are shown in the report.
 
+    A checkpoint is (run, epoch): a study (``{run}`` in ``checkpoints``) reduces every run's
+    complete checkpoints into the same tables (``run`` column), with plots per run under
+    ``plots/runs/<run>/`` and the runs compared in ``plots/runs_compared.png``.
+
     A shard whose data is unreadable counts as missing: its completion record is removed (the
     next run recomputes it), its checkpoint is incomplete, and ``result.unreadable`` lists it."""
-    incomplete = plan.incomplete_epochs()
-    complete = [c.epoch for c in plan.checkpoints if c.epoch not in incomplete]
-    stir, bad_stir = _read_shards(plan, store, [u for u in plan.stir if u.epoch in complete])
-    cka, bad_cka = _read_shards(plan, store, [u for u in plan.cka if u.epoch in complete])
+    incomplete = plan.incomplete_checkpoints()
+    complete = [c.key for c in plan.checkpoints if c.key not in incomplete]
+    stir, bad_stir = _read_shards(plan, store, [u for u in plan.stir if (u.run, u.epoch) in set(complete)])
+    cka, bad_cka = _read_shards(plan, store, [u for u in plan.cka if (u.run, u.epoch) in set(complete)])
     unreadable: list[Unit] = [*bad_stir, *bad_cka]
     if unreadable:
         _forget(plan, store, unreadable)
-        incomplete = plan.incomplete_epochs()
-        complete = [c.epoch for c in plan.checkpoints if c.epoch not in incomplete]
-        stir = stir.filter(pl.col("epoch").is_in(complete)) if not stir.is_empty() else stir
-        cka = cka.filter(pl.col("epoch").is_in(complete)) if not cka.is_empty() else cka
+        incomplete = plan.incomplete_checkpoints()
+        complete = [c.key for c in plan.checkpoints if c.key not in incomplete]
+        stir, cka = _of_checkpoints(stir, complete), _of_checkpoints(cka, complete)
     if complete:
-        # shards are keyed by epoch; the name is the plan's, so that rows written under another
-        # naming (an older release) still group with their epoch
-        names = {c.epoch: c.name for c in plan.checkpoints}
+        # shards are keyed by run and epoch; the name is the plan's, so that rows written under another
+        # naming (an older release) still group with their checkpoint
+        names = checkpoint_names(plan)
         stir, cka = (
-            metrics.with_path_columns(frame.with_columns(pl.col("epoch").replace_strict(names, return_dtype=pl.String)
-                                                         .alias("checkpoint")))  # fmt: skip
+            (lambda frame: frame.drop("checkpoint").join(names, on=["run", "epoch"], how="left").select(frame.columns))(
+                metrics.with_path_columns(frame))
             for frame in (stir, cka)
-        )
+        )  # fmt: skip
         # the settings hash on every reduced row: a table left from other settings is visible
         settings_column = pl.lit(plan.settings_hash).alias("settings")
         curves = metrics.curves(stir, cka).with_columns(settings_column)
         flow = metrics.flow_table(stir).with_columns(settings_column)
     else:
         curves, flow = pl.DataFrame(), pl.DataFrame()
-    result = ReduceResult(curves, flow, complete, incomplete, unreadable=unreadable)
+    complete_epochs = sorted({epoch for _, epoch in complete}) if plan.is_study else [epoch for _, epoch in complete]
+    result = ReduceResult(curves, flow, complete_epochs, plan.incomplete_epochs(), unreadable=unreadable,
+                          complete_checkpoints=complete, incomplete_checkpoints=incomplete)  # fmt: skip
     outputs: dict[str, bytes] = {}
     if complete:
         outputs[REDUCED_CURVES] = parquet_bytes(curves)
         outputs[REDUCED_FLOW] = parquet_bytes(flow)
     if complete and make_plots:  # per checkpoint: its own rows (alpha 1); the weight paths have their plots
-        outputs[LAYER_CURVES_PLOT] = plots.layer_curves_png(plain(curves))
-        outputs[DYNAMICS_PLOT] = plots.dynamics_png(plain(curves))
-        outputs.update({flow_plot_key(epoch): plots.flow_heatmap_png(plain(flow), epoch) for epoch in complete})
+        for run in dict.fromkeys(run for run, _ in complete):  # one set of plots per run of a study
+            run_curves, run_flow = (plain(frame.filter(pl.col("run") == run)) for frame in (curves, flow))
+            outputs[layer_curves_plot_key(run)] = plots.layer_curves_png(run_curves, title=run_title(run).rstrip(": "))
+            outputs[dynamics_plot_key(run)] = plots.dynamics_png(run_curves, title=run_title(run).rstrip(": "))
+            outputs.update({flow_plot_key(epoch, run): plots.flow_heatmap_png(run_flow, epoch)
+                            for done_run, epoch in complete if done_run == run})  # fmt: skip
     paths = path_outputs(plan, store, curves, make_plots)
     result.knn, result.path_plots, result.extra_tables = paths.knn, paths.plots, paths.tables
     outputs.update(paths.files)
     # only what changed is written: a rerun with nothing new leaves every file as it was
     result.written += [key for key, data in outputs.items() if store.put_if_changed(key, data)]
     if complete:  # finetuning runs with metrics/ beside their checkpoints: the robustness link
-        result.written += _reduce_robustness(store, plain(curves), plan.checkpoints, plan.depth, make_plots)
+        robustness_keys, table = _robustness(store, plain(curves), plan.checkpoints, plan.depth, make_plots)
+        result.written += robustness_keys
+        if plan.is_study:
+            result.runs_compared = runs_compared(plain(curves), table, plan.depth)
+            if make_plots and not result.runs_compared.is_empty():
+                png = plots.runs_compared_png(result.runs_compared, robustness.spread_layers(plan.depth))
+                result.written += [RUNS_COMPARED_PLOT] if store.put_if_changed(RUNS_COMPARED_PLOT, png) else []
     if make_plots:
         result.written += _write_report(store, plan, result, stir, outputs, settings or {})
     status = {
         "settings": plan.settings_hash,
-        "complete_epochs": complete,
-        "incomplete_epochs": {str(k): v for k, v in sorted(incomplete.items())},
+        "complete_epochs": result.complete_epochs,
+        "incomplete_epochs": {str(k): v for k, v in sorted(result.incomplete_epochs.items())},
     }
+    if plan.is_study:  # a study: each run's epochs, which are complete, and the shards missing of the others
+        status["runs"] = {
+            run: {"epochs": epochs,
+                  "complete_epochs": [epoch for done_run, epoch in complete if done_run == run],
+                  "incomplete_epochs": {str(epoch): count for (missing_run, epoch), count in sorted(incomplete.items())
+                                        if missing_run == run}}  # fmt: skip
+            for run, epochs in plan.runs.items()
+        }
     if result.written or _stored_status(store) != status:
         stamped = {**status, "reduced_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         store.put(REDUCED_STATUS, json.dumps(stamped, indent=1).encode())
@@ -143,18 +177,50 @@ def reduce_plan(plan: Plan, store: Store, make_plots: bool = True, settings: dic
     return result
 
 
-def _readable_run_metrics(checkpoints: list[Checkpoint], storage_options: dict) -> dict[str, pl.DataFrame]:
-    """{run folder: its finetuning metrics} for the runs that have them; an unreadable metrics
+def runs_compared(curves: pl.DataFrame, robustness_table: pl.DataFrame, depth: int) -> pl.DataFrame:
+    """The paper's Fig. 6 view of a study, per (run, epoch): ``forgetting_std_across_layers`` (the
+    robustness link's spread, layers 2..depth) and, where the run has finetuning metrics,
+    ``corrupted_accuracy_mean``; every epoch of every run (no cap)."""
+    if curves.is_empty():
+        return pl.DataFrame()
+    spread = pl.concat([
+        robustness.forgetting_spread(rows, depth).with_columns(pl.lit(run[0]).alias("run"))
+        for run, rows in curves.group_by("run", maintain_order=True)
+    ])  # fmt: skip
+    if robustness_table.is_empty():
+        accuracy = pl.DataFrame(schema={"run": pl.String, "epoch": pl.Int64, "corrupted_accuracy_mean": pl.Float64})
+    else:
+        accuracy = robustness_table.select("run", "epoch", "corrupted_accuracy_mean")
+    return (
+        spread.join(accuracy, on=["run", "epoch"], how="left")
+        .select("run", "epoch", "checkpoint", "forgetting_std_across_layers", "corrupted_accuracy_mean", "n_layers")
+        .sort("run", "epoch")
+    )
+
+
+def _run_sources(checkpoints: list[Checkpoint]) -> dict[str, tuple[str, str, list[int]]]:
+    """{run label: (run, run folder, epochs)}; the label is the run's name in a study (``{run}``),
+    else the run folder where the checkpoints lie (as before studies existed)."""
+    sources: dict[str, tuple[str, str, list[int]]] = {}
+    for checkpoint in checkpoints:
+        folder = run_folders([checkpoint])[0]
+        label = checkpoint.run or folder
+        sources.setdefault(label, (checkpoint.run, folder, []))[2].append(checkpoint.epoch)
+    return sources
+
+
+def _readable_run_metrics(sources: dict[str, tuple[str, str, list[int]]], storage_options: dict) -> dict[str, pl.DataFrame]:
+    """{run label: its finetuning metrics} for the runs that have them; an unreadable metrics
     file is reported and its run skipped, so that it never stops the rest of the reduce."""
     found = {}
-    for folder in run_folders(checkpoints):
+    for label, (_, folder, _) in sources.items():
         try:
             run_metrics = read_run_metrics(folder, storage_options)
         except StorageError as exc:
             log.warning("robustness link skipped for %s: %s", folder, exc)
             continue
         if run_metrics is not None:
-            found[folder] = run_metrics
+            found[label] = run_metrics
     return found
 
 
@@ -162,34 +228,44 @@ def _reduce_robustness(
     store: Store, curves: pl.DataFrame, checkpoints: list[Checkpoint], depth: int, make_plots: bool
 ) -> list[str]:
     """Write the robustness table, its correlation and plot for the runs with metrics; the keys written."""
-    run_metrics = _readable_run_metrics(checkpoints, store.storage_options)
-    run_epochs = {
-        folder: [c.epoch for c in checkpoints if c.url.startswith(folder + "/")] for folder in run_metrics
+    return _robustness(store, curves, checkpoints, depth, make_plots)[0]
+
+
+def _robustness(
+    store: Store, curves: pl.DataFrame, checkpoints: list[Checkpoint], depth: int, make_plots: bool
+) -> tuple[list[str], pl.DataFrame]:
+    """``_reduce_robustness``: (the keys written, the robustness table)."""
+    curves = metrics.with_path_columns(curves)
+    sources = _run_sources(checkpoints)
+    run_metrics = _readable_run_metrics(sources, store.storage_options)
+    # each run's own curve rows: a study's runs share epochs
+    run_curves = {
+        label: curves.filter((pl.col("run") == sources[label][0]) & pl.col("epoch").is_in(sources[label][2]))
+        for label in run_metrics
     }
     try:
-        table, correlation = robustness.robustness_tables(curves, run_metrics, run_epochs, depth)
+        tables = [robustness.robustness_table(run_curves[label], frame, depth, label) for label, frame in run_metrics.items()]
+        table = pl.concat(tables) if tables else pl.DataFrame()
     except pl.exceptions.PolarsError as exc:  # a metrics file without the expected columns
         log.warning("robustness link skipped: the finetuning metrics do not have the expected columns (%s)", exc)
-        return []
+        return [], pl.DataFrame()
     if table.is_empty():
-        return []
+        return [], table
+    correlation = robustness.robustness_correlation(table)
     outputs = {REDUCED_ROBUSTNESS: parquet_bytes(table), REDUCED_ROBUSTNESS_CORRELATION: parquet_bytes(correlation)}
-    outputs.update(_robustness_search(curves, run_metrics, run_epochs))
+    outputs.update(_robustness_search(run_curves, run_metrics))
     if make_plots:
         outputs[ROBUSTNESS_PLOT] = robustness.robustness_png(table, correlation, depth)
-    return [key for key, data in outputs.items() if store.put_if_changed(key, data)]
+    return [key for key, data in outputs.items() if store.put_if_changed(key, data)], table
 
 
-def _robustness_search(
-    curves: pl.DataFrame, run_metrics: dict[str, pl.DataFrame], run_epochs: dict[str, list[int]]
-) -> dict[str, bytes]:
+def _robustness_search(run_curves: dict[str, pl.DataFrame], run_metrics: dict[str, pl.DataFrame]) -> dict[str, bytes]:
     """The paper's search over hypotheses per run, its early-epoch view; the strongest logged."""
     searches, early = [], []
     for run, metrics in run_metrics.items():
-        run_curves = curves.filter(pl.col("epoch").is_in(run_epochs.get(run, [])))
-        table = robustness_search.search(run_curves, metrics, run)
+        table = robustness_search.search(run_curves[run], metrics, run)
         searches.append(table)
-        early.append(robustness_search.early_epochs(run_curves, metrics, run, robustness_search.strongest(table, n=3)))
+        early.append(robustness_search.early_epochs(run_curves[run], metrics, run, robustness_search.strongest(table, n=3)))
     if not searches:
         return {}
     search = pl.concat(searches)
@@ -222,25 +298,40 @@ def _stored_table(store: Store, key: str) -> pl.DataFrame:
 def _write_report(
     store: Store, plan: Plan, result: ReduceResult, stir: pl.DataFrame, outputs: dict[str, bytes], settings: dict
 ) -> list[str]:
-    """``reports/index.html`` from this reduce's tables and plots; written only when it changed."""
-    pngs = {"Forgetting, learning and CKA divergence per layer": outputs.get(LAYER_CURVES_PLOT),
-            "Dynamics across checkpoint epochs": outputs.get(DYNAMICS_PLOT)}  # fmt: skip
+    """``reports/index.html`` from this reduce's tables and plots; written only when it changed. A
+    study shows the runs compared first, then each run's curves, dynamics and last flow heatmap."""
+    pngs: dict[str, bytes | None] = {}
+    if plan.is_study and store.exists(RUNS_COMPARED_PLOT) and not result.runs_compared.is_empty():
+        pngs["Runs compared: mean corrupted accuracy and the spread of forgetting across layers (the paper's Fig. 6)"] = (
+            store.get(RUNS_COMPARED_PLOT))  # fmt: skip
+    for run in dict.fromkeys(run for run, _ in result.complete_checkpoints):
+        title = run_title(run)
+        pngs[f"{title}Forgetting, learning and CKA divergence per layer"] = outputs.get(layer_curves_plot_key(run))
+        pngs[f"{title}Dynamics across checkpoint epochs"] = outputs.get(dynamics_plot_key(run))
+        if run:  # a single run shows every epoch's flow below; a study each run's last
+            last = max(epoch for done_run, epoch in result.complete_checkpoints if done_run == run)
+            pngs[f"{title}Invariance flow at epoch {last}"] = outputs.get(flow_plot_key(last, run))
     robustness_png = store.get(ROBUSTNESS_PLOT) if result.complete_epochs and store.exists(ROBUSTNESS_PLOT) else None
     if robustness_png is not None:
         pngs["Robustness link"] = robustness_png
     pngs.update(result.path_plots)
+    extra_tables = dict(result.extra_tables)
+    if plan.is_study:
+        extra_tables = {"Runs compared per epoch (reduced/robustness.parquet where a run has metrics)": result.runs_compared,
+                        **extra_tables}  # fmt: skip
     inputs = report.ReportInputs(
         settings_hash=plan.settings_hash,
         settings=settings,
-        checkpoints=[(c.epoch, c.name) for c in plan.checkpoints],
-        complete_epochs=result.complete_epochs,
+        checkpoints=[(c.epoch, f"{c.run}/{c.name}" if c.run else c.name) for c in plan.checkpoints],
+        complete_epochs=[epoch for _, epoch in result.complete_checkpoints],
         incomplete_epochs=result.incomplete_epochs,
         curves=plain(result.curves),
         inversion_quality=report.inversion_quality(stir) if result.complete_epochs else pl.DataFrame(),
         plots={title: png for title, png in pngs.items() if png is not None},
-        flow_plots={epoch: outputs[flow_plot_key(epoch)] for epoch in result.complete_epochs if flow_plot_key(epoch) in outputs},
+        flow_plots={} if plan.is_study else {epoch: outputs[flow_plot_key(epoch)] for epoch in result.complete_epochs
+                                             if flow_plot_key(epoch) in outputs},  # fmt: skip
         robustness_correlation=_stored_table(store, REDUCED_ROBUSTNESS_CORRELATION) if result.complete_epochs else pl.DataFrame(),
         robustness_search=_stored_table(store, REDUCED_ROBUSTNESS_SEARCH) if result.complete_epochs else pl.DataFrame(),
-        extra_tables=result.extra_tables,
+        extra_tables=extra_tables,
     )
     return [REPORT] if store.put_if_changed(REPORT, report.render(inputs)) else []

@@ -11,7 +11,9 @@ import polars as pl
 from invariance.analysis import metrics, plots
 from invariance.engine.plan import Plan
 from invariance.errors import StorageError
-from invariance.io.layout import KNN_ALPHA_PLOT, KNN_LAYERS_PLOT, PLAIN_ALPHA, REDUCED_KNN, interpolation_plot_key
+from invariance.io.layout import (
+    PLAIN_ALPHA, REDUCED_KNN, interpolation_plot_key, knn_alpha_plot_key, knn_layers_plot_key,
+)  # fmt: skip
 from invariance.io.storage import Store, parquet_bytes
 
 log = logging.getLogger(__name__)
@@ -49,19 +51,36 @@ def knn_table(plan: Plan, store: Store) -> pl.DataFrame:
     except StorageError as exc:
         log.warning("reduced/knn.parquet not rebuilt: %s", exc)
         return pl.DataFrame()
-    names = {c.epoch: c.name for c in plan.checkpoints}
+    names = checkpoint_names(plan)
     return (
-        frame.with_columns(
+        frame.with_columns(pl.col("run").fill_null(""))
+        .join(names.rename({"checkpoint": "plan_checkpoint"}), on=["run", "epoch"], how="left")
+        .with_columns(
             pl.when(pl.col("model") == "ft")
-            .then(pl.col("epoch").replace_strict(names, default=pl.col("checkpoint"), return_dtype=pl.String))
+            .then(pl.col("plan_checkpoint").fill_null(pl.col("checkpoint")))
             .otherwise(pl.col("checkpoint"))
             .alias("checkpoint"),
-            pl.col("run").fill_null(""),
             pl.lit(plan.knn_hash).alias("settings"),
         )
         .select(KNN_TABLE_COLUMNS)
-        .sort("model", "epoch", "alpha", "layer", "k", descending=[True, False, False, False, False], nulls_last=False)
+        .sort("model", "run", "epoch", "alpha", "layer", "k", descending=[True, False, False, False, False, False],
+              nulls_last=False)  # fmt: skip
     )
+
+
+def checkpoint_names(plan: Plan) -> pl.DataFrame:
+    """(run, epoch, checkpoint): the plan's name of every checkpoint, to join onto shard rows (keyed
+    by run and epoch), so that rows written under another naming still group with their checkpoint."""
+    return pl.DataFrame(
+        {"run": [c.run for c in plan.checkpoints], "epoch": [c.epoch for c in plan.checkpoints],
+         "checkpoint": [c.name for c in plan.checkpoints]},
+        schema={"run": pl.String, "epoch": pl.Int64, "checkpoint": pl.String},
+    )  # fmt: skip
+
+
+def run_title(run: str) -> str:
+    """``run <name>: `` before a study run's plot titles; empty for a single run."""
+    return f"run {run}: " if run else ""
 
 
 def path_outputs(plan: Plan, store: Store, curves: pl.DataFrame, make_plots: bool) -> PathOutputs:
@@ -69,15 +88,19 @@ def path_outputs(plan: Plan, store: Store, curves: pl.DataFrame, make_plots: boo
     out = PathOutputs(knn=knn_table(plan, store) if plan.knn else pl.DataFrame())
     if not out.knn.is_empty():
         out.files[REDUCED_KNN] = parquet_bytes(out.knn)
-    path_epochs = (
-        sorted(curves.filter(pl.col("alpha") != PLAIN_ALPHA)["epoch"].unique().to_list())
+    # (run, epoch) of the checkpoints with a weight path
+    path_checkpoints = (
+        sorted(curves.filter(pl.col("alpha") != PLAIN_ALPHA).select("run", "epoch").unique().iter_rows())
         if not curves.is_empty() and "alpha" in curves.columns else []
     )  # fmt: skip
-    if path_epochs:
+    if path_checkpoints:
         columns = [*metrics.CHECKPOINT_KEYS, "layer", "forgetting_mean", "learning_mean", "cka_divergence_mean"]
         out.tables["Along the weight path: mean over seeds per alpha and layer"] = (
-            curves.filter(pl.col("epoch").is_in(path_epochs)).select(columns).sort("epoch", "alpha", "layer")
-        )
+            curves.join(pl.DataFrame(path_checkpoints, schema=["run", "epoch"], orient="row"), on=["run", "epoch"],
+                        how="semi")
+            .select(columns)
+            .sort("run", "epoch", "alpha", "layer")
+        )  # fmt: skip
     if not out.knn.is_empty():
         k = out.knn["k"].min() if 20 not in out.knn["k"].to_list() else 20
         out.tables[f"kNN accuracy per layer (k = {k}; pt: the pretrained model)"] = (
@@ -85,12 +108,17 @@ def path_outputs(plan: Plan, store: Store, curves: pl.DataFrame, make_plots: boo
         )
     if not make_plots:
         return out
-    for epoch in path_epochs:
-        png = plots.interpolation_png(curves, epoch)
-        out.files[interpolation_plot_key(epoch)] = png
-        out.plots[f"Along the weight path to epoch {epoch}: forgetting, learning and CKA divergence against alpha"] = png
-    if not out.knn.is_empty():
-        out.files[KNN_LAYERS_PLOT] = out.plots["kNN top-1 per layer"] = plots.knn_layers_png(out.knn)
-        if not out.knn.filter(pl.col("alpha") != PLAIN_ALPHA).is_empty():
-            out.files[KNN_ALPHA_PLOT] = out.plots["kNN top-1 against alpha"] = plots.knn_alpha_png(out.knn)
+    for run, epoch in path_checkpoints:
+        png = plots.interpolation_png(curves.filter(pl.col("run") == run), epoch)
+        out.files[interpolation_plot_key(epoch, run)] = png
+        out.plots[f"{run_title(run)}Along the weight path to epoch {epoch}: forgetting, learning and CKA divergence "
+                  "against alpha"] = png  # fmt: skip
+    if out.knn.is_empty():
+        return out
+    for run in dict.fromkeys(out.knn.filter(pl.col("model") == "ft")["run"].to_list()):
+        # each run's checkpoints beside the pretrained model's rows (shared by every run)
+        rows = out.knn.filter((pl.col("model") == "pt") | (pl.col("run") == run))
+        out.files[knn_layers_plot_key(run)] = out.plots[f"{run_title(run)}kNN top-1 per layer"] = plots.knn_layers_png(rows)
+        if not rows.filter(pl.col("alpha") != PLAIN_ALPHA).is_empty():
+            out.files[knn_alpha_plot_key(run)] = out.plots[f"{run_title(run)}kNN top-1 against alpha"] = plots.knn_alpha_png(rows)
     return out

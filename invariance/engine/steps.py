@@ -281,7 +281,7 @@ def _write_shard(
 ) -> str:  # fmt: skip
     """Write a shard's rows once, then its completion record; returns the record key."""
     identity = {"settings": spec.settings_hash, "checkpoint": unit.checkpoint, "epoch": unit.epoch, "version": __version__,
-                "checkpoint_fingerprint": unit.checkpoint_fingerprint, "run": "", "alpha": float(unit.alpha)}  # fmt: skip
+                "checkpoint_fingerprint": unit.checkpoint_fingerprint, "run": unit.run, "alpha": float(unit.alpha)}  # fmt: skip
     data_key = unit.data_key(spec.settings_hash)
     frame = _shard_frame(rows, (*_with_path_columns(columns), "checkpoint_fingerprint"), identity)
     check_finite(unit, frame)
@@ -289,7 +289,7 @@ def _write_shard(
     record_key = unit.record_key(spec.settings_hash)
     spec.store.put(record_key, _record(data_key, len(rows), started, checkpoint=unit.checkpoint, epoch=unit.epoch,
                                        checkpoint_fingerprint=unit.checkpoint_fingerprint, alpha=unit.alpha,
-                                       **record_fields))  # fmt: skip
+                                       **({"run": unit.run} if unit.run else {}), **record_fields))  # fmt: skip
     return record_key
 
 
@@ -332,7 +332,7 @@ def run_knn(spec: RunSpec, unit: KnnUnit, workspace: Workspace) -> str:
         raise ConfigError(f"knn.k: {max(config.knn.k)} neighbours asked of a bank of {len(bank.labels)} images (knn.train)")
     rows = knn_rows(model, bank.images, bank.labels, queries.images, queries.labels, spec.layers, config.knn)
     knn_hash = knn_settings_hash(spec.settings_hash, config.knn)
-    identity = {"settings": knn_hash, "run": "", "checkpoint": unit.checkpoint, "epoch": unit.epoch if unit.model == "ft" else None,
+    identity = {"settings": knn_hash, "run": unit.run, "checkpoint": unit.checkpoint, "epoch": unit.epoch if unit.model == "ft" else None,
                 "alpha": float(unit.alpha) if unit.model == "ft" else None, "model": unit.model, "version": __version__,
                 "checkpoint_fingerprint": unit.checkpoint_fingerprint}  # fmt: skip
     frame = pl.DataFrame([{**identity, **row} for row in rows],

@@ -1,4 +1,5 @@
-"""Checkpoints: discovery from a ``{epoch}`` URL pattern, and loading without executing code.
+"""Checkpoints: discovery from a ``{epoch}`` URL pattern (with ``{run}`` once before it: a study of
+many finetuning runs), and loading without executing code.
 
 Formats: safetensors, and torch files read with ``torch.load(weights_only=True)`` holding a
 plain state_dict or one under ``state_dict`` / ``model`` / ``model_state_dict``, with
@@ -20,6 +21,7 @@ from invariance.errors import CheckpointError
 from invariance.io.storage import fingerprint_file, fingerprint_info, open_filesystem, redact
 
 EPOCH_PLACEHOLDER = "{epoch}"
+RUN_PLACEHOLDER = "{run}"
 # epochs are stored as Int64 (shard rows, hive folders): a larger number cannot be reduced
 MAX_EPOCH = 2**63 - 1
 _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module", "ema")
@@ -36,6 +38,12 @@ class Checkpoint:
     name: str
     url: str
     fingerprint: str = ""
+    run: str = ""  # the text ``{run}`` matched (a study of many runs); empty without ``{run}``
+
+    @property
+    def key(self) -> tuple[str, int]:
+        """(run, epoch): what tells one checkpoint of a study from another."""
+        return self.run, self.epoch
 
 
 def glob_escape(path: str) -> str:
@@ -58,46 +66,76 @@ def weights_fingerprint(url: str, storage_options: dict[str, Any] | None = None,
         raise CheckpointError(f"{key}: cannot read {redact(url)} ({type(exc).__name__}: {redact(str(exc))})") from exc
 
 
-def discover_checkpoints(pattern: str, storage_options: dict[str, Any] | None = None) -> list[Checkpoint]:
-    """All files matching ``pattern`` (which holds ``{epoch}`` once, an integer), by epoch."""
+def check_pattern(pattern: str) -> None:
+    """CheckpointError unless ``pattern`` holds ``{epoch}`` once and at most one ``{run}``, before it."""
     if pattern.count(EPOCH_PLACEHOLDER) != 1:
         raise CheckpointError(
             f"checkpoints: the pattern must contain {EPOCH_PLACEHOLDER} exactly once, "
             f"e.g. 's3://lab/run/epoch={EPOCH_PLACEHOLDER}.safetensors'; got {redact(pattern)!r}"
         )
-    fs, path_pattern = open_filesystem(pattern.replace(EPOCH_PLACEHOLDER, "EPOCHPLACEHOLDER"), storage_options)
-    path_pattern = path_pattern.replace("EPOCHPLACEHOLDER", EPOCH_PLACEHOLDER)
+    if pattern.count(RUN_PLACEHOLDER) > 1 or (RUN_PLACEHOLDER in pattern
+                                              and pattern.index(RUN_PLACEHOLDER) > pattern.index(EPOCH_PLACEHOLDER)):
+        raise CheckpointError(
+            f"checkpoints: {RUN_PLACEHOLDER} may stand once, before {EPOCH_PLACEHOLDER}, e.g. "
+            f"'s3://lab/runs/{RUN_PLACEHOLDER}/epoch={EPOCH_PLACEHOLDER}.safetensors'; got {redact(pattern)!r}"
+        )
+
+
+def pattern_root(pattern: str) -> str:
+    """The fixed folder of a checkpoint pattern: everything before the folder where it starts to vary."""
+    first = min(pattern.index(p) for p in (EPOCH_PLACEHOLDER, RUN_PLACEHOLDER) if p in pattern)
+    return pattern[:first].rsplit("/", 1)[0]
+
+
+def discover_checkpoints(pattern: str, storage_options: dict[str, Any] | None = None) -> list[Checkpoint]:
+    """All files matching ``pattern`` (which holds ``{epoch}`` once, an integer, and optionally
+    ``{run}`` once before it: any text without '/'), by (run, epoch)."""
+    check_pattern(pattern)
+    has_run = RUN_PLACEHOLDER in pattern
+    marked = pattern.replace(EPOCH_PLACEHOLDER, "EPOCHPLACEHOLDER").replace(RUN_PLACEHOLDER, "RUNPLACEHOLDER")
+    fs, path_pattern = open_filesystem(marked, storage_options)
+    path_pattern = path_pattern.replace("EPOCHPLACEHOLDER", EPOCH_PLACEHOLDER).replace("RUNPLACEHOLDER", RUN_PLACEHOLDER)
     before, after = path_pattern.split(EPOCH_PLACEHOLDER)
     # ASCII digits only: \d would read Unicode digits (epoch=\uff12) as an epoch
-    matcher = re.compile(re.escape(before) + r"([0-9]+)" + re.escape(after) + "$")
+    if has_run:
+        before_run, between = before.split(RUN_PLACEHOLDER)
+        matcher = re.compile(re.escape(before_run) + r"([^/]+)" + re.escape(between) + r"([0-9]+)" + re.escape(after) + "$")
+        # the fixed parts are literal: a '[' in a folder name is not a glob character class
+        glob = glob_escape(before_run) + "*" + glob_escape(between) + "*" + glob_escape(after)
+    else:
+        matcher = re.compile(re.escape(before) + r"([0-9]+)" + re.escape(after) + "$")
+        glob = glob_escape(before) + "*" + glob_escape(after)
     try:
         fs.invalidate_cache()
-        # the fixed parts are literal: a '[' in a folder name is not a glob character class
-        candidates = fs.glob(glob_escape(before) + "*" + glob_escape(after), detail=True)
+        candidates = fs.glob(glob, detail=True)
     except Exception as exc:  # noqa: BLE001
         raise CheckpointError(
             f"checkpoints: cannot list {redact(pattern)!r}: {type(exc).__name__}: {redact(str(exc))}"
         ) from exc
-    found: dict[int, Checkpoint] = {}
+    found: dict[tuple[str, int], Checkpoint] = {}
     for path, info in sorted(candidates.items()):
         match = matcher.match(path)
         if match is None or info.get("type", "file") != "file":
             continue
-        epoch = int(match.group(1))
+        run, digits = (match.group(1), match.group(2)) if has_run else ("", match.group(1))
+        epoch = int(digits)
         url = path if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(path)
         if epoch > MAX_EPOCH:
             raise CheckpointError(
-                f"checkpoints: {redact(url)}: epoch {match.group(1)} is beyond the largest epoch a table can "
+                f"checkpoints: {redact(url)}: epoch {digits} is beyond the largest epoch a table can "
                 f"hold ({MAX_EPOCH}); rename the file or narrow the pattern"
             )
-        if epoch in found:
+        if (run, epoch) in found:
+            where = f"run {run!r}: epoch {epoch}" if has_run else f"epoch {epoch}"
             raise CheckpointError(
-                f"checkpoints: epoch {epoch} matches two files ({redact(found[epoch].url)} and {redact(url)}); "
-                "make the pattern specific to one run"
+                f"checkpoints: {where} matches two files ({redact(found[run, epoch].url)} and {redact(url)}); "
+                "make the pattern specific to one file per " + ("run and epoch" if has_run else "epoch")
             )
         fingerprint = fingerprint_file(fs, path, info) if isinstance(fs, LocalFileSystem) else fingerprint_info(info)
-        found[epoch] = Checkpoint(epoch=epoch, name=_checkpoint_name(path, before), url=url, fingerprint=fingerprint)
-    return sorted(found.values())
+        name_from = before.replace(RUN_PLACEHOLDER, run)
+        found[run, epoch] = Checkpoint(epoch=epoch, name=_checkpoint_name(path, name_from), url=url,
+                                       fingerprint=fingerprint, run=run)  # fmt: skip
+    return sorted(found.values(), key=lambda c: c.key)
 
 
 def run_folders(checkpoints: list[Checkpoint]) -> list[str]:

@@ -7,6 +7,8 @@ Under a run's ``output`` (hive-style, one writer per key):
     (<ckpt>: the checkpoint file's fingerprint; a file replaced under its epoch writes new shards)
     (a point of the weight path: ``_alpha<a>`` after <ckpt>, ``_alpha<a>_scale`` under extra: scale;
     alpha 1 is the checkpoint itself and keeps the plain key)
+    (a study, ``{run}`` in ``checkpoints``: a ``run=<name>/`` folder after ``settings=<hash>/`` in the
+    STIR, CKA and checkpoint kNN keys and their records; without ``{run}`` the keys are as above)
     knn/settings=<knn hash>/epoch=<e>/knn_<ckpt>.parquet                     kNN shards of a checkpoint
     knn/settings=<knn hash>/pretrained.parquet                              kNN shard of pt (one per run)
     _manifests/settings=<hash>/...                                        completion records
@@ -15,6 +17,8 @@ Under a run's ``output`` (hive-style, one writer per key):
     _cache/inversions/<hash>/layer<j>_seed<s>.safetensors                 X' of pt[j], seed s
     reduced/curves.parquet, flow.parquet, knn.parquet, robustness*.parquet, status.json
     plots/*.png, plots/flow/epoch=<e>.png, plots/interpolation/epoch=<e>.png
+    plots/runs/<run>/{layer_curves,dynamics}.png, plots/runs/<run>/flow/epoch=<e>.png,
+    plots/runs_compared.png                                               a study's plots
 
 Under a finetuning run's ``output`` (``invariance finetune``):
 
@@ -27,6 +31,7 @@ Completion records live outside the scanned data folders, so
 from __future__ import annotations
 
 from dataclasses import dataclass
+from urllib.parse import quote
 
 MANIFESTS = "_manifests"
 REDUCED_CURVES = "reduced/curves.parquet"
@@ -44,6 +49,7 @@ DYNAMICS_PLOT = f"{PLOTS}/dynamics.png"
 ROBUSTNESS_PLOT = f"{PLOTS}/robustness.png"
 KNN_LAYERS_PLOT = f"{PLOTS}/knn_layers.png"
 KNN_ALPHA_PLOT = f"{PLOTS}/knn_alpha.png"
+RUNS_COMPARED_PLOT = f"{PLOTS}/runs_compared.png"
 
 # a finetuning run's outputs
 FINETUNE_INITIAL = "initial.safetensors"
@@ -59,6 +65,18 @@ def _fingerprint_suffix(fingerprint: str) -> str:
 
 
 PLAIN_ALPHA = 1.0  # the checkpoint itself
+
+
+def run_folder(run: str) -> str:
+    """``run=<name>/``, the hive folder of a study's run in its keys; empty without ``{run}`` (the keys
+    of a single run stay as they were). Characters other than letters, digits and ``-_.~`` are
+    percent-encoded as Hive does (``lr=0.01,optimizer=sgd`` -> ``run=lr%3D0.01%2Coptimizer%3Dsgd``):
+    a '=' in a folder value would break hive parsing; Polars decodes them when it scans."""
+    return f"run={quote(run, safe='-_.~')}/" if run else ""
+
+
+def _run_label(run: str) -> str:
+    return f"{run} " if run else ""
 
 
 def alpha_suffix(alpha: float, extra: str = "keep") -> str:
@@ -82,20 +100,21 @@ class StirUnit:
     checkpoint_fingerprint: str = ""  # the file's identity: a file replaced under the same epoch is another unit
     alpha: float = PLAIN_ALPHA  # the point of the weight path (1: the checkpoint)
     extra: str = "keep"  # interpolation.extra (only in the keys of alpha < 1)
+    run: str = ""  # the study's run ("" without ``{run}``)
 
     def __str__(self) -> str:
         at = f" alpha {self.alpha:g}" if self.alpha != PLAIN_ALPHA else ""
-        return f"stir {self.checkpoint}{at} {self.ref_model}[{self.ref_layer}] seed {self.seed}"
+        return f"stir {_run_label(self.run)}{self.checkpoint}{at} {self.ref_model}[{self.ref_layer}] seed {self.seed}"
 
     def _stem(self) -> str:
         return (f"{self.ref_model}_layer{self.ref_layer}_seed{self.seed}{_fingerprint_suffix(self.checkpoint_fingerprint)}"
                 f"{alpha_suffix(self.alpha, self.extra)}")  # fmt: skip
 
     def data_key(self, settings_hash: str) -> str:
-        return f"stir/settings={settings_hash}/epoch={self.epoch}/{self._stem()}.parquet"
+        return f"stir/settings={settings_hash}/{run_folder(self.run)}epoch={self.epoch}/{self._stem()}.parquet"
 
     def record_key(self, settings_hash: str) -> str:
-        return f"{MANIFESTS}/settings={settings_hash}/stir/epoch={self.epoch}/{self._stem()}.json"
+        return f"{MANIFESTS}/settings={settings_hash}/stir/{run_folder(self.run)}epoch={self.epoch}/{self._stem()}.json"
 
 
 @dataclass(frozen=True, order=True)
@@ -108,18 +127,19 @@ class CkaUnit:
     checkpoint_fingerprint: str = ""
     alpha: float = PLAIN_ALPHA
     extra: str = "keep"
+    run: str = ""
 
     def __str__(self) -> str:
-        return f"cka {self.checkpoint}" + (f" alpha {self.alpha:g}" if self.alpha != PLAIN_ALPHA else "")
+        return f"cka {_run_label(self.run)}{self.checkpoint}" + (f" alpha {self.alpha:g}" if self.alpha != PLAIN_ALPHA else "")
 
     def _suffix(self) -> str:
         return _fingerprint_suffix(self.checkpoint_fingerprint) + alpha_suffix(self.alpha, self.extra)
 
     def data_key(self, settings_hash: str) -> str:
-        return f"cka/settings={settings_hash}/epoch={self.epoch}/cka{self._suffix()}.parquet"
+        return f"cka/settings={settings_hash}/{run_folder(self.run)}epoch={self.epoch}/cka{self._suffix()}.parquet"
 
     def record_key(self, settings_hash: str) -> str:
-        return f"{MANIFESTS}/settings={settings_hash}/cka/epoch={self.epoch}{self._suffix()}.json"
+        return f"{MANIFESTS}/settings={settings_hash}/cka/{run_folder(self.run)}epoch={self.epoch}{self._suffix()}.json"
 
 
 @dataclass(frozen=True, order=True)
@@ -134,16 +154,17 @@ class KnnUnit:
     checkpoint_fingerprint: str = ""
     alpha: float = PLAIN_ALPHA
     extra: str = "keep"
+    run: str = ""  # the study's run of an ft shard (pt's shard is shared by every run)
 
     def __str__(self) -> str:
         if self.model == "pt":
             return "knn pretrained"
-        return f"knn {self.checkpoint}" + (f" alpha {self.alpha:g}" if self.alpha != PLAIN_ALPHA else "")
+        return f"knn {_run_label(self.run)}{self.checkpoint}" + (f" alpha {self.alpha:g}" if self.alpha != PLAIN_ALPHA else "")
 
     def _stem(self) -> str:
         if self.model == "pt":
             return "pretrained"
-        return f"epoch={self.epoch}/knn{_fingerprint_suffix(self.checkpoint_fingerprint)}{alpha_suffix(self.alpha, self.extra)}"
+        return f"{run_folder(self.run)}epoch={self.epoch}/knn{_fingerprint_suffix(self.checkpoint_fingerprint)}{alpha_suffix(self.alpha, self.extra)}"
 
     def data_key(self, knn_hash: str) -> str:
         return f"knn/settings={knn_hash}/{self._stem()}.parquet"
@@ -172,13 +193,40 @@ class InversionUnit:
 Unit = StirUnit | CkaUnit | InversionUnit | KnnUnit
 
 
-def flow_plot_key(epoch: int) -> str:
-    return f"{PLOTS}/flow/epoch={epoch}.png"
+def flow_plot_key(epoch: int, run: str = "") -> str:
+    """``plots/flow/epoch=<e>.png``; a study's run: ``plots/runs/<run>/flow/epoch=<e>.png``."""
+    return f"{run_plots(run)}/flow/epoch={epoch}.png"
 
 
-def interpolation_plot_key(epoch: int) -> str:
+def run_plots(run: str) -> str:
+    """The plots folder of a study's run, ``plots/runs/<run>`` (``plots`` without ``{run}``); the
+    name as the run's folder holds it (a study's run names are folder names already)."""
+    return f"{PLOTS}/runs/{run}" if run else PLOTS
+
+
+def interpolation_plot_key(epoch: int, run: str = "") -> str:
     """Forgetting, learning and CKA divergence against alpha, one line per layer, for one checkpoint."""
-    return f"{PLOTS}/interpolation/epoch={epoch}.png"
+    return f"{run_plots(run)}/interpolation/epoch={epoch}.png"
+
+
+def layer_curves_plot_key(run: str = "") -> str:
+    """``plots/layer_curves.png``; a study's run: ``plots/runs/<run>/layer_curves.png``."""
+    return f"{run_plots(run)}/layer_curves.png"
+
+
+def dynamics_plot_key(run: str = "") -> str:
+    """``plots/dynamics.png``; a study's run: ``plots/runs/<run>/dynamics.png``."""
+    return f"{run_plots(run)}/dynamics.png"
+
+
+def knn_layers_plot_key(run: str = "") -> str:
+    """``plots/knn_layers.png``; a study's run: ``plots/runs/<run>/knn_layers.png``."""
+    return f"{run_plots(run)}/knn_layers.png"
+
+
+def knn_alpha_plot_key(run: str = "") -> str:
+    """``plots/knn_alpha.png``; a study's run: ``plots/runs/<run>/knn_alpha.png``."""
+    return f"{run_plots(run)}/knn_alpha.png"
 
 
 def lease_key(settings_hash: str) -> str:
