@@ -265,11 +265,6 @@ class RunConfig(_Strict):
                              "'s3://lab/runs/{run}/epoch={epoch}.safetensors'")  # fmt: skip
         return value
 
-    @property
-    def is_study(self) -> bool:
-        """Whether ``checkpoints`` holds ``{run}``: many finetuning runs analysed in one job."""
-        return "{run}" in self.checkpoints
-
     @field_validator("data")
     @classmethod
     def _enough_samples(cls, value: DataConfig) -> DataConfig:

@@ -157,6 +157,15 @@ def test_a_study_shares_the_pretrained_inversions_and_a_later_run_computes_only_
     # the raw rows scan with their run (hive folders decoded)
     scanned = pl.scan_parquet(store.path("stir") + "/**/*.parquet", hive_partitioning=True).select("run").unique().collect()
     assert sorted(scanned["run"].to_list()) == sorted([*RUNS, LATE_RUN])
+    # the README's recipe comparing runs runs on this output and prints a column per run
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    recipe = "# compare the runs of a study" + readme.split("# compare the runs of a study", 1)[1].split("```", 1)[0]
+    with pl.Config(tbl_cols=-1, tbl_width_chars=2000, fmt_str_lengths=200):
+        exec(compile(recipe, "README.md", "exec"), {"pl": pl, "out": store.path("")})  # noqa: S102 - the README's own code
+    printed = capsys.readouterr().out
+    assert printed.count("shape:") == 3, printed
+    header = [line for line in printed.splitlines() if "layer" in line][0]  # the first pivot's column names
+    assert all(run in header for run in [*RUNS, LATE_RUN]), header
 
 
 def test_run_folder_patterns_match_the_sweep_and_bad_run_patterns_are_refused(tmp_path: Path) -> None:
@@ -183,6 +192,9 @@ def test_run_folder_patterns_match_the_sweep_and_bad_run_patterns_are_refused(tm
         assert words in str(caught.value)
     with pytest.raises(CheckpointError, match=r"checkpoints: \{run\} may stand once, before \{epoch\}"):
         discover_checkpoints(str(sweep / "epoch={epoch}" / "{run}.safetensors"))
+    (sweep / RUNS[1] / "epoch=2.safetensors").write_bytes(b"x")  # beside epoch=02.safetensors
+    with pytest.raises(CheckpointError, match=f"checkpoints: run '{RUNS[1]}': epoch 2 matches two files"):
+        discover_checkpoints(str(sweep / "{run}" / "epoch={epoch}.safetensors"))
 
 
 def test_without_run_the_keys_and_units_are_as_before() -> None:
