@@ -133,6 +133,7 @@ def test_a_study_shares_the_pretrained_inversions_and_a_later_run_computes_only_
     assert store.get(RUNS_COMPARED_PLOT)[:4] == b"\x89PNG"
     page = store.get(REPORT).decode()
     assert "Runs compared" in page and all(f"run {run}: Dynamics" in page for run in RUNS[:2])
+    assert "Each run&#x27;s last checkpoint" in page or "Each run's last checkpoint" in page
     status = json.loads(store.get(REDUCED_STATUS))
     assert status["runs"] == {run: {"epochs": EPOCHS, "complete_epochs": EPOCHS, "incomplete_epochs": {}} for run in sorted(RUNS)}
 

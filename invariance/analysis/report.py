@@ -145,12 +145,15 @@ def render(inputs: ReportInputs) -> bytes:
         images = "".join(f"<figure>{_image(inputs.flow_plots[e], f'flow epoch {e}')}</figure>" for e in chosen)
         parts.append(f"<h2>Invariance flow</h2><p>One colour range for every epoch.</p>{note}<div class='grid'>{images}</div>")
     if not inputs.curves.is_empty():
-        last = inputs.curves.filter(pl.col("epoch") == inputs.curves["epoch"].max())
-        columns = [c for c in ("layer", "forgetting_mean", "forgetting_ci_low", "forgetting_ci_high", "forgetting_above_noise",
+        # a study (runs named by {run}): each run's last checkpoint, with its run and epoch
+        study = "run" in inputs.curves.columns and bool((inputs.curves["run"] != "").any())
+        last = (inputs.curves.filter(pl.col("epoch") == pl.col("epoch").max().over("run")).sort("run", "layer") if study
+                else inputs.curves.filter(pl.col("epoch") == inputs.curves["epoch"].max()))  # fmt: skip
+        columns = [c for c in (*(("run", "epoch") if study else ()), "layer", "forgetting_mean", "forgetting_ci_low", "forgetting_ci_high", "forgetting_above_noise",
                                "learning_mean", "learning_ci_low", "learning_ci_high", "learning_above_noise",
                                "cka_divergence_mean", "subspace_similarity", "noise_floor") if c in last.columns]  # fmt: skip
-        parts.append(f"<h2>Last checkpoint (epoch {last['epoch'][0]}): per layer, mean and 95% interval over seeds</h2>"
-                     + _table(last.select(columns)))  # fmt: skip
+        title = ("Each run's last checkpoint" if study else f"Last checkpoint (epoch {last['epoch'][0]})")
+        parts.append(f"<h2>{title}: per layer, mean and 95% interval over seeds</h2>" + _table(last.select(columns)))
     if not inputs.robustness_correlation.is_empty():
         parts.append("<h2>Robustness link</h2>" + _table(inputs.robustness_correlation))
     if not inputs.robustness_search.is_empty():
