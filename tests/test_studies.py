@@ -204,3 +204,14 @@ def test_without_run_the_keys_and_units_are_as_before() -> None:
     assert CkaUnit(3, "epoch=03", "u", "abc").record_key("h") == "_manifests/settings=h/cka/epoch=3_abc.json"
     assert StirUnit(3, "pt", 1, 0, "epoch=03", "u", "abc", run="a").data_key("h") == \
         "stir/settings=h/run=a/epoch=3/pt_layer1_seed0_abc.parquet"  # fmt: skip
+
+
+def test_interpolation_last_is_the_last_epoch_of_each_run(tmp_path: Path) -> None:
+    from invariance.engine.plan import path_checkpoints
+    from invariance.io.checkpoints import Checkpoint
+
+    config = parse_config(tiny_config(tmp_path, str(tmp_path / "out"), checkpoints=str(tmp_path / "{run}" / "epoch={epoch}.pt"),
+                                      interpolation={"alphas": [0.5]}))  # fmt: skip
+    found = [Checkpoint(epoch, f"epoch={epoch}", f"/{run}/epoch={epoch}.pt", run=run) for run, last in (("a", 3), ("b", 5))
+             for epoch in range(1, last + 1)]  # fmt: skip
+    assert [(c.run, c.epoch) for c in path_checkpoints(config, found)] == [("a", 3), ("b", 5)]
