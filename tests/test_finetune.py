@@ -135,7 +135,7 @@ def test_every_trial_writes_a_checkpoint_and_metrics_every_epoch(sweep) -> None:
         folder = tmp / "runs" / trial.name
         assert trial.output == str(folder)
         names = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
-        assert names == {"initial.safetensors", "_state/last.pt"} | {
+        assert names == {"initial.safetensors", "_state/last.pt", "analysis.json"} | {
             f"epoch={e:02d}.safetensors" for e in range(1, EPOCHS + 1)
         } | {f"metrics/epoch={e:02d}.parquet" for e in range(1, EPOCHS + 1)}
         metrics = read_run_metrics(str(folder))
