@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any, Iterable, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from invariance.errors import ConfigError
 
@@ -211,10 +211,14 @@ class KnnProbeConfig(_Strict):
         return self.model_dump(mode="json")
 
 
-def knn_settings_hash(run_settings_hash: str, knn: KnnProbeConfig) -> str:
+def knn_settings_hash(run_settings_hash: str, config: "RunConfig") -> str:
     """The hash keying kNN shards: the run's settings hash (model, weights, eval images) and the
-    kNN settings; the STIR/CKA hash stays as it is when a ``knn`` section is added."""
-    return settings_hash({"run": run_settings_hash, "knn": knn.numbers_settings()})
+    kNN settings (the bank's path as written); the STIR/CKA hash stays as it is when a ``knn``
+    section is added."""
+    assert config.knn is not None
+    knn = config.knn.numbers_settings()
+    knn["train"]["path"] = config.path_as_written("knn.train.path", config.knn.train.path)
+    return settings_hash({"run": run_settings_hash, "knn": knn})
 
 
 class ResourcesConfig(_Strict):
@@ -228,6 +232,9 @@ class ResourcesConfig(_Strict):
 
 class RunConfig(_Strict):
     """One run: a pretrained model, its finetuning checkpoints, and what to measure."""
+
+    # {path key: the value as written} for the relative paths io/paths.py resolved
+    _paths_as_written: dict[str, str] = PrivateAttr(default_factory=dict)
 
     output: str
     # may hold credentials: never in a repr, an error message or the settings hash
@@ -310,16 +317,23 @@ class RunConfig(_Strict):
             )
         return list(self.layers)
 
+    def path_as_written(self, key: str, value: str) -> str:
+        """``value`` of the path key ``key`` as the config wrote it, before relative paths were
+        resolved (io/paths.py): hashes take this, so the folder a config is run from (a Ray job's
+        unpacked working dir, a colleague's checkout) never changes them. Content is keyed by the
+        fingerprints of the weights and images, not by where they are."""
+        return self._paths_as_written.get(key, value)
+
     def numbers_settings(self) -> dict[str, Any]:
         """Every setting that changes the STIR/CKA numbers (not output, storage or resources)."""
         return {
             "algorithm": ALGORITHM_VERSION,
             # strict changes whether a checkpoint loads, never the numbers of one that does
             "model": self.model.numbers_settings(),
-            "pretrained": self.pretrained,
+            "pretrained": self.path_as_written("pretrained", self.pretrained),
             # which finetuning run: another run's epoch=3 in the same output prefix is not done
-            "checkpoints": self.checkpoints,
-            "data": self.data.model_dump(mode="json"),
+            "checkpoints": self.path_as_written("checkpoints", self.checkpoints),
+            "data": {**self.data.model_dump(mode="json"), "path": self.path_as_written("data.path", self.data.path)},
             "layers": self.layers.model_dump(mode="json") if isinstance(self.layers, LayerModules) else self.layers,
             "token_policy": self.token_policy,
             "inversion": self.inversion.numbers_settings(),

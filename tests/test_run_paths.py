@@ -73,3 +73,24 @@ def test_the_writability_check_leaves_an_existing_output_as_it_was(tmp_path: Pat
     assert sorted(p.name for p in (tmp_path / "out").rglob("*")) == ["keep.txt"]
     Store(str(tmp_path / "a" / "b")).check_writable()
     assert not (tmp_path / "a").exists()
+
+
+def test_the_settings_hash_does_not_depend_on_where_the_project_lies(tmp_path: Path) -> None:
+    """`ray job submit --working-dir .` unpacks the project into a new folder per upload: the same
+    config with the same relative paths must key the same results there."""
+    first, second = tmp_path / "alice" / "proj", tmp_path / "ray" / "_ray_pkg_ab12"
+    hashes = []
+    for root in (first, second):
+        path = _relative_config(root, output=str(tmp_path / "shared-out"))
+        _, _, plan, _ = open_run(str(path))
+        hashes.append((plan.settings_hash, plan.inversion_hash))
+    assert hashes[0] == hashes[1]
+
+
+def test_the_knn_bank_path_is_resolved_against_the_config_folder_too(tmp_path: Path) -> None:
+    from jobs.run import load_run_config
+
+    path = _relative_config(tmp_path, knn={"train": {"format": "parquet", "path": "../bank", "n_samples": 4}, "k": [2]})
+    config, resolved = load_run_config(str(path))
+    assert config.knn.train.path == str(tmp_path / "bank")
+    assert resolved.relative["knn.train.path"] == "../bank"

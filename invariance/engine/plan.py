@@ -267,7 +267,7 @@ def make_plan(config: RunConfig, store: Store, checkpoints: list[Checkpoint] | N
         cka=cka,
         fingerprints=fingerprints,
         knn=knn,
-        knn_hash=knn_settings_hash(run_hash, config.knn) if config.knn is not None else "",
+        knn_hash=knn_settings_hash(run_hash, config) if config.knn is not None else "",
     )
     plan.refresh(store)
     return plan

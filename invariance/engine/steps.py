@@ -331,7 +331,7 @@ def run_knn(spec: RunSpec, unit: KnnUnit, workspace: Workspace) -> str:
     if max(config.knn.k) > len(bank.labels):
         raise ConfigError(f"knn.k: {max(config.knn.k)} neighbours asked of a bank of {len(bank.labels)} images (knn.train)")
     rows = knn_rows(model, bank.images, bank.labels, queries.images, queries.labels, spec.layers, config.knn)
-    knn_hash = knn_settings_hash(spec.settings_hash, config.knn)
+    knn_hash = knn_settings_hash(spec.settings_hash, config)
     identity = {"settings": knn_hash, "run": unit.run, "checkpoint": unit.checkpoint, "epoch": unit.epoch if unit.model == "ft" else None,
                 "alpha": float(unit.alpha) if unit.model == "ft" else None, "model": unit.model, "version": __version__,
                 "checkpoint_fingerprint": unit.checkpoint_fingerprint}  # fmt: skip

@@ -1,7 +1,7 @@
 """Relative paths in a run config: resolved one way, against the config file's folder.
 
-A config read from a file may name ``output``, ``pretrained``, ``checkpoints`` and ``data.path``
-relative to that file's folder (``output: results`` beside ``run.yaml``), whatever the working
+A config read from a file may name ``output``, ``pretrained``, ``checkpoints``, ``data.path`` and
+``knn.train.path`` relative to that file's folder (``output: results`` beside ``run.yaml``), whatever the working
 directory of the command. A config built in code (no file) resolves them against the working
 directory. Either way they are made absolute on the driver, before any task starts: a Ray worker
 on another node, or in another working directory, must read and write the same places.
@@ -74,6 +74,12 @@ def resolve_paths(config: RunConfig, base: str | None = None) -> tuple[RunConfig
 
     top: dict[str, Any] = {key: resolved(key, getattr(config, key)) for key in ("output", "pretrained", "checkpoints")}
     data = config.data.model_copy(update={"path": resolved("data.path", config.data.path)})
-    if not relative and all(top[key] == getattr(config, key) for key in top) and data == config.data:
+    knn = config.knn
+    if knn is not None:
+        knn = knn.model_copy(update={"train": knn.train.model_copy(update={"path": resolved("knn.train.path", knn.train.path)})})
+    if not relative and all(top[key] == getattr(config, key) for key in top) and data == config.data and knn == config.knn:
         return config, ResolvedPaths(base, cwd)
-    return config.model_copy(update={**top, "data": data}), ResolvedPaths(base, cwd, relative)
+    resolved_config = config.model_copy(update={**top, "data": data, "knn": knn})
+    # the hashes take the paths as written (the folder a config runs from must not change them)
+    resolved_config._paths_as_written = {**config._paths_as_written, **relative}
+    return resolved_config, ResolvedPaths(base, cwd, relative)
