@@ -169,6 +169,12 @@ class InterpolationConfig(_Strict):
             raise ValueError(f"every alpha must be in [0, 1] (0: the pretrained weights, 1: the checkpoint), got {outside}")
         if len(set(value)) != len(value):
             raise ValueError("alphas must be unique")
+        keys: dict[str, float] = {}
+        for alpha in value:  # shard keys name an alpha by its 6 significant digits
+            if f"{alpha:g}" in keys:
+                raise ValueError(f"alphas {keys[f'{alpha:g}']} and {alpha} agree to 6 significant digits and would "
+                                 "share their shards' keys; use alphas that differ within 6 digits")  # fmt: skip
+            keys[f"{alpha:g}"] = alpha
         return sorted(float(a) for a in value)
 
     @field_validator("epochs")

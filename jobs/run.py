@@ -35,7 +35,12 @@ def connect_ray(num_cpus: int | None = None) -> None:
         return
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        try:
+            ray.init(address=address, log_to_driver=True)
+        except (ConnectionError, RuntimeError, ValueError) as exc:  # Ray's own errors for a cluster it cannot join
+            raise StorageError(f"RAY_ADDRESS={redact(address)}: cannot join the Ray cluster there "
+                               f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); check the "
+                               "address (under `ray job submit` Ray sets it) or unset it to start a local Ray") from None
     else:
         # a Ray of our own, on 127.0.0.1 only: token auth stays on (Ray's default for a new local
         # Ray), said explicitly so that Ray does not warn about it on every run
@@ -98,7 +103,8 @@ def describe_runs(plan: Plan) -> str:
 
 
 def describe_plan(plan: Plan, out: TextIO | None = None) -> None:
-    n_missing = len(plan.missing_stir) + len(plan.missing_cka) + len(plan.missing_inversions)
+    n_missing = len(plan.missing_stir) + len(plan.missing_cka) + len(plan.missing_inversions) + len(plan.missing_knn)
+    knn_line = f"  kNN shards:  {len(plan.knn) - len(plan.missing_knn)}/{len(plan.knn)} done\n" if plan.knn else ""
     epochs = [c.epoch for c in plan.checkpoints]
     print(
         f"settings {plan.settings_hash}: {plural(len(plan.checkpoints), 'checkpoint')} "
@@ -108,7 +114,8 @@ def describe_plan(plan: Plan, out: TextIO | None = None) -> None:
         f"  pretrained inversions: {len(plan.inversions) - len(plan.missing_inversions)}/{len(plan.inversions)} cached\n"
         f"  STIR shards: {len(plan.stir) - len(plan.missing_stir)}/{len(plan.stir)} done\n"
         f"  CKA shards:  {len(plan.cka) - len(plan.missing_cka)}/{len(plan.cka)} done\n"
-        f"  to compute:  {plural(n_missing, 'unit')} (a unit: one pretrained inversion, or one STIR or CKA shard)",
+        + knn_line +
+        f"  to compute:  {plural(n_missing, 'unit')} (a unit: one pretrained inversion, or one STIR, CKA or kNN shard)",
         file=out or sys.stdout,  # looked up when called: a redirected stdout is honoured
     )
 
@@ -150,7 +157,11 @@ def run(config: RunConfig | str, progress: bool = True, num_cpus: int | None = N
     config, store, plan, spec = open_run(config)
     describe_plan(plan)
     lease = RunLease(store, plan.settings_hash)
-    other = lease.acquire()
+    try:
+        other = lease.acquire()
+    except BaseException:  # an interrupt in the settle wait: our record must not block the next run
+        lease.release()
+        raise
     if other is not None:
         print(f"another run of these settings is in progress: {other.describe()}; nothing to do here")
         return None
@@ -268,7 +279,11 @@ def reduce_only(config: RunConfig | str) -> ReduceResult | None:
     config, store, plan, _ = open_run(config, check_data=False)
     lease = RunLease(store, plan.settings_hash)
     lease.holder = f"reduce-{lease.holder}"  # what a run starting meanwhile reports
-    other = lease.acquire()
+    try:
+        other = lease.acquire()
+    except BaseException:  # as in run(): an interrupt must not leave our record behind
+        lease.release()
+        raise
     if other is not None:
         print(f"a run of these settings is in progress: {other.describe()}; reduce wrote nothing "
               "(that run rebuilds reduced/ when it finishes)", file=sys.stderr)  # fmt: skip

@@ -24,7 +24,7 @@ def test_a_plan_of_one_checkpoint_says_so_in_the_singular(tmp_path: Path) -> Non
     describe_plan(make_plan(config, Store(config.output)), out=out)
     text = out.getvalue()
     assert ": 1 checkpoint (epochs 1..1)" in text and "1 checkpoints" not in text
-    assert "units (a unit: one pretrained inversion, or one STIR or CKA shard)" in text
+    assert "units (a unit: one pretrained inversion, or one STIR, CKA or kNN shard)" in text
 
 
 def test_every_command_help_gives_its_exit_codes_and_finetune_names_a_reference_that_exists(capsys) -> None:
@@ -43,3 +43,32 @@ def test_every_command_help_gives_its_exit_codes_and_finetune_names_a_reference_
     with pytest.raises(SystemExit):
         build_parser().parse_args(["finetune", "--help"])
     assert re.sub(r"\s+", " ", capsys.readouterr().out).count(finetune_reference()) == 1
+
+
+def test_an_unreachable_ray_address_is_a_named_error_not_a_traceback(monkeypatch) -> None:
+    import ray
+
+    from invariance.errors import StorageError
+    from jobs.run import connect_ray
+
+    def refuse(**kwargs):
+        raise ConnectionError("Could not find any running Ray instance")
+
+    monkeypatch.setenv("RAY_ADDRESS", "ray://user:TOKEN@127.0.0.1:1")
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", refuse)
+    import pytest
+
+    with pytest.raises(StorageError, match=r"RAY_ADDRESS=ray://\*\*\*@127\.0\.0\.1:1: cannot join") as caught:
+        connect_ray()
+    assert "TOKEN" not in str(caught.value)
+
+
+def test_alphas_that_would_share_a_key_are_refused(tmp_path: Path) -> None:
+    import pytest
+
+    from invariance.errors import ConfigError
+
+    raw = tiny_config(tmp_path, str(tmp_path / "out"), interpolation={"alphas": [0.1, 0.1000001]})
+    with pytest.raises(ConfigError, match="agree to 6 significant digits"):
+        parse_config(raw)

@@ -116,3 +116,11 @@ def test_the_readmes_polars_recipes_run_on_a_local_output_and_print(reduced_run)
     text = printed.getvalue()
     assert text.count("shape:") == 5  # five recipes, five printed frames
     assert "forgetting_above_noise" in text and "stir_ft_given_pt" in text and "forgetting_std_across_layers" in text
+
+
+def test_credentials_in_the_settings_never_reach_the_report(reduced_run) -> None:
+    tmp, config, store, plan, _ = reduced_run
+    settings = {**config.numbers_settings(), "pretrained": "s3://AKIAEXAMPLE:s3cr3t@lab/models/pt.safetensors"}
+    reduce_plan(plan, store, settings=settings)
+    page = (tmp / "out" / "reports" / "index.html").read_text()
+    assert "s3cr3t" not in page and "AKIAEXAMPLE" not in page and "s3://***@lab/models/pt.safetensors" in page

@@ -26,7 +26,7 @@ from invariance.io.layout import (
 )  # fmt: skip
 from invariance.io.layout import Unit
 from invariance.io.run_metrics import read_run_metrics
-from invariance.io.storage import Store, parquet_bytes
+from invariance.io.storage import Store, parquet_bytes, redact
 
 log = logging.getLogger(__name__)
 
@@ -321,12 +321,13 @@ def _write_report(
                         **extra_tables}  # fmt: skip
     inputs = report.ReportInputs(
         settings_hash=plan.settings_hash,
-        settings=settings,
+        # URLs in the settings may carry user:password@: never written to an output
+        settings=json.loads(redact(json.dumps(settings))),
         checkpoints=[(c.epoch, f"{c.run}/{c.name}" if c.run else c.name) for c in plan.checkpoints],
         complete_epochs=[epoch for _, epoch in result.complete_checkpoints],
         incomplete_epochs=result.incomplete_epochs,
         curves=plain(result.curves),
-        inversion_quality=report.inversion_quality(stir) if result.complete_epochs else pl.DataFrame(),
+        inversion_quality=report.inversion_quality(plain(stir)) if result.complete_epochs else pl.DataFrame(),
         plots={title: png for title, png in pngs.items() if png is not None},
         flow_plots={} if plan.is_study else {epoch: outputs[flow_plot_key(epoch)] for epoch in result.complete_epochs
                                              if flow_plot_key(epoch) in outputs},  # fmt: skip

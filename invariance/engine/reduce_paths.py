@@ -104,7 +104,8 @@ def path_outputs(plan: Plan, store: Store, curves: pl.DataFrame, make_plots: boo
     if not out.knn.is_empty():
         k = out.knn["k"].min() if 20 not in out.knn["k"].to_list() else 20
         out.tables[f"kNN accuracy per layer (k = {k}; pt: the pretrained model)"] = (
-            out.knn.filter(pl.col("k") == k).select("model", "epoch", "alpha", "layer", "top1", "top5", "n_train", "n_test")
+            out.knn.filter(pl.col("k") == k).select("run", "checkpoint", "model", "epoch", "alpha", "layer", "top1", "top5",
+                                                    "n_train", "n_test")  # fmt: skip
         )
     if not make_plots:
         return out
