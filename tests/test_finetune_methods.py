@@ -134,13 +134,13 @@ def test_an_adapter_run_trains_the_adapter_and_head_only(tmp_path, data_dir, tor
     run_finetune(parse_finetune_config(raw), on_epoch=None)
     initial, zero, first = (load_file(tmp_path / "film" / name)
                             for name in ("initial.safetensors", "epoch=00.safetensors", "epoch=01.safetensors"))  # fmt: skip
-    adapter_keys = [key for key in first if ".mlp.1." in key]
+    adapter_keys = [key for key in first if ".film." in key]
     assert adapter_keys and all(torch.equal(zero[key], torch.zeros_like(zero[key])) for key in adapter_keys)
     assert any(not torch.equal(zero[key], first[key]) for key in adapter_keys)
-    for key in initial:  # the base: frozen (an MLP's weights moved under mlp.0)
-        moved = key.replace(".mlp.", ".mlp.0.") if ".mlp." in key else key
+    assert set(first) - set(adapter_keys) == set(initial)  # FiLM adds blocks.N.film.*, moves nothing
+    for key in initial:  # the base: frozen
         if not key.startswith("head."):
-            assert torch.equal(initial[key], first[moved]), key
+            assert torch.equal(initial[key], first[key]), key
     assert not torch.equal(initial["head.weight"], first["head.weight"])
 
 
@@ -319,3 +319,21 @@ def test_a_killed_merged_lora_lp_ft_run_resumes_to_the_same_weights(tmp_path, da
     assert ours.keys() == theirs.keys() and not any("lora_" in key for key in ours)
     for key in ours:
         assert torch.equal(ours[key], theirs[key]), key
+
+
+def test_film_modulates_the_residual_stream_after_the_attention_residual() -> None:
+    """x = x + attn; x = x * (1 + gamma) + beta; x = x + mlp(norm2(x)), per block."""
+    from invariance.training.adapters import add_adapter
+
+    torch.manual_seed(0)
+    base = build_network(ModelConfig(**TINY_MODEL)).eval()
+    adapted = add_adapter(copy.deepcopy(base), "film").eval()
+    block, plain = adapted.blocks[0], base.blocks[0]
+    x = torch.randn(2, 5, plain.norm1.normalized_shape[0])
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), plain(x))  # the identity at init
+        block.film.gamma.fill_(0.5)
+        block.film.beta.fill_(0.1)
+        stream = x + plain.attn(plain.norm1(x))
+        stream = stream * 1.5 + 0.1
+        torch.testing.assert_close(block(x), stream + plain.mlp(plain.norm2(stream)))

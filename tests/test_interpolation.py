@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from invariance.config import ModelConfig, parse_config
-from invariance.core.interpolation import interpolate_state, interpolated_model
+from invariance.core.interpolation import interpolate_state, interpolated_model, pretrained_name
 from invariance.core.models import FeatureModel, load_model
 from invariance.engine.execute import execute_in_process
 from invariance.engine.plan import make_plan
@@ -170,3 +170,25 @@ def test_faults_name_their_key(tmp_path: Path, torch_single_thread) -> None:
     store, plan, spec = _open(config)
     with pytest.raises(DataError, match=r"knn\.train.*label"):
         run_unit(spec, KnnUnit(-1, "pt"), Workspace("cpu"))
+
+
+def test_scale_moves_an_adapters_update_linearly_in_alpha() -> None:
+    """LoRA adds (alpha_lora / r) B A: scaling only B (zero at init) gives alpha times the update;
+    scaling A too would give alpha squared. Likewise a bottleneck's up, not its down."""
+    generator = torch.Generator().manual_seed(0)
+    pretrained = {"qkv.weight": torch.randn(6, 4, generator=generator)}
+    finetuned = {
+        "qkv.base_layer.weight": pretrained["qkv.weight"].clone(),
+        "qkv.lora_A.default.weight": torch.randn(2, 4, generator=generator),
+        "qkv.lora_B.default.weight": torch.randn(6, 2, generator=generator),
+        "blocks.0.mlp.1.down.weight": torch.randn(3, 4, generator=generator),
+        "blocks.0.mlp.1.up.weight": torch.randn(4, 3, generator=generator),
+    }
+    full = finetuned["qkv.lora_B.default.weight"] @ finetuned["qkv.lora_A.default.weight"]
+    half = interpolate_state(pretrained, finetuned, 0.5, "scale")
+    torch.testing.assert_close(half["qkv.lora_B.default.weight"] @ half["qkv.lora_A.default.weight"], 0.5 * full)
+    assert torch.equal(half["blocks.0.mlp.1.down.weight"], finetuned["blocks.0.mlp.1.down.weight"])
+    torch.testing.assert_close(half["blocks.0.mlp.1.up.weight"], 0.5 * finetuned["blocks.0.mlp.1.up.weight"])
+    # "0" is a wrapper segment only right after `mlp` (this package's AfterMLP), not in a new head
+    assert pretrained_name("blocks.0.mlp.0.fc1.weight", {"blocks.0.mlp.fc1.weight": 0}) == "blocks.0.mlp.fc1.weight"
+    assert pretrained_name("head.0.weight", {"head.weight": 0}) is None

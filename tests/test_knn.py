@@ -24,7 +24,7 @@ def direct_knn(bank, bank_labels, queries, query_labels, k, temperature, classes
             votes[int(bank_labels[i])] += math.exp(sims[i] / temperature)
         ranked = sorted(range(classes), key=lambda c: -votes[c])
         top1 += ranked[0] == label
-        top5 += label in ranked[:5]
+        top5 += label in [c for c in ranked[:5] if votes[c] > 0]  # DINO: only classes a neighbour voted for
     n = len(queries)
     return top1 / n, (top5 / n if classes >= 5 else None)
 
@@ -68,3 +68,15 @@ def test_bad_shapes_are_refused() -> None:
         knn_accuracy(torch.zeros(4, 3), torch.zeros(4), torch.zeros(2, 5), torch.zeros(2))
     with pytest.raises(ValueError, match="ks must be"):
         knn_accuracy(torch.zeros(4, 3), torch.zeros(4), torch.zeros(2, 3), torch.zeros(2), ks=(0,))
+
+
+def test_top5_counts_only_classes_a_neighbour_voted_for() -> None:
+    """With k = 1 one class gets a vote: top-5 is top-1 (DINO's correct.narrow(1, 0, min(5, k))),
+    not filled up with classes nobody voted for."""
+    generator = torch.Generator().manual_seed(0)
+    bank = torch.randn(10, 16, generator=generator)
+    queries = torch.randn(200, 16, generator=generator)
+    labels = torch.randint(0, 10, (200,), generator=generator)
+    (top1, top5), = knn_accuracy(bank, torch.arange(10), queries, labels, ks=(1,)).values()
+    assert top5 == top1
+    assert direct_knn(bank, torch.arange(10), queries, labels, 1, 0.07, 10) == (top1, top5)

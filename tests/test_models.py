@@ -181,3 +181,20 @@ def test_strict_false_refuses_a_checkpoint_missing_what_the_layers_read(tmp_path
     images = torch.rand(2, 3, 16, 16)
     first, second = loaded.layer_features(images, [0, 1, 2]), again.layer_features(images, [0, 1, 2])
     assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def inplace_relu_net():
+    """conv -> bn -> ReLU(inplace) -> conv: the in-place ReLU overwrites bn's output tensor."""
+    from torch import nn
+
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(inplace=True), nn.Conv2d(4, 4, 3))
+
+
+def test_a_named_modules_features_are_its_output_even_when_a_later_op_works_in_place() -> None:
+    torch.manual_seed(0)
+    model = load_model(ModelConfig(factory="tests.test_models:inplace_relu_net"), None, modules=["1", "3"])
+    images = torch.rand(2, 3, 12, 12)
+    together = model.layer_features(images, [0, 1], "flatten")[0]
+    alone = model.layer_features(images, [0], "flatten")[0]
+    torch.testing.assert_close(together, alone)
+    assert together.min() < 0  # bn's output, not the ReLU's

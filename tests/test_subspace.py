@@ -44,3 +44,10 @@ def test_too_few_directions_give_nan_and_bad_requests_name_the_problem() -> None
         subspace_similarity(x, x, k=10)
     with pytest.raises(ValueError, match="shapes"):
         subspace_similarity(x, x[:, :4], k=2)
+
+
+def test_scale_of_either_side_does_not_matter() -> None:
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(30, 8)) * np.linspace(3, 0.5, 8)
+    assert subspace_similarity(x, x * 1e7, k=3) == pytest.approx(1.0, abs=1e-9)
+    assert subspace_similarity(x * 1e-6, x, k=3) == pytest.approx(1.0, abs=1e-9)

@@ -152,10 +152,23 @@ def noise_floor(stir: Frame, value: Estimator = "stir") -> Frame:
     )
 
 
-def _above_noise(value: str) -> pl.Expr:
+def learning_noise_floor(stir: Frame, value: Estimator = "stir") -> Frame:
+    """Per (checkpoint, layer): ``learning_noise_floor``, the standard deviation over seeds of
+    STIR(ft[i] | ft[i]), the finetuned model against its own inversions (learning's own term)."""
+    own = with_path_columns(stir).filter(
+        (pl.col("ref_model") == "ft") & (pl.col("target_model") == "ft") & (pl.col("ref_layer") == pl.col("target_layer"))
+    )
+    return (
+        own.group_by(*CHECKPOINT_KEYS, "target_layer")
+        .agg(pl.col(value).std(ddof=1).alias("learning_noise_floor"))
+        .rename({"target_layer": "layer"})
+    )
+
+
+def _above_noise(value: str, floor: str = "noise_floor") -> pl.Expr:
     """``{value}_above_noise``: |mean| above NOISE_MULTIPLE noise floors, and (with 2+ seeds) the
     interval over seeds excludes 0; null where the noise floor is unknown (one seed)."""
-    beyond_floor = pl.col(f"{value}_mean").abs() > NOISE_MULTIPLE * pl.col("noise_floor")
+    beyond_floor = pl.col(f"{value}_mean").abs() > NOISE_MULTIPLE * pl.col(floor)
     excludes_zero = (pl.col(f"{value}_ci_low") > 0) | (pl.col(f"{value}_ci_high") < 0)
     return (beyond_floor & excludes_zero.fill_null(True)).alias(f"{value}_above_noise")
 
@@ -174,7 +187,8 @@ def curves(stir: Frame, cka: Frame) -> Frame:
     """Per (checkpoint, epoch, layer): forgetting, learning (biased and debiased STIR) and
     cka_divergence, each ``_mean``, ``_std`` and the 95% t-interval ``_ci_low``/``_ci_high`` over
     seeds (CKA has no seed: std 0, a zero-width interval); ``subspace_similarity`` of ft[i] and
-    pt[i]; ``noise_floor`` of the layer and ``forgetting_above_noise`` / ``learning_above_noise``."""
+    pt[i]; ``noise_floor`` of the layer (pt's own STIR spread), ``learning_noise_floor`` (ft's) and
+    ``forgetting_above_noise`` / ``learning_above_noise``."""
     keys = [*CHECKPOINT_KEYS, "layer"]
     parts = [
         _diagonal_curve(forgetting(stir), "forgetting"),
@@ -199,7 +213,8 @@ def curves(stir: Frame, cka: Frame) -> Frame:
         joined = joined.join(part, on=keys, how="left")
     return (
         joined.join(noise_floor(stir), on="layer", how="left")
-        .with_columns(_above_noise("forgetting"), _above_noise("learning"))
+        .join(learning_noise_floor(stir), on=keys, how="left")
+        .with_columns(_above_noise("forgetting"), _above_noise("learning", "learning_noise_floor"))
         .sort(keys)
     )
 

@@ -5,7 +5,9 @@ Every state-dict tensor the two networks share with one shape is interpolated (p
 float buffers alike, as ``wise_ft.py``). Tensors the pretrained network lacks, or has in another
 shape (a new head, adapters), follow ``interpolation.extra``: ``keep`` takes the checkpoint's
 (refused for a shared key of another shape: there is no path between them), ``scale`` multiplies
-them by alpha (for zero-initialised adapters the path from the base model). Non-float tensors
+them by alpha (for zero-initialised adapters the path from the base model; of a product, LoRA's
+``B A`` or a bottleneck's ``up(act(down(h)))``, only the zero-initialised factor is scaled, so the
+adapter adds exactly alpha times its finetuned update). Non-float tensors
 (counters such as BatchNorm's ``num_batches_tracked``) are the pretrained one's below alpha 0.5,
 the checkpoint's from there. Built in memory from the two loaded models: no file is written.
 
@@ -31,17 +33,28 @@ log = logging.getLogger(__name__)
 Extra = Literal["keep", "scale"]
 
 
-WRAPPER_SEGMENTS = ("base_layer", "0")  # peft's wrapped layer; AfterMLP's (nn.Sequential) first module
+# peft's wrapped layer anywhere; the first module of an AfterMLP (nn.Sequential) only right after `mlp`
+WRAPPER_SEGMENTS = ("base_layer", "0")
+# the factor of an adapter's product that starts non-zero (LoRA's A, a bottleneck's down-projection):
+# `scale` leaves it as trained and scales only its zero-initialised partner, so that the adapter's
+# contribution is alpha times the finetuned one (scaling both factors would give alpha squared)
+UNSCALED_FACTORS = (".lora_A.", ".lora_embedding_A", ".mlp.1.down.")
+
+
+def _wrapper_segment(parts: list[str], position: int) -> bool:
+    part = parts[position]
+    return part == "base_layer" or (part == "0" and position > 0 and parts[position - 1] == "mlp")
 
 
 def pretrained_name(key: str, pretrained: Mapping[str, object]) -> str | None:
     """The pretrained tensor a finetuned tensor ``key`` continues: the same name, or the name
-    without one wrapper segment (``qkv.base_layer.weight`` -> ``qkv.weight``); None if none."""
+    without one wrapper segment (``qkv.base_layer.weight`` -> ``qkv.weight``, ``mlp.0.fc1.weight``
+    -> ``mlp.fc1.weight``); None if none."""
     if key in pretrained:
         return key
     parts = key.split(".")
     for position, part in enumerate(parts[:-1]):
-        if part in WRAPPER_SEGMENTS:
+        if _wrapper_segment(parts, position):
             candidate = ".".join(parts[:position] + parts[position + 1 :])
             if candidate in pretrained:
                 return candidate
@@ -90,8 +103,10 @@ def interpolate_state(
             state[key] = (base if shared and alpha < 0.5 else tuned).clone()
         elif shared:
             state[key] = ((1.0 - alpha) * base.to(tuned.device, tuned.dtype) + alpha * tuned).to(tuned.dtype)
+        elif extra == "scale" and not any(factor in key for factor in UNSCALED_FACTORS):
+            state[key] = tuned * alpha
         else:
-            state[key] = tuned * alpha if extra == "scale" else tuned.clone()
+            state[key] = tuned.clone()
     return state
 
 

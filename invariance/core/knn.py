@@ -60,9 +60,12 @@ def knn_accuracy(
             kk = min(k, largest_k)
             votes = torch.zeros(len(queries), classes, device=device)
             votes.scatter_add_(1, neighbour_labels[:, :kk], weights[:, :kk])
-            ranked = votes.argsort(dim=1, descending=True)
+            ranked_votes, ranked = votes.sort(dim=1, descending=True)
             correct1[k] += int((ranked[:, 0] == targets).sum())
             if classes >= 5:
-                correct5[k] += int((ranked[:, :5] == targets[:, None]).any(dim=1).sum())
+                # only classes a neighbour voted for (at most min(5, k), as DINO's narrow(1, 0, min(5, k))):
+                # a class nobody voted for is no prediction, whatever the order of the ties at 0
+                voted = (ranked[:, :5] == targets[:, None]) & (ranked_votes[:, :5] > 0)
+                correct5[k] += int(voted.any(dim=1).sum())
     n = len(test_features)
     return {k: (correct1[k] / n, correct5[k] / n if classes >= 5 else None) for k in ks}

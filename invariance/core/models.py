@@ -210,7 +210,8 @@ class ModuleLayers:
         def hook(layer: int) -> Callable[..., None]:
             def take(_module: nn.Module, _inputs: Any, output: Any) -> None:
                 if layer not in captured:  # a module called twice: its first call
-                    captured[layer] = _first_tensor(output)
+                    # a copy: an in-place op after the module (ReLU(inplace=True)) must not change it
+                    captured[layer] = _first_tensor(output).clone()
                 if len(captured) == len(wanted):
                     raise _Stop  # every asked module has run: no compute (nor gradient) past it
 

@@ -42,8 +42,9 @@ def subspace_similarity(x: ArrayLike, y: ArrayLike, k: int = DEFAULT_COMPONENTS)
         raise ValueError(f"subspace similarity: k = {k} components need at least {k + 1} samples, got {centered_x.shape[0]}")
     u_x, s_x = _top_components(centered_x @ centered_x.T, k)
     u_y, s_y = _top_components(centered_y @ centered_y.T, k)
-    scale = max(float(s_x[0]), float(s_y[0]), 1e-300)
-    if float(s_x[-1]) <= 1e-6 * scale or float(s_y[-1]) <= 1e-6 * scale:  # eigh of X X^T: ~1e-7 relative noise
+    # fewer than k directions of variance on a side, each measured against its own largest
+    # (eigh of X X^T leaves ~1e-7 relative noise in the singular values)
+    if any(float(s[-1]) <= 1e-6 * max(float(s[0]), 1e-300) for s in (s_x, s_y)):
         return float("nan")
     overlap = (u_x.T @ (centered_x @ centered_y.T) @ u_y) / s_x[:, None] / s_y[None, :]
     return float((overlap**2).sum() / k)

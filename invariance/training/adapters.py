@@ -7,8 +7,9 @@ equal the base's exactly.
   inside the blocks (a ViT's attention qkv/proj and MLP fc1/fc2; a CNN's stage convs).
 - ``bottleneck``: after each block's MLP, ``h + up(gelu(down(h)))`` with ``down: dim -> dim /
   reduction_factor`` and ``up`` zero-initialised (Houlsby et al. 2019, the MLP-side adapter).
-- ``film``: after each block's MLP, ``h * (1 + gamma) + beta`` per channel, gamma and beta
-  zero-initialised.
+- ``film``: in each block, on the residual stream after the attention residual,
+  ``x = x * (1 + gamma) + beta`` per channel, gamma and beta zero-initialised (as the FiLM ViT
+  wrapper of ``openvla-oft``); the block's own keys are unchanged, FiLM adds ``blocks.N.film.*``.
 
 ``adapted_model`` is a model factory: a run config names it under ``finetuned_model:
 {factory: invariance.training.adapters:adapted_model, kwargs: {...}}`` to rebuild the adapted
@@ -61,6 +62,31 @@ class AfterMLP(nn.Sequential):
     """A block's MLP followed by its adapter: ``adapter(mlp(x))``. Keys: ``mlp.0.*``, ``mlp.1.*``."""
 
 
+_FILM_PARTS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
+_film_classes: dict[type, type] = {}
+
+
+def _film_block_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """A pre-norm transformer block with FiLM on the residual stream after the attention residual."""
+    x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), *args, **kwargs)))
+    x = self.film(x)
+    return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+
+def _with_film(block: nn.Module, width: int) -> None:
+    """Give ``block`` a FiLM after its attention residual: a ``film`` submodule, and the block's
+    class swapped for a subclass whose forward applies it (every other key stays as it was)."""
+    missing = [part for part in _FILM_PARTS if not hasattr(block, part)]
+    if missing:
+        raise ConfigError(f"adapter.kind: film goes after the attention residual of a pre-norm transformer block "
+                          f"(timm's Block); {type(block).__name__} lacks {missing}. Use adapter.kind: lora")  # fmt: skip
+    base = type(block)
+    if base not in _film_classes:
+        _film_classes[base] = type(f"FiLM{base.__name__}", (base,), {"forward": _film_block_forward})
+    block.film = FiLM(width)
+    block.__class__ = _film_classes[base]
+
+
 def _blocks(network: nn.Module) -> list[nn.Module]:
     blocks = getattr(network, "blocks", None)
     if blocks is None or not all(hasattr(block, "mlp") for block in blocks):
@@ -100,7 +126,7 @@ def add_adapter(
     network: nn.Module,
     kind: AdapterKind,
     rank: int = 8,
-    alpha: float = 16.0,
+    alpha: float = 8.0,
     dropout: float = 0.0,
     target_modules: list[str] | None = None,
     reduction_factor: int = 16,
@@ -122,8 +148,10 @@ def add_adapter(
     if kind in ("bottleneck", "film"):
         for block in _blocks(network):
             width = _mlp_width(block.mlp)
-            adapter = BottleneckAdapter(width, reduction_factor) if kind == "bottleneck" else FiLM(width)
-            block.mlp = AfterMLP(block.mlp, adapter)
+            if kind == "film":
+                _with_film(block, width)
+            else:
+                block.mlp = AfterMLP(block.mlp, BottleneckAdapter(width, reduction_factor))
         return network
     raise ConfigError(f"adapter.kind: expected lora, bottleneck or film, got {kind!r}")
 
@@ -131,7 +159,7 @@ def add_adapter(
 def adapter_parameters(network: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
     """(name, parameter) of everything an adapter added: LoRA's ``lora_*`` and the MLP adapters."""
     for name, parameter in network.named_parameters():
-        if "lora_" in name or ".mlp.1." in name:
+        if "lora_" in name or ".mlp.1." in name or ".film." in name:
             yield name, parameter
 
 

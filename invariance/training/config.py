@@ -84,7 +84,7 @@ class AdapterConfig(_Strict):
 
     kind: AdapterKind
     rank: Int = Field(8, ge=1)
-    alpha: float = Field(16.0, gt=0)
+    alpha: float = Field(8.0, gt=0)  # peft's default (r 8, alpha 8), as the LoRA reference
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] | None = None
     reduction_factor: Int = Field(16, ge=1)
