@@ -112,11 +112,15 @@ def _interval(value: str) -> list[pl.Expr]:
 def over_seeds(frame: Frame, value: str, by: list[str]) -> Frame:
     """``value`` -> ``{value}_mean``, ``{value}_std`` (ddof=1) and the 95% t-interval of the mean,
     ``{value}_ci_low`` / ``{value}_ci_high``, over seeds, grouped by ``by``; ``n_seeds``."""
+    names = frame.collect_schema().names() if isinstance(frame, pl.LazyFrame) else frame.columns
+    # summed in seed order: joins and group_by hand rows over in no fixed order, and a sum in
+    # another order differs in its last bits (a rerun must write byte-identical tables)
+    values = pl.col(value).sort_by("seed") if "seed" in names else pl.col(value)
     return (
         frame.group_by(by)
         .agg(
-            pl.col(value).mean().alias(f"{value}_mean"),
-            pl.col(value).std(ddof=1).alias(f"{value}_std"),
+            values.mean().alias(f"{value}_mean"),
+            values.std(ddof=1).alias(f"{value}_std"),
             pl.len().alias("n_seeds"),
         )
         .with_columns(_interval(value))
@@ -147,7 +151,9 @@ def noise_floor(stir: Frame, value: Estimator = "stir") -> Frame:
         own.group_by("target_layer", "seed")
         .agg(pl.col(value).first())
         .group_by("target_layer")
-        .agg(pl.col(value).std(ddof=1).alias("noise_floor"))
+        # in seed order: a std summed in another order differs in its last bits, and a rerun must
+        # write byte-identical tables (group_by hands the groups' rows over in no fixed order)
+        .agg(pl.col(value).sort_by("seed").std(ddof=1).alias("noise_floor"))
         .rename({"target_layer": "layer"})
     )
 
@@ -160,7 +166,7 @@ def learning_noise_floor(stir: Frame, value: Estimator = "stir") -> Frame:
     )
     return (
         own.group_by(*CHECKPOINT_KEYS, "target_layer")
-        .agg(pl.col(value).std(ddof=1).alias("learning_noise_floor"))
+        .agg(pl.col(value).sort_by("seed").std(ddof=1).alias("learning_noise_floor"))
         .rename({"target_layer": "layer"})
     )
 
