@@ -58,18 +58,17 @@ def load_run_config(config: RunConfig | str) -> tuple[RunConfig, ResolvedPaths]:
     return resolve_paths(load_config(config), config_folder(str(config)))
 
 
-def open_run(config: RunConfig | str, check_data: bool = True) -> tuple[RunConfig, Store, Plan, RunSpec]:
+def open_run(config: RunConfig | str) -> tuple[RunConfig, Store, Plan, RunSpec]:
     """Load and validate the config, resolve its relative paths, check the output is writable (a
     named error for a wrong URL, bucket or credentials, before anything else; the check leaves
-    nothing behind), plan, and (unless told not to) read the eval data once when there is work left.
-    A path error says how relative paths were resolved."""
+    nothing behind), and plan (which reads the eval images once: their fingerprint keys the
+    results). A path error says how relative paths were resolved."""
     config, paths = load_run_config(config)
     try:
         check_output_location(config)  # before the write probe lands inside a data or checkpoint folder
         store = Store(config.output, dict(config.storage_options))
         store.check_writable()
-        # the plan reads the eval images once (their fingerprint keys the results): a dataset
-        # that cannot be read fails here, before any task starts, whatever ``check_data`` says
+        # a dataset that cannot be read fails here, before any task starts
         plan = make_plan(config, store)
     except (CheckpointError, DataError, StorageError) as error:
         if not paths.note():
@@ -219,7 +218,7 @@ def submission_id(plan: Plan) -> str:
 def next_submission(config: RunConfig | str) -> tuple[str | None, str]:
     """For a scheduler: (submission id, why) when there is work to submit, else (None, why not):
     nothing is missing, or a run of these settings holds the lease."""
-    _, store, plan, _ = open_run(config, check_data=False)
+    _, store, plan, _ = open_run(config)
     missing = len(plan.missing_keys)
     if not missing:
         return None, "nothing to compute: every shard of every checkpoint is done"
@@ -276,7 +275,7 @@ def reduce_only(config: RunConfig | str) -> ReduceResult | None:
 
     Holds the run lease while it reduces: while a run of these settings is live, it writes
     nothing (that run's view is newer) and returns None."""
-    config, store, plan, _ = open_run(config, check_data=False)
+    config, store, plan, _ = open_run(config)
     lease = RunLease(store, plan.settings_hash)
     lease.holder = f"reduce-{lease.holder}"  # what a run starting meanwhile reports
     try:

@@ -213,7 +213,7 @@ def test_submission_id_follows_the_work_left(tmp_path: Path, capsys) -> None:
 
     # a run in progress: nothing to submit
     store = Store(str(tmp_path / "out"))
-    plan = run_module.open_run(config(seeds=[0]), check_data=False)[2]
+    plan = run_module.open_run(config(seeds=[0]))[2]
     lease = RunLease(store, plan.settings_hash)
     assert lease.acquire() is None
     identifier, why = run_module.next_submission(config(seeds=[0]))

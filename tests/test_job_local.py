@@ -110,7 +110,7 @@ def test_a_lost_lease_stops_submissions(finished_run) -> None:
 
     tmp, raw, _ = finished_run
     fresh = {**raw, "output": str(tmp / "out-lost")}
-    _, _, plan, spec = open_run(parse_config(fresh), check_data=False)
+    _, _, plan, spec = open_run(parse_config(fresh))
     polls = []
 
     def lost_after_two_polls() -> bool:

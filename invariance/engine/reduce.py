@@ -60,7 +60,12 @@ def _read_shards(plan: Plan, store: Store, units: list[Unit]) -> tuple[pl.DataFr
         pass
     frames, unreadable = [], []
     for unit, key in zip(units, keys):
-        data = store.get(key)  # a StorageError here (unreachable store) is not the shard's fault
+        try:
+            data = store.get(key)  # a StorageError here (unreachable store) is not the shard's fault
+        except FileNotFoundError:  # deleted since the plan listed it: missing, recomputed next run
+            log.warning("%s: gone since the plan listed it; its shard is recomputed by the next run", store.url(key))
+            unreadable.append(unit)
+            continue
         try:
             frames.append(pl.read_parquet(io.BytesIO(data)))
         except Exception as exc:  # noqa: BLE001 - polars raises several types for a bad file
@@ -105,8 +110,9 @@ def reduce_plan(plan: Plan, store: Store, make_plots: bool = True, settings: dic
     next run recomputes it), its checkpoint is incomplete, and ``result.unreadable`` lists it."""
     incomplete = plan.incomplete_checkpoints()
     complete = [c.key for c in plan.checkpoints if c.key not in incomplete]
-    stir, bad_stir = _read_shards(plan, store, [u for u in plan.stir if (u.run, u.epoch) in set(complete)])
-    cka, bad_cka = _read_shards(plan, store, [u for u in plan.cka if (u.run, u.epoch) in set(complete)])
+    done = set(complete)
+    stir, bad_stir = _read_shards(plan, store, [u for u in plan.stir if (u.run, u.epoch) in done])
+    cka, bad_cka = _read_shards(plan, store, [u for u in plan.cka if (u.run, u.epoch) in done])
     unreadable: list[Unit] = [*bad_stir, *bad_cka]
     if unreadable:
         _forget(plan, store, unreadable)

@@ -112,13 +112,9 @@ class Workspace:
         ``weights``; ``layers``: the analysed ones (``model.strict: false`` must load all they read)."""
         model_config = config.finetuned_model if role == "ft" and config.finetuned_model else config.model
         key = (model_config.model_dump_json(), str(config.layers), weights)
-        if key not in self._models:
-            self._models[key] = load_model(model_config, weights, config.storage_options, modules=config.layer_modules,
-                                           layers=layers).to(self.device)  # fmt: skip
-            while len(self._models) > self.max_models:
-                self._models.popitem(last=False)
-        self._models.move_to_end(key)
-        return self._models[key]
+        return _cached(self._models, key, self.max_models,
+                       lambda: load_model(model_config, weights, config.storage_options, modules=config.layer_modules,
+                                          layers=layers).to(self.device))  # fmt: skip
 
     def path_model(self, spec: RunSpec, checkpoint_url: str, alpha: float = PLAIN_ALPHA, extra: str = "keep") -> FeatureModel:
         """The finetuned model of ``checkpoint_url`` at ``alpha`` on the weight path from the pretrained
@@ -127,13 +123,9 @@ class Workspace:
         if alpha == PLAIN_ALPHA:
             return finetuned
         key = ("interpolated", f"{alpha!r}:{extra}", checkpoint_url)
-        if key not in self._models:
-            pretrained = self.model(spec.config, spec.config.pretrained, "pt", spec.layers)
-            self._models[key] = interpolated_model(pretrained, finetuned, alpha, extra)  # type: ignore[arg-type]
-            while len(self._models) > self.max_models:
-                self._models.popitem(last=False)
-        self._models.move_to_end(key)
-        return self._models[key]
+        pretrained = self.model(spec.config, spec.config.pretrained, "pt", spec.layers)
+        return _cached(self._models, key, self.max_models,
+                       lambda: interpolated_model(pretrained, finetuned, alpha, extra))  # type: ignore[arg-type]
 
     def labelled_images(self, data: DataConfig, image_size: int, label_column: str, storage_options: dict,
                         key_name: str) -> EvalImages:  # fmt: skip
@@ -173,18 +165,25 @@ class Workspace:
         """Shard context for pt and (unless None) the checkpoint at ``checkpoint_url``, at ``alpha``
         on the weight path (1: the checkpoint itself)."""
         key = (spec.settings_hash, checkpoint_url) if alpha == PLAIN_ALPHA else (spec.settings_hash, checkpoint_url, alpha, extra)
-        if key not in self._contexts:
+
+        def build() -> ShardContext:
             models = {"pt": self.model(spec.config, spec.config.pretrained, "pt", spec.layers)}
             if checkpoint_url is not None:
                 models["ft"] = self.path_model(spec, checkpoint_url, alpha, extra)
             images = self.eval_images(spec.config, models["pt"].input_size, spec.eval_fingerprint)
-            self._contexts[key] = ShardContext(
-                models, images, spec.layers, spec.config.token_policy, spec.config.inversion
-            )
-            while len(self._contexts) > self.max_models:
-                self._contexts.popitem(last=False)
-        self._contexts.move_to_end(key)
-        return self._contexts[key]
+            return ShardContext(models, images, spec.layers, spec.config.token_policy, spec.config.inversion)
+
+        return _cached(self._contexts, key, self.max_models, build)
+
+
+def _cached(cache: OrderedDict, key: Any, limit: int, build: Callable[[], Any]) -> Any:
+    """``cache[key]``, built on first use; the least recently used entries beyond ``limit`` go."""
+    if key not in cache:
+        cache[key] = build()
+        while len(cache) > limit:
+            cache.popitem(last=False)
+    cache.move_to_end(key)
+    return cache[key]
 
 
 def _record(data_key: str, rows: int, started: float, **identity: Any) -> bytes:
