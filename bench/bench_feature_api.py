@@ -42,16 +42,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--iterations", type=int, default=20)
+    parser.add_argument("--model", choices=("tiny", "small"), default="tiny",
+                        help="tiny: make bench's 12-block width-32 ViT at 32 px, 16 samples; small: ViT-S/16 at 224, 4 samples")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    # the shards-vs-pairwise benchmark's tiny ViT (make bench): 12 blocks, width 32, 32 px, 16 samples
-    kwargs = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 12, "num_heads": 2}
-    api = load_model(ModelConfig(arch="vit_tiny_patch16_224", kwargs=kwargs), None)
+    if args.model == "tiny":  # the shards-vs-pairwise benchmark's tiny ViT (make bench)
+        config = ModelConfig(arch="vit_tiny_patch16_224",
+                             kwargs={"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 12, "num_heads": 2})
+        samples, size = 16, 32
+    else:  # a real ViT's shape: ViT-S/16 at 224 (197 tokens x 384), random init
+        config, samples, size = ModelConfig(arch="vit_small_patch16_224"), 4, 224
+    api = load_model(config, None)
     walk = HandWalkViT(api)
-    images = torch.rand(16, 3, 32, 32)
-    noise = start_noise(0, torch.arange(16), (3, 32, 32))
-    settings = InversionConfig(iterations=args.iterations, bf16=False, micro_batch=16)
+    images = torch.rand(samples, 3, size, size)
+    noise = start_noise(0, torch.arange(samples), (3, size, size))
+    settings = InversionConfig(iterations=args.iterations, bf16=False, micro_batch=samples)
     print(f"| layer | hand walk ms/step | forward_intermediates ms/step | ratio | same X' |")
     print("| --- | --- | --- | --- | --- |")
     for layer in (0, 6, 12):
