@@ -43,6 +43,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_memory.py
 	$(BIN)/python bench/bench_throughput.py
 	$(BIN)/python bench/bench_reads.py
+	$(BIN)/python bench/bench_feature_api.py
 
 clean:
 	rm -rf $(VENV) invariance-demo .pytest_cache
