@@ -1,4 +1,4 @@
-"""The `invariance` command: demo, run, plan, reduce, finetune."""
+"""The `invariance` command: demo, run, plan, reduce, report, finetune."""
 
 from __future__ import annotations
 
