@@ -7,7 +7,7 @@ here touches pyplot or switches the backend of a notebook that imports the libra
 from __future__ import annotations
 
 import io
-from typing import Any
+from typing import Any, Sequence
 
 import matplotlib
 import matplotlib.cm
@@ -39,6 +39,7 @@ def png_bytes(figure: Figure) -> bytes:
 
 
 BAND_LABEL = "shaded: ±1 std over seeds"
+ALPHA_LABEL = "alpha  ((1 - alpha) pretrained + alpha finetuned)"
 # up to this many epochs (or layers) get a legend entry each; more get a discrete colour bar
 LEGEND_LIMIT = 12
 
@@ -53,16 +54,36 @@ def _discrete_colors(values: list[int], colormap: str) -> tuple[dict[int, tuple]
 
 
 def _discrete_key(figure: Figure, axes: Any, values: list[int], colors: dict[int, tuple], cmap: Any, norm: Any,
-                  name: str) -> None:  # fmt: skip
-    """A legend entry per value when few, else a colour bar with one tick per value."""
+                  name: str, band: bool = False, markers: str = "o", extra: Sequence[Any] = (),
+                  title: str | None = None) -> None:  # fmt: skip
+    """A legend entry per value (``markers[i]`` for the i-th) when few, else a colour bar with one
+    tick per value; ``band``: the shaded band is named; ``extra``: legend handles shown either way."""
+    handles = list(extra)
     if len(values) <= LEGEND_LIMIT:
-        handles = [matplotlib.lines.Line2D([], [], color=colors[v], marker="o", ms=4, label=f"{name} {v}") for v in values]
-        handles.append(matplotlib.patches.Patch(color="grey", alpha=0.25, label=BAND_LABEL))
-        figure.legend(handles=handles, loc="outside right center", fontsize=8, title=name)
-        return
-    colorbar = figure.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=axes, shrink=0.9)
-    colorbar.set_ticks(np.arange(len(values)), labels=[str(v) for v in values])
-    colorbar.set_label(f"{name} ({BAND_LABEL})")
+        handles += [matplotlib.lines.Line2D([], [], color=colors[v], marker=markers[i % len(markers)], ms=4,
+                                            label=f"{name} {v}") for i, v in enumerate(values)]  # fmt: skip
+        if band:
+            handles.append(matplotlib.patches.Patch(color="grey", alpha=0.25, label=BAND_LABEL))
+    else:
+        colorbar = figure.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=axes, shrink=0.9)
+        colorbar.set_ticks(np.arange(len(values)), labels=[str(v) for v in values])
+        colorbar.set_label(f"{name} ({BAND_LABEL})" if band else name)
+    if handles:
+        figure.legend(handles=handles, loc="outside right center", fontsize=8, title=title or name)
+
+
+def _metric_axes(figure: Figure, xlabel: str) -> list[tuple[Any, str]]:
+    """The three panels of forgetting, learning and CKA divergence, labelled, with the zero line:
+    [(axis, metric)]."""
+    panels = []
+    for axis, (metric, label) in zip(figure.subplots(1, 3), CURVE_METRICS):
+        axis.axhline(0.0, color="grey", lw=0.6)
+        axis.set_xlabel(xlabel)
+        axis.set_ylabel(metric.replace("_", " ") + " (mean over seeds)")
+        axis.set_title(label, fontsize=10)
+        axis.grid(alpha=0.3)
+        panels.append((axis, metric))
+    return panels
 
 
 def layer_curves_figure(curves: pl.DataFrame, title: str = "") -> Figure:
@@ -70,8 +91,8 @@ def layer_curves_figure(curves: pl.DataFrame, title: str = "") -> Figure:
     epochs = sorted(curves["epoch"].unique().to_list())
     colors, cmap, norm = _discrete_colors(epochs, "viridis")
     figure = new_figure(figsize=(16, 4.2))
-    axes = figure.subplots(1, 3)
-    for axis, (metric, label) in zip(axes, CURVE_METRICS):
+    panels = _metric_axes(figure, "layer (last = pre-logits)")
+    for axis, metric in panels:
         for epoch in epochs:
             rows = curves.filter(pl.col("epoch") == epoch).sort("layer")
             layers = rows["layer"].to_numpy()
@@ -79,13 +100,9 @@ def layer_curves_figure(curves: pl.DataFrame, title: str = "") -> Figure:
             std = rows[f"{metric}_std"].fill_null(0.0).to_numpy()
             axis.plot(layers, mean, marker="o", ms=3, color=colors[epoch], lw=1.5)
             axis.fill_between(layers, mean - std, mean + std, color=colors[epoch], alpha=0.12, lw=0)
-        axis.axhline(0.0, color="grey", lw=0.6)
         axis.set_xticks(sorted(curves["layer"].unique().to_list()))
-        axis.set_xlabel("layer (last = pre-logits)")
-        axis.set_ylabel(metric.replace("_", " ") + " (mean over seeds)")
-        axis.set_title(label, fontsize=10)
-        axis.grid(alpha=0.3)
-    _discrete_key(figure, axes, epochs, colors, cmap, norm, "epoch")
+    axes = [axis for axis, _ in panels]
+    _discrete_key(figure, axes, epochs, colors, cmap, norm, "epoch", band=True)
     if title:
         figure.suptitle(title)
     return figure
@@ -107,25 +124,15 @@ def dynamics_figure(curves: pl.DataFrame, title: str = "") -> Figure:
     colors, cmap, norm = _discrete_colors(layers, "turbo")
     markers = "os^vD<>pX*h"
     figure = new_figure(figsize=(16, 4.2))
-    axes = figure.subplots(1, 3)
-    for axis, (metric, label) in zip(axes, CURVE_METRICS):
+    panels = _metric_axes(figure, "checkpoint epoch")
+    for axis, metric in panels:
         for position, layer in enumerate(layers):
             rows = curves.filter(pl.col("layer") == layer).sort("epoch")
             axis.plot(rows["epoch"].to_numpy(), rows[f"{metric}_mean"].to_numpy(), marker=markers[position % len(markers)],
                       ms=4, color=colors[layer], lw=1.3)  # fmt: skip
-        axis.axhline(0.0, color="grey", lw=0.6)
-        axis.set_xlabel("checkpoint epoch")
-        axis.set_ylabel(metric.replace("_", " ") + " (mean over seeds)")
         axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-        axis.set_title(label, fontsize=10)
-        axis.grid(alpha=0.3)
         _readable_near_zero(axis, curves[f"{metric}_mean"].cast(pl.Float64).to_numpy())
-    if len(layers) <= LEGEND_LIMIT:
-        handles = [matplotlib.lines.Line2D([], [], color=colors[layer], marker=markers[position % len(markers)], ms=4,
-                                           label=f"layer {layer}") for position, layer in enumerate(layers)]  # fmt: skip
-        figure.legend(handles=handles, loc="outside right center", fontsize=8, title="layer")
-    else:
-        _discrete_key(figure, axes, layers, colors, cmap, norm, "layer")
+    _discrete_key(figure, [axis for axis, _ in panels], layers, colors, cmap, norm, "layer", markers=markers)
     if title:
         figure.suptitle(title)
     return figure
@@ -190,18 +197,6 @@ def flow_heatmap_png(flow: pl.DataFrame, epoch: int) -> bytes:
 # weight paths (interpolation.alphas) and kNN probes
 
 
-def _layer_key(figure: Figure, axes: Any, layers: list[int], colors: dict[int, tuple], cmap: Any, norm: Any) -> None:
-    """One legend entry per layer (few), else a discrete colour bar."""
-    if len(layers) <= LEGEND_LIMIT:
-        handles = [matplotlib.lines.Line2D([], [], color=colors[layer], marker="o", ms=4, label=f"layer {layer}")
-                   for layer in layers]  # fmt: skip
-        figure.legend(handles=handles, loc="outside right center", fontsize=8, title="layer")
-    else:
-        colorbar = figure.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=axes, shrink=0.9)
-        colorbar.set_ticks(np.arange(len(layers)), labels=[str(v) for v in layers])
-        colorbar.set_label("layer")
-
-
 def interpolation_figure(curves: pl.DataFrame, epoch: int) -> Figure:
     """Forgetting, learning and CKA divergence against alpha for the checkpoint of ``epoch``, one
     line per layer (alpha 0: the pretrained weights, 1: the checkpoint)."""
@@ -209,18 +204,13 @@ def interpolation_figure(curves: pl.DataFrame, epoch: int) -> Figure:
     layers = sorted(rows["layer"].unique().to_list())
     colors, cmap, norm = _discrete_colors(layers, "turbo")
     figure = new_figure(figsize=(16, 4.2))
-    axes = figure.subplots(1, 3)
-    for axis, (metric, label) in zip(axes, CURVE_METRICS):
+    panels = _metric_axes(figure, ALPHA_LABEL)
+    for axis, metric in panels:
         for layer in layers:
             line = rows.filter(pl.col("layer") == layer).sort("alpha")
             axis.plot(line["alpha"].to_numpy(), line[f"{metric}_mean"].to_numpy(), marker="o", ms=3, color=colors[layer], lw=1.3)
-        axis.axhline(0.0, color="grey", lw=0.6)
-        axis.set_xlabel("alpha  ((1 - alpha) pretrained + alpha finetuned)")
-        axis.set_ylabel(metric.replace("_", " ") + " (mean over seeds)")
         axis.set_xlim(-0.02, 1.02)
-        axis.set_title(label, fontsize=10)
-        axis.grid(alpha=0.3)
-    _layer_key(figure, axes, layers, colors, cmap, norm)
+    _discrete_key(figure, [axis for axis, _ in panels], layers, colors, cmap, norm, "layer")
     checkpoint = rows["checkpoint"][0] if len(rows) else ""
     figure.suptitle(f"along the weight path to {checkpoint_title(checkpoint, epoch)}")
     return figure
@@ -254,14 +244,8 @@ def knn_layers_figure(knn: pl.DataFrame) -> Figure:
     axis.set_ylim(-0.02, 1.02)
     axis.set_title("weighted kNN (DINO) on frozen features, per layer", fontsize=10)
     axis.grid(alpha=0.3)
-    handles = [matplotlib.lines.Line2D([], [], color="black", ls="--", marker="s", ms=4, label="pretrained")]
-    if len(epochs) <= LEGEND_LIMIT:
-        handles += [matplotlib.lines.Line2D([], [], color=colors[e], marker="o", ms=4, label=f"epoch {e}") for e in epochs]
-    else:
-        colorbar = figure.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=axis, shrink=0.9)
-        colorbar.set_ticks(np.arange(len(epochs)), labels=[str(e) for e in epochs])
-        colorbar.set_label("epoch")
-    figure.legend(handles=handles, loc="outside right center", fontsize=8, title="model")
+    pretrained_handle = matplotlib.lines.Line2D([], [], color="black", ls="--", marker="s", ms=4, label="pretrained")
+    _discrete_key(figure, axis, epochs, colors, cmap, norm, "epoch", extra=[pretrained_handle], title="model")
     return figure
 
 
@@ -279,14 +263,14 @@ def knn_alpha_figure(knn: pl.DataFrame) -> Figure:
         for layer in layers:
             line = path.filter(pl.col("layer") == layer).sort("alpha")
             axis.plot(line["alpha"].to_numpy(), line["top1"].to_numpy(), marker="o", ms=3, color=colors[layer], lw=1.3)
-        axis.set_xlabel("alpha  ((1 - alpha) pretrained + alpha finetuned)")
+        axis.set_xlabel(ALPHA_LABEL)
         axis.set_ylabel(f"kNN top-1 accuracy (k = {k})")
         axis.set_xlim(-0.02, 1.02)
         axis.set_ylim(-0.02, 1.02)
         checkpoint = path["checkpoint"][0] if len(path) else ""
         axis.set_title(f"weight path to {checkpoint_title(checkpoint, epoch)}", fontsize=10)
         axis.grid(alpha=0.3)
-    _layer_key(figure, axes, layers, colors, cmap, norm)
+    _discrete_key(figure, axes, layers, colors, cmap, norm, "layer")
     return figure
 
 
