@@ -120,8 +120,7 @@ def run_plan(folder: Path, epochs: int, cache: bool, samples: int, iterations: i
     })  # fmt: skip
     store = Store(config.output)
     plan = make_plan(config, store)
-    spec = RunSpec(config, store, plan.settings_hash, plan.inversion_hash, tuple(plan.layers),
-                   eval_fingerprint=plan.fingerprints.get("eval_images", ""))  # fmt: skip
+    spec = RunSpec.from_plan(config, store, plan)
     workspace = Workspace("cpu", inversion_cache_bytes=INVERSION_CACHE_BYTES if cache else 0)
     held = 0
     original_grams = ShardContext.clean_grams

@@ -74,8 +74,7 @@ def open_run(config: RunConfig | str) -> tuple[RunConfig, Store, Plan, RunSpec]:
         if not paths.note():
             raise
         raise type(error)(f"{error} {paths.note()}") from error
-    spec = RunSpec(config, store, plan.settings_hash, plan.inversion_hash, tuple(plan.layers),
-                   eval_fingerprint=plan.fingerprints.get("eval_images", ""))  # fmt: skip
+    spec = RunSpec.from_plan(config, store, plan)
     return config, store, plan, spec
 
 

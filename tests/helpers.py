@@ -132,3 +132,14 @@ def lora_vit_factory(rank: int = 4, **vit_kwargs: Any):
 
     network = tiny_factory(**vit_kwargs)
     return inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=["qkv"]), network)
+
+
+def open_in_process(config: Any) -> tuple[Any, Any, Any]:
+    """(store, plan, spec) of a parsed run config, for the in-process executor."""
+    from invariance.engine.plan import make_plan
+    from invariance.engine.steps import RunSpec
+    from invariance.io.storage import Store
+
+    store = Store(config.output)
+    plan = make_plan(config, store)
+    return store, plan, RunSpec.from_plan(config, store, plan)

@@ -11,11 +11,11 @@ import pytest
 from invariance.config import parse_config, settings_hash
 from invariance.engine.execute import SAME_ERROR_LIMIT, execute_in_process
 from invariance.engine.plan import make_plan
-from invariance.engine.steps import RunSpec, Workspace
+from invariance.engine.steps import Workspace
 from invariance.errors import ConfigError
 from invariance.io.layout import CkaUnit, InversionUnit, StirUnit
 from invariance.io.storage import Store
-from tests.helpers import tiny_config, write_checkpoints, write_eval_parquet
+from tests.helpers import tiny_config, write_checkpoints, write_eval_parquet, open_in_process
 
 GOLDEN = Path(__file__).resolve().parent / "data"
 
@@ -24,9 +24,7 @@ def open_tiny_run(tmp_path: Path, epochs: list[int], **overrides) -> tuple:
     write_checkpoints(tmp_path / "ckpt", epochs=epochs)
     write_eval_parquet(tmp_path / "data")
     config = parse_config(tiny_config(tmp_path, str(tmp_path / "out"), **overrides))
-    store = Store(config.output)
-    plan = make_plan(config, store)
-    return config, store, plan, RunSpec(config, store, plan.settings_hash, plan.inversion_hash, tuple(plan.layers))
+    return (config, *open_in_process(config))
 
 
 def test_work_comes_in_submission_order_with_its_dependencies(tmp_path: Path) -> None:

@@ -197,8 +197,7 @@ def analyse(tmp_path: Path, run_dir: Path, data_dir: Path, name: str) -> tuple[p
     config = parse_config(raw)
     store = Store(config.output)
     plan = make_plan(config, store)
-    spec = RunSpec(config, store, plan.settings_hash, plan.inversion_hash, tuple(plan.layers),
-                   eval_fingerprint=plan.fingerprints.get("eval_images", ""))
+    spec = RunSpec.from_plan(config, store, plan)
     summary = execute_in_process(plan, spec, Workspace("cpu"))
     assert summary.failures == []
     plan.refresh(store)

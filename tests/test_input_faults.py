@@ -257,8 +257,7 @@ def test_a_checkpoint_replaced_under_its_epoch_is_computed_anew(tmp_path, torch_
     write_checkpoints(tmp_path / "ckpt", epochs=[1, 2])
     write_eval_parquet(tmp_path / "data")
     config, store, plan = _plan(tmp_path)
-    spec = RunSpec(config, store, plan.settings_hash, plan.inversion_hash, tuple(plan.layers),
-                   eval_fingerprint=plan.fingerprints["eval_images"])  # fmt: skip
+    spec = RunSpec.from_plan(config, store, plan)
     assert execute_in_process(plan, spec, Workspace("cpu")).failures == []
     plan.refresh(store)
     first = reduce_plan(plan, store, make_plots=False).curves
@@ -367,7 +366,7 @@ def test_a_failing_run_never_shows_url_credentials(tmp_path, capsys, caplog, tor
     store = Store(config.output)
     plan = make_plan(config, store)
     assert secret in plan.checkpoints[0].url  # the URL itself is kept: it is how the file is read
-    spec = RunSpec(config, store, plan.settings_hash, plan.inversion_hash, tuple(plan.layers))
+    spec = RunSpec.from_plan(config, store, plan)
     with caplog.at_level(logging.INFO):
         summary = execute_in_process(plan, spec, Workspace("cpu"))
     assert [unit for unit, _ in summary.failures] and all("epoch=02" in unit for unit, _ in summary.failures)

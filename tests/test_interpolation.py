@@ -14,11 +14,11 @@ from invariance.core.models import FeatureModel, load_model
 from invariance.engine.execute import execute_in_process
 from invariance.engine.plan import make_plan
 from invariance.engine.reduce import reduce_plan
-from invariance.engine.steps import RunSpec, Workspace, run_unit
+from invariance.engine.steps import Workspace, run_unit
 from invariance.errors import ConfigError, DataError
 from invariance.io.layout import KNN_ALPHA_PLOT, KNN_LAYERS_PLOT, REDUCED_KNN, KnnUnit, interpolation_plot_key
 from invariance.io.storage import Store
-from tests.helpers import TINY_MODEL, tiny_config, write_checkpoints, write_eval_parquet
+from tests.helpers import TINY_MODEL, tiny_config, write_checkpoints, write_eval_parquet, open_in_process
 
 GOLDEN = Path(__file__).resolve().parent / "data"
 KNN = {"train": {"format": "parquet", "path": "", "n_samples": 24}, "k": [3]}
@@ -32,14 +32,6 @@ def _config(tmp_path: Path, **overrides):
     return parse_config(tiny_config(tmp_path, str(tmp_path / "out"), **overrides))
 
 
-def _open(config):
-    store = Store(config.output)
-    plan = make_plan(config, store)
-    spec = RunSpec(config, store, plan.settings_hash, plan.inversion_hash, tuple(plan.layers),
-                   eval_fingerprint=plan.fingerprints["eval_images"])  # fmt: skip
-    return store, plan, spec
-
-
 def test_alpha_zero_measures_nothing_alpha_one_is_the_checkpoint_and_a_new_alpha_computes_only_itself(
     tmp_path: Path, torch_single_thread
 ) -> None:
@@ -47,7 +39,7 @@ def test_alpha_zero_measures_nothing_alpha_one_is_the_checkpoint_and_a_new_alpha
     write_eval_parquet(tmp_path / "data")
     plain_plan = make_plan(_config(tmp_path), Store(str(tmp_path / "out")))
     config = _config(tmp_path, interpolation={"alphas": [0.0, 1.0]}, knn=KNN)
-    store, plan, spec = _open(config)
+    store, plan, spec = open_in_process(config)
     # alpha 1 is the checkpoint itself: the same units under the same keys as without interpolation
     assert plan.settings_hash == plain_plan.settings_hash
     plain_keys = {plain_plan.data_key(u) for u in [*plain_plan.stir, *plain_plan.cka]}
@@ -91,7 +83,7 @@ def test_alpha_zero_measures_nothing_alpha_one_is_the_checkpoint_and_a_new_alpha
 
     # a rerun adding alpha 0.5 computes its own units only; pt kNN stays computed once per run
     wider = _config(tmp_path, interpolation={"alphas": [0.0, 0.5, 1.0]}, knn=KNN)
-    store, plan, spec = _open(wider)
+    store, plan, spec = open_in_process(wider)
     work = [unit for unit, _ in plan.work()]
     assert work and {getattr(u, "alpha", None) for u in work} == {0.5}
     assert len(work) == 2 * len(plan.layers) * len(wider.seeds) + 1 + 1  # STIR, CKA, kNN of epoch 2 at 0.5
@@ -167,7 +159,7 @@ def test_faults_name_their_key(tmp_path: Path, torch_single_thread) -> None:
     config = _config(tmp_path, knn={**KNN, "train": {"format": "parquet", "path": "", "n_samples": 24}})
     config = config.model_copy(update={"knn": config.knn.model_copy(update={"train": config.knn.train.model_copy(
         update={"path": str(tmp_path / "bank")})})})  # fmt: skip
-    store, plan, spec = _open(config)
+    store, plan, spec = open_in_process(config)
     with pytest.raises(DataError, match=r"knn\.train.*label"):
         run_unit(spec, KnnUnit(-1, "pt"), Workspace("cpu"))
 

@@ -53,8 +53,7 @@ def _run(tmp_path: Path, epochs: list[int], cache_bytes: int | None) -> tuple[di
     config = parse_config(tiny_config(tmp_path, str(tmp_path / f"out-{cache_bytes}")))
     store = Store(config.output)
     plan = make_plan(config, store)
-    spec = RunSpec(config, store, plan.settings_hash, plan.inversion_hash, tuple(plan.layers),
-                   eval_fingerprint=plan.fingerprints.get("eval_images", ""))  # fmt: skip
+    spec = RunSpec.from_plan(config, store, plan)
     workspace = Workspace("cpu") if cache_bytes is None else Workspace("cpu", inversion_cache_bytes=cache_bytes)
     with reads.counting_reads() as counts:
         summary = execute_in_process(plan, spec, workspace)
@@ -82,8 +81,7 @@ def test_a_shard_context_keeps_only_the_grams(tmp_path: Path):
     config = parse_config(tiny_config(tmp_path, str(tmp_path / "out")))
     store = Store(config.output)
     plan = make_plan(config, store)
-    spec = RunSpec(config, store, plan.settings_hash, plan.inversion_hash, tuple(plan.layers),
-                   eval_fingerprint=plan.fingerprints.get("eval_images", ""))  # fmt: skip
+    spec = RunSpec.from_plan(config, store, plan)
     context = Workspace("cpu").context(spec, plan.checkpoints[0].url)
     rows = context.cka_rows()
     n, n_layers = 12, len(plan.layers)

@@ -42,7 +42,7 @@ def reduced_run(tmp_path_factory, torch_single_thread):
     config = parse_config(tiny_config(tmp, str(tmp / "out"), seeds=[0, 1]))
     store = Store(config.output)
     plan = make_plan(config, store)
-    spec = RunSpec(config, store, plan.settings_hash, plan.inversion_hash, tuple(plan.layers))
+    spec = RunSpec.from_plan(config, store, plan)
     assert not execute_in_process(plan, spec, Workspace("cpu")).failures
     plan.refresh(store)
     result = reduce_plan(plan, store, settings=config.numbers_settings())

@@ -10,20 +10,15 @@ import pytest
 
 from invariance.config import parse_config
 from invariance.engine.execute import execute_in_process
-from invariance.engine.plan import make_plan
 from invariance.engine.reduce import reduce_plan
-from invariance.engine.steps import RunSpec, Workspace
+from invariance.engine.steps import Workspace
 from invariance.io.layout import MANIFESTS
-from invariance.io.storage import Store
 from invariance.io.synthetic import ShapesDataset, make_shapes, to_parquet_bytes
-from tests.helpers import tiny_config, write_checkpoints, write_eval_parquet
+from tests.helpers import tiny_config, write_checkpoints, write_eval_parquet, open_in_process
 
 
 def _open(tmp_path: Path, **overrides) -> tuple:
-    config = parse_config(tiny_config(tmp_path, str(tmp_path / "out"), seeds=[0], layers=[0, 2], **overrides))
-    store = Store(config.output)
-    plan = make_plan(config, store)
-    return store, plan, RunSpec(config, store, plan.settings_hash, plan.inversion_hash, tuple(plan.layers))
+    return open_in_process(parse_config(tiny_config(tmp_path, str(tmp_path / "out"), seeds=[0], layers=[0, 2], **overrides)))
 
 
 @pytest.fixture

@@ -14,20 +14,18 @@ from safetensors.torch import save_file
 
 from invariance.config import parse_config
 from invariance.engine.execute import execute_in_process
-from invariance.engine.plan import make_plan
 from invariance.engine.reduce import reduce_plan
-from invariance.engine.steps import RunSpec, Workspace
+from invariance.engine.steps import Workspace
 from invariance.errors import CheckpointError, ConfigError
 from invariance.io.checkpoints import discover_checkpoints
 from invariance.io.layout import (
     REDUCED_CURVES, REDUCED_FLOW, REDUCED_ROBUSTNESS, REDUCED_STATUS, REPORT, RUNS_COMPARED_PLOT, CkaUnit, InversionUnit,
     StirUnit, dynamics_plot_key, finetune_metrics_key, flow_plot_key, layer_curves_plot_key,
 )  # fmt: skip
-from invariance.io.storage import Store
 from invariance.training.config import trial_name
 from invariance.training.run import METRICS_SCHEMA
 from jobs.run import describe_plan
-from tests.helpers import perturbed, tiny_config, tiny_state, write_eval_parquet
+from tests.helpers import perturbed, tiny_config, tiny_state, write_eval_parquet, open_in_process
 
 # the finetune sweep's trial folders, and a hand-named run whose name a hive folder must encode
 RUNS = [trial_name({"optimizer": "sgd", "lr": 0.01}), trial_name({"optimizer": "adam", "lr": 0.001}),
@@ -58,14 +56,6 @@ def study_config(tmp: Path):
                                     layers=[0, 2], seeds=[0, 1], inversion={"iterations": 8, "step_size": 0.5}))  # fmt: skip
 
 
-def open_study(config):
-    store = Store(config.output)
-    plan = make_plan(config, store)
-    spec = RunSpec(config, store, plan.settings_hash, plan.inversion_hash, tuple(plan.layers),
-                   eval_fingerprint=plan.fingerprints["eval_images"])  # fmt: skip
-    return store, plan, spec
-
-
 def test_a_study_shares_the_pretrained_inversions_and_a_later_run_computes_only_its_own_shards(
     tmp_path: Path, torch_single_thread, capsys
 ) -> None:
@@ -75,7 +65,7 @@ def test_a_study_shares_the_pretrained_inversions_and_a_later_run_computes_only_
     for index, run in enumerate(RUNS):
         write_run(tmp_path / "sweep", run, scale=0.03 * (index + 1))
     config = study_config(tmp_path)
-    store, plan, spec = open_study(config)
+    store, plan, spec = open_in_process(config)
 
     assert plan.runs == {run: EPOCHS for run in sorted(RUNS)}
     per_checkpoint = 2 * len(plan.layers) * len(config.seeds)  # pt and ft references x layers x seeds
@@ -139,7 +129,7 @@ def test_a_study_shares_the_pretrained_inversions_and_a_later_run_computes_only_
 
     # a fourth run of the growing sweep: only its own shards are missing, no inversion
     write_run(tmp_path / "sweep", LATE_RUN, scale=0.2)
-    store, later, spec = open_study(config)
+    store, later, spec = open_in_process(config)
     assert later.settings_hash == plan.settings_hash and later.inversion_hash == plan.inversion_hash
     assert later.missing_inversions == []
     missing = [*later.missing_stir, *later.missing_cka]

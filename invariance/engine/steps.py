@@ -26,6 +26,7 @@ from invariance.core.knn_probe import KNN_COLUMNS, knn_rows
 from invariance.core.models import FeatureModel, load_model
 from invariance.core.shards import CKA_COLUMNS, NULLABLE_COLUMNS, STIR_COLUMNS, ShardContext
 from invariance.errors import ConfigError, DataError, NumericsError
+from invariance.engine.plan import Plan
 from invariance.io.storage import Store, redact
 
 
@@ -41,6 +42,12 @@ class RunSpec:
     layers: tuple[int, ...]
     # the plan's fingerprint of the eval images: a worker that loads other images refuses to compute
     eval_fingerprint: str = ""
+
+    @classmethod
+    def from_plan(cls, config: RunConfig, store: Store, plan: Plan) -> "RunSpec":
+        """The spec of every step of ``plan``: its hashes, layers and eval-image fingerprint."""
+        return cls(config, store, plan.settings_hash, plan.inversion_hash, tuple(plan.layers),
+                   eval_fingerprint=plan.fingerprints.get("eval_images", ""))  # fmt: skip
 
 
 # host memory a worker may hold in pretrained X' it has read (6 ViT-B/32 inversions of 500 images)
