@@ -155,11 +155,7 @@ def run(config: RunConfig | str, progress: bool = True, num_cpus: int | None = N
     config, store, plan, spec = open_run(config)
     describe_plan(plan)
     lease = RunLease(store, plan.settings_hash)
-    try:
-        other = lease.acquire()
-    except BaseException:  # an interrupt in the settle wait: our record must not block the next run
-        lease.release()
-        raise
+    other = lease.acquire()
     if other is not None:
         print(f"another run of these settings is in progress: {other.describe()}; nothing to do here")
         return None
@@ -277,11 +273,7 @@ def reduce_only(config: RunConfig | str) -> ReduceResult | None:
     config, store, plan, _ = open_run(config)
     lease = RunLease(store, plan.settings_hash)
     lease.holder = f"reduce-{lease.holder}"  # what a run starting meanwhile reports
-    try:
-        other = lease.acquire()
-    except BaseException:  # as in run(): an interrupt must not leave our record behind
-        lease.release()
-        raise
+    other = lease.acquire()
     if other is not None:
         print(f"a run of these settings is in progress: {other.describe()}; reduce wrote nothing "
               "(that run rebuilds reduced/ when it finishes)", file=sys.stderr)  # fmt: skip

@@ -276,3 +276,15 @@ def test_submission_id_is_stable_and_ray_refuses_a_duplicate(tmp_path: Path, ray
 
     (tmp_path / "ckpt" / "ft" / "epoch=02.safetensors").write_bytes((tmp_path / "ckpt" / "ft" / "epoch=01.safetensors").read_bytes())
     assert submission_id() != first_id  # a new checkpoint: a new submission
+
+
+def test_an_interrupt_while_taking_the_lease_leaves_no_record(tmp_path: Path, monkeypatch) -> None:
+    store = Store(str(tmp_path))
+
+    def interrupted(_seconds: float) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lease_module.time, "sleep", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        RunLease(store, "abc").acquire()
+    assert not store.exists(lease_key("abc"))  # the next run starts at once, not after the TTL

@@ -127,8 +127,12 @@ class RunLease:
         if other is not None and other.holder != self.holder:
             return other
         self._write()
-        time.sleep(SETTLE_SECONDS)  # a starter that wrote just after us wins; we see its record
-        winner = self.current()
+        try:
+            time.sleep(SETTLE_SECONDS)  # a starter that wrote just after us wins; we see its record
+            winner = self.current()
+        except BaseException:  # an interrupt in the settle wait: our record must not block the next run
+            self.release()
+            raise
         if winner is not None and winner.holder != self.holder:
             return winner
         self._held = True
