@@ -91,8 +91,9 @@ def _blocks(network: nn.Module) -> list[nn.Module]:
     blocks = getattr(network, "blocks", None)
     if blocks is None or not all(hasattr(block, "mlp") for block in blocks):
         raise ConfigError(
-            f"adapter.kind: bottleneck and film go after each block's MLP of a ViT-style model "
-            f"(network.blocks[i].mlp); {type(network).__name__} has none. Use adapter.kind: lora"
+            f"adapter.kind: bottleneck and film go into the blocks of a ViT-style model (network.blocks[i] with "
+            f"an mlp: bottleneck after it, film after the attention residual); {type(network).__name__} has none. "
+            "Use adapter.kind: lora"
         )
     return list(blocks)
 
