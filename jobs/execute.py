@@ -141,18 +141,13 @@ def execute(plan: Plan, spec: RunSpec, progress: bool = True, lease_lost: Callab
     queue = plan.work()
     summary = ExecuteSummary()
     started = time.time()
-    in_flight: dict[ray.ObjectRef, Unit] = {}
     bar = tqdm(total=len(queue), desc="shards", unit="shard", disable=not progress or not queue,
                mininterval=1.0, dynamic_ncols=True)  # fmt: skip
     try:
-        _submit_and_wait(queue, options, spec_ref, summary, bar, resources, lease_lost, in_flight)
-    except BaseException:  # Ctrl-C, SIGTERM: submit nothing more, and stop what runs
-        for ref in list(in_flight):
-            try:
-                ray.cancel(ref)
-            except Exception:  # noqa: BLE001 - best effort: the tasks end with the job anyway
-                pass
-        raise
+        # Ctrl-C, SIGTERM: submit nothing more. The tasks in flight end with the driver (Ray stops a
+        # job's workers when its driver exits); no ray.cancel: a cancel that races a task's reply
+        # aborts the driver inside Ray (ray-project/ray#54527), exit 1 in place of 130/143
+        _submit_and_wait(queue, options, spec_ref, summary, bar, resources, lease_lost)
     finally:
         bar.close()
     summary.seconds = time.time() - started
@@ -163,8 +158,9 @@ def execute(plan: Plan, spec: RunSpec, progress: bool = True, lease_lost: Callab
 
 def _submit_and_wait(
     queue: list, options: dict[str, Any], spec_ref: ray.ObjectRef, summary: ExecuteSummary, bar: tqdm,
-    resources: ResourcesConfig, lease_lost: Callable[[], bool] | None, in_flight: dict[ray.ObjectRef, Unit],
+    resources: ResourcesConfig, lease_lost: Callable[[], bool] | None,
 ) -> None:  # fmt: skip
+    in_flight: dict[ray.ObjectRef, Unit] = {}
     submitted: dict[Unit, ray.ObjectRef] = {}
     position = 0
     while position < len(queue) or in_flight:
