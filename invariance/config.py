@@ -217,14 +217,15 @@ class KnnProbeConfig(_Strict):
         return self.model_dump(mode="json")
 
 
-def knn_settings_hash(run_settings_hash: str, config: "RunConfig") -> str:
-    """The hash keying kNN shards: the run's settings hash (model, weights, eval images) and the
-    kNN settings (the bank's path as written); the STIR/CKA hash stays as it is when a ``knn``
-    section is added."""
+def knn_settings_hash(run_settings_hash: str, config: "RunConfig", bank_fingerprint: str) -> str:
+    """The hash keying kNN shards: the run's settings hash (model, weights, eval images), the kNN
+    settings (the bank's path as written) and the bank's files (``bank_fingerprint``: their
+    listing, so a bank replaced in place computes anew); the STIR/CKA hash stays as it is when a
+    ``knn`` section is added."""
     assert config.knn is not None
     knn = config.knn.numbers_settings()
     knn["train"]["path"] = config.path_as_written("knn.train.path", config.knn.train.path)
-    return settings_hash({"run": run_settings_hash, "knn": knn})
+    return settings_hash({"run": run_settings_hash, "knn": knn, "bank": bank_fingerprint})
 
 
 class ResourcesConfig(_Strict):

@@ -184,3 +184,32 @@ def test_scale_moves_an_adapters_update_linearly_in_alpha() -> None:
     # "0" is a wrapper segment only right after `mlp` (this package's AfterMLP), not in a new head
     assert pretrained_name("blocks.0.mlp.0.fc1.weight", {"blocks.0.mlp.fc1.weight": 0}) == "blocks.0.mlp.fc1.weight"
     assert pretrained_name("head.0.weight", {"head.weight": 0}) is None
+
+
+def test_a_knn_bank_replaced_in_place_is_planned_anew_and_a_missing_one_is_named(tmp_path: Path) -> None:
+    """The kNN hash takes the listing of the bank's files (issue 13: inputs are fingerprinted):
+    the same config over a changed bank keys new kNN shards; the STIR/CKA hash stays."""
+    import shutil
+
+    write_checkpoints(tmp_path / "ckpt", epochs=[1])
+    write_eval_parquet(tmp_path / "data")
+    shutil.copytree(tmp_path / "data", tmp_path / "bank")
+    config = _config(tmp_path, knn=KNN)
+    config = config.model_copy(update={"knn": config.knn.model_copy(update={"train": config.knn.train.model_copy(
+        update={"path": str(tmp_path / "bank")})})})  # fmt: skip
+    store = Store(config.output)
+    before = make_plan(config, store)
+    assert make_plan(config, store).knn_hash == before.knn_hash  # nothing changed: the same hash
+    bank_file = next((tmp_path / "bank").glob("*.parquet"))
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(bank_file)
+    pq.write_table(table.slice(0, table.num_rows - 1), bank_file)  # one image fewer, same name
+    after = make_plan(config, store)
+    assert after.knn_hash != before.knn_hash
+    assert after.settings_hash == before.settings_hash  # STIR and CKA shards are kept
+    (tmp_path / "bank" / "extra.parquet").write_bytes(bank_file.read_bytes())  # a file added
+    assert make_plan(config, store).knn_hash not in (before.knn_hash, after.knn_hash)
+    shutil.rmtree(tmp_path / "bank")
+    with pytest.raises(DataError, match=r"knn\.train\.path"):
+        make_plan(config, store)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from invariance.io.checkpoints import Checkpoint, discover_checkpoints, pattern_root, weights_fingerprint
 from invariance.config import RunConfig, knn_settings_hash, settings_hash
 from invariance.errors import CheckpointError, ConfigError
-from invariance.io.data import load_eval_images
+from invariance.io.data import load_eval_images, source_fingerprint
 from invariance.io.storage import is_inside, redact
 from invariance.io.layout import MANIFESTS, PLAIN_ALPHA, CkaUnit, InversionUnit, KnnUnit, StirUnit, Unit
 from invariance.core.interpolation import check_interpolable
@@ -211,8 +211,9 @@ def make_plan(config: RunConfig, store: Store, checkpoints: list[Checkpoint] | N
     """Discover checkpoints (unless given), enumerate the shards, read the completion records.
 
     The settings hash and the inversion hash take the fingerprints of the pretrained weights
-    and of the eval images; each unit takes its checkpoint file's fingerprint: replacing any of
-    them in place computes anew instead of reusing results of the old content."""
+    and of the eval images, the kNN hash the listing of the bank's files; each unit takes its
+    checkpoint file's fingerprint: replacing any of them in place computes anew instead of
+    reusing results of the old content."""
     check_output_location(config)
     if checkpoints is None:
         checkpoints = discover_checkpoints(config.checkpoints, config.storage_options)
@@ -254,6 +255,10 @@ def make_plan(config: RunConfig, store: Store, checkpoints: list[Checkpoint] | N
         knn += [KnnUnit(c.epoch, "ft", c.name, c.url, c.fingerprint, run=c.run) for c in checkpoints]
         knn += [KnnUnit(c.epoch, "ft", c.name, c.url, c.fingerprint, alpha, extra, run=c.run) for c, alpha in path]
     run_hash = settings_hash({**config.numbers_settings(), "fingerprints": fingerprints})
+    knn_hash = ""
+    if config.knn is not None:  # the bank's files by their listing: not loaded here (often thousands of images)
+        bank = source_fingerprint(config.knn.train, config.storage_options, "knn.train.path")
+        knn_hash = knn_settings_hash(run_hash, config, bank)
     plan = Plan(
         settings_hash=run_hash,
         inversion_hash=settings_hash({**config.inversion_settings(), "fingerprints": fingerprints}),
@@ -267,7 +272,7 @@ def make_plan(config: RunConfig, store: Store, checkpoints: list[Checkpoint] | N
         cka=cka,
         fingerprints=fingerprints,
         knn=knn,
-        knn_hash=knn_settings_hash(run_hash, config) if config.knn is not None else "",
+        knn_hash=knn_hash,
     )
     plan.refresh(store)
     return plan

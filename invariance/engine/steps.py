@@ -17,7 +17,7 @@ import polars as pl
 import torch
 
 from invariance import __version__
-from invariance.config import DataConfig, RunConfig, knn_settings_hash
+from invariance.config import DataConfig, RunConfig
 from invariance.io.data import EvalImages, load_eval_images, load_labelled_images
 from invariance.core.inversion import InversionResult
 from invariance.io.layout import PLAIN_ALPHA, CkaUnit, InversionUnit, KnnUnit, StirUnit, Unit
@@ -42,12 +42,14 @@ class RunSpec:
     layers: tuple[int, ...]
     # the plan's fingerprint of the eval images: a worker that loads other images refuses to compute
     eval_fingerprint: str = ""
+    # the hash keying kNN shards (with the bank's fingerprint), "" without a knn section
+    knn_hash: str = ""
 
     @classmethod
     def from_plan(cls, config: RunConfig, store: Store, plan: Plan) -> "RunSpec":
         """The spec of every step of ``plan``: its hashes, layers and eval-image fingerprint."""
         return cls(config, store, plan.settings_hash, plan.inversion_hash, tuple(plan.layers),
-                   eval_fingerprint=plan.fingerprints.get("eval_images", ""))  # fmt: skip
+                   eval_fingerprint=plan.fingerprints.get("eval_images", ""), knn_hash=plan.knn_hash)  # fmt: skip
 
 
 # host memory a worker may hold in pretrained X' it has read (6 ViT-B/32 inversions of 500 images)
@@ -324,7 +326,7 @@ def run_knn(spec: RunSpec, unit: KnnUnit, workspace: Workspace) -> str:
     layer, the ``knn.train`` bank against the eval images with their labels; returns the record key."""
     started = time.time()
     config = spec.config
-    if config.knn is None:
+    if config.knn is None or not spec.knn_hash:
         raise ConfigError("knn: a kNN unit was planned, but the config has no knn section")
     pretrained = workspace.model(config, config.pretrained, "pt", spec.layers)
     model = pretrained if unit.model == "pt" else workspace.path_model(spec, unit.checkpoint_url, unit.alpha, unit.extra)
@@ -337,7 +339,7 @@ def run_knn(spec: RunSpec, unit: KnnUnit, workspace: Workspace) -> str:
     if max(config.knn.k) > len(bank.labels):
         raise ConfigError(f"knn.k: {max(config.knn.k)} neighbours asked of a bank of {len(bank.labels)} images (knn.train)")
     rows = knn_rows(model, bank.images, bank.labels, queries.images, queries.labels, spec.layers, config.knn)
-    knn_hash = knn_settings_hash(spec.settings_hash, config)
+    knn_hash = spec.knn_hash
     identity = {"settings": knn_hash, "run": unit.run, "checkpoint": unit.checkpoint, "epoch": unit.epoch if unit.model == "ft" else None,
                 "alpha": float(unit.alpha) if unit.model == "ft" else None, "model": unit.model, "version": __version__,
                 "checkpoint_fingerprint": unit.checkpoint_fingerprint}  # fmt: skip

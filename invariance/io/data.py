@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from invariance.config import DataConfig
 from invariance.errors import DataError
-from invariance.io.storage import open_filesystem, redact
+from invariance.io.storage import fingerprint_info, open_filesystem, redact
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 # Bumped when decoding changes the pixels of unchanged files: it is part of every fingerprint.
@@ -68,6 +68,29 @@ def is_hidden(path: str, root: str) -> bool:
     resource forks, ``.ipynb_checkpoints``): never data."""
     relative = path[len(root.rstrip("/")) + 1 :] if path.startswith(root.rstrip("/") + "/") else path.rsplit("/", 1)[-1]
     return any(part.startswith(".") for part in relative.split("/"))
+
+
+def source_fingerprint(config: DataConfig, storage_options: dict[str, Any] | None = None, key: str = "data.path") -> str:
+    """Identity of the files a dataset is read from, without reading them: its sorted listing (each
+    file's name below ``config.path`` and the ETag / MD5 the store keeps, else size and modification
+    time; hidden files left out). Replacing, adding or removing a file changes it; so does a copy
+    to a new place (new times), which computes anew rather than reuse. For a dataset too large to
+    load at plan time (the kNN bank); the eval images are fingerprinted by content."""
+    fs, root = open_filesystem(config.path, storage_options)
+    try:
+        if fs.isfile(root):
+            listing = {root: fs.info(root)}
+        else:
+            listing = fs.find(root, detail=True)
+    except Exception as exc:  # noqa: BLE001 - every backend raises its own types
+        raise DataError(f"{key}: cannot list {redact(config.path)} ({type(exc).__name__}: {redact(str(exc))})") from exc
+    files = sorted((path, info) for path, info in listing.items() if not is_hidden(path, root))
+    if not files:
+        raise DataError(f"{key}: no file at or below {redact(config.path)}")
+    digest = hashlib.sha256(f"{config.format}|decode{DECODE_VERSION}|".encode())
+    for path, info in files:
+        digest.update(f"{path[len(root.rstrip('/')):]}={fingerprint_info(info)}\n".encode())
+    return digest.hexdigest()[:16]
 
 
 @dataclass(frozen=True)
