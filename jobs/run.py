@@ -173,7 +173,7 @@ def run(config: RunConfig | str, progress: bool = True, num_cpus: int | None = N
                 print("lost the run lease: reduced/ is left to the run that holds it", file=sys.stderr)
                 reduced = ReduceResult(pl.DataFrame(), pl.DataFrame(), [], plan.incomplete_epochs())
                 break
-            reduced = reduce_plan(plan, store, settings=config.numbers_settings())
+            reduced = reduce_plan(plan, store, settings=config.numbers_settings(), compare_epochs=config.compare_epochs)
             if not reduced.unreadable or attempt or execution.stopped_early:
                 break
             print(f"{len(reduced.unreadable)} shards were unreadable: recomputing them", file=sys.stderr)
@@ -280,7 +280,7 @@ def reduce_only(config: RunConfig | str) -> ReduceResult | None:
         return None
     try:
         plan.refresh(store)
-        result = reduce_plan(plan, store, settings=config.numbers_settings())
+        result = reduce_plan(plan, store, settings=config.numbers_settings(), compare_epochs=config.compare_epochs)
     finally:
         lease.release()
     print(f"reduced {plural(len(result.complete_checkpoints), 'complete checkpoint')} -> {store.url('reduced/')}; "

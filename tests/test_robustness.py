@@ -99,9 +99,9 @@ def test_reduce_writes_tables_and_plot_only_for_runs_with_metrics(tmp_path) -> N
     assert written == ["reduced/robustness.parquet", "reduced/robustness_correlation.parquet",
                        "reduced/robustness_search.parquet", "reduced/robustness_early.parquet", "plots/robustness.png"]
     search = pl.read_parquet(tmp_path / "out" / "reduced" / "robustness_search.parquet")
-    assert set(search["combination"]) == {"forgetting"} and set(search["run"]) == {str(run)}  # the columns there are
+    assert set(search["combination"]) == {"forgetting"} and set(search["run"]) == {""}  # one run: "" as everywhere
     table = pl.read_parquet(tmp_path / "out" / "reduced" / "robustness.parquet")
-    assert table["epoch"].to_list() == [1, 2, 3, 4] and set(table["run"]) == {str(run)}
+    assert table["epoch"].to_list() == [1, 2, 3, 4] and set(table["run"]) == {""}  # no {run}: ""
     assert (tmp_path / "out" / "plots" / "robustness.png").read_bytes()[:4] == b"\x89PNG"
 
     plain = [Checkpoint(e, f"epoch={e:02d}", str(other / f"epoch={e:02d}.safetensors")) for e in FORGETTING]
@@ -114,12 +114,14 @@ def test_an_unreadable_metrics_file_skips_its_run_and_says_so(tmp_path, caplog) 
     write_metrics(good)
     write_metrics(broken)
     (broken / "metrics" / "epoch=02.parquet").write_bytes(b"not parquet")
-    checkpoints = [Checkpoint(e, f"epoch={e:02d}", str(folder / f"epoch={e:02d}.safetensors"))
+    # a study (checkpoints: ckpt/{run}/epoch={epoch}.safetensors) of two runs
+    checkpoints = [Checkpoint(e, f"epoch={e:02d}", str(folder / f"epoch={e:02d}.safetensors"), run=folder.name)
                    for folder in (good, broken) for e in FORGETTING]  # fmt: skip
-    written = reduce_module._reduce_robustness(Store(str(tmp_path / "out")), curves(), checkpoints, 4, False)
+    study_curves = pl.concat([curves().with_columns(pl.lit(run).alias("run")) for run in ("good", "broken")])
+    written = reduce_module._reduce_robustness(Store(str(tmp_path / "out")), study_curves, checkpoints, 4, False)
     assert "reduced/robustness.parquet" in written
     table = pl.read_parquet(tmp_path / "out" / "reduced" / "robustness.parquet")
-    assert set(table["run"]) == {str(good)}
+    assert set(table["run"]) == {"good"}
     assert "robustness link skipped for" in caplog.text and "epoch=02.parquet" in caplog.text
 
 

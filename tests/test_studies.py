@@ -116,6 +116,9 @@ def test_a_study_shares_the_pretrained_inversions_and_a_later_run_computes_only_
     assert checked["forgetting_std_across_layers"].min() > 0
     assert compared.select("run", "epoch", "corrupted_accuracy_mean").sort("run", "epoch").equals(
         robustness.select("run", "epoch", "corrupted_accuracy_mean").sort("run", "epoch"))
+    # compare_epochs: N keeps each run's first N epochs (the paper's "first N epochs"), the rest as they are
+    first = reduce_plan(plan, store, make_plots=False, compare_epochs=1).runs_compared
+    assert first.sort("run").rows() == compared.filter(pl.col("epoch") == EPOCHS[0]).sort("run").rows()
     # plots per run, the runs compared, the report
     for run in RUNS:
         for key in (layer_curves_plot_key(run), dynamics_plot_key(run), flow_plot_key(2, run)):

@@ -87,23 +87,6 @@ def robustness_correlation(table: Frame) -> Frame:
     )
 
 
-def robustness_tables(
-    curves: pl.DataFrame, run_metrics: dict[str, pl.DataFrame], run_epochs: dict[str, list[int]], depth: int
-) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """(robustness table, correlation) over the runs that have metrics.
-
-    ``run_metrics``: {run: its metrics frame}; ``run_epochs``: {run: the epochs of its
-    checkpoints in ``curves``}. Both frames are empty when no run has an epoch with both."""
-    tables = [
-        robustness_table(curves.filter(pl.col("epoch").is_in(run_epochs.get(run, []))), metrics, depth, run)
-        for run, metrics in run_metrics.items()
-    ]
-    table = pl.concat(tables) if tables else pl.DataFrame()
-    if table.is_empty():
-        return table, pl.DataFrame()
-    return table, robustness_correlation(table)
-
-
 def robustness_png(table: pl.DataFrame, correlation: pl.DataFrame, depth: int) -> bytes:
     return png_bytes(robustness_figure(table, correlation, depth))
 
@@ -123,7 +106,7 @@ def robustness_figure(table: pl.DataFrame, correlation: pl.DataFrame, depth: int
     accuracy_axis = over_epochs.twinx()
     for index, (run, rows) in enumerate(table.sort("epoch").group_by("run", maintain_order=True)):
         color = f"C{index}"
-        name = str(run[0]).rsplit("/", 1)[-1]
+        name = run[0] or "run"  # one run without {run}: ""
         r = correlation.filter(pl.col("run") == run[0])["pearson_r" if by_accuracy else "pearson_r_loss"][0]
         n = rows.height
         label = f"{name}  r = {r:.3f} (n = {n} epochs)" if r is not None else f"{name}  r undefined (n = {n} epochs)"

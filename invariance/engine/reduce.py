@@ -98,9 +98,12 @@ def _of_checkpoints(frame: pl.DataFrame, keys: list[tuple[str, int]]) -> pl.Data
     return metrics.with_path_columns(frame).join(wanted, on=["run", "epoch"], how="semi")
 
 
-def reduce_plan(plan: Plan, store: Store, make_plots: bool = True, settings: dict | None = None) -> ReduceResult:
+def reduce_plan(
+    plan: Plan, store: Store, make_plots: bool = True, settings: dict | None = None, compare_epochs: int | None = None
+) -> ReduceResult:
     """Build ``reduced/``, ``plots/`` and (with ``make_plots``) ``reports/index.html`` from the
-    complete checkpoints of ``plan``; ``settings`` (the config's numbers settings) are shown in the report.
+    complete checkpoints of ``plan``; ``settings`` (the config's numbers settings) are shown in the
+    report; ``compare_epochs`` (the config's): a study's runs compared over each run's first N epochs.
 
     A checkpoint is (run, epoch): a study (``{run}`` in ``checkpoints``) reduces every run's
     complete checkpoints into the same tables (``run`` column), with plots per run under
@@ -157,7 +160,7 @@ def reduce_plan(plan: Plan, store: Store, make_plots: bool = True, settings: dic
         robustness_keys, table = _robustness(store, plain(curves), plan.checkpoints, plan.depth, make_plots)
         result.written += robustness_keys
         if plan.is_study:
-            result.runs_compared = runs_compared(plain(curves), table, plan.depth)
+            result.runs_compared = runs_compared(plain(curves), table, plan.depth, compare_epochs)
             if make_plots and not result.runs_compared.is_empty():
                 png = plots.runs_compared_png(result.runs_compared, robustness.spread_layers(plan.depth))
                 result.written += [RUNS_COMPARED_PLOT] if store.put_if_changed(RUNS_COMPARED_PLOT, png) else []
@@ -183,10 +186,12 @@ def reduce_plan(plan: Plan, store: Store, make_plots: bool = True, settings: dic
     return result
 
 
-def runs_compared(curves: pl.DataFrame, robustness_table: pl.DataFrame, depth: int) -> pl.DataFrame:
+def runs_compared(
+    curves: pl.DataFrame, robustness_table: pl.DataFrame, depth: int, first_epochs: int | None = None
+) -> pl.DataFrame:
     """The paper's Fig. 6 view of a study, per (run, epoch): ``forgetting_std_across_layers`` (the
     robustness link's spread, layers 2..depth) and, where the run has finetuning metrics,
-    ``corrupted_accuracy_mean``; every epoch of every run (no cap)."""
+    ``corrupted_accuracy_mean``; each run's first ``first_epochs`` complete epochs (None: all)."""
     if curves.is_empty():
         return pl.DataFrame()
     spread = pl.concat([
@@ -200,18 +205,18 @@ def runs_compared(curves: pl.DataFrame, robustness_table: pl.DataFrame, depth: i
     return (
         spread.join(accuracy, on=["run", "epoch"], how="left")
         .select("run", "epoch", "checkpoint", "forgetting_std_across_layers", "corrupted_accuracy_mean", "n_layers")
+        .filter(pl.lit(first_epochs is None) | (pl.col("epoch").rank("dense").over("run") <= (first_epochs or 0)))
         .sort("run", "epoch")
     )
 
 
 def _run_sources(checkpoints: list[Checkpoint]) -> dict[str, tuple[str, str, list[int]]]:
-    """{run label: (run, run folder, epochs)}; the label is the run's name in a study (``{run}``),
-    else the run folder where the checkpoints lie (as before studies existed)."""
+    """{run: (run, run folder, epochs)}; the run is its name in a study (``{run}``), else "" (one
+    run: the checkpoint pattern's fixed folder), as in every other reduced table."""
     sources: dict[str, tuple[str, str, list[int]]] = {}
     for checkpoint in checkpoints:
         folder = run_folders([checkpoint])[0]
-        label = checkpoint.run or folder
-        sources.setdefault(label, (checkpoint.run, folder, []))[2].append(checkpoint.epoch)
+        sources.setdefault(checkpoint.run, (checkpoint.run, folder, []))[2].append(checkpoint.epoch)
     return sources
 
 
