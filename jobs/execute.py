@@ -127,7 +127,7 @@ def execute(plan: Plan, spec: RunSpec, progress: bool = True, lease_lost: Callab
     nothing more is submitted (the run lease was taken over or could not be renewed) and what
     is in flight is awaited. ``can_grow``: whether an autoscaler may add nodes (a cluster), else
     resources no node has are refused at once (ConfigError). On an interrupt (Ctrl-C, SIGTERM)
-    nothing more is submitted, the tasks in flight are cancelled, and the interrupt goes on.
+    nothing more is submitted and the interrupt goes on; the tasks in flight end with the driver.
     """
     resources = spec.config.resources
     check_resources(resources, can_grow)

@@ -9,10 +9,10 @@ import polars as pl
 import pytest
 
 from invariance.config import parse_config, settings_hash
-from invariance.engine.execute import SAME_ERROR_LIMIT, execute_in_process
+from invariance.engine.execute import SAME_ERROR_LIMIT, ExecuteSummary, execute_in_process
 from invariance.engine.plan import make_plan
 from invariance.engine.steps import Workspace
-from invariance.errors import ConfigError
+from invariance.errors import CheckpointError, ConfigError
 from invariance.io.layout import CkaUnit, InversionUnit, StirUnit
 from invariance.io.storage import Store
 from tests.helpers import tiny_config, write_checkpoints, write_eval_parquet, open_in_process
@@ -97,6 +97,39 @@ def test_the_same_error_on_the_first_units_stops_the_run_once(tmp_path: Path, mo
     assert len(calls) == SAME_ERROR_LIMIT and summary.stopped_early
     assert "the first 3 shards all failed with the same error" in summary.stop_reason
     assert caplog.text.count("stopping:") == 1
+
+
+def test_one_bad_checkpoint_first_in_line_does_not_stop_the_others(tmp_path: Path, monkeypatch) -> None:
+    """The same error on the first units stops the run only when it is not one checkpoint's own:
+    a corrupt checkpoint queued first (its inversions cached by an earlier run) fails its units,
+    and the checkpoints after it still run."""
+    from invariance.engine import execute as execute_module
+
+    _, _, plan, spec = open_tiny_run(tmp_path, [1, 2, 3])
+    bad = plan.checkpoints[0].url
+    calls = []
+
+    def corrupt_first(spec, unit, workspace):
+        calls.append(unit)
+        if isinstance(unit, InversionUnit):
+            raise AssertionError("the inversions were cached")
+        if unit.checkpoint_url == bad:
+            raise CheckpointError(f"checkpoint {bad}: not a readable safetensors file")
+        return "ok"
+
+    monkeypatch.setattr(execute_module, "run_unit", corrupt_first)
+    monkeypatch.setattr(type(plan), "work", lambda self: [(u, ()) for u in [*self.stir, *self.cka]])
+    summary = execute_in_process(plan, spec, workspace=Workspace("cpu"))
+    assert not summary.stopped_early
+    assert summary.failures and all(bad in message for _, message in summary.failures)
+    assert summary.completed == len(plan.stir) + len(plan.cka) - len(summary.failures) > 0
+    # the same message from two checkpoints, or from the pretrained model's units, still stops
+    for units in ([plan.stir[0], plan.stir[0], next(u for u in plan.stir if u.checkpoint_url != bad)],
+                  [InversionUnit(0, 0), InversionUnit(0, 1), InversionUnit(1, 0)]):  # fmt: skip
+        guarded = ExecuteSummary()
+        for unit in units:
+            guarded.add_failure(unit, RuntimeError("shape mismatch"))
+        assert guarded.stopped_early, units
 
 
 def test_an_image_size_the_model_cannot_take_is_refused_before_any_task(tmp_path: Path) -> None:

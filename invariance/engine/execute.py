@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 
 # Errors that every remaining unit would hit too: stop submitting after the first.
 FATAL_ERRORS = (ConfigError, DataError, StorageError)
-# When this many units failed with one and the same error before any finished, the rest would too.
+# When this many units failed with one and the same error before any finished, the rest would too
+# (unless they all belong to one checkpoint: a corrupt checkpoint fails only its own units).
 SAME_ERROR_LIMIT = 3
 
 
@@ -45,6 +46,8 @@ class ExecuteSummary:
     stop_reason: str = ""
     # units completed per device they ran on ("cpu", "cuda", or what the executor reports)
     devices: dict[str, int] = field(default_factory=dict)
+    # the checkpoint of each failed unit ("" for the pretrained model's units)
+    failed_checkpoints: list[str] = field(default_factory=list)
 
     def ran_on(self, device: str) -> None:
         self.devices[device] = self.devices.get(device, 0) + 1
@@ -59,14 +62,18 @@ class ExecuteSummary:
 
     def add_failure(self, unit: Unit, error: BaseException) -> str:
         """Record ``unit``'s failure; stops the execution when the rest would fail alike (a fatal
-        error type, or the first SAME_ERROR_LIMIT units all failing with one message). Returns
-        the message."""
+        error type, or the first SAME_ERROR_LIMIT units all failing with one message, unless they
+        are all units of one checkpoint: the others may be fine). Returns the message."""
         message = describe_error(error)
         self.failures.append((str(unit), message))
+        self.failed_checkpoints.append(unit.checkpoint_url)
         if isinstance(error, FATAL_ERRORS):
             self.stop("this error would repeat for every remaining shard")
         first_lines = {text.splitlines()[0] if text else "" for _, text in self.failures}
-        if self.completed == 0 and len(self.failures) >= SAME_ERROR_LIMIT and len(first_lines) == 1:
+        checkpoints = set(self.failed_checkpoints)
+        one_checkpoint_only = len(checkpoints) == 1 and checkpoints != {""}
+        if (self.completed == 0 and len(self.failures) >= SAME_ERROR_LIMIT and len(first_lines) == 1
+                and not one_checkpoint_only):
             self.stop(f"the first {len(self.failures)} shards all failed with the same error; fix its cause and rerun")
         return message
 
@@ -91,6 +98,7 @@ def execute_in_process(
         if failed.intersection(dependencies):
             failed.add(unit)
             summary.failures.append((str(unit), "not attempted: a unit it depends on failed"))
+            summary.failed_checkpoints.append(unit.checkpoint_url)
             continue
         try:
             run_unit(spec, unit, workspace)

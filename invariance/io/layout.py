@@ -181,6 +181,11 @@ class InversionUnit:
     def __str__(self) -> str:
         return f"pt inversion layer {self.ref_layer} seed {self.seed}"
 
+    @property
+    def checkpoint_url(self) -> str:
+        """No checkpoint: the pretrained model's (every unit has the attribute)."""
+        return ""
+
     def data_key(self, inversion_hash: str) -> str:
         return f"_cache/inversions/{inversion_hash}/layer{self.ref_layer}_seed{self.seed}.safetensors"
 
