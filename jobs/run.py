@@ -23,7 +23,7 @@ from invariance.io.layout import REPORT
 from invariance.engine.steps import RunSpec
 from invariance.io.storage import Store, redact
 from invariance.engine.execute import ExecuteSummary
-from invariance.errors import CheckpointError, DataError, StorageError
+from invariance.errors import CheckpointError, ConfigError, DataError, StorageError
 from invariance.io.paths import ResolvedPaths, config_folder, resolve_paths
 from jobs.signals import terminate_on_sigterm
 from jobs.execute import execute
@@ -54,8 +54,19 @@ def load_run_config(config: RunConfig | str) -> tuple[RunConfig, ResolvedPaths]:
     """The validated config with every relative path made absolute, on the driver: against the
     config file's folder when ``config`` is a path or URL, else the working directory."""
     if isinstance(config, RunConfig):
-        return resolve_paths(config)
-    return resolve_paths(load_config(config), config_folder(str(config)))
+        resolved, paths = resolve_paths(config)
+    else:
+        resolved, paths = resolve_paths(load_config(config), config_folder(str(config)))
+    if "output" in paths.relative and os.environ.get("RAY_ADDRESS"):
+        # under `ray job submit --working-dir`, the config's folder is a new unpack folder on every
+        # submission: results would land there, unseen by the next one, and each node writes its own disk
+        raise ConfigError(
+            f"output: {paths.relative['output']!r} is a relative path and RAY_ADDRESS is set (a Ray cluster): it "
+            f"would resolve to {redact(resolved.output)}, inside the job's working directory, which Ray unpacks "
+            "anew for every submission; give a URL every node can reach (s3://bucket/prefix) or an absolute "
+            "path on shared storage"
+        )
+    return resolved, paths
 
 
 def open_run(config: RunConfig | str) -> tuple[RunConfig, Store, Plan, RunSpec]:

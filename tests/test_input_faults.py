@@ -226,6 +226,12 @@ def test_an_output_inside_the_data_or_checkpoint_folder_is_refused(tmp_path):
             make_plan(config, Store(config.output))
     assert not (tmp_path / "data" / "results").exists()
     make_plan(parse_config(tiny_config(tmp_path, str(tmp_path / "data-results"))), Store(str(tmp_path / "data-results")))
+    # inside the kNN bank: its plots would become bank images
+    (tmp_path / "bank").mkdir()
+    raw = tiny_config(tmp_path, str(tmp_path / "bank" / "out"),
+                      knn={"train": {"format": "parquet", "path": str(tmp_path / "bank"), "n_samples": 4}, "k": [2]})  # fmt: skip
+    with pytest.raises(ConfigError, match=r"^output: .* lies inside the knn.train.path folder"):
+        make_plan(parse_config(raw), Store(str(tmp_path / "bank" / "out")))
 
 
 def test_replaced_pretrained_weights_or_eval_images_change_both_hashes(tmp_path):

@@ -42,6 +42,23 @@ def test_relative_paths_resolve_against_the_config_folder_from_any_working_direc
     assert not (elsewhere / "results").exists() and not (tmp_path / "configs" / "results").exists()
 
 
+def test_a_relative_output_under_a_ray_cluster_is_refused_before_anything_is_written(tmp_path: Path, monkeypatch) -> None:
+    """Under `ray job submit --working-dir`, the config's folder is a new unpack folder on every
+    submission: a relative output would scatter results there (issue 13.1). Inputs may stay relative."""
+    import pytest
+
+    from invariance.errors import ConfigError
+
+    path = _relative_config(tmp_path)
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")  # nothing connects: refused before Ray
+    with pytest.raises(ConfigError, match=r"^output: 'results' is a relative path and RAY_ADDRESS is set"):
+        open_run(str(path))
+    assert not (tmp_path / "configs" / "results").exists()
+    absolute = _relative_config(tmp_path, output=str(tmp_path / "shared" / "results"))
+    config, *_ = open_run(str(absolute))  # relative inputs, absolute output: accepted
+    assert config.output == str(tmp_path / "shared" / "results") and config.data.path == str(tmp_path / "data")
+
+
 def test_a_path_error_shows_the_resolved_path_and_the_working_directory(tmp_path: Path, monkeypatch, capsys) -> None:
     path = _relative_config(tmp_path, checkpoints="ckpt/ft/epoch={epoch}.safetensors")
     monkeypatch.chdir(tmp_path)

@@ -29,6 +29,7 @@ from torch import nn
 from invariance.config import ModelConfig, TokenPolicy, did_you_mean
 from invariance.errors import CheckpointError, ConfigError
 from invariance.io.checkpoints import check_float_weights, load_state_dict
+from invariance.io.storage import redact
 
 logger = logging.getLogger(__name__)
 
@@ -435,8 +436,8 @@ def load_weights(
         logger.warning(
             "%s: model.strict false: kept the random init of %d tensors the analysed layers do not read %s; "
             "ignored %d checkpoint tensors the model lacks %s",
-            source, len(missing), missing[:10], len(unexpected), unexpected[:10],
-        )  # fmt: skip
+            redact(str(source)), len(missing), missing[:10], len(unexpected), unexpected[:10],
+        )  # fmt: skip (runs on Ray workers, where no redacting handler stands: the URL's credentials go here)
     network.load_state_dict(state, strict=False)
 
 

@@ -154,10 +154,13 @@ class Plan:
 
 
 def check_output_location(config: RunConfig) -> None:
-    """ConfigError naming ``output`` when it lies inside the eval data or the checkpoint folder:
-    the run's own files (plots/*.png, shards) would become eval images or checkpoints."""
+    """ConfigError naming ``output`` when it lies inside the eval data, the kNN bank or the
+    checkpoint folder: the run's own files (plots/*.png, shards) would become inputs."""
     checkpoint_folder = pattern_root(config.checkpoints)
-    for key, folder in (("data.path", config.data.path), ("checkpoints", checkpoint_folder)):
+    inputs = [("data.path", config.data.path), ("checkpoints", checkpoint_folder)]
+    if config.knn is not None:
+        inputs.append(("knn.train.path", config.knn.train.path))
+    for key, folder in inputs:
         if folder and is_inside(config.output, folder, config.storage_options):
             raise ConfigError(
                 f"output: {redact(config.output)} lies inside the {key} folder {redact(folder)}; the run's own "
