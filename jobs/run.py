@@ -133,7 +133,8 @@ def estimate_cost(config: RunConfig, plan: Plan) -> tuple[float, int]:
     """(inversion TFLOPs still to do, inversions still to do), measured on the model's layers."""
     model = load_model(config.model, None, modules=config.layer_modules)
     per_layer = {
-        layer: inversion_flops(model, layer, config.data.n_samples, config.inversion.iterations, config.token_policy)
+        layer: inversion_flops(model, layer, config.data.n_samples, config.inversion.iterations, config.token_policy,
+                               config.data.image_size)  # the size the run feeds the model (a CNN at 32 px, not 224)
         for layer in plan.layers
     }
     todo = [u.ref_layer for u in plan.missing_inversions] + [u.ref_layer for u in plan.missing_stir if u.ref_model == "ft"]

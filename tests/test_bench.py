@@ -80,6 +80,19 @@ def test_the_cost_model_matches_what_invert_executes(forward):
         assert step > inversion_step_flops(pretrained, layer)
 
 
+def test_the_flop_count_is_taken_at_the_image_size_the_run_feeds_the_model():
+    """A convolutional model has no fixed input size: evaluated at data.image_size 32, its
+    inversion costs what 32 px cost, not its 224 px default (the plan's GPU-hours follow)."""
+    from invariance.config import ModelConfig
+    from invariance.core.models import load_model
+
+    model = load_model(ModelConfig(arch="resnet18", kwargs={"num_classes": 10}), None)
+    assert model.input_size == 224
+    at_32, at_default = inversion_step_flops(model, 1, image_size=32), inversion_step_flops(model, 1)
+    assert at_default / at_32 == pytest.approx((224 / 32) ** 2, rel=0.05)
+    assert inversion_flops(model, 1, 4, 9, image_size=32) == 4 * 10 * at_32
+
+
 def _run_bench_gpu(*args: str, hide_cuda: bool = True) -> subprocess.CompletedProcess:
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="" if hide_cuda else os.environ.get("CUDA_VISIBLE_DEVICES", ""))
     return subprocess.run(
