@@ -19,6 +19,8 @@ NOTHING_TO_SUBMIT = 3
 _COMMON_EXITS = "  2    bad input (config, checkpoints, data, storage): the message names the key or path\n" \
                 "  130  interrupted (Ctrl-C); 143: terminated (SIGTERM); the run lease is released\n"
 EXIT_CODES = {
+    "demo": "exit codes:\n  0    done: trained (or reused the checkpoints), computed and reduced\n"
+            "  1    some shards failed (listed; the next demo retries them)\n" + _COMMON_EXITS,
     "run": "exit codes:\n  0    done (or another run of these settings holds the lease: it says so)\n"
            "  1    some shards failed (listed; the next run retries them)\n" + _COMMON_EXITS,
     "plan": "exit codes:\n  0    planned\n"
@@ -62,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the whole pipeline on a tiny ViT it trains itself (local Ray, a local folder)",
         description="Pretrain a tiny ViT on generated shapes, finetune it on another task saving a checkpoint "
         "per epoch, then run the same pipeline as `invariance run` on a local Ray. Needs no network.",
+        epilog=EXIT_CODES["demo"], formatter_class=LineFormatter,
     )
     demo.add_argument("--out", default="invariance-demo", help="output folder (default: ./invariance-demo)")
     demo.add_argument("--epochs", type=int, default=3, help="finetuning epochs = checkpoints (default: 3)")
@@ -122,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             from jobs.demo import run_demo
 
-            run_demo(args.out, epochs=args.epochs)
+            if run_demo(args.out, epochs=args.epochs):
+                return 1
         elif args.command == "run":
             from jobs.run import run
 

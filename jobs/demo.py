@@ -88,6 +88,8 @@ def _train_models(out: Path, epochs: int) -> None:
 
 
 def _pretrain_and_finetune(out: Path, epochs: int) -> None:
+    from jobs.run import plural
+
     datasets = out / "datasets"
     datasets.mkdir(parents=True, exist_ok=True)
     (datasets / "train-00000-of-00001.parquet").write_bytes(_shapes_parquet(make_shapes(1536, seed=1)))
@@ -104,7 +106,7 @@ def _pretrain_and_finetune(out: Path, epochs: int) -> None:
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     shutil.copyfile(out / "pretrain" / f"epoch={PRETRAIN_EPOCHS:02d}.safetensors", out / "checkpoints" / "pretrained.safetensors")
 
-    print(f"finetuning on task 'texture' ({epochs} epochs, a checkpoint per epoch)...", flush=True)
+    print(f"finetuning on task 'texture' ({plural(epochs, 'epoch')}, a checkpoint per epoch)...", flush=True)
 
     def report(row: dict[str, Any]) -> None:
         print(f"  epoch {row['epoch']}: loss {row['train_loss']:.3f}, accuracy on 'texture' {row['clean_accuracy']:.1%}"
@@ -113,8 +115,9 @@ def _pretrain_and_finetune(out: Path, epochs: int) -> None:
     run_finetune(finetune, on_epoch=report)
 
 
-def run_demo(out: str | Path = "invariance-demo", epochs: int = 3) -> pl.DataFrame:
-    """Train (unless the checkpoints exist), run the pipeline, print the last epoch's curves."""
+def run_demo(out: str | Path = "invariance-demo", epochs: int = 3) -> int:
+    """Train (unless the checkpoints exist), run the pipeline, print the last epoch's curves.
+    Returns how many shards failed (0: everything computed; they are listed above)."""
     from jobs.run import plural, run
 
     started = time.time()
@@ -140,11 +143,11 @@ def run_demo(out: str | Path = "invariance-demo", epochs: int = 3) -> pl.DataFra
     result = run(parse_config(raw), num_cpus=2)
     if result is None:  # another demo in the same folder holds the lease; run() said so
         print(f"nothing computed here: wait for the other run, then look in {out / 'results'}")
-        return pl.DataFrame()
+        return 0
 
     curves = result.reduced.curves
-    if curves.is_empty():  # the lease was lost mid-run; run() said so
-        return curves
+    if curves.is_empty():  # the lease was lost mid-run, or every shard failed; run() said so
+        return len(result.execution.failures)
     last = curves.filter(pl.col("epoch") == curves["epoch"].max()).select(
         "layer",
         pl.col("forgetting_mean").round(4).alias("forgetting"),
@@ -164,4 +167,4 @@ def run_demo(out: str | Path = "invariance-demo", epochs: int = 3) -> pl.DataFra
               "across layers and the accuracy on corrupted test sets (plots/robustness.png)")  # fmt: skip
     print(f"\nplots:  {out / 'results' / 'plots'}\ntables: {out / 'results' / 'reduced'}")
     print(f"demo finished in {time.time() - started:.0f}s")
-    return curves
+    return len(result.execution.failures)

@@ -114,10 +114,11 @@ def describe_runs(plan: Plan) -> str:
 def describe_plan(plan: Plan, out: TextIO | None = None) -> None:
     n_missing = len(plan.missing_stir) + len(plan.missing_cka) + len(plan.missing_inversions) + len(plan.missing_knn)
     knn_line = f"  kNN shards:  {len(plan.knn) - len(plan.missing_knn)}/{len(plan.knn)} done\n" if plan.knn else ""
-    epochs = [c.epoch for c in plan.checkpoints]
+    epochs = sorted({c.epoch for c in plan.checkpoints})
+    span = f"epoch {epochs[0]}" if len(epochs) == 1 else f"epochs {epochs[0]}..{epochs[-1]}"
     print(
         f"settings {plan.settings_hash}: {plural(len(plan.checkpoints), 'checkpoint')} "
-        f"(epochs {min(epochs)}..{max(epochs)}), layers {plan.layers}\n"
+        f"({span}), layers {plan.layers}\n"
         + (describe_runs(plan) if plan.is_study else "") +
         f"  layers of the model: {describe_layers(plan.layer_names)}\n"
         f"  pretrained inversions: {len(plan.inversions) - len(plan.missing_inversions)}/{len(plan.inversions)} cached\n"

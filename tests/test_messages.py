@@ -23,7 +23,7 @@ def test_a_plan_of_one_checkpoint_says_so_in_the_singular(tmp_path: Path) -> Non
     out = io.StringIO()
     describe_plan(make_plan(config, Store(config.output)), out=out)
     text = out.getvalue()
-    assert ": 1 checkpoint (epochs 1..1)" in text and "1 checkpoints" not in text
+    assert ": 1 checkpoint (epoch 1)" in text and "1 checkpoints" not in text
     assert "units (a unit: one pretrained inversion, or one STIR, CKA or kNN shard)" in text
 
 
@@ -34,7 +34,7 @@ def test_every_command_help_gives_its_exit_codes_and_finetune_names_a_reference_
 
     from jobs.cli import build_parser, finetune_reference
 
-    for command in ("run", "plan", "reduce", "report", "finetune"):
+    for command in ("demo", "run", "plan", "reduce", "report", "finetune"):
         with pytest.raises(SystemExit):
             build_parser().parse_args([command, "--help"])
         text = capsys.readouterr().out
