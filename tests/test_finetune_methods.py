@@ -164,6 +164,19 @@ def test_config_errors_name_the_method_keys(tmp_path, data_dir) -> None:
                      on_epoch=None)  # fmt: skip
 
 
+def test_flyp_trains_with_the_papers_optimizer_unless_told_otherwise(tmp_path, data_dir) -> None:
+    """task: contrastive defaults to FLYP's AdamW, lr 1e-5, weight decay 0.1, 500 warmup steps;
+    what the config says wins; classification keeps SGD."""
+    raw = {k: v for k, v in raw_config(data_dir, tmp_path / "f").items() if k not in ("model", "optimizer", "lr")}
+    flyp = parse_finetune_config({**raw, "task": "contrastive", "clip": {"model_config": TINY_CLIP}})
+    assert (flyp.optimizer, flyp.lr, flyp.weight_decay, flyp.warmup_steps) == ("adamw", 1e-5, 0.1, 500)
+    told = parse_finetune_config({**raw, "task": "contrastive", "clip": {"model_config": TINY_CLIP},
+                                  "optimizer": "sgd", "warmup_steps": 3})  # fmt: skip
+    assert (told.optimizer, told.warmup_steps, told.lr) == ("sgd", 3, 1e-5)
+    plain = parse_finetune_config({**raw, "model": MODEL})
+    assert (plain.optimizer, plain.warmup_steps) == ("sgd", 0)
+
+
 def test_sweeps_vary_method_and_adapter_keys(tmp_path, data_dir) -> None:
     raw = raw_config(data_dir, tmp_path / "out", epochs=3, adapter={"kind": "lora"},
                      sweep={"adapter.kind": ["lora", "film"], "adapter.rank": [2, 4], "lr": [0.01]})  # fmt: skip

@@ -139,6 +139,10 @@ class FinetuneResources(_Strict):
     max_failures: Int = Field(2, ge=0)
 
 
+# what task: contrastive (FLYP) starts from where the config does not say (the FLYP paper's settings)
+FLYP_DEFAULTS: dict[str, Any] = {"optimizer": "adamw", "lr": 1e-5, "weight_decay": 0.1, "warmup_steps": 500}
+
+
 class FinetuneConfig(_Strict):
     """One finetuning run (or a grid of them): model, data, task, optimizer, schedule, outputs."""
 
@@ -186,6 +190,15 @@ class FinetuneConfig(_Strict):
             if len({json.dumps(v, sort_keys=True, default=str) for v in values}) != len(values):
                 raise ValueError(f"{key}: values must be unique")
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flyp_defaults(cls, data: Any) -> Any:
+        """``task: contrastive`` (FLYP) trains as Goyal et al. 2022 unless told otherwise: AdamW,
+        lr 1e-5, weight decay 0.1, 500 warmup steps, then the cosine decay."""
+        if isinstance(data, dict) and data.get("task") == "contrastive":
+            return {**FLYP_DEFAULTS, **data}
+        return data
 
     @model_validator(mode="after")
     def _method_fits(self) -> "FinetuneConfig":
