@@ -111,6 +111,33 @@ def test_adapters_at_init_give_the_base_features_exactly(adapter, torch_single_t
         assert torch.equal(ours[layer], theirs[layer]), layer
 
 
+@pytest.mark.parametrize(("arch", "container"), [("resnet18", "layer"), ("regnetx_002", "s"), ("convnext_atto", "stages")])
+def test_lora_finds_the_blocks_of_convolutional_families_and_merges_there(arch, container, torch_single_thread) -> None:
+    """The default LoRA targets come from timm's feature_info (ResNets' layer1..4, RegNets'
+    s1..s4, ConvNeXt's stages): every Linear and ungrouped conv there, not the stem, not the
+    depthwise convs; the adapted model is the base at init, and merging gives the unmerged outputs."""
+    from invariance.training.adapters import default_lora_targets
+
+    kwargs = {"num_classes": 4}
+    torch.manual_seed(0)
+    base = build_network(ModelConfig(arch=arch, kwargs=kwargs)).eval()
+    targets = default_lora_targets(base)
+    assert targets and all(t.startswith(container) for t in targets), targets[:5]
+    modules = dict(base.named_modules())
+    assert all(getattr(modules[t], "groups", 1) == 1 for t in targets)
+    network = add_adapter(copy.deepcopy(base), "lora", rank=2).eval()
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(network(images), base(images))
+        for name, parameter in network.named_parameters():
+            if "lora_B" in name:  # a trained update
+                parameter.copy_(torch.randn(parameter.shape, generator=torch.Generator().manual_seed(2)) * 0.05)
+        merged = build_network(ModelConfig(arch=arch, kwargs=kwargs)).eval()
+        merged.load_state_dict(merged_state(network))
+        torch.testing.assert_close(merged(images), network(images), atol=1e-4, rtol=1e-4)
+        assert (merged(images) - base(images)).abs().max() > 1e-4
+
+
 def test_lora_merged_weights_give_the_unmerged_outputs(torch_single_thread) -> None:
     torch.manual_seed(0)
     network = add_adapter(build_network(ModelConfig(**TINY_MODEL)), "lora", rank=2, alpha=4.0)

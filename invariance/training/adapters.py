@@ -108,17 +108,33 @@ def _mlp_width(mlp: nn.Module) -> int:
     return linears[-1].out_features
 
 
+def block_containers(network: nn.Module) -> list[str]:
+    """The top-level modules that hold the network's blocks: those timm's ``feature_info`` names
+    (``layer1``..``layer4`` of a ResNet, ``s1``..``s4`` of a RegNet, ``stages``, ``blocks``,
+    ``layers``), else ``blocks``/``stages``/``layers``; never the stem."""
+    names = dict.fromkeys(_BLOCK_CONTAINERS)
+    for info in getattr(network, "feature_info", None) or []:
+        top = str(info.get("module", "")).split(".")[0] if isinstance(info, dict) else ""
+        if top and "stem" not in top:
+            names[top] = None
+    return list(names)
+
+
 def default_lora_targets(network: nn.Module) -> list[str]:
-    """Names of every ``nn.Linear`` / ``nn.Conv2d`` inside the network's blocks (or stages/layers)."""
+    """Names of every ``nn.Linear`` and ungrouped ``nn.Conv2d`` inside the network's blocks
+    (``block_containers``). Grouped and depthwise convolutions are left out: a low-rank update of
+    a conv needs its rank divisible by the groups, and cannot be merged."""
+    containers = block_containers(network)
     names = [
         name
         for name, module in network.named_modules()
-        if isinstance(module, (nn.Linear, nn.Conv2d)) and name.split(".")[0] in _BLOCK_CONTAINERS
+        if (isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1))
+        and name.split(".")[0] in containers
     ]
     if not names:
         raise ConfigError(
             f"adapter.target_modules: {type(network).__name__} has no Linear/Conv2d inside "
-            f"{'/'.join(_BLOCK_CONTAINERS)}; name the modules to adapt"
+            f"{'/'.join(containers)}; name the modules to adapt"
         )
     return names
 
