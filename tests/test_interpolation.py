@@ -14,7 +14,7 @@ from invariance.core.models import FeatureModel, load_model
 from invariance.engine.execute import execute_in_process
 from invariance.engine.plan import make_plan
 from invariance.engine.reduce import reduce_plan
-from invariance.engine.steps import Workspace, run_unit
+from invariance.engine.steps import Workspace
 from invariance.errors import ConfigError, DataError
 from invariance.io.layout import KNN_ALPHA_PLOT, KNN_LAYERS_PLOT, REDUCED_KNN, KnnUnit, interpolation_plot_key
 from invariance.io.storage import Store
@@ -159,9 +159,26 @@ def test_faults_name_their_key(tmp_path: Path, torch_single_thread) -> None:
     config = _config(tmp_path, knn={**KNN, "train": {"format": "parquet", "path": "", "n_samples": 24}})
     config = config.model_copy(update={"knn": config.knn.model_copy(update={"train": config.knn.train.model_copy(
         update={"path": str(tmp_path / "bank")})})})  # fmt: skip
-    store, plan, spec = open_in_process(config)
-    with pytest.raises(DataError, match=r"knn\.train.*label"):
-        run_unit(spec, KnnUnit(-1, "pt"), Workspace("cpu"))
+    # found before any task (the schema, no image loaded): every kNN shard would fail, and stop the STIR shards
+    with pytest.raises(DataError, match=r"^knn\.train \(the kNN probe needs class labels; knn\.label_column 'label'\): "
+                                        r".*no column 'label'"):
+        make_plan(config, Store(config.output))
+    assert not (tmp_path / "out").exists()
+    # eval images without labels, and an image folder without class subfolders, likewise
+    (tmp_path / "loose").mkdir()
+    (tmp_path / "loose" / "a.png").write_bytes(b"not read")
+    loose = config.model_copy(update={"knn": config.knn.model_copy(update={"train": config.knn.train.model_copy(
+        update={"path": str(tmp_path / "loose"), "format": "imagefolder"})})})  # fmt: skip
+    with pytest.raises(DataError, match=r"^knn\.train .*one subfolder per class"):
+        make_plan(loose, Store(config.output))
+    unlabelled_eval = _config(tmp_path, knn=KNN)
+    unlabelled_eval = unlabelled_eval.model_copy(update={"data": unlabelled_eval.data.model_copy(update={"path": str(tmp_path / "bank")})})
+    with pytest.raises(DataError, match=r"^data \(the kNN probe needs class labels"):
+        make_plan(unlabelled_eval, Store(config.output))
+    # a knn.token_policy the model cannot give
+    no_cls = {**TINY_MODEL, "kwargs": {**TINY_MODEL["kwargs"], "class_token": False, "global_pool": "avg"}}
+    with pytest.raises(ConfigError, match=r"^knn\.token_policy: 'cls' needs a model with a class token"):
+        make_plan(_config(tmp_path, model=no_cls, knn={**KNN, "token_policy": "cls"}), Store(config.output))
 
 
 def test_scale_moves_an_adapters_update_linearly_in_alpha() -> None:

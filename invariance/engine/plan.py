@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 
 from invariance.io.checkpoints import Checkpoint, discover_checkpoints, pattern_root, weights_fingerprint
 from invariance.config import RunConfig, knn_settings_hash, settings_hash
-from invariance.errors import CheckpointError, ConfigError
-from invariance.io.data import load_eval_images, source_fingerprint
+from invariance.errors import CheckpointError, ConfigError, DataError
+from invariance.io.data import check_labelled, load_eval_images, source_fingerprint
 from invariance.io.storage import is_inside, redact
 from invariance.io.layout import MANIFESTS, PLAIN_ALPHA, CkaUnit, InversionUnit, KnnUnit, StirUnit, Unit
 from invariance.core.interpolation import check_interpolable
@@ -153,6 +153,32 @@ class Plan:
         return order
 
 
+def knn_label_error(key: str, label_column: str, error: DataError) -> DataError:
+    """The error of a kNN input (``knn.train``, ``data``) without class labels, naming the key."""
+    return DataError(f"{key} (the kNN probe needs class labels; knn.label_column {label_column!r}): {error}")
+
+
+def check_knn_inputs(config: RunConfig, model: FeatureModel) -> str:
+    """Before any task, a ``knn`` section that cannot work: a bank missing, a bank or eval images
+    without class labels (from the files' schemas and folders, no image loaded), a
+    ``knn.token_policy`` the model cannot give. Otherwise every kNN shard would fail, and stop
+    the run's STIR shards too. Returns the bank's fingerprint (``source_fingerprint``)."""
+    assert config.knn is not None
+    bank = source_fingerprint(config.knn.train, config.storage_options, "knn.train.path")  # missing: named
+    for key, data in (("knn.train", config.knn.train), ("data", config.data)):
+        try:
+            check_labelled(data, config.knn.label_column, config.storage_options)
+        except DataError as exc:
+            raise knn_label_error(key, config.knn.label_column, exc) from None
+    if config.knn.token_policy is not None:
+        try:
+            model.check(config.knn.token_policy, config.data.image_size or model.input_size)
+        except ConfigError as exc:
+            message = str(exc)
+            raise ConfigError(f"knn.{message}" if message.startswith("token_policy:") else f"knn.token_policy: {message}") from None
+    return bank
+
+
 def check_output_location(config: RunConfig) -> None:
     """ConfigError naming ``output`` when it lies inside the eval data, the kNN bank or the
     checkpoint folder: the run's own files (plots/*.png, shards) would become inputs."""
@@ -260,7 +286,7 @@ def make_plan(config: RunConfig, store: Store, checkpoints: list[Checkpoint] | N
     run_hash = settings_hash({**config.numbers_settings(), "fingerprints": fingerprints})
     knn_hash = ""
     if config.knn is not None:  # the bank's files by their listing: not loaded here (often thousands of images)
-        bank = source_fingerprint(config.knn.train, config.storage_options, "knn.train.path")
+        bank = check_knn_inputs(config, model)
         knn_hash = knn_settings_hash(run_hash, config, bank)
     plan = Plan(
         settings_hash=run_hash,

@@ -26,7 +26,7 @@ from invariance.core.knn_probe import KNN_COLUMNS, knn_rows
 from invariance.core.models import FeatureModel, load_model
 from invariance.core.shards import CKA_COLUMNS, NULLABLE_COLUMNS, STIR_COLUMNS, ShardContext
 from invariance.errors import ConfigError, DataError, NumericsError
-from invariance.engine.plan import Plan
+from invariance.engine.plan import Plan, knn_label_error
 from invariance.io.storage import Store, redact
 
 
@@ -145,8 +145,7 @@ class Workspace:
             try:
                 loaded = load_labelled_images(data, image_size, storage_options, label_column)
             except DataError as exc:
-                raise DataError(f"{key_name} (the kNN probe needs class labels; knn.label_column "
-                                f"{label_column!r}): {exc}") from None  # fmt: skip
+                raise knn_label_error(key_name, label_column, exc) from None
             if loaded.labels is None or len(loaded.labels) == 0:
                 raise DataError(f"{key_name}: {redact(data.path)} gave no class labels; the kNN probe needs them")
             if int(loaded.labels.min()) < 0:

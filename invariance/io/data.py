@@ -392,6 +392,23 @@ def load_labelled_images(
     return _load(config, image_size, storage_options, _Request(whole_split=whole_split, label_column=label_column))
 
 
+def check_labelled(config: DataConfig, label_column: str, storage_options: dict[str, Any] | None = None) -> None:
+    """DataError when ``config``'s split has no class labels, found without loading an image: a
+    Parquet file of the split without ``label_column`` (its schema only), an image folder with
+    no class subfolders. CIFAR batches always have labels."""
+    fs, root = open_filesystem(config.path, storage_options or {})
+    if config.format == "parquet":
+        import pyarrow.parquet as pq
+
+        for path in _parquet_files(config, fs, root):
+            with fs.open(path, "rb") as handle:
+                names = pq.read_schema(handle).names
+            if label_column not in names:
+                raise DataError(f"{redact(path)}: no column {label_column!r}; columns: {names}")
+    elif config.format == "imagefolder" and not class_names(config, storage_options):
+        raise DataError(f"{redact(config.path)}: labels need one subfolder per class; found no class subfolder")
+
+
 def class_names(config: DataConfig, storage_options: dict[str, Any] | None = None) -> list[str] | None:
     """The name of each class label, label order: CIFAR's ``batches.meta`` (``label_names``) or
     ``meta`` (``fine_label_names``), an image folder's class subfolders (sorted, every split);
