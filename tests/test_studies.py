@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from invariance.config import parse_config
 from invariance.engine.execute import execute_in_process
-from invariance.engine.reduce import reduce_plan
+from invariance.engine.reduce import reduce_plan, runs_listing
 from invariance.engine.steps import Workspace
 from invariance.errors import CheckpointError, ConfigError
 from invariance.io.checkpoints import discover_checkpoints
@@ -126,6 +126,7 @@ def test_a_study_shares_the_pretrained_inversions_and_a_later_run_computes_only_
     assert store.get(RUNS_COMPARED_PLOT)[:4] == b"\x89PNG"
     page = store.get(REPORT).decode()
     assert "Runs compared" in page and all(f"run {run}: Dynamics" in page for run in RUNS[:2])
+    assert "<h2>Runs and epochs</h2>" in page and all(f"<td>{run}</td>" in page for run in RUNS)
     assert "Each run&#x27;s last checkpoint" in page or "Each run's last checkpoint" in page
     status = json.loads(store.get(REDUCED_STATUS))
     assert status["runs"] == {run: {"epochs": EPOCHS, "complete_epochs": EPOCHS, "incomplete_epochs": {}} for run in sorted(RUNS)}
@@ -137,6 +138,11 @@ def test_a_study_shares_the_pretrained_inversions_and_a_later_run_computes_only_
     assert later.missing_inversions == []
     missing = [*later.missing_stir, *later.missing_cka]
     assert {u.run for u in missing} == {LATE_RUN} and len(missing) == len(EPOCHS) * (per_checkpoint + 1)
+    # the report's "Runs and epochs": the new run's epochs listed as incomplete, with their missing shards
+    listing = {row["run"]: row for row in runs_listing(later).iter_rows(named=True)}
+    assert listing[RUNS[0]]["complete_epochs"] == EPOCHS and listing[RUNS[0]]["incomplete"] == []
+    assert listing[LATE_RUN]["complete_epochs"] == [] and listing[LATE_RUN]["incomplete"] == [
+        f"{epoch}: {per_checkpoint + 1} shards" for epoch in EPOCHS]
     summary = execute_in_process(later, spec, Workspace("cpu"))
     assert summary.failures == [] and summary.completed == len(missing)
     assert not any(isinstance(unit, InversionUnit) for unit, _ in later.work())

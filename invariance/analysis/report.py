@@ -40,6 +40,8 @@ class ReportInputs:
     robustness_correlation: pl.DataFrame = field(default_factory=pl.DataFrame)
     robustness_search: pl.DataFrame = field(default_factory=pl.DataFrame)
     extra_tables: dict[str, pl.DataFrame] = field(default_factory=dict)  # title -> table (kNN, interpolation, ...)
+    # per run ("" without {run}): run, checkpoints, epochs, complete_epochs, incomplete (epoch: missing shards)
+    runs: pl.DataFrame = field(default_factory=pl.DataFrame)
 
 
 def inversion_quality(stir: pl.DataFrame) -> pl.DataFrame:
@@ -132,6 +134,7 @@ def render(inputs: ReportInputs) -> bytes:
         f"<p>Settings <code>{html.escape(inputs.settings_hash)}</code>; {status}"
         + (f" (epochs {min(epochs)}..{max(epochs)})" if epochs else "") + ".</p>",
         incomplete,
+        ("<h2>Runs and epochs</h2>" + _table(inputs.runs, max_rows=500)) if not inputs.runs.is_empty() else "",
         "<details><summary>Settings that change the numbers</summary><pre>"
         + html.escape(json.dumps(inputs.settings, indent=1, sort_keys=True)) + "</pre></details>",
     ]

@@ -345,5 +345,20 @@ def _write_report(
         robustness_correlation=_stored_table(store, REDUCED_ROBUSTNESS_CORRELATION) if result.complete_epochs else pl.DataFrame(),
         robustness_search=_stored_table(store, REDUCED_ROBUSTNESS_SEARCH) if result.complete_epochs else pl.DataFrame(),
         extra_tables=extra_tables,
+        runs=runs_listing(plan),
     )
     return [REPORT] if store.put_if_changed(REPORT, report.render(inputs)) else []
+
+
+def runs_listing(plan: Plan) -> pl.DataFrame:
+    """Per run ("" without ``{run}``): its checkpoints, their epochs, the complete ones, and the
+    incomplete ones with how many of their shards (STIR + CKA) are missing ("3: 12 shards")."""
+    incomplete = plan.incomplete_checkpoints()
+    return pl.DataFrame(
+        [{"run": run, "checkpoints": len(epochs), "epochs": sorted(epochs),
+          "complete_epochs": sorted(e for e in epochs if (run, e) not in incomplete),
+          "incomplete": [f"{e}: {incomplete[run, e]} shards" for e in sorted(epochs) if (run, e) in incomplete]}
+         for run, epochs in plan.runs.items()],  # fmt: skip
+        schema={"run": pl.String, "checkpoints": pl.Int64, "epochs": pl.List(pl.Int64),
+                "complete_epochs": pl.List(pl.Int64), "incomplete": pl.List(pl.String)},  # fmt: skip
+    )
