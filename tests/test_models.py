@@ -28,10 +28,13 @@ def test_a_user_factory_builds_the_model_with_its_kwargs() -> None:
 @pytest.mark.parametrize(
     ("factory", "message"),
     [("tests.helpers:no_such_function", "has no attribute"), ("no_such_module:f", "cannot import module"),
-     ("torch.nn:Linear", "lacks")],
+     ("torch.nn:Linear", "lacks"),
+     # the factory's own error (a weights download, a bad file): named, not a raw traceback
+     ("json:loads", r"^model\.factory: json:loads\(\*\*model\.kwargs\) raised JSONDecodeError: Expecting value")],
 )  # fmt: skip
 def test_bad_factories_are_named(factory: str, message: str) -> None:
     kwargs = {"in_features": 2, "out_features": 2} if factory == "torch.nn:Linear" else {}
+    kwargs = {"s": "not json"} if factory == "json:loads" else kwargs
     with pytest.raises(ConfigError, match=message):
         load_model(ModelConfig(factory=factory, kwargs=kwargs), None)
 

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from invariance.config import ModelConfig, TokenPolicy, did_you_mean
-from invariance.errors import CheckpointError, ConfigError
+from invariance.errors import CheckpointError, ConfigError, InvarianceError
 from invariance.io.checkpoints import check_float_weights, load_state_dict
 from invariance.io.storage import redact
 
@@ -57,10 +57,16 @@ def model_name(config: ModelConfig) -> str:
 def build_network(config: ModelConfig) -> nn.Module:
     """The bare network (random init) from a timm name + kwargs, or from the factory."""
     if config.factory is not None:
+        factory = resolve_factory(config.factory)
         try:
-            network = resolve_factory(config.factory)(**config.kwargs)
+            network = factory(**config.kwargs)
         except TypeError as exc:
             raise ConfigError(f"model.kwargs: {config.factory} does not accept these kwargs ({exc})") from exc
+        except InvarianceError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the user's code: named, never a raw traceback
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            raise ConfigError(f"model.factory: {config.factory}(**model.kwargs) raised {type(exc).__name__}: {first}") from exc
         if not isinstance(network, nn.Module):
             raise ConfigError(f"model.factory: {config.factory} returned {type(network).__name__}, not a torch nn.Module")
         return network
@@ -72,7 +78,7 @@ def build_network(config: ModelConfig) -> nn.Module:
         raise ConfigError(f"model.arch: unknown timm architecture {config.arch!r}; {hint}")
     try:
         return timm.create_model(config.arch, pretrained=False, **config.kwargs)
-    except (TypeError, AssertionError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - timm's asserts, shape and key errors alike: named
         raise ConfigError(f"model.kwargs: {config.arch} cannot be built with {config.kwargs} ({type(exc).__name__}: {exc})") from exc
 
 
