@@ -180,6 +180,7 @@ def test_config_errors_name_the_method_keys(tmp_path, data_dir) -> None:
         ({"method": "linear_probe", "adapter": {"kind": "lora"}}, "adapter"),
         ({"task": "contrastive"}, "clip"),
         ({"knn": {"k": 0}}, "knn.k"),
+        ({"sweep": {"weight_decy": [0.1, 0.01]}}, "'weight_decy' is not a finetune config key; did you mean weight_decay"),
     ]:
         with pytest.raises(ConfigError) as error:
             parse_finetune_config(raw_config(data_dir, tmp_path / "x", **change))

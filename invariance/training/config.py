@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from invariance.config import Int, ModelConfig, read_yaml, validate_config
+from invariance.config import Int, ModelConfig, did_you_mean, read_yaml, validate_config
 from invariance.training.adapters import AdapterKind
 from invariance.training.corruptions import CORRUPTIONS, SEVERITIES
 from invariance.errors import ConfigError
@@ -184,7 +184,9 @@ class FinetuneConfig(_Strict):
             if key.split(".")[0] in _NOT_SWEEPABLE:
                 raise ValueError(f"{key!r} cannot be swept (not sweepable: {', '.join(_NOT_SWEEPABLE)})")
             if key.split(".")[0] not in cls.model_fields:
-                raise ValueError(f"{key!r} is not a finetune config key")
+                close = did_you_mean(key.split(".")[0], [k for k in cls.model_fields if k not in _NOT_SWEEPABLE])
+                hint = f"; did you mean {', '.join(close)}?" if close else ""
+                raise ValueError(f"{key!r} is not a finetune config key{hint}")
             if not values:
                 raise ValueError(f"{key}: give a non-empty list of values")
             if len({json.dumps(v, sort_keys=True, default=str) for v in values}) != len(values):
