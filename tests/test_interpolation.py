@@ -81,6 +81,19 @@ def test_alpha_zero_measures_nothing_alpha_one_is_the_checkpoint_and_a_new_alpha
         assert store.exists(key), key
     assert "Along the weight path" in store.get("reports/index.html").decode()
 
+    # a point of the path missing one shard (its record gone, as after a failed unit): left out of the
+    # tables, while the checkpoint's own rows (alpha 1) stay
+    lost = next(u for u in plan.stir if u.alpha == 0.0)
+    saved_record = store.get(plan.record_key(lost))
+    store.fs.rm_file(store.path(plan.record_key(lost)))
+    plan.refresh(store)
+    assert plan.incomplete_checkpoints() == {} and plan.incomplete_points() == {("", 2, 0.0)}
+    partial = reduce_plan(plan, store, make_plots=False)
+    assert partial.complete_checkpoints == [("", 1), ("", 2)]
+    assert set(partial.curves["alpha"].unique()) == {1.0} and sorted(partial.curves["epoch"].unique()) == [1, 2]
+    store.put(plan.record_key(lost), saved_record)
+    plan.refresh(store)
+
     # a rerun adding alpha 0.5 computes its own units only; pt kNN stays computed once per run
     wider = _config(tmp_path, interpolation={"alphas": [0.0, 0.5, 1.0]}, knn=KNN)
     store, plan, spec = open_in_process(wider)

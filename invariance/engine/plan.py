@@ -106,11 +106,19 @@ class Plan:
         return missing
 
     def incomplete_checkpoints(self) -> dict[tuple[str, int], int]:
-        """{(run, epoch): number of its shards (STIR + CKA) not yet complete}."""
+        """{(run, epoch): number of the checkpoint's own shards (STIR + CKA at alpha 1) not yet
+        complete}. A point of its weight path that is missing a shard leaves the checkpoint
+        complete (``incomplete_points``): its own curves are reduced, that point is not."""
         missing: dict[tuple[str, int], int] = {}
         for unit in [*self.missing_stir, *self.missing_cka]:
-            missing[unit.run, unit.epoch] = missing.get((unit.run, unit.epoch), 0) + 1
+            if unit.alpha == PLAIN_ALPHA:
+                missing[unit.run, unit.epoch] = missing.get((unit.run, unit.epoch), 0) + 1
         return missing
+
+    def incomplete_points(self) -> set[tuple[str, int, float]]:
+        """(run, epoch, alpha) of every point (a checkpoint, or a point of its weight path) with a
+        STIR or CKA shard not yet complete."""
+        return {(u.run, u.epoch, u.alpha) for u in [*self.missing_stir, *self.missing_cka]}
 
     @property
     def runs(self) -> dict[str, list[int]]:

@@ -24,7 +24,7 @@ from invariance.io.layout import (
     REDUCED_ROBUSTNESS_SEARCH, REDUCED_STATUS, REPORT, ROBUSTNESS_PLOT, RUNS_COMPARED_PLOT, dynamics_plot_key,
     flow_plot_key, layer_curves_plot_key,
 )  # fmt: skip
-from invariance.io.layout import Unit
+from invariance.io.layout import CkaUnit, StirUnit, Unit
 from invariance.io.run_metrics import read_run_metrics
 from invariance.io.storage import Store, parquet_bytes, redact
 
@@ -90,6 +90,14 @@ def _forget(plan: Plan, store: Store, units: list[Unit]) -> None:
         plan.done.discard(plan.record_key(unit))
 
 
+def _without_points(frame: pl.DataFrame, points: set[tuple[str, int, float]]) -> pl.DataFrame:
+    """The rows of ``frame`` whose (run, epoch, alpha) is not among ``points``."""
+    if frame.is_empty() or not points:
+        return frame
+    unwanted = pl.DataFrame(sorted(points), schema={"run": pl.String, "epoch": pl.Int64, "alpha": pl.Float64}, orient="row")
+    return frame.join(unwanted, on=["run", "epoch", "alpha"], how="anti")
+
+
 def _of_checkpoints(frame: pl.DataFrame, keys: list[tuple[str, int]]) -> pl.DataFrame:
     """The rows of ``frame`` whose (run, epoch) is among ``keys``."""
     if frame.is_empty():
@@ -110,18 +118,25 @@ def reduce_plan(
     ``plots/runs/<run>/`` and the runs compared in ``plots/runs_compared.png``.
 
     A shard whose data is unreadable counts as missing: its completion record is removed (the
-    next run recomputes it), its checkpoint is incomplete, and ``result.unreadable`` lists it."""
+    next run recomputes it), its checkpoint (or point of a weight path) is incomplete, and
+    ``result.unreadable`` lists it. A weight-path point with a shard missing is left out of the
+    tables; its checkpoint's own rows are not."""
     incomplete = plan.incomplete_checkpoints()
     complete = [c.key for c in plan.checkpoints if c.key not in incomplete]
-    done = set(complete)
-    stir, bad_stir = _read_shards(plan, store, [u for u in plan.stir if (u.run, u.epoch) in done])
-    cka, bad_cka = _read_shards(plan, store, [u for u in plan.cka if (u.run, u.epoch) in done])
+    done, partial = set(complete), plan.incomplete_points()
+
+    def wanted(unit: StirUnit | CkaUnit) -> bool:
+        return (unit.run, unit.epoch) in done and (unit.run, unit.epoch, unit.alpha) not in partial
+
+    stir, bad_stir = _read_shards(plan, store, [u for u in plan.stir if wanted(u)])
+    cka, bad_cka = _read_shards(plan, store, [u for u in plan.cka if wanted(u)])
     unreadable: list[Unit] = [*bad_stir, *bad_cka]
     if unreadable:
         _forget(plan, store, unreadable)
         incomplete = plan.incomplete_checkpoints()
         complete = [c.key for c in plan.checkpoints if c.key not in incomplete]
-        stir, cka = _of_checkpoints(stir, complete), _of_checkpoints(cka, complete)
+        partial = plan.incomplete_points()
+        stir, cka = (_without_points(_of_checkpoints(frame, complete), partial) for frame in (stir, cka))
     if complete:
         # shards are keyed by run and epoch; the name is the plan's, so that rows written under another
         # naming (an older release) still group with their checkpoint
