@@ -246,7 +246,8 @@ def analyse(tmp_path: Path, run_dir: Path, data_dir: Path, name: str) -> tuple[p
     return pl.read_parquet(tmp_path / name / "reduced" / "curves.parquet"), config
 
 
-@pytest.mark.parametrize("adapter", [{"kind": "bottleneck", "reduction_factor": 4}, {"kind": "lora", "rank": 2, "merge": True}])
+@pytest.mark.parametrize("adapter", [{"kind": "bottleneck", "reduction_factor": 4}, {"kind": "lora", "rank": 2, "merge": True},
+                                     {"kind": "lora", "rank": 2}, {"kind": "film"}])  # fmt: skip
 def test_an_adapter_series_is_analysed_against_its_base(adapter, tmp_path, data_dir, torch_single_thread) -> None:
     run_dir = tmp_path / "run"
     raw = raw_config(data_dir, run_dir, adapter=adapter, lr=0.05, corruptions={"names": ["contrast"], "severities": [1]})
