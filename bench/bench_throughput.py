@@ -6,7 +6,7 @@ pre-logits (the whole network) after a warm-up, its FLOPs counted by torch's Flo
 (samples x (steps x one step + 2 forwards: the target and the final evaluation)), and a
 1024 x 1024 float32 matmul timed in the same process on the same threads. The ratio is what
 to watch: a change that slows the hot loop lowers it. On a GPU (``--device cuda``) the same
-figures, and ``--record`` writes the measured TFLOP/s into bench/throughput.json, which
+figures, and ``--record`` writes the measured TFLOP/s into invariance/core/throughput.json, which
 ``invariance plan`` uses for its GPU-hours.
 
     python bench/bench_throughput.py                       # CPU, 1 and 2 threads (~2 min)
@@ -32,7 +32,7 @@ from invariance.core.cost import inversion_step_flops
 from invariance.core.inversion import invert, start_noise
 from invariance.core.models import FeatureModel, load_model
 
-THROUGHPUT_TABLE = Path(__file__).resolve().parent / "throughput.json"
+THROUGHPUT_TABLE = Path(__file__).resolve().parent.parent / "invariance" / "core" / "throughput.json"
 MODELS: dict[str, dict] = {
     "tiny ViT (32 px, depth 12, width 32)": {
         "arch": "vit_tiny_patch16_224",
@@ -132,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tiny-steps", type=int, default=10)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--record", action="store_true", help="write the measured TFLOP/s into bench/throughput.json")
+    parser.add_argument("--record", action="store_true", help="write the measured TFLOP/s into invariance/core/throughput.json")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     device = torch.device(args.device)

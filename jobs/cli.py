@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--no-progress", action="store_true", help="no progress bar")
         if name == "plan":
             sub.add_argument("--no-cost", action="store_true", help="skip the FLOP estimate")
+            sub.add_argument("--gpu", metavar="NAME",
+                             help="the workers' CUDA device, as torch names it ('NVIDIA H100 80GB HBM3'): the GPU-hours "
+                             "use its measured throughput (default: this machine's GPU)")
             sub.add_argument("--submission-id", action="store_true",
                              help="print only a Ray job submission id for the work left (for `ray job submit "
                              f"--submission-id`: a duplicate is refused); exit {NOTHING_TO_SUBMIT} printing nothing on "
@@ -143,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
                     return NOTHING_TO_SUBMIT
                 print(identifier)
             else:
-                plan_only(args.config, with_cost=not args.no_cost)
+                plan_only(args.config, with_cost=not args.no_cost, gpu=args.gpu)
         elif args.command in ("reduce", "report"):
             from jobs.run import reduce_only
 

@@ -244,13 +244,15 @@ def local_gpu_name() -> str | None:
 
 
 # bench/bench_throughput.py --device cuda --record writes a device's measured inversion TFLOP/s here
-THROUGHPUT_TABLE = Path(__file__).resolve().parent.parent / "bench" / "throughput.json"
+# (package data: installed copies and the image read the figures the repository recorded)
+THROUGHPUT_TABLE = Path(__file__).resolve().parent.parent / "invariance" / "core" / "throughput.json"
 GUESSED_TFLOPS = 200.0  # achieved bf16 on an A100/H100-class GPU, not measured
 
 
 def inversion_throughput(device_name: str | None, table: Path = THROUGHPUT_TABLE) -> tuple[float, str]:
-    """(TFLOP/s, how it is known): the figure bench/throughput.json records for ``device_name``
-    (a CUDA device's name), else GUESSED_TFLOPS, said to be a guess."""
+    """(TFLOP/s, how it is known): the figure throughput.json records for ``device_name`` (a CUDA
+    device's name, as torch reports it), else GUESSED_TFLOPS, said to be a guess (naming the
+    devices that have a figure)."""
     try:
         devices = json.loads(table.read_text()).get("devices", {})
     except (OSError, ValueError):
@@ -258,18 +260,20 @@ def inversion_throughput(device_name: str | None, table: Path = THROUGHPUT_TABLE
     if device_name and device_name in devices:
         entry = devices[device_name]
         return float(entry["tflops"]), f"measured on {device_name} ({entry.get('measured', 'undated')}, {table.name})"
-    where = f"for {device_name}" if device_name else "(this machine has no GPU to look up)"
-    return GUESSED_TFLOPS, f"a guess: no throughput measured {where} in {table.name}"
+    where = f"for {device_name}" if device_name else "(no GPU here to look up: name the workers' with --gpu)"
+    known = f"; measured: {', '.join(sorted(devices))}" if devices else ""
+    return GUESSED_TFLOPS, f"a guess: no throughput measured {where} in {table.name}{known}"
 
 
-def plan_only(config: RunConfig | str, with_cost: bool = True) -> Plan:
-    """`invariance plan`: what is done, what is missing, and a rough cost."""
+def plan_only(config: RunConfig | str, with_cost: bool = True, gpu: str | None = None) -> Plan:
+    """`invariance plan`: what is done, what is missing, and a rough cost (GPU-hours on ``gpu``,
+    the workers' CUDA device name, else this machine's)."""
     config, _, plan, _ = open_run(config)
     describe_plan(plan)
     if with_cost:
         started = time.time()
         tflops, inversions = estimate_cost(config, plan)
-        throughput, source = inversion_throughput(local_gpu_name())
+        throughput, source = inversion_throughput(gpu or local_gpu_name())
         print(
             f"  cost: {inversions} inversions, {tflops:,.1f} TFLOP "
             f"(~{tflops / throughput / 3600:.2f} GPU-hours at {throughput:g} TFLOP/s, {source}; "

@@ -45,8 +45,12 @@ def test_without_a_recorded_figure_the_throughput_is_called_a_guess(tmp_path: Pa
         tflops, source = inversion_throughput(device, table)
         assert tflops == GUESSED_TFLOPS and source.startswith("a guess")
     assert inversion_throughput("x", tmp_path / "missing.json")[1].startswith("a guess")
-    # the repository's table holds no GPU figure yet (none was measured): today's plans guess
-    assert json.loads(THROUGHPUT_TABLE.read_text())["devices"] == {}
+    # the repository's table (package data) parses, and every figure it records is usable
+    for name, entry in json.loads(THROUGHPUT_TABLE.read_text())["devices"].items():
+        assert entry["tflops"] > 0 and entry["measured"], name
+    assert "invariance/core" in THROUGHPUT_TABLE.as_posix()
+    # the plan names the devices that have a figure when it has to guess
+    assert inversion_throughput(None, table)[1].endswith("measured: NVIDIA A100-SXM4-80GB")
 
 
 def test_the_plan_says_where_its_gpu_hours_come_from(tmp_path: Path, capsys):
@@ -57,3 +61,5 @@ def test_the_plan_says_where_its_gpu_hours_come_from(tmp_path: Path, capsys):
     plan_only(str(config_path))
     out = capsys.readouterr().out
     assert f"GPU-hours at {GUESSED_TFLOPS:g} TFLOP/s, a guess: no throughput measured" in out
+    plan_only(str(config_path), gpu="NVIDIA B200")  # the workers' GPU, named: looked up by that name
+    assert "a guess: no throughput measured for NVIDIA B200 in throughput.json" in capsys.readouterr().out
