@@ -21,7 +21,7 @@ from invariance.engine.plan import Plan, check_output_location, make_plan
 from invariance.engine.reduce import ReduceResult, reduce_plan
 from invariance.io.layout import REPORT
 from invariance.engine.steps import RunSpec
-from invariance.io.storage import Store, redact
+from invariance.io.storage import Store, redact, same_location
 from invariance.engine.execute import ExecuteSummary
 from invariance.errors import CheckpointError, ConfigError, DataError, StorageError
 from invariance.io.paths import ResolvedPaths, config_folder, resolve_paths
@@ -54,27 +54,36 @@ def load_run_config(config: RunConfig | str) -> tuple[RunConfig, ResolvedPaths]:
     """The validated config with every relative path made absolute, on the driver: against the
     config file's folder when ``config`` is a path or URL, else the working directory."""
     if isinstance(config, RunConfig):
-        resolved, paths = resolve_paths(config)
-    else:
-        resolved, paths = resolve_paths(load_config(config), config_folder(str(config)))
-    if "output" in paths.relative and os.environ.get("RAY_ADDRESS"):
-        # under `ray job submit --working-dir`, the config's folder is a new unpack folder on every
-        # submission: results would land there, unseen by the next one, and each node writes its own disk
-        raise ConfigError(
-            f"output: {paths.relative['output']!r} is a relative path and RAY_ADDRESS is set (a Ray cluster): it "
-            f"would resolve to {redact(resolved.output)}, inside the job's working directory, which Ray unpacks "
-            "anew for every submission; give a URL every node can reach (s3://bucket/prefix) or an absolute "
-            "path on shared storage"
-        )
-    return resolved, paths
+        return resolve_paths(config)
+    return resolve_paths(load_config(config), config_folder(str(config)))
 
 
-def open_run(config: RunConfig | str) -> tuple[RunConfig, Store, Plan, RunSpec]:
+def check_cluster_output(config: RunConfig, paths: ResolvedPaths) -> None:
+    """ConfigError for a relative ``output`` that resolved to a local folder while RAY_ADDRESS is
+    set: under `ray job submit --working-dir` the config's folder is a new unpack folder on every
+    submission, so results would land there, unseen by the next one (and each node writes its
+    own disk). A relative output beside a config at a URL resolved to that URL's folder: fine."""
+    if "output" not in paths.relative or not os.environ.get("RAY_ADDRESS"):
+        return
+    if same_location(config.output, config.storage_options)[0] != "file":
+        return
+    raise ConfigError(
+        f"output: {paths.relative['output']!r} is a relative path and RAY_ADDRESS is set (a Ray cluster): it "
+        f"would resolve to {redact(config.output)}, inside the job's working directory, which Ray unpacks "
+        "anew for every submission; give a URL every node can reach (s3://bucket/prefix) or an absolute "
+        "path on shared storage"
+    )
+
+
+def open_run(config: RunConfig | str, computes: bool = False) -> tuple[RunConfig, Store, Plan, RunSpec]:
     """Load and validate the config, resolve its relative paths, check the output is writable (a
     named error for a wrong URL, bucket or credentials, before anything else; the check leaves
     nothing behind), and plan (which reads the eval images once: their fingerprint keys the
-    results). A path error says how relative paths were resolved."""
+    results). A path error says how relative paths were resolved. ``computes``: for `run`,
+    which refuses a relative local output on a cluster (``check_cluster_output``)."""
     config, paths = load_run_config(config)
+    if computes:
+        check_cluster_output(config, paths)
     try:
         check_output_location(config)  # before the write probe lands inside a data or checkpoint folder
         store = Store(config.output, dict(config.storage_options))
@@ -165,7 +174,7 @@ def run(config: RunConfig | str, progress: bool = True, num_cpus: int | None = N
     With nothing to compute, Ray is not started: plan, reduce (if anything changed), done. A
     shard the reduce finds unreadable is missing again and recomputed once, here.
     """
-    config, store, plan, spec = open_run(config)
+    config, store, plan, spec = open_run(config, computes=True)
     describe_plan(plan)
     lease = RunLease(store, plan.settings_hash)
     other = lease.acquire()

@@ -49,14 +49,21 @@ def test_a_relative_output_under_a_ray_cluster_is_refused_before_anything_is_wri
 
     from invariance.errors import ConfigError
 
+    from invariance.config import load_config
+    from invariance.io.paths import resolve_paths
+    from jobs.run import check_cluster_output, run
+
     path = _relative_config(tmp_path)
     monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")  # nothing connects: refused before Ray
     with pytest.raises(ConfigError, match=r"^output: 'results' is a relative path and RAY_ADDRESS is set"):
-        open_run(str(path))
+        run(str(path))
     assert not (tmp_path / "configs" / "results").exists()
+    open_run(str(path))  # plan, reduce and report start no Ray: they take it as it resolves
     absolute = _relative_config(tmp_path, output=str(tmp_path / "shared" / "results"))
-    config, *_ = open_run(str(absolute))  # relative inputs, absolute output: accepted
+    config, *_ = open_run(str(absolute), computes=True)  # relative inputs, absolute output: accepted
     assert config.output == str(tmp_path / "shared" / "results") and config.data.path == str(tmp_path / "data")
+    # a config at a URL: its relative output is beside it, on that store (every node reaches it)
+    check_cluster_output(*resolve_paths(load_config(str(path)), "s3://lab/configs"))
 
 
 def test_a_path_error_shows_the_resolved_path_and_the_working_directory(tmp_path: Path, monkeypatch, capsys) -> None:
