@@ -213,7 +213,10 @@ def run(config: RunConfig | str, progress: bool = True, num_cpus: int | None = N
 
 
 def print_incomplete(plan: Plan, reduced: ReduceResult) -> None:
-    """The checkpoints left incomplete, with their missing shards (a study's by run)."""
+    """The checkpoints left incomplete, with their missing shards (a study's by run), and the
+    weight-path points left out of the tables."""
+    if reduced.incomplete_path_points:
+        print(f"weight-path points left out until computed (point: missing shards): {reduced.incomplete_path_points}")
     if not reduced.incomplete_epochs:
         return
     if plan.is_study:

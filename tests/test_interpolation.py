@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import polars as pl
@@ -88,9 +89,14 @@ def test_alpha_zero_measures_nothing_alpha_one_is_the_checkpoint_and_a_new_alpha
     store.fs.rm_file(store.path(plan.record_key(lost)))
     plan.refresh(store)
     assert plan.incomplete_checkpoints() == {} and plan.incomplete_points() == {("", 2, 0.0)}
-    partial = reduce_plan(plan, store, make_plots=False)
+    partial = reduce_plan(plan, store)
     assert partial.complete_checkpoints == [("", 1), ("", 2)]
     assert set(partial.curves["alpha"].unique()) == {1.0} and sorted(partial.curves["epoch"].unique()) == [1, 2]
+    # said, not silent: status.json and the report name the point left out
+    assert partial.incomplete_path_points == {"epoch 2 alpha 0": 1}
+    assert json.loads(store.get("reduced/status.json"))["incomplete_path_points"] == {"epoch 2 alpha 0": 1}
+    assert "Weight-path points left out until computed (missing shards): epoch 2 alpha 0: 1 shard" in store.get(
+        "reports/index.html").decode()
     store.put(plan.record_key(lost), saved_record)
     plan.refresh(store)
 

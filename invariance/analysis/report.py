@@ -42,6 +42,8 @@ class ReportInputs:
     extra_tables: dict[str, pl.DataFrame] = field(default_factory=dict)  # title -> table (kNN, interpolation, ...)
     # per run ("" without {run}): run, checkpoints, epochs, complete_epochs, incomplete (epoch: missing shards)
     runs: pl.DataFrame = field(default_factory=pl.DataFrame)
+    # weight-path points left out until computed: {"epoch 2 alpha 0.5": missing shards}
+    incomplete_path_points: dict[str, int] = field(default_factory=dict)
 
 
 def inversion_quality(stir: pl.DataFrame) -> pl.DataFrame:
@@ -129,6 +131,10 @@ def render(inputs: ReportInputs) -> bytes:
     if inputs.incomplete_epochs:
         listed = ", ".join(f"epoch {e}: {n} shard{'s' if n != 1 else ''}" for e, n in sorted(inputs.incomplete_epochs.items()))
         incomplete = f"<p class='warning'>Incomplete (missing shards): {html.escape(listed)}</p>"
+    if inputs.incomplete_path_points:
+        listed = ", ".join(f"{point}: {n} shard{'s' if n != 1 else ''}" for point, n in inputs.incomplete_path_points.items())
+        incomplete += (f"<p class='warning'>Weight-path points left out until computed (missing shards): "
+                       f"{html.escape(listed)}</p>")  # fmt: skip
     parts = [
         "<h1>invariance report</h1>",
         f"<p>Settings <code>{html.escape(inputs.settings_hash)}</code>; {status}"

@@ -120,6 +120,17 @@ class Plan:
         STIR or CKA shard not yet complete."""
         return {(u.run, u.epoch, u.alpha) for u in [*self.missing_stir, *self.missing_cka]}
 
+    def incomplete_path_points(self) -> dict[str, int]:
+        """{"epoch 2 alpha 0.5" (a study: "run lr=0.1 epoch 2 alpha 0.5"): its missing STIR + CKA
+        shards} for the weight-path points (alpha < 1) left out of the tables until computed."""
+        missing: dict[tuple[str, int, float], int] = {}
+        for unit in [*self.missing_stir, *self.missing_cka]:
+            if unit.alpha != PLAIN_ALPHA:
+                key = (unit.run, unit.epoch, unit.alpha)
+                missing[key] = missing.get(key, 0) + 1
+        return {f"{f'run {run} ' if run else ''}epoch {epoch} alpha {alpha:g}": count
+                for (run, epoch, alpha), count in sorted(missing.items())}
+
     @property
     def runs(self) -> dict[str, list[int]]:
         """{run: its checkpoint epochs}, runs in name order ({"": epochs} without ``{run}``)."""

@@ -47,6 +47,8 @@ class ReduceResult:
     # (run, epoch) of each checkpoint: what tells a study's checkpoints apart (run "" without {run})
     complete_checkpoints: list[tuple[str, int]] = field(default_factory=list)
     incomplete_checkpoints: dict[tuple[str, int], int] = field(default_factory=dict)
+    # weight-path points (alpha < 1) left out of the tables: {"epoch 2 alpha 0.5": missing shards}
+    incomplete_path_points: dict[str, int] = field(default_factory=dict)
     runs_compared: pl.DataFrame = field(default_factory=pl.DataFrame)  # a study's Fig. 6 view, per run and epoch
 
 
@@ -154,7 +156,8 @@ def reduce_plan(
         curves, flow = pl.DataFrame(), pl.DataFrame()
     complete_epochs = sorted({epoch for _, epoch in complete}) if plan.is_study else [epoch for _, epoch in complete]
     result = ReduceResult(curves, flow, complete_epochs, plan.incomplete_epochs(), unreadable=unreadable,
-                          complete_checkpoints=complete, incomplete_checkpoints=incomplete)  # fmt: skip
+                          complete_checkpoints=complete, incomplete_checkpoints=incomplete,
+                          incomplete_path_points=plan.incomplete_path_points())  # fmt: skip
     outputs: dict[str, bytes] = {}
     if complete:
         outputs[REDUCED_CURVES] = parquet_bytes(curves)
@@ -186,6 +189,8 @@ def reduce_plan(
         "complete_epochs": result.complete_epochs,
         "incomplete_epochs": {str(k): v for k, v in sorted(result.incomplete_epochs.items())},
     }
+    if result.incomplete_path_points:  # left out of the tables until a rerun computes them
+        status["incomplete_path_points"] = result.incomplete_path_points
     if plan.is_study:  # a study: each run's epochs, which are complete, and the shards missing of the others
         status["runs"] = {
             run: {"epochs": epochs,
@@ -352,6 +357,7 @@ def _write_report(
         checkpoints=[(c.epoch, f"{c.run}/{c.name}" if c.run else c.name) for c in plan.checkpoints],
         complete_epochs=[epoch for _, epoch in result.complete_checkpoints],
         incomplete_epochs=result.incomplete_epochs,
+        incomplete_path_points=result.incomplete_path_points,
         curves=plain(result.curves),
         inversion_quality=report.inversion_quality(plain(stir)) if result.complete_epochs else pl.DataFrame(),
         plots={title: png for title, png in pngs.items() if png is not None},
