@@ -140,6 +140,7 @@ def execute(plan: Plan, spec: RunSpec, progress: bool = True, lease_lost: Callab
     spec_ref = ray.put(spec)
     queue = plan.work()
     summary = ExecuteSummary()
+    summary.expect(queue)
     started = time.time()
     bar = tqdm(total=len(queue), desc="shards", unit="shard", disable=not progress or not queue,
                mininterval=1.0, dynamic_ncols=True)  # fmt: skip

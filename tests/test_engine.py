@@ -123,10 +123,14 @@ def test_one_bad_checkpoint_first_in_line_does_not_stop_the_others(tmp_path: Pat
     assert not summary.stopped_early
     assert summary.failures and all(bad in message for _, message in summary.failures)
     assert summary.completed == len(plan.stir) + len(plan.cka) - len(summary.failures) > 0
-    # the same message from two checkpoints, or from the pretrained model's units, still stops
-    for units in ([plan.stir[0], plan.stir[0], next(u for u in plan.stir if u.checkpoint_url != bad)],
-                  [InversionUnit(0, 0), InversionUnit(0, 1), InversionUnit(1, 0)]):  # fmt: skip
+    # the same message from two checkpoints, from the pretrained model's units, or from the one
+    # checkpoint there is (nothing else queued: a systematic error) still stops
+    one_checkpoint = [u for u in plan.stir if u.checkpoint_url == bad]
+    for units, queued in (([plan.stir[0], plan.stir[0], next(u for u in plan.stir if u.checkpoint_url != bad)], plan.stir),
+                          ([InversionUnit(0, 0), InversionUnit(0, 1), InversionUnit(1, 0)], plan.stir),
+                          (one_checkpoint[:3], one_checkpoint)):  # fmt: skip
         guarded = ExecuteSummary()
+        guarded.expect([(u, ()) for u in queued])
         for unit in units:
             guarded.add_failure(unit, RuntimeError("shape mismatch"))
         assert guarded.stopped_early, units

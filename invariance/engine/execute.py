@@ -48,6 +48,12 @@ class ExecuteSummary:
     devices: dict[str, int] = field(default_factory=dict)
     # the checkpoint of each failed unit ("" for the pretrained model's units)
     failed_checkpoints: list[str] = field(default_factory=list)
+    # how many checkpoints have units in this execution (the executor sets it from the queue)
+    checkpoints_queued: int = 0
+
+    def expect(self, queue: list[tuple[Unit, tuple[Unit, ...]]]) -> None:
+        """Note what the execution will run (before it starts): how many checkpoints have units."""
+        self.checkpoints_queued = len({unit.checkpoint_url for unit, _ in queue} - {""})
 
     def ran_on(self, device: str) -> None:
         self.devices[device] = self.devices.get(device, 0) + 1
@@ -63,7 +69,7 @@ class ExecuteSummary:
     def add_failure(self, unit: Unit, error: BaseException) -> str:
         """Record ``unit``'s failure; stops the execution when the rest would fail alike (a fatal
         error type, or the first SAME_ERROR_LIMIT units all failing with one message, unless they
-        are all units of one checkpoint: the others may be fine). Returns the message."""
+        are all units of one checkpoint while others are queued: those may be fine). Returns the message."""
         message = describe_error(error)
         self.failures.append((str(unit), message))
         self.failed_checkpoints.append(unit.checkpoint_url)
@@ -71,7 +77,7 @@ class ExecuteSummary:
             self.stop("this error would repeat for every remaining shard")
         first_lines = {text.splitlines()[0] if text else "" for _, text in self.failures}
         checkpoints = set(self.failed_checkpoints)
-        one_checkpoint_only = len(checkpoints) == 1 and checkpoints != {""}
+        one_checkpoint_only = len(checkpoints) == 1 and checkpoints != {""} and self.checkpoints_queued > 1
         if (self.completed == 0 and len(self.failures) >= SAME_ERROR_LIMIT and len(first_lines) == 1
                 and not one_checkpoint_only):
             self.stop(f"the first {len(self.failures)} shards all failed with the same error; fix its cause and rerun")
@@ -89,7 +95,9 @@ def execute_in_process(
     summary = ExecuteSummary()
     started = time.time()
     failed: set[Unit] = set()
-    for unit, dependencies in plan.work():
+    queue = plan.work()
+    summary.expect(queue)
+    for unit, dependencies in queue:
         if lease_lost is not None and lease_lost():
             summary.stop("lost the run lease (another run took it over, or it could not be renewed)")
         if summary.stopped_early:
