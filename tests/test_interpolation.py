@@ -193,6 +193,12 @@ def test_faults_name_their_key(tmp_path: Path, torch_single_thread) -> None:
                                         r".*no column 'label'"):
         make_plan(config, Store(config.output))
     assert not (tmp_path / "out").exists()
+    # a bank file that is not Parquet: named, not a pyarrow traceback
+    good_bytes = (tmp_path / "bank" / "test.parquet").read_bytes()
+    (tmp_path / "bank" / "test.parquet").write_bytes(b"PAR1 truncated")
+    with pytest.raises(DataError, match=r"^knn\.train .*test\.parquet: not a readable Parquet file"):
+        make_plan(config, Store(config.output))
+    (tmp_path / "bank" / "test.parquet").write_bytes(good_bytes)
     # eval images without labels, and an image folder without class subfolders, likewise
     (tmp_path / "loose").mkdir()
     (tmp_path / "loose" / "a.png").write_bytes(b"not read")

@@ -401,8 +401,11 @@ def check_labelled(config: DataConfig, label_column: str, storage_options: dict[
         import pyarrow.parquet as pq
 
         for path in _parquet_files(config, fs, root):
-            with fs.open(path, "rb") as handle:
-                names = pq.read_schema(handle).names
+            try:
+                with fs.open(path, "rb") as handle:
+                    names = pq.read_schema(handle).names
+            except Exception as exc:  # noqa: BLE001 - pyarrow and every backend raise their own types
+                raise DataError(f"{redact(path)}: not a readable Parquet file ({type(exc).__name__}: {exc})") from exc
             if label_column not in names:
                 raise DataError(f"{redact(path)}: no column {label_column!r}; columns: {names}")
     elif config.format == "imagefolder" and not class_names(config, storage_options):
