@@ -111,20 +111,24 @@ def test_adapters_at_init_give_the_base_features_exactly(adapter, torch_single_t
         assert torch.equal(ours[layer], theirs[layer]), layer
 
 
-@pytest.mark.parametrize(("arch", "container"), [("resnet18", "layer"), ("regnetx_002", "s"), ("convnext_atto", "stages")])
-def test_lora_finds_the_blocks_of_convolutional_families_and_merges_there(arch, container, torch_single_thread) -> None:
-    """The default LoRA targets come from timm's feature_info (ResNets' layer1..4, RegNets'
-    s1..s4, ConvNeXt's stages): every Linear and ungrouped conv there, not the stem, not the
-    depthwise convs; the adapted model is the base at init, and merging gives the unmerged outputs."""
+@pytest.mark.parametrize(("arch", "body"), [("resnet18", ("layer",)), ("regnetx_002", ("s",)), ("convnext_atto", ("stages",)),
+                                           ("densenet121", ("features.denseblock", "features.transition")),
+                                           ("vgg11", ("features.", "pre_logits."))])  # fmt: skip
+def test_lora_adapts_the_body_of_convolutional_families_and_merges_there(arch, body, torch_single_thread) -> None:
+    """The default LoRA targets are the body's Linears and ungrouped convs (ResNets' layer1..4,
+    RegNets' s1..s4, ConvNeXt's stages, DenseNet's dense blocks): not the image-facing conv, not
+    the stem, not the classifier, not the depthwise convs; the adapted model is the base at init,
+    and merging gives the unmerged outputs."""
     from invariance.training.adapters import default_lora_targets
 
     kwargs = {"num_classes": 4}
     torch.manual_seed(0)
     base = build_network(ModelConfig(arch=arch, kwargs=kwargs)).eval()
     targets = default_lora_targets(base)
-    assert targets and all(t.startswith(container) for t in targets), targets[:5]
+    assert targets and all(t.startswith(body) for t in targets), targets[:5]
     modules = dict(base.named_modules())
-    assert all(getattr(modules[t], "groups", 1) == 1 for t in targets)
+    assert all(getattr(modules[t], "groups", 1) == 1 and getattr(modules[t], "in_channels", 0) != 3 for t in targets)
+    assert not any("stem" in t or modules[t] is base.get_classifier() for t in targets)
     network = add_adapter(copy.deepcopy(base), "lora", rank=2).eval()
     images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():

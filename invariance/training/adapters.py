@@ -27,7 +27,6 @@ from torch import nn
 from invariance.errors import ConfigError
 
 AdapterKind = Literal["lora", "bottleneck", "film"]
-_BLOCK_CONTAINERS = ("blocks", "stages", "layers")
 
 
 class BottleneckAdapter(nn.Module):
@@ -108,33 +107,28 @@ def _mlp_width(mlp: nn.Module) -> int:
     return linears[-1].out_features
 
 
-def block_containers(network: nn.Module) -> list[str]:
-    """The top-level modules that hold the network's blocks: those timm's ``feature_info`` names
-    (``layer1``..``layer4`` of a ResNet, ``s1``..``s4`` of a RegNet, ``stages``, ``blocks``,
-    ``layers``), else ``blocks``/``stages``/``layers``; never the stem."""
-    names = dict.fromkeys(_BLOCK_CONTAINERS)
-    for info in getattr(network, "feature_info", None) or []:
-        top = str(info.get("module", "")).split(".")[0] if isinstance(info, dict) else ""
-        if top and "stem" not in top:
-            names[top] = None
-    return list(names)
-
-
 def default_lora_targets(network: nn.Module) -> list[str]:
-    """Names of every ``nn.Linear`` and ungrouped ``nn.Conv2d`` inside the network's blocks
-    (``block_containers``). Grouped and depthwise convolutions are left out: a low-rank update of
-    a conv needs its rank divisible by the groups, and cannot be merged."""
-    containers = block_containers(network)
-    names = [
-        name
-        for name, module in network.named_modules()
-        if (isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1))
-        and name.split(".")[0] in containers
-    ]
+    """Names of every ``nn.Linear`` and ungrouped ``nn.Conv2d`` of the network's body: all but the
+    image-facing convs (3 input channels: a ViT's patch embedding, a CNN's first conv), anything
+    in a stem, and the classifier (timm's ``get_classifier()``). Grouped and depthwise convs are
+    left out: a low-rank update of a conv needs its rank divisible by the groups, and cannot be
+    merged. A ViT: its blocks' qkv/proj/fc1/fc2; a ResNet: layer1..4; a ConvNeXt: its stages."""
+    classifier = network.get_classifier() if callable(getattr(network, "get_classifier", None)) else None
+    head = [name for name, module in network.named_modules() if classifier is not None and module is classifier
+            and isinstance(classifier, nn.Module) and name]  # fmt: skip
+    names = []
+    for name, module in network.named_modules():
+        if isinstance(module, nn.Linear):
+            pass
+        elif not (isinstance(module, nn.Conv2d) and module.groups == 1 and module.in_channels != 3):
+            continue
+        if "stem" in name or any(name == h or name.startswith(h + ".") for h in head):
+            continue
+        names.append(name)
     if not names:
         raise ConfigError(
-            f"adapter.target_modules: {type(network).__name__} has no Linear/Conv2d inside "
-            f"{'/'.join(containers)}; name the modules to adapt"
+            f"adapter.target_modules: {type(network).__name__} has no Linear or ungrouped Conv2d outside its stem "
+            "and classifier; name the modules to adapt"
         )
     return names
 
