@@ -214,6 +214,9 @@ def test_faults_name_their_key(tmp_path: Path, torch_single_thread) -> None:
     no_cls = {**TINY_MODEL, "kwargs": {**TINY_MODEL["kwargs"], "class_token": False, "global_pool": "avg"}}
     with pytest.raises(ConfigError, match=r"^knn\.token_policy: 'cls' needs a model with a class token"):
         make_plan(_config(tmp_path, model=no_cls, knn={**KNN, "token_policy": "cls"}), Store(config.output))
+    with pytest.raises(ConfigError, match=r"^knn\.token_policy: 'cls' needs a model with a class token"):  # the checkpoints' module
+        make_plan(_config(tmp_path, finetuned_model=no_cls, token_policy="mean", knn={**KNN, "token_policy": "cls"}),
+                  Store(config.output))  # fmt: skip
 
 
 def test_scale_moves_an_adapters_update_linearly_in_alpha() -> None:

@@ -191,7 +191,10 @@ def check_knn_inputs(config: RunConfig, model: FeatureModel) -> str:
             raise knn_label_error(key, config.knn.label_column, exc) from None
     if config.knn.token_policy is not None:
         try:
-            model.check(config.knn.token_policy, config.data.image_size or model.input_size)
+            size = config.data.image_size or model.input_size
+            model.check(config.knn.token_policy, size)
+            if config.finetuned_model is not None:  # the checkpoints' module must give it too
+                load_model(config.finetuned_model, None, modules=config.layer_modules).check(config.knn.token_policy, size)
         except ConfigError as exc:
             message = str(exc)
             raise ConfigError(f"knn.{message}" if message.startswith("token_policy:") else f"knn.token_policy: {message}") from None
