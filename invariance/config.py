@@ -260,7 +260,8 @@ class RunConfig(_Strict):
     # not in the settings hash: each alpha is a unit of its own, kNN shards have their own hash
     interpolation: InterpolationConfig | None = None
     knn: KnnProbeConfig | None = None
-    # a study's runs compared (the paper's Fig. 6) over each run's first N checkpoint epochs; None: all.
+    # a study's runs compared (the paper's Fig. 6) over each run's first N checkpoint epochs (the complete
+    # ones among them); None: all.
     # Not in the settings hash: it only chooses what the comparison shows
     compare_epochs: Int | None = Field(None, ge=1)
 

@@ -151,3 +151,15 @@ def test_the_plot_says_n_and_warns_below_five_epochs() -> None:
     enough = pl.DataFrame(metric_rows({**CORRUPTED, 5: 0.4}), schema=METRICS_SCHEMA)
     table = robustness.robustness_table(curves({**FORGETTING, 5: [0.2] * 5}), enough, depth=4, run="r")
     assert robustness.robustness_figure(table, robustness.robustness_correlation(table), depth=4).get_suptitle() == ""
+
+
+def test_runs_compared_over_the_first_epochs_lines_runs_up_by_epoch() -> None:
+    """compare_epochs: N keeps each run's first N checkpoint epochs, complete or not: a run whose
+    epoch 1 is incomplete shows epoch 2 only, not epochs 2 and 3 beside the others' 1 and 2."""
+    both = pl.concat([curves().with_columns(pl.lit("a").alias("run")),
+                      curves().filter(pl.col("epoch") != 1).with_columns(pl.lit("b").alias("run"))])  # fmt: skip
+    compared = reduce_module.runs_compared(both, pl.DataFrame(), depth=4, first_epochs=2,
+                                           run_epochs={"a": list(FORGETTING), "b": list(FORGETTING)})  # fmt: skip
+    assert compared.select("run", "epoch").rows() == [("a", 1), ("a", 2), ("b", 2)]
+    every = reduce_module.runs_compared(both, pl.DataFrame(), depth=4)
+    assert every.height == 2 * len(FORGETTING) - 1

@@ -174,11 +174,14 @@ def reduce_plan(
     outputs.update(paths.files)
     # only what changed is written: a rerun with nothing new leaves every file as it was
     result.written += [key for key, data in outputs.items() if store.put_if_changed(key, data)]
+    if compare_epochs is not None and not plan.is_study:
+        log.warning("compare_epochs: %d ignored: it limits a study's runs compared, and these checkpoints are one "
+                    "run (no {run} in checkpoints)", compare_epochs)  # fmt: skip
     if complete:  # finetuning runs with metrics/ beside their checkpoints: the robustness link
         robustness_keys, table = _robustness(store, plain(curves), plan.checkpoints, plan.depth, make_plots)
         result.written += robustness_keys
         if plan.is_study:
-            result.runs_compared = runs_compared(plain(curves), table, plan.depth, compare_epochs)
+            result.runs_compared = runs_compared(plain(curves), table, plan.depth, compare_epochs, plan.runs)
             if make_plots and not result.runs_compared.is_empty():
                 png = plots.runs_compared_png(result.runs_compared, robustness.spread_layers(plan.depth))
                 result.written += [RUNS_COMPARED_PLOT] if store.put_if_changed(RUNS_COMPARED_PLOT, png) else []
@@ -207,11 +210,13 @@ def reduce_plan(
 
 
 def runs_compared(
-    curves: pl.DataFrame, robustness_table: pl.DataFrame, depth: int, first_epochs: int | None = None
+    curves: pl.DataFrame, robustness_table: pl.DataFrame, depth: int, first_epochs: int | None = None,
+    run_epochs: dict[str, list[int]] | None = None,
 ) -> pl.DataFrame:
     """The paper's Fig. 6 view of a study, per (run, epoch): ``forgetting_std_across_layers`` (the
     robustness link's spread, layers 2..depth) and, where the run has finetuning metrics,
-    ``corrupted_accuracy_mean``; each run's first ``first_epochs`` complete epochs (None: all)."""
+    ``corrupted_accuracy_mean``; each run's complete epochs among its first ``first_epochs``
+    checkpoint epochs (``run_epochs``: every run's epochs, complete or not; None: all epochs)."""
     if curves.is_empty():
         return pl.DataFrame()
     spread = pl.concat([
@@ -225,9 +230,19 @@ def runs_compared(
     return (
         spread.join(accuracy, on=["run", "epoch"], how="left")
         .select("run", "epoch", "checkpoint", "forgetting_std_across_layers", "corrupted_accuracy_mean", "n_layers")
-        .filter(pl.lit(first_epochs is None) | (pl.col("epoch").rank("dense").over("run") <= (first_epochs or 0)))
+        .filter(pl.struct("run", "epoch").is_in(_first_epochs(curves, first_epochs, run_epochs)))
         .sort("run", "epoch")
     )
+
+
+def _first_epochs(curves: pl.DataFrame, first_epochs: int | None, run_epochs: dict[str, list[int]] | None) -> pl.Series:
+    """(run, epoch) of each run's first ``first_epochs`` checkpoint epochs (complete or not, so that
+    runs line up by epoch); every (run, epoch) of ``curves`` when ``first_epochs`` is None."""
+    if run_epochs is None:
+        run_epochs = {run[0]: rows["epoch"].to_list() for run, rows in curves.group_by("run")}
+    kept = [{"run": run, "epoch": epoch} for run, epochs in run_epochs.items()
+            for epoch in sorted(set(epochs))[:first_epochs]]  # fmt: skip
+    return pl.Series(kept, dtype=pl.Struct({"run": pl.String, "epoch": pl.Int64}))
 
 
 def _run_sources(checkpoints: list[Checkpoint]) -> dict[str, tuple[str, str, list[int]]]:
