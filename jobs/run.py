@@ -14,6 +14,7 @@ import polars as pl
 import ray
 
 from invariance.config import RunConfig, load_config, settings_hash
+from invariance.analysis.report import epoch_span
 from invariance.core.cost import inversion_flops
 from invariance.engine.lease import RunLease
 from invariance.core.models import describe_layers, load_model
@@ -123,11 +124,9 @@ def describe_runs(plan: Plan) -> str:
 def describe_plan(plan: Plan, out: TextIO | None = None) -> None:
     n_missing = len(plan.missing_stir) + len(plan.missing_cka) + len(plan.missing_inversions) + len(plan.missing_knn)
     knn_line = f"  kNN shards:  {len(plan.knn) - len(plan.missing_knn)}/{len(plan.knn)} done\n" if plan.knn else ""
-    epochs = sorted({c.epoch for c in plan.checkpoints})
-    span = f"epoch {epochs[0]}" if len(epochs) == 1 else f"epochs {epochs[0]}..{epochs[-1]}"
     print(
         f"settings {plan.settings_hash}: {plural(len(plan.checkpoints), 'checkpoint')} "
-        f"({span}), layers {plan.layers}\n"
+        f"({epoch_span([c.epoch for c in plan.checkpoints])}), layers {plan.layers}\n"
         + (describe_runs(plan) if plan.is_study else "") +
         f"  layers of the model: {describe_layers(plan.layer_names)}\n"
         f"  pretrained inversions: {len(plan.inversions) - len(plan.missing_inversions)}/{len(plan.inversions)} cached\n"

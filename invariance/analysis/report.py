@@ -120,6 +120,12 @@ def _inversion_section(quality: pl.DataFrame) -> str:
     )
 
 
+def epoch_span(epochs: list[int]) -> str:
+    """``epoch 3`` for one epoch, else ``epochs 1..12`` (first..last)."""
+    unique = sorted(set(epochs))
+    return f"epoch {unique[0]}" if len(unique) == 1 else f"epochs {unique[0]}..{unique[-1]}"
+
+
 def render(inputs: ReportInputs) -> bytes:
     """The page as UTF-8 bytes (deterministic: the same inputs give the same bytes)."""
     epochs = [epoch for epoch, _ in inputs.checkpoints]
@@ -138,7 +144,7 @@ def render(inputs: ReportInputs) -> bytes:
     parts = [
         "<h1>invariance report</h1>",
         f"<p>Settings <code>{html.escape(inputs.settings_hash)}</code>; {status}"
-        + (f" (epochs {min(epochs)}..{max(epochs)})" if epochs else "") + ".</p>",
+        + (f" ({epoch_span(epochs)})" if epochs else "") + ".</p>",
         incomplete,
         ("<h2>Runs and epochs</h2>" + _table(inputs.runs, max_rows=500)) if not inputs.runs.is_empty() else "",
         "<details><summary>Settings that change the numbers</summary><pre>"

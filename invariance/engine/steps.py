@@ -325,8 +325,10 @@ def run_knn(spec: RunSpec, unit: KnnUnit, workspace: Workspace) -> str:
     layer, the ``knn.train`` bank against the eval images with their labels; returns the record key."""
     started = time.time()
     config = spec.config
-    if config.knn is None or not spec.knn_hash:
+    if config.knn is None:
         raise ConfigError("knn: a kNN unit was planned, but the config has no knn section")
+    if not spec.knn_hash:
+        raise ConfigError("knn: the run spec carries no kNN hash; build it with RunSpec.from_plan(config, store, plan)")
     pretrained = workspace.model(config, config.pretrained, "pt", spec.layers)
     model = pretrained if unit.model == "pt" else workspace.path_model(spec, unit.checkpoint_url, unit.alpha, unit.extra)
     size = config.data.image_size or pretrained.input_size
