@@ -123,6 +123,18 @@ def test_an_unreadable_metrics_file_skips_its_run_and_says_so(tmp_path, caplog) 
     table = pl.read_parquet(tmp_path / "out" / "reduced" / "robustness.parquet")
     assert set(table["run"]) == {"good"}
     assert "robustness link skipped for" in caplog.text and "epoch=02.parquet" in caplog.text
+    # readable Parquet of the wrong form: no epoch at all, or without the accuracy columns
+    for name, frame in (("no_epoch", pl.DataFrame({"foo": [1]})), ("no_accuracy", pl.DataFrame({"epoch": [1], "foo": [1]}))):
+        folder = tmp_path / "ckpt" / name
+        (folder / "metrics").mkdir(parents=True)
+        frame.write_parquet(folder / "metrics" / "epoch=01.parquet")
+        checkpoints.append(Checkpoint(1, "epoch=01", str(folder / "epoch=01.safetensors"), run=name))
+        study_curves = pl.concat([study_curves, curves().filter(pl.col("epoch") == 1).with_columns(pl.lit(name).alias("run"))])
+    caplog.clear()
+    written = reduce_module._reduce_robustness(Store(str(tmp_path / "out3")), study_curves, checkpoints, 4, False)
+    assert "reduced/robustness.parquet" in written
+    assert set(pl.read_parquet(tmp_path / "out3" / "reduced" / "robustness.parquet")["run"]) == {"good"}
+    assert "no 'epoch' column" in caplog.text and "lack the columns ['clean_accuracy'" in caplog.text
 
 
 def test_run_folders_are_where_the_pattern_starts_to_vary(tmp_path) -> None:

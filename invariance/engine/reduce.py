@@ -255,6 +255,10 @@ def _run_sources(checkpoints: list[Checkpoint]) -> dict[str, tuple[str, str, lis
     return sources
 
 
+# what the robustness link reads of a finetuning run's metrics (invariance finetune writes them all)
+ROBUSTNESS_METRICS = ("epoch", "clean_accuracy", "corrupted_accuracy", "corrupted_loss")
+
+
 def _readable_run_metrics(sources: dict[str, tuple[str, str, list[int]]], storage_options: dict) -> dict[str, pl.DataFrame]:
     """{run label: its finetuning metrics} for the runs that have them; an unreadable metrics
     file is reported and its run skipped, so that it never stops the rest of the reduce."""
@@ -265,8 +269,13 @@ def _readable_run_metrics(sources: dict[str, tuple[str, str, list[int]]], storag
         except StorageError as exc:
             log.warning("robustness link skipped for %s: %s", folder, exc)
             continue
-        if run_metrics is not None:
-            found[label] = run_metrics
+        if run_metrics is None:
+            continue
+        missing = [column for column in ROBUSTNESS_METRICS if column not in run_metrics.columns]
+        if missing:
+            log.warning("robustness link skipped for %s: its finetuning metrics lack the columns %s", folder, missing)
+            continue
+        found[label] = run_metrics
     return found
 
 
@@ -292,14 +301,14 @@ def _robustness(
     try:
         tables = [robustness.robustness_table(run_curves[label], frame, depth, label) for label, frame in run_metrics.items()]
         table = pl.concat(tables) if tables else pl.DataFrame()
-    except pl.exceptions.PolarsError as exc:  # a metrics file without the expected columns
-        log.warning("robustness link skipped: the finetuning metrics do not have the expected columns (%s)", exc)
+        if table.is_empty():
+            return [], table
+        correlation = robustness.robustness_correlation(table)
+        outputs = {REDUCED_ROBUSTNESS: parquet_bytes(table), REDUCED_ROBUSTNESS_CORRELATION: parquet_bytes(correlation)}
+        outputs.update(_robustness_search(run_curves, run_metrics))
+    except pl.exceptions.PolarsError as exc:  # metrics of an unexpected shape (a per-corruption column, types)
+        log.warning("robustness link skipped: the finetuning metrics do not have the expected form (%s)", exc)
         return [], pl.DataFrame()
-    if table.is_empty():
-        return [], table
-    correlation = robustness.robustness_correlation(table)
-    outputs = {REDUCED_ROBUSTNESS: parquet_bytes(table), REDUCED_ROBUSTNESS_CORRELATION: parquet_bytes(correlation)}
-    outputs.update(_robustness_search(run_curves, run_metrics))
     if make_plots:
         outputs[ROBUSTNESS_PLOT] = robustness.robustness_png(table, correlation, depth)
     return [key for key, data in outputs.items() if store.put_if_changed(key, data)], table
