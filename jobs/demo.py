@@ -21,6 +21,7 @@ import torch
 import yaml
 
 from invariance.config import parse_config
+from invariance.io.layout import REDUCED_ROBUSTNESS_CORRELATION
 from invariance.io.run_metrics import read_run_metrics
 from invariance.training.run import run_finetune, saved_progress
 from invariance.training.config import parse_finetune_config
@@ -159,7 +160,7 @@ def run_demo(out: str | Path = "invariance-demo", epochs: int = 3) -> int:
     with pl.Config(tbl_rows=50, tbl_hide_dataframe_shape=True, tbl_hide_column_data_types=True):
         print(f"\nlast checkpoint (epoch {curves['epoch'].max()}), mean ± std over seeds {raw['seeds']}:")
         print(last)
-    correlation = out / "results" / "reduced" / "robustness_correlation.parquet"
+    correlation = out / "results" / REDUCED_ROBUSTNESS_CORRELATION
     if correlation.exists():
         row = pl.read_parquet(correlation).row(0, named=True)
         r = f"{row['pearson_r']:.3f}" if row["pearson_r"] is not None else "undefined"
