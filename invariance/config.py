@@ -235,6 +235,8 @@ class ResourcesConfig(_Strict):
     num_cpus: float = Field(1.0, gt=0)
     max_in_flight: Int | None = Field(None, ge=1)
     max_retries: Int = Field(3, ge=0)
+    # host memory each worker keeps pretrained X' in (GiB): holding every (layer, seed) X' reads each once
+    inversion_cache_gb: float = Field(2.0, ge=0)
 
 
 class RunConfig(_Strict):

@@ -42,7 +42,9 @@ def _process_workspace(spec: RunSpec) -> Workspace:
     """One Workspace per Ray worker process: models and features stay loaded between tasks."""
     global _workspace
     if _workspace is None:
-        _workspace = Workspace(gpu_memory_share=gpu_memory_share(spec.config.resources))
+        resources = spec.config.resources
+        _workspace = Workspace(gpu_memory_share=gpu_memory_share(resources),
+                               inversion_cache_bytes=int(resources.inversion_cache_gb * 1024**3))  # fmt: skip
     return _workspace
 
 

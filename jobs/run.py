@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -138,6 +139,21 @@ def describe_plan(plan: Plan, out: TextIO | None = None) -> None:
     )
 
 
+def inversion_cache_note(config: RunConfig, plan: Plan) -> str | None:
+    """A line when a worker's X' cache (resources.inversion_cache_gb) cannot hold every pretrained
+    X' of the plan (float32 on the host): each checkpoint then reads the rest again."""
+    size = config.data.image_size or plan.input_size
+    each = config.data.n_samples * 3 * size * size * 4
+    total = each * len(plan.inversions)
+    held = config.resources.inversion_cache_gb * 1024**3
+    if total <= held or len(plan.checkpoints) < 2:
+        return None
+    return (f"  X' cache: the {len(plan.inversions)} pretrained X' take {total / 1024**3:.1f} GiB, a worker keeps "
+            f"{config.resources.inversion_cache_gb:g} GiB of them (resources.inversion_cache_gb): the rest are read "
+            f"again for each checkpoint; set it to {math.ceil(total / 1024**3 * 1.05)} (host memory per worker) to "
+            "read each once")
+
+
 def estimate_cost(config: RunConfig, plan: Plan) -> tuple[float, int]:
     """(inversion TFLOPs still to do, inversions still to do), measured on the model's layers."""
     model = load_model(config.model, None, modules=config.layer_modules)
@@ -175,6 +191,8 @@ def run(config: RunConfig | str, progress: bool = True, num_cpus: int | None = N
     """
     config, store, plan, spec = open_run(config, computes=True)
     describe_plan(plan)
+    if plan.missing_keys and (note := inversion_cache_note(config, plan)):
+        print(note)
     lease = RunLease(store, plan.settings_hash)
     other = lease.acquire()
     if other is not None:
@@ -281,6 +299,8 @@ def plan_only(config: RunConfig | str, with_cost: bool = True, gpu: str | None =
     the workers' CUDA device name, else this machine's)."""
     config, _, plan, _ = open_run(config)
     describe_plan(plan)
+    if note := inversion_cache_note(config, plan):
+        print(note)
     if with_cost:
         started = time.time()
         tflops, inversions = estimate_cost(config, plan)

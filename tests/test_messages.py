@@ -72,3 +72,23 @@ def test_alphas_that_would_share_a_key_are_refused(tmp_path: Path) -> None:
     raw = tiny_config(tmp_path, str(tmp_path / "out"), interpolation={"alphas": [0.1, 0.1000001]})
     with pytest.raises(ConfigError, match="agree to 6 significant digits"):
         parse_config(raw)
+
+
+def test_the_plan_says_when_a_workers_x_cache_cannot_hold_every_pretrained_x(tmp_path: Path, capsys) -> None:
+    """resources.inversion_cache_gb bounds the pretrained X' a worker keeps: smaller than the
+    plan's X', every checkpoint reads the rest again, and `plan` says what to set."""
+    import json
+
+    from jobs.run import plan_only
+
+    write_checkpoints(tmp_path / "ckpt", epochs=[1, 2])
+    write_eval_parquet(tmp_path / "data")
+    raw = tiny_config(tmp_path, str(tmp_path / "out"))
+    (tmp_path / "run.json").write_text(json.dumps(raw))
+    plan = plan_only(str(tmp_path / "run.json"), with_cost=False)
+    assert "X' cache" not in capsys.readouterr().out  # a few KB: held
+    (tmp_path / "small.json").write_text(json.dumps({**raw, "resources": {"inversion_cache_gb": 1e-6}}))
+    plan_only(str(tmp_path / "small.json"), with_cost=False)
+    out = capsys.readouterr().out
+    n_inversions = len(plan.inversions)
+    assert f"X' cache: the {n_inversions} pretrained X' take" in out and "resources.inversion_cache_gb" in out

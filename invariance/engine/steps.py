@@ -17,7 +17,7 @@ import polars as pl
 import torch
 
 from invariance import __version__
-from invariance.config import DataConfig, RunConfig
+from invariance.config import DataConfig, ResourcesConfig, RunConfig
 from invariance.io.data import EvalImages, load_eval_images, load_labelled_images
 from invariance.core.inversion import InversionResult
 from invariance.io.layout import PLAIN_ALPHA, CkaUnit, InversionUnit, KnnUnit, StirUnit, Unit
@@ -53,7 +53,7 @@ class RunSpec:
 
 
 # host memory a worker may hold in pretrained X' it has read (6 ViT-B/32 inversions of 500 images)
-INVERSION_CACHE_BYTES = 2 * 1024**3
+INVERSION_CACHE_BYTES = int(ResourcesConfig.model_fields["inversion_cache_gb"].default * 1024**3)
 
 
 class InversionCache:
