@@ -9,7 +9,7 @@ Also reports what a shard context keeps (the Grams of the features on X) against
 before (the features too), and the process's peak resident memory.
 
     python bench/bench_reads.py                         # 1, 2 and 4 epochs (~5 min on 1 thread)
-    python bench/bench_reads.py --epochs 1 4 100 --json reads.json   # 100 with the cache only (~30 min)
+    python bench/bench_reads.py --epochs 1 4 100 --json reads.json   # 100 with the cache only (~4 min)
 """
 
 from __future__ import annotations
@@ -56,6 +56,10 @@ class ReadsResult:
     bytes_read: dict[str, int]
     context_bytes_held: int  # largest Grams a shard context kept
     features_bytes: int  # what the clean features of one context's models would have held
+    # resident memory (MB) after the units of the first and of the last checkpoint (largest sample
+    # each): memory that grew with the checkpoints would show as last > first
+    rss_first_mb: float = 0.0
+    rss_last_mb: float = 0.0
 
     @property
     def total(self) -> int:
@@ -97,6 +101,32 @@ def counting_reads() -> Iterator[Counter]:
         LocalFileSystem.cat_file = original
 
 
+def resident_mb() -> float:
+    """This process's resident memory now (not its peak), in MiB (as the peak below): /proc/self/statm on Linux."""
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * resource.getpagesize() / 1024**2
+
+
+@contextmanager
+def sampling_memory(samples: dict[int, float]) -> Iterator[None]:
+    """Records {epoch: the largest resident memory after one of its units} (-1: the inversions)."""
+    from invariance.engine import execute as execute_module
+
+    original = execute_module.run_unit
+
+    def run_unit(spec, unit, workspace):  # noqa: ANN001
+        key = original(spec, unit, workspace)
+        epoch = getattr(unit, "epoch", -1)
+        samples[epoch] = max(samples.get(epoch, 0.0), resident_mb())
+        return key
+
+    execute_module.run_unit = run_unit
+    try:
+        yield
+    finally:
+        execute_module.run_unit = original
+
+
 def write_inputs(folder: Path, epochs: int, samples: int) -> None:
     torch.manual_seed(0)
     pretrained = build_network(ModelConfig(**MODEL)).state_dict()
@@ -134,7 +164,8 @@ def run_plan(folder: Path, epochs: int, cache: bool, samples: int, iterations: i
     ShardContext.clean_grams = clean_grams
     began = time.perf_counter()
     try:
-        with counting_reads() as counts:
+        memory: dict[int, float] = {}
+        with counting_reads() as counts, sampling_memory(memory):
             summary = execute_in_process(plan, spec, workspace)
     finally:
         ShardContext.clean_grams = original_grams
@@ -148,15 +179,18 @@ def run_plan(folder: Path, epochs: int, cache: bool, samples: int, iterations: i
     return ReadsResult(
         epochs=epochs, cache=cache, units=summary.completed, shards=len(plan.stir) + len(plan.cka),
         seconds=time.perf_counter() - began, bytes_read=dict(counts), context_bytes_held=held, features_bytes=features,
+        rss_first_mb=memory.get(1, 0.0), rss_last_mb=memory.get(epochs, 0.0),
     )  # fmt: skip
 
 
 def format_table(results: list[ReadsResult]) -> str:
     kinds = sorted({k for r in results for k in r.bytes_read})
-    header = ["epochs", "X' cache", "shards", *[f"{k} MB" for k in kinds], "total MB", "KB per shard", "s"]
+    header = ["epochs", "X' cache", "shards", *[f"{k} MB" for k in kinds], "total MB", "KB per shard",
+              "RSS MB first -> last checkpoint", "s"]  # fmt: skip
     rows = [[str(r.epochs), "on" if r.cache else "off", str(r.shards),
              *[f"{r.bytes_read.get(k, 0) / 1e6:.2f}" for k in kinds], f"{r.total / 1e6:.2f}",
-             f"{r.per_shard / 1e3:.1f}", f"{r.seconds:.0f}"] for r in results]  # fmt: skip
+             f"{r.per_shard / 1e3:.1f}", f"{r.rss_first_mb:.0f} -> {r.rss_last_mb:.0f}", f"{r.seconds:.0f}"]
+            for r in results]  # fmt: skip
     widths = [max(len(x) for x in column) for column in zip(header, *rows)]
     line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
     return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
