@@ -219,9 +219,9 @@ class KnnProbeConfig(_Strict):
 
 def knn_settings_hash(run_settings_hash: str, config: "RunConfig", bank_fingerprint: str) -> str:
     """The hash keying kNN shards: the run's settings hash (model, weights, eval images), the kNN
-    settings (the bank's path as written) and the bank's files (``bank_fingerprint``: their
-    listing, so a bank replaced in place computes anew); the STIR/CKA hash stays as it is when a
-    ``knn`` section is added."""
+    settings (the bank's path as written) and ``bank_fingerprint``, the listings of the bank's and
+    the eval data's files (a bank or labels replaced in place compute anew); the STIR/CKA hash
+    stays as it is when a ``knn`` section is added."""
     assert config.knn is not None
     knn = config.knn.numbers_settings()
     knn["train"]["path"] = config.path_as_written("knn.train.path", config.knn.train.path)

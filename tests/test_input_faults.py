@@ -385,3 +385,42 @@ def test_a_failing_run_never_shows_url_credentials(tmp_path, capsys, caplog, tor
     assert main(["plan", str(tmp_path / "run.yaml"), "--no-cost"]) == 2
     printed = capsys.readouterr()
     assert "matches no file" in printed.err and secret not in printed.err + printed.out
+
+
+def test_a_worker_never_computes_a_replaced_checkpoint_under_its_planned_identity(tmp_path, torch_single_thread):
+    """A checkpoint replaced after planning is refused by the worker (it would be filed under the
+    old fingerprint); a worker that served the old file loads the new one for the new plan."""
+    import polars as pl
+
+    from invariance.engine.execute import execute_in_process
+    from invariance.engine.steps import RunSpec, Workspace
+    from tests.helpers import write_checkpoints, write_eval_parquet
+
+    write_checkpoints(tmp_path / "ckpt", epochs=[1, 2])
+    write_eval_parquet(tmp_path / "data")
+    config, store, plan = _plan(tmp_path)
+    workspace = Workspace("cpu")
+    assert execute_in_process(plan, RunSpec.from_plan(config, store, plan), workspace).failures == []
+    replaced = tmp_path / "ckpt" / "ft" / "epoch=02.safetensors"
+    save_file(tiny_state(9), str(replaced))  # retrained in place, after the next plan was made
+    stale = plan  # planned before the file changed: its units carry the old fingerprint
+    stale.done.clear()
+    summary = execute_in_process(stale, RunSpec.from_plan(config, store, stale), Workspace("cpu"))
+    epoch2 = [message for unit, message in summary.failures if "epoch=02" in unit]
+    assert epoch2 and all("the file was replaced since the run was planned" in m for m in epoch2)
+    # the same worker, a new plan: the new file's numbers, not the cached old model's
+    _, _, fresh = _plan(tmp_path)
+    assert execute_in_process(fresh, RunSpec.from_plan(config, store, fresh), workspace).failures == []
+    from invariance.engine.plan import make_plan
+
+    clean_config = config.model_copy(update={"output": str(tmp_path / "clean")})
+    clean_store = Store(clean_config.output)
+    clean_plan = make_plan(clean_config, clean_store)
+    clean_spec = RunSpec.from_plan(clean_config, clean_store, clean_plan)
+    assert execute_in_process(clean_plan, clean_spec, Workspace("cpu")).failures == []
+    fingerprint = next(c.fingerprint for c in fresh.checkpoints if c.epoch == 2)
+    keys = ["model_a", "layer_a", "model_b", "layer_b"]
+    ours = (pl.read_parquet(store.path("cka") + "/**/*.parquet").filter(pl.col("checkpoint_fingerprint") == fingerprint)
+            .sort(keys)["cka"].to_list())  # fmt: skip
+    clean = pl.read_parquet(clean_store.path("cka") + "/**/*.parquet").filter(pl.col("epoch") == 2).sort(keys)["cka"].to_list()
+    assert ours and ours == clean

@@ -80,6 +80,8 @@ def test_alpha_zero_measures_nothing_alpha_one_is_the_checkpoint_and_a_new_alpha
     assert zero["top1"].to_list() == pretrained["top1"].to_list()
     for key in (KNN_LAYERS_PLOT, KNN_ALPHA_PLOT, interpolation_plot_key(2), "reports/index.html"):
         assert store.exists(key), key
+    # status.json names the kNN table's settings: a table of other settings is visible as such
+    assert json.loads(store.get("reduced/status.json"))["knn_settings"] == plan.knn_hash == knn["settings"][0]
     assert "Along the weight path" in store.get("reports/index.html").decode()
 
     # a point of the path missing one shard (its record gone, as after a failed unit): left out of the
@@ -256,6 +258,7 @@ def test_a_knn_bank_replaced_in_place_is_planned_anew_and_a_missing_one_is_named
     before = make_plan(config, store)
     assert make_plan(config, store).knn_hash == before.knn_hash  # nothing changed: the same hash
     bank_file = next((tmp_path / "bank").glob("*.parquet"))
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     table = pq.read_table(bank_file)
@@ -265,6 +268,22 @@ def test_a_knn_bank_replaced_in_place_is_planned_anew_and_a_missing_one_is_named
     assert after.settings_hash == before.settings_hash  # STIR and CKA shards are kept
     (tmp_path / "bank" / "extra.parquet").write_bytes(bank_file.read_bytes())  # a file added
     assert make_plan(config, store).knn_hash not in (before.knn_hash, after.knn_hash)
+    # the eval images' labels rewritten in place, images untouched: the kNN queries' truth changed
+    eval_file = next((tmp_path / "data").glob("*.parquet"))
+    eval_table = pq.read_table(eval_file)
+    labels = eval_table.column("label").to_pylist()
+    relabelled = eval_table.set_column(eval_table.schema.get_field_index("label"), "label",
+                                       pa.array(labels[1:] + labels[:1], type=eval_table.schema.field("label").type))  # fmt: skip
+    before_labels = make_plan(config, store)
+    pq.write_table(relabelled, eval_file)
+    after_labels = make_plan(config, store)
+    assert after_labels.settings_hash == before_labels.settings_hash  # the images are the same
+    assert after_labels.knn_hash != before_labels.knn_hash
+    # the bank is resized as the eval images are: another size for it alone is refused
+    sized = config.model_copy(update={"knn": config.knn.model_copy(update={"train": config.knn.train.model_copy(
+        update={"image_size": 32})})})  # fmt: skip
+    with pytest.raises(ConfigError, match=r"^knn\.train\.image_size: 32, but the model is fed 16x16 images"):
+        make_plan(sized, store)
     shutil.rmtree(tmp_path / "bank")
     with pytest.raises(DataError, match=r"knn\.train\.path"):
         make_plan(config, store)

@@ -180,10 +180,19 @@ def knn_label_error(key: str, label_column: str, error: DataError) -> DataError:
 def check_knn_inputs(config: RunConfig, model: FeatureModel) -> str:
     """Before any task, a ``knn`` section that cannot work: a bank missing, a bank or eval images
     without class labels (from the files' schemas and folders, no image loaded), a
-    ``knn.token_policy`` the model cannot give. Otherwise every kNN shard would fail, and stop
-    the run's STIR shards too. Returns the bank's fingerprint (``source_fingerprint``)."""
+    ``knn.token_policy`` the model cannot give, a ``knn.train.image_size`` the model is not fed.
+    Otherwise every kNN shard would fail, and stop the run's STIR shards too. Returns the
+    fingerprint of the bank's and the eval data's files (``source_fingerprint``: the eval labels
+    are the queries' truth, and the eval fingerprint holds the images only)."""
     assert config.knn is not None
-    bank = source_fingerprint(config.knn.train, config.storage_options, "knn.train.path")  # missing: named
+    size = config.data.image_size or model.input_size
+    if config.knn.train.image_size not in (None, size):
+        raise ConfigError(f"knn.train.image_size: {config.knn.train.image_size}, but the model is fed "
+                          f"{size}x{size} images (data.image_size or its input size); leave it out: the bank is "
+                          "resized as the eval images are")  # fmt: skip
+    # the bank's files and the eval data's (their labels are the queries' truth): missing ones named
+    inputs = "|".join(source_fingerprint(data, config.storage_options, f"{key}.path")
+                      for key, data in (("knn.train", config.knn.train), ("data", config.data)))  # fmt: skip
     for key, data in (("knn.train", config.knn.train), ("data", config.data)):
         try:
             check_labelled(data, config.knn.label_column, config.storage_options)
@@ -191,14 +200,13 @@ def check_knn_inputs(config: RunConfig, model: FeatureModel) -> str:
             raise knn_label_error(key, config.knn.label_column, exc) from None
     if config.knn.token_policy is not None:
         try:
-            size = config.data.image_size or model.input_size
             model.check(config.knn.token_policy, size)
             if config.finetuned_model is not None:  # the checkpoints' module must give it too
                 load_model(config.finetuned_model, None, modules=config.layer_modules).check(config.knn.token_policy, size)
         except ConfigError as exc:
             message = str(exc)
             raise ConfigError(f"knn.{message}" if message.startswith("token_policy:") else f"knn.token_policy: {message}") from None
-    return bank
+    return inputs
 
 
 def check_output_location(config: RunConfig) -> None:
@@ -262,7 +270,8 @@ def make_plan(config: RunConfig, store: Store, checkpoints: list[Checkpoint] | N
     """Discover checkpoints (unless given), enumerate the shards, read the completion records.
 
     The settings hash and the inversion hash take the fingerprints of the pretrained weights
-    and of the eval images, the kNN hash the listing of the bank's files; each unit takes its
+    and of the eval images, the kNN hash the listings of the bank's and the eval data's files
+    (labels included); each unit takes its
     checkpoint file's fingerprint: replacing any of them in place computes anew instead of
     reusing results of the old content."""
     check_output_location(config)
@@ -308,8 +317,7 @@ def make_plan(config: RunConfig, store: Store, checkpoints: list[Checkpoint] | N
     run_hash = settings_hash({**config.numbers_settings(), "fingerprints": fingerprints})
     knn_hash = ""
     if config.knn is not None:  # the bank's files by their listing: not loaded here (often thousands of images)
-        bank = check_knn_inputs(config, model)
-        knn_hash = knn_settings_hash(run_hash, config, bank)
+        knn_hash = knn_settings_hash(run_hash, config, check_knn_inputs(config, model))
     plan = Plan(
         settings_hash=run_hash,
         inversion_hash=settings_hash({**config.inversion_settings(), "fingerprints": fingerprints}),

@@ -21,7 +21,7 @@ from invariance.errors import StorageError
 from invariance.io.checkpoints import Checkpoint, run_folders
 from invariance.io.layout import (
     REDUCED_CURVES, REDUCED_FLOW, REDUCED_ROBUSTNESS, REDUCED_ROBUSTNESS_CORRELATION, REDUCED_ROBUSTNESS_EARLY,
-    REDUCED_ROBUSTNESS_SEARCH, REDUCED_STATUS, REPORT, ROBUSTNESS_PLOT, RUNS_COMPARED_PLOT, dynamics_plot_key,
+    REDUCED_KNN, REDUCED_ROBUSTNESS_SEARCH, REDUCED_STATUS, REPORT, ROBUSTNESS_PLOT, RUNS_COMPARED_PLOT, dynamics_plot_key,
     flow_plot_key, layer_curves_plot_key,
 )  # fmt: skip
 from invariance.io.layout import CkaUnit, StirUnit, Unit
@@ -194,6 +194,11 @@ def reduce_plan(
     }
     if result.incomplete_path_points:  # left out of the tables until a rerun computes them
         status["incomplete_path_points"] = result.incomplete_path_points
+    if plan.knn_hash:  # reduced/knn.parquet is of these settings when its settings column equals this
+        status["knn_settings"] = plan.knn_hash
+    elif store.exists(REDUCED_KNN):
+        log.warning("%s is from an earlier run with a knn section (its settings column says which); this config "
+                    "has none: the table is left as it was, not of these settings", store.url(REDUCED_KNN))  # fmt: skip
     if plan.is_study:  # a study: each run's epochs, which are complete, and the shards missing of the others
         status["runs"] = {
             run: {"epochs": epochs,

@@ -25,8 +25,9 @@ from invariance.core.interpolation import interpolated_model
 from invariance.core.knn_probe import KNN_COLUMNS, knn_rows
 from invariance.core.models import FeatureModel, load_model
 from invariance.core.shards import CKA_COLUMNS, NULLABLE_COLUMNS, STIR_COLUMNS, ShardContext
-from invariance.errors import ConfigError, DataError, NumericsError
+from invariance.errors import CheckpointError, ConfigError, DataError, NumericsError
 from invariance.engine.plan import Plan, knn_label_error
+from invariance.io.checkpoints import weights_fingerprint
 from invariance.io.storage import Store, redact
 
 
@@ -44,12 +45,15 @@ class RunSpec:
     eval_fingerprint: str = ""
     # the hash keying kNN shards (with the bank's fingerprint), "" without a knn section
     knn_hash: str = ""
+    # the plan's fingerprint of the pretrained weights: a worker that finds other weights refuses
+    pretrained_fingerprint: str = ""
 
     @classmethod
     def from_plan(cls, config: RunConfig, store: Store, plan: Plan) -> "RunSpec":
-        """The spec of every step of ``plan``: its hashes, layers and eval-image fingerprint."""
+        """The spec of every step of ``plan``: its hashes, layers and input fingerprints."""
         return cls(config, store, plan.settings_hash, plan.inversion_hash, tuple(plan.layers),
-                   eval_fingerprint=plan.fingerprints.get("eval_images", ""), knn_hash=plan.knn_hash)  # fmt: skip
+                   eval_fingerprint=plan.fingerprints.get("eval_images", ""), knn_hash=plan.knn_hash,
+                   pretrained_fingerprint=plan.fingerprints.get("pretrained", ""))  # fmt: skip
 
 
 # host memory a worker may hold in pretrained X' it has read (6 ViT-B/32 inversions of 500 images)
@@ -116,31 +120,51 @@ class Workspace:
         """The pretrained X' at ``data_key``, read from ``store`` only when not cached."""
         return self.inversions.get(data_key, lambda: load_inversion(store, data_key))
 
-    def model(self, config: RunConfig, weights: str | None, role: str = "pt", layers: tuple[int, ...] | None = None) -> FeatureModel:
+    def model(self, config: RunConfig, weights: str | None, role: str = "pt", layers: tuple[int, ...] | None = None,
+              fingerprint: str = "") -> FeatureModel:  # fmt: skip
         """The model of ``role`` ("pt": ``model``; "ft": ``finetuned_model``, else ``model``) with
-        ``weights``; ``layers``: the analysed ones (``model.strict: false`` must load all they read)."""
-        model_config = config.finetuned_model if role == "ft" and config.finetuned_model else config.model
-        key = (model_config.model_dump_json(), str(config.layers), weights)
-        return _cached(self._models, key, self.max_models,
-                       lambda: load_model(model_config, weights, config.storage_options, modules=config.layer_modules,
-                                          layers=layers).to(self.device))  # fmt: skip
+        ``weights``; ``layers``: the analysed ones (``model.strict: false`` must load all they read).
 
-    def path_model(self, spec: RunSpec, checkpoint_url: str, alpha: float = PLAIN_ALPHA, extra: str = "keep") -> FeatureModel:
-        """The finetuned model of ``checkpoint_url`` at ``alpha`` on the weight path from the pretrained
-        weights (built here from the two loaded models, no file written); alpha 1: the checkpoint."""
-        finetuned = self.model(spec.config, checkpoint_url, "ft", spec.layers)
+        ``fingerprint``: the identity the plan saw for the weights file. The cache is keyed by it
+        (a file replaced in place is another model), and a file that is no longer the planned
+        one is refused (CheckpointError), not computed and filed under the old identity."""
+        model_config = config.finetuned_model if role == "ft" and config.finetuned_model else config.model
+        key = (model_config.model_dump_json(), str(config.layers), weights, fingerprint)
+
+        def load() -> FeatureModel:
+            if fingerprint and weights is not None:
+                found = weights_fingerprint(weights, config.storage_options, "pretrained" if role == "pt" else "checkpoints")
+                if found != fingerprint:
+                    raise CheckpointError(f"{redact(weights)}: the file was replaced since the run was planned "
+                                          f"(fingerprint {found}, planned {fingerprint}); rerun to plan it anew")  # fmt: skip
+            return load_model(model_config, weights, config.storage_options, modules=config.layer_modules,
+                              layers=layers).to(self.device)  # fmt: skip
+
+        return _cached(self._models, key, self.max_models, load)
+
+    def pretrained_model(self, spec: RunSpec) -> FeatureModel:
+        """The pretrained model of ``spec``, checked against the plan's fingerprint of its weights."""
+        return self.model(spec.config, spec.config.pretrained, "pt", spec.layers, spec.pretrained_fingerprint)
+
+    def path_model(self, spec: RunSpec, checkpoint_url: str, alpha: float = PLAIN_ALPHA, extra: str = "keep",
+                   fingerprint: str = "") -> FeatureModel:  # fmt: skip
+        """The finetuned model of ``checkpoint_url`` (planned with ``fingerprint``) at ``alpha`` on the
+        weight path from the pretrained weights (built here from the two loaded models, no file
+        written); alpha 1: the checkpoint."""
+        finetuned = self.model(spec.config, checkpoint_url, "ft", spec.layers, fingerprint)
         if alpha == PLAIN_ALPHA:
             return finetuned
-        key = ("interpolated", f"{alpha!r}:{extra}", checkpoint_url)
-        pretrained = self.model(spec.config, spec.config.pretrained, "pt", spec.layers)
+        key = ("interpolated", f"{alpha!r}:{extra}", checkpoint_url, fingerprint, spec.pretrained_fingerprint)
+        pretrained = self.pretrained_model(spec)
         return _cached(self._models, key, self.max_models,
                        lambda: interpolated_model(pretrained, finetuned, alpha, extra))  # type: ignore[arg-type]
 
     def labelled_images(self, data: DataConfig, image_size: int, label_column: str, storage_options: dict,
-                        key_name: str) -> EvalImages:  # fmt: skip
-        """Images of ``data`` with their labels, loaded once; a DataError names ``key_name``
-        (``knn.train``, ``data``) when they have none."""
-        key = f"labelled:{data.model_dump_json()}@{image_size}:{label_column}"
+                        key_name: str, identity: str = "") -> EvalImages:  # fmt: skip
+        """Images of ``data`` with their labels, loaded once per ``identity`` (the kNN hash, which
+        holds the files' fingerprints: files replaced in place are loaded anew); a DataError names
+        ``key_name`` (``knn.train``, ``data``) when they have none."""
+        key = f"labelled:{data.model_dump_json()}@{image_size}:{label_column}:{identity}"
         if key not in self._images:
             try:
                 loaded = load_labelled_images(data, image_size, storage_options, label_column)
@@ -158,7 +182,8 @@ class Workspace:
         """The eval images, loaded once; DataError when they are not the ones the run was planned
         with (``expected_fingerprint``, unless empty): the dataset changed since."""
         key = config.data.model_dump_json() + f"@{image_size}"
-        if key not in self._images:
+        if key not in self._images or (expected_fingerprint and self._images[key].fingerprint != expected_fingerprint):
+            # first use, or the images this worker holds are not the planned ones (replaced since): load them
             loaded = load_eval_images(config.data, image_size, config.storage_options)
             self._images[key] = EvalImages(loaded.images.to(self.device), loaded.indices, fingerprint=loaded.fingerprint)
         images = self._images[key]
@@ -169,15 +194,16 @@ class Workspace:
             )
         return images
 
-    def context(self, spec: RunSpec, checkpoint_url: str | None, alpha: float = PLAIN_ALPHA, extra: str = "keep") -> ShardContext:
-        """Shard context for pt and (unless None) the checkpoint at ``checkpoint_url``, at ``alpha``
-        on the weight path (1: the checkpoint itself)."""
-        key = (spec.settings_hash, checkpoint_url) if alpha == PLAIN_ALPHA else (spec.settings_hash, checkpoint_url, alpha, extra)
+    def context(self, spec: RunSpec, checkpoint_url: str | None, alpha: float = PLAIN_ALPHA, extra: str = "keep",
+                fingerprint: str = "") -> ShardContext:  # fmt: skip
+        """Shard context for pt and (unless None) the checkpoint at ``checkpoint_url`` (planned with
+        ``fingerprint``), at ``alpha`` on the weight path (1: the checkpoint itself)."""
+        key = (spec.settings_hash, checkpoint_url, fingerprint, alpha, extra)
 
         def build() -> ShardContext:
-            models = {"pt": self.model(spec.config, spec.config.pretrained, "pt", spec.layers)}
+            models = {"pt": self.pretrained_model(spec)}
             if checkpoint_url is not None:
-                models["ft"] = self.path_model(spec, checkpoint_url, alpha, extra)
+                models["ft"] = self.path_model(spec, checkpoint_url, alpha, extra, fingerprint)
             images = self.eval_images(spec.config, models["pt"].input_size, spec.eval_fingerprint)
             return ShardContext(models, images, spec.layers, spec.config.token_policy, spec.config.inversion)
 
@@ -303,7 +329,7 @@ def _write_shard(
 def run_stir(spec: RunSpec, unit: StirUnit, workspace: Workspace) -> str:
     """One STIR shard: reuses the cached pt inversion for ref_model 'pt'; returns the record key."""
     started = time.time()
-    context = workspace.context(spec, unit.checkpoint_url, unit.alpha, unit.extra)
+    context = workspace.context(spec, unit.checkpoint_url, unit.alpha, unit.extra, unit.checkpoint_fingerprint)
     inverted = None
     if unit.ref_model == "pt":
         data_key = InversionUnit(unit.ref_layer, unit.seed).data_key(spec.inversion_hash)
@@ -316,7 +342,7 @@ def run_stir(spec: RunSpec, unit: StirUnit, workspace: Workspace) -> str:
 def run_cka(spec: RunSpec, unit: CkaUnit, workspace: Workspace) -> str:
     """One CKA shard for a checkpoint; returns the record key."""
     started = time.time()
-    rows = workspace.context(spec, unit.checkpoint_url, unit.alpha, unit.extra).cka_rows()
+    rows = workspace.context(spec, unit.checkpoint_url, unit.alpha, unit.extra, unit.checkpoint_fingerprint).cka_rows()
     return _write_shard(spec, unit, rows, CKA_COLUMNS, started)
 
 
@@ -329,11 +355,14 @@ def run_knn(spec: RunSpec, unit: KnnUnit, workspace: Workspace) -> str:
         raise ConfigError("knn: a kNN unit was planned, but the config has no knn section")
     if not spec.knn_hash:
         raise ConfigError("knn: the run spec carries no kNN hash; build it with RunSpec.from_plan(config, store, plan)")
-    pretrained = workspace.model(config, config.pretrained, "pt", spec.layers)
-    model = pretrained if unit.model == "pt" else workspace.path_model(spec, unit.checkpoint_url, unit.alpha, unit.extra)
+    pretrained = workspace.pretrained_model(spec)
+    model = pretrained if unit.model == "pt" else workspace.path_model(spec, unit.checkpoint_url, unit.alpha, unit.extra,
+                                                                      unit.checkpoint_fingerprint)  # fmt: skip
     size = config.data.image_size or pretrained.input_size
-    bank = workspace.labelled_images(config.knn.train, size, config.knn.label_column, config.storage_options, "knn.train")
-    queries = workspace.labelled_images(config.data, size, config.knn.label_column, config.storage_options, "data")
+    bank = workspace.labelled_images(config.knn.train, size, config.knn.label_column, config.storage_options, "knn.train",
+                                     spec.knn_hash)  # fmt: skip
+    queries = workspace.labelled_images(config.data, size, config.knn.label_column, config.storage_options, "data",
+                                        spec.knn_hash)  # fmt: skip
     if spec.eval_fingerprint and queries.fingerprint != spec.eval_fingerprint:
         raise DataError(f"data.path {redact(config.data.path)}: the eval images changed since the run was planned; "
                         "rerun to plan them anew")  # fmt: skip

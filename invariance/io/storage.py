@@ -7,6 +7,7 @@ folder and is renamed into place, so a crash never leaves a half file under a da
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import io
 import logging
@@ -67,6 +68,16 @@ def open_filesystem(url: str, storage_options: dict[str, Any] | None = None) -> 
     return fs, path
 
 
+def _time_text(value: Any) -> str:
+    """A modification time as one text however the backend gives it: a listing may hold seconds
+    where ``info`` holds a datetime (fsspec's memory filesystem), so both read to the millisecond."""
+    if isinstance(value, datetime.datetime):
+        value = value.timestamp()
+    if isinstance(value, (int, float)):
+        return f"{float(value):.3f}"
+    return str(value)
+
+
 def fingerprint_info(info: dict[str, Any]) -> str:
     """Identity of one stored object from its listing entry (``fs.info``/``glob(detail=True)``):
     the ETag / MD5 / CRC the store keeps, else size and modification time. Replacing the object
@@ -78,7 +89,7 @@ def fingerprint_info(info: dict[str, Any]) -> str:
     if len(parts) == 1:  # no content tag: the modification time
         for key in ("mtime", "LastModified", "last_modified", "updated", "modified", "created"):
             if info.get(key) is not None:
-                parts.append(f"{key}={info[key]}")
+                parts.append(f"{key}={_time_text(info[key])}")
                 break
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
