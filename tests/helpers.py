@@ -74,6 +74,15 @@ def write_eval_parquet(folder: Path, n: int = 24) -> Path:
     return folder
 
 
+def write_shapes_splits(folder: Path, n_train: int, n_test: int) -> Path:
+    """``folder`` with a train and a test split of generated shapes (16 px, labelled by
+    texture), as Hugging Face Parquet exports: the finetuning tests' data."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "train-00000-of-00001.parquet").write_bytes(to_parquet_bytes(make_shapes(n_train, size=16, seed=1), "texture"))
+    (folder / "test-00000-of-00001.parquet").write_bytes(to_parquet_bytes(make_shapes(n_test, size=16, seed=2), "texture"))
+    return folder
+
+
 def tiny_config(tmp: Path, output: str, **overrides: Any) -> dict[str, Any]:
     """A run config over the tiny model: 3 layers, 2 seeds, 12 samples, 15 iterations."""
     pretrained = tmp / "ckpt" / "pretrained.safetensors"

@@ -20,12 +20,11 @@ from invariance.io.run_metrics import read_run_metrics
 from invariance.training.run import run_finetune, saved_progress
 from invariance.training.config import parse_finetune_config, trial_name
 from invariance.io.storage import Store
-from invariance.io.synthetic import make_shapes, to_parquet_bytes
 from invariance.training.loop import augment
 from jobs.cli import main
 from jobs.finetune import finetune
 from jobs.run import run
-from tests.helpers import TINY_MODEL
+from tests.helpers import TINY_MODEL, write_shapes_splits
 from tests.ray_fixtures import local_ray  # noqa: F401 - fixture
 
 # the 'texture' task has 4 classes: the finetuned head has 4 outputs, and so has the run config's model
@@ -48,10 +47,7 @@ def kill_after(epoch: int):
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("shapes")
-    (folder / "train-00000-of-00001.parquet").write_bytes(to_parquet_bytes(make_shapes(48, size=16, seed=1), "texture"))
-    (folder / "test-00000-of-00001.parquet").write_bytes(to_parquet_bytes(make_shapes(24, size=16, seed=2), "texture"))
-    return folder
+    return write_shapes_splits(tmp_path_factory.mktemp("shapes"), n_train=48, n_test=24)
 
 
 def finetune_raw(data_dir: Path, output: Path, **overrides: Any) -> dict[str, Any]:

@@ -24,11 +24,10 @@ from invariance.engine.steps import RunSpec, Workspace
 from invariance.errors import ConfigError
 from invariance.io.run_metrics import read_run_metrics
 from invariance.io.storage import Store
-from invariance.io.synthetic import make_shapes, to_parquet_bytes
 from invariance.training.adapters import adapted_model, add_adapter, merged_state
 from invariance.training.config import parse_finetune_config
 from invariance.training.run import run_finetune
-from tests.helpers import TINY_MODEL
+from tests.helpers import TINY_MODEL, write_shapes_splits
 
 MODEL = {"arch": TINY_MODEL["arch"], "kwargs": {**TINY_MODEL["kwargs"], "num_classes": 4}}
 NO_CORRUPTIONS = {"names": []}
@@ -36,10 +35,7 @@ NO_CORRUPTIONS = {"names": []}
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("shapes")
-    (folder / "train-00000-of-00001.parquet").write_bytes(to_parquet_bytes(make_shapes(32, size=16, seed=1), "texture"))
-    (folder / "test-00000-of-00001.parquet").write_bytes(to_parquet_bytes(make_shapes(16, size=16, seed=2), "texture"))
-    return folder
+    return write_shapes_splits(tmp_path_factory.mktemp("shapes"), n_train=32, n_test=16)
 
 
 def raw_config(data_dir: Path, output: Path, **overrides: Any) -> dict[str, Any]:

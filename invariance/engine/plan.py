@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import posixpath
+from collections import Counter
 from dataclasses import dataclass, field
 
 from invariance.io.checkpoints import Checkpoint, discover_checkpoints, pattern_root, weights_fingerprint
@@ -105,31 +106,26 @@ class Plan:
             missing[epoch] = missing.get(epoch, 0) + count
         return missing
 
+    def missing_per_point(self) -> Counter[tuple[str, int, float]]:
+        """{(run, epoch, alpha): its STIR + CKA shards not yet complete}, for every point (a
+        checkpoint at alpha 1, or a point of its weight path) with one missing."""
+        return Counter((u.run, u.epoch, u.alpha) for u in [*self.missing_stir, *self.missing_cka])
+
     def incomplete_checkpoints(self) -> dict[tuple[str, int], int]:
         """{(run, epoch): number of the checkpoint's own shards (STIR + CKA at alpha 1) not yet
         complete}. A point of its weight path that is missing a shard leaves the checkpoint
         complete (``incomplete_points``): its own curves are reduced, that point is not."""
-        missing: dict[tuple[str, int], int] = {}
-        for unit in [*self.missing_stir, *self.missing_cka]:
-            if unit.alpha == PLAIN_ALPHA:
-                missing[unit.run, unit.epoch] = missing.get((unit.run, unit.epoch), 0) + 1
-        return missing
+        return {(run, epoch): n for (run, epoch, alpha), n in self.missing_per_point().items() if alpha == PLAIN_ALPHA}
 
     def incomplete_points(self) -> set[tuple[str, int, float]]:
-        """(run, epoch, alpha) of every point (a checkpoint, or a point of its weight path) with a
-        STIR or CKA shard not yet complete."""
-        return {(u.run, u.epoch, u.alpha) for u in [*self.missing_stir, *self.missing_cka]}
+        """(run, epoch, alpha) of every point with a STIR or CKA shard not yet complete."""
+        return set(self.missing_per_point())
 
     def incomplete_path_points(self) -> dict[str, int]:
         """{"epoch 2 alpha 0.5" (a study: "run lr=0.1 epoch 2 alpha 0.5"): its missing STIR + CKA
         shards} for the weight-path points (alpha < 1) left out of the tables until computed."""
-        missing: dict[tuple[str, int, float], int] = {}
-        for unit in [*self.missing_stir, *self.missing_cka]:
-            if unit.alpha != PLAIN_ALPHA:
-                key = (unit.run, unit.epoch, unit.alpha)
-                missing[key] = missing.get(key, 0) + 1
-        return {f"{f'run {run} ' if run else ''}epoch {epoch} alpha {alpha:g}": count
-                for (run, epoch, alpha), count in sorted(missing.items())}
+        return {f"{f'run {run} ' if run else ''}epoch {epoch} alpha {alpha:g}": n
+                for (run, epoch, alpha), n in sorted(self.missing_per_point().items()) if alpha != PLAIN_ALPHA}
 
     @property
     def runs(self) -> dict[str, list[int]]:
