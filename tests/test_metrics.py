@@ -16,12 +16,14 @@ from invariance.core.cka import linear_cka
 from invariance.config import InversionConfig
 from invariance.io.data import EvalImages
 from invariance.core.models import FeatureModel, load_model
-from invariance.core.shards import CKA_COLUMNS, STIR_COLUMNS, ShardContext
+from invariance.core.shards import ShardContext
+from invariance.io.schemas import CKA_SCHEMA, STIR_SCHEMA, rows_frame
 
 LAYERS = list(range(5))  # blocks 0..3 and the pre-logits (4)
 CHANGED_FROM = 2  # the "finetuned" model differs from the pretrained one in blocks >= 2
 SEEDS = (0, 1)
-CHECKPOINT = {"checkpoint": "epoch=01", "epoch": 1}
+CHECKPOINT = {"settings": "s", "run": "", "checkpoint": "epoch=01", "epoch": 1, "alpha": 1.0, "version": "v",
+              "checkpoint_fingerprint": "f"}  # fmt: skip
 
 
 def redraw_blocks(model: FeatureModel, blocks, seed: int, std: float = 2.0) -> None:
@@ -65,8 +67,8 @@ def shard_tables(pt: FeatureModel, ft: FeatureModel, eval_images: EvalImages) ->
         for seed in SEEDS
         for row in context.stir_rows(ref_model, ref_layer, seed)
     ]
-    stir = pl.DataFrame([{**CHECKPOINT, **row} for row in stir_rows])
-    cka = pl.DataFrame([{**CHECKPOINT, **row} for row in context.cka_rows()])
+    stir = rows_frame(({**CHECKPOINT, **row} for row in stir_rows), STIR_SCHEMA)
+    cka = rows_frame(({**CHECKPOINT, **row} for row in context.cka_rows()), CKA_SCHEMA)
     return stir, cka
 
 
@@ -125,7 +127,7 @@ def test_flow_diagonal_is_zero(identical_tables, changed_tables):
 
 def test_stir_rows_of_a_shard(changed_tables):
     stir, _ = changed_tables
-    assert set(stir.columns) == set(STIR_COLUMNS) - {"settings", "version"}
+    assert stir.columns == list(STIR_SCHEMA)  # the rows and the identity fill the schema exactly
     # one row per (ref model, ref layer, seed, target model, target layer)
     assert len(stir) == 2 * len(LAYERS) * len(SEEDS) * 2 * len(LAYERS)
     assert stir["n_samples"].unique().to_list() == [16]
@@ -144,7 +146,7 @@ def test_stir_rows_of_a_shard(changed_tables):
 
 def test_cka_rows_of_a_shard(changed_tables, pretrained, eval_images):
     _, cka = changed_tables
-    assert set(cka.columns) == set(CKA_COLUMNS) - {"settings", "version"}
+    assert cka.columns == list(CKA_SCHEMA)
     assert len(cka) == 4 * len(LAYERS) ** 2
     same = cka.filter((pl.col("model_a") == pl.col("model_b")) & (pl.col("layer_a") == pl.col("layer_b")))
     assert (same["cka"] - 1.0).abs().max() < 1e-12

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 
+from invariance.io.schemas import rows_frame
+
 STIR_COMBINATIONS: dict[str, pl.Expr] = {
     "forgetting": pl.col("forgetting_mean"),
     "learning": pl.col("learning_mean"),
@@ -148,7 +150,9 @@ def search(curves: pl.DataFrame, run_metrics: pl.DataFrame, run: str) -> pl.Data
                      "n_epochs": group.height, "pearson_r": r, "p_value": p})  # fmt: skip
     if not rows:
         return pl.DataFrame(schema=SEARCH_SCHEMA)
-    table = pl.DataFrame(rows, schema_overrides={"layers": pl.List(pl.Int64), "pearson_r": pl.Float64, "p_value": pl.Float64})
+    # typed by the schema, not inferred: r and p are null where a hypothesis is constant over the epochs
+    row_schema = {name: SEARCH_SCHEMA[name] for name in (*HYPOTHESIS_KEYS, "target", "layers", "n_epochs", "pearson_r", "p_value")}
+    table = rows_frame(rows, row_schema)
     return (
         table.with_columns(pl.lit(run).alias("run"), pl.col("p_value").is_not_null().sum().over("target").alias("n_hypotheses"))
         .with_columns((pl.col("p_value") * pl.col("n_hypotheses")).clip(upper_bound=1.0).alias("p_bonferroni"))
@@ -186,4 +190,4 @@ def early_epochs(curves: pl.DataFrame, run_metrics: pl.DataFrame, run: str, hypo
                          "n_epochs": end, "pearson_r": r})  # fmt: skip
     schema = {"run": pl.String, **{k: pl.String for k in HYPOTHESIS_KEYS}, "up_to_epoch": pl.Int64,
               "n_epochs": pl.Int64, "pearson_r": pl.Float64}  # fmt: skip
-    return pl.DataFrame(rows, schema=schema)
+    return rows_frame(rows, schema)

@@ -1,7 +1,8 @@
 """The kNN probe of a run: DINO's weighted kNN (``core/knn.py``) on the frozen features of one
 model at every run layer, a labelled bank (``knn.train``) against the run's eval images.
 
-Rows are plain dicts whose columns are KNN_COLUMNS (README.md, "Output schema")."""
+Rows are plain dicts; the shard's columns and types are KNN_SCHEMA (``invariance.io.schemas``; README.md,
+"Output schema")."""
 
 from __future__ import annotations
 
@@ -13,11 +14,6 @@ from invariance.config import KnnProbeConfig, TokenPolicy
 from invariance.core.knn import knn_accuracy
 from invariance.core.models import FeatureModel
 from invariance.core.shards import batched_features
-
-KNN_COLUMNS = (
-    "settings", "run", "checkpoint", "epoch", "alpha", "model", "layer", "k", "top1", "top5", "n_train", "n_test",
-    "version", "checkpoint_fingerprint",
-)  # fmt: skip
 
 
 def knn_token_policy(model: FeatureModel, knn: KnnProbeConfig) -> TokenPolicy:

@@ -2,8 +2,9 @@
 
 A STIR shard inverts r[j] once and evaluates BOTH models at ALL target layers on X and X',
 giving STIR(t[i] | r[j]) for t in {pt, ft} and every i, biased and debiased.
-A CKA shard gives CKA(a[i], b[j]) on X for a, b in {pt, ft}. Rows are plain dicts whose
-columns are listed in STIR_COLUMNS / CKA_COLUMNS (README.md, "Output schema").
+A CKA shard gives CKA(a[i], b[j]) on X for a, b in {pt, ft}. Rows are plain dicts; the shard's
+columns and their types are STIR_SCHEMA / CKA_SCHEMA (``invariance.io.schemas``; README.md,
+"Output schema").
 """
 
 from __future__ import annotations
@@ -23,18 +24,6 @@ from invariance.core.subspace import DEFAULT_COMPONENTS, subspace_similarity
 ModelName = Literal["pt", "ft"]
 MODEL_NAMES: tuple[ModelName, ModelName] = ("pt", "ft")
 FEATURE_BATCH = 128
-
-STIR_COLUMNS = (
-    "settings", "checkpoint", "epoch", "ref_model", "ref_layer", "target_model", "target_layer", "seed",
-    "stir", "stir_debiased", "inv_loss_mean", "inv_loss_median", "inv_loss_max", "inv_iterations",
-    "n_samples", "version",
-)  # fmt: skip
-CKA_COLUMNS = (
-    "settings", "checkpoint", "epoch", "model_a", "layer_a", "model_b", "layer_b",
-    "cka", "cka_debiased", "subspace_similarity", "n_samples", "version",
-)  # fmt: skip
-# null where subspace similarity is not defined: pairs of different layers, or of one model with itself
-NULLABLE_COLUMNS = frozenset({"subspace_similarity"})
 
 
 @torch.no_grad()

@@ -26,6 +26,7 @@ from invariance.io.layout import (
 )  # fmt: skip
 from invariance.io.layout import CkaUnit, StirUnit, Unit
 from invariance.io.run_metrics import read_run_metrics
+from invariance.io.schemas import CKA_SCHEMA, STIR_SCHEMA, Schema, conform
 from invariance.io.storage import Store, parquet_bytes, redact
 
 log = logging.getLogger(__name__)
@@ -52,12 +53,13 @@ class ReduceResult:
     runs_compared: pl.DataFrame = field(default_factory=pl.DataFrame)  # a study's Fig. 6 view, per run and epoch
 
 
-def _read_shards(plan: Plan, store: Store, units: list[Unit]) -> tuple[pl.DataFrame, list[Unit]]:
-    """The rows of ``units``' shards, and the units whose data object is not readable Parquet
-    (a truncated or overwritten file): all read at once, one by one only to find the bad ones."""
+def _read_shards(plan: Plan, store: Store, units: list[Unit], schema: Schema) -> tuple[pl.DataFrame, list[Unit]]:
+    """The rows of ``units``' shards, typed by ``schema`` (older shards lack run, alpha), and the
+    units whose data object is not readable Parquet (a truncated or overwritten file): all read at
+    once, one by one only to find the bad ones."""
     keys = [plan.data_key(u) for u in units]
     try:
-        return store.read_parquet(keys, how="diagonal_relaxed"), []  # older shards lack run, alpha
+        return conform(store.read_parquet(keys, how="diagonal_relaxed"), schema), []
     except StorageError:
         pass
     frames, unreadable = [], []
@@ -75,7 +77,7 @@ def _read_shards(plan: Plan, store: Store, units: list[Unit]) -> tuple[pl.DataFr
                         store.url(key), type(exc).__name__, exc)  # fmt: skip
             unreadable.append(unit)
     try:
-        return (pl.concat(frames, how="diagonal_relaxed") if frames else pl.DataFrame()), unreadable
+        return (conform(pl.concat(frames, how="diagonal_relaxed"), schema) if frames else pl.DataFrame()), unreadable
     except pl.exceptions.PolarsError as exc:
         raise StorageError(f"Parquet files under {store.url('')} do not share one schema: {exc}") from exc
 
@@ -130,8 +132,8 @@ def reduce_plan(
     def wanted(unit: StirUnit | CkaUnit) -> bool:
         return (unit.run, unit.epoch) in done and (unit.run, unit.epoch, unit.alpha) not in partial
 
-    stir, bad_stir = _read_shards(plan, store, [u for u in plan.stir if wanted(u)])
-    cka, bad_cka = _read_shards(plan, store, [u for u in plan.cka if wanted(u)])
+    stir, bad_stir = _read_shards(plan, store, [u for u in plan.stir if wanted(u)], STIR_SCHEMA)
+    cka, bad_cka = _read_shards(plan, store, [u for u in plan.cka if wanted(u)], CKA_SCHEMA)
     unreadable: list[Unit] = [*bad_stir, *bad_cka]
     if unreadable:
         _forget(plan, store, unreadable)

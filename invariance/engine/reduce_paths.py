@@ -14,6 +14,7 @@ from invariance.errors import StorageError
 from invariance.io.layout import (
     PLAIN_ALPHA, REDUCED_KNN, interpolation_plot_key, knn_alpha_plot_key, knn_layers_plot_key,
 )  # fmt: skip
+from invariance.io.schemas import KNN_SCHEMA, conform
 from invariance.io.storage import Store, parquet_bytes
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ def knn_table(plan: Plan, store: Store) -> pl.DataFrame:
     if not done:
         return pl.DataFrame()
     try:
-        frame = store.read_parquet([plan.data_key(u) for u in done], how="diagonal_relaxed")
+        frame = conform(store.read_parquet([plan.data_key(u) for u in done], how="diagonal_relaxed"), KNN_SCHEMA)
     except StorageError as exc:
         log.warning("reduced/knn.parquet not rebuilt: %s", exc)
         return pl.DataFrame()

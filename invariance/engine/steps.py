@@ -22,12 +22,13 @@ from invariance.io.data import EvalImages, load_eval_images, load_labelled_image
 from invariance.core.inversion import InversionResult
 from invariance.io.layout import PLAIN_ALPHA, CkaUnit, InversionUnit, KnnUnit, StirUnit, Unit
 from invariance.core.interpolation import interpolated_model
-from invariance.core.knn_probe import KNN_COLUMNS, knn_rows
+from invariance.core.knn_probe import knn_rows
 from invariance.core.models import FeatureModel, load_model
-from invariance.core.shards import CKA_COLUMNS, NULLABLE_COLUMNS, STIR_COLUMNS, ShardContext
+from invariance.core.shards import ShardContext
 from invariance.errors import CheckpointError, ConfigError, DataError, NumericsError
 from invariance.engine.plan import Plan, knn_label_error
 from invariance.io.checkpoints import weights_fingerprint
+from invariance.io.schemas import CKA_SCHEMA, KNN_SCHEMA, NULLABLE_COLUMNS, STIR_SCHEMA, Schema, rows_frame
 from invariance.io.storage import Store, redact
 
 
@@ -232,22 +233,9 @@ def _record(data_key: str, rows: int, started: float, **identity: Any) -> bytes:
     return json.dumps(record, indent=1).encode()
 
 
-def _shard_frame(rows: list[dict[str, Any]], columns: tuple[str, ...], identity: dict[str, Any]) -> pl.DataFrame:
-    frame = pl.DataFrame([{**identity, **row} for row in rows]).select(columns)
-    # a column null in every row of this shard (nothing defined) keeps the type it has in the others
-    return frame.with_columns(pl.col(name).cast(pl.Float64) for name in NULLABLE_COLUMNS if name in frame.columns)
-
-
-def _with_path_columns(columns: tuple[str, ...]) -> tuple[str, ...]:
-    """``run`` before ``checkpoint`` and ``alpha`` after ``epoch`` (where the columns lack them)."""
-    out: list[str] = []
-    for column in columns:
-        if column == "checkpoint" and "run" not in columns:
-            out.append("run")
-        out.append(column)
-        if column == "epoch" and "alpha" not in columns:
-            out.append("alpha")
-    return tuple(out)
+def _shard_frame(rows: list[dict[str, Any]], schema: Schema, identity: dict[str, Any]) -> pl.DataFrame:
+    """The shard of ``rows``, each completed with ``identity``, typed and ordered by ``schema``."""
+    return rows_frame(({**identity, **row} for row in rows), schema)
 
 
 NON_FINITE_HINT = ("check model.mean and model.std (a std of 0 divides by 0), the weights, and that the "
@@ -309,14 +297,14 @@ def run_inversion(spec: RunSpec, unit: InversionUnit, workspace: Workspace) -> s
 
 
 def _write_shard(
-    spec: RunSpec, unit: StirUnit | CkaUnit, rows: list[dict[str, Any]], columns: tuple[str, ...],
+    spec: RunSpec, unit: StirUnit | CkaUnit, rows: list[dict[str, Any]], schema: Schema,
     started: float, **record_fields: Any,
 ) -> str:  # fmt: skip
     """Write a shard's rows once, then its completion record; returns the record key."""
     identity = {"settings": spec.settings_hash, "checkpoint": unit.checkpoint, "epoch": unit.epoch, "version": __version__,
                 "checkpoint_fingerprint": unit.checkpoint_fingerprint, "run": unit.run, "alpha": float(unit.alpha)}  # fmt: skip
     data_key = unit.data_key(spec.settings_hash)
-    frame = _shard_frame(rows, (*_with_path_columns(columns), "checkpoint_fingerprint"), identity)
+    frame = _shard_frame(rows, schema, identity)
     check_finite(unit, frame)
     spec.store.put_parquet(data_key, frame)
     record_key = unit.record_key(spec.settings_hash)
@@ -335,7 +323,7 @@ def run_stir(spec: RunSpec, unit: StirUnit, workspace: Workspace) -> str:
         data_key = InversionUnit(unit.ref_layer, unit.seed).data_key(spec.inversion_hash)
         inverted = workspace.pretrained_inversion(spec.store, data_key)
     rows = context.stir_rows(unit.ref_model, unit.ref_layer, unit.seed, inverted)
-    return _write_shard(spec, unit, rows, STIR_COLUMNS, started,
+    return _write_shard(spec, unit, rows, STIR_SCHEMA, started,
                         ref_model=unit.ref_model, ref_layer=unit.ref_layer, seed=unit.seed)  # fmt: skip
 
 
@@ -343,7 +331,7 @@ def run_cka(spec: RunSpec, unit: CkaUnit, workspace: Workspace) -> str:
     """One CKA shard for a checkpoint; returns the record key."""
     started = time.time()
     rows = workspace.context(spec, unit.checkpoint_url, unit.alpha, unit.extra, unit.checkpoint_fingerprint).cka_rows()
-    return _write_shard(spec, unit, rows, CKA_COLUMNS, started)
+    return _write_shard(spec, unit, rows, CKA_SCHEMA, started)
 
 
 def run_knn(spec: RunSpec, unit: KnnUnit, workspace: Workspace) -> str:
@@ -373,9 +361,8 @@ def run_knn(spec: RunSpec, unit: KnnUnit, workspace: Workspace) -> str:
     identity = {"settings": knn_hash, "run": unit.run, "checkpoint": unit.checkpoint, "epoch": unit.epoch if unit.model == "ft" else None,
                 "alpha": float(unit.alpha) if unit.model == "ft" else None, "model": unit.model, "version": __version__,
                 "checkpoint_fingerprint": unit.checkpoint_fingerprint}  # fmt: skip
-    frame = pl.DataFrame([{**identity, **row} for row in rows],
-                         schema_overrides={"epoch": pl.Int64, "alpha": pl.Float64, "top5": pl.Float64}).select(KNN_COLUMNS)  # fmt: skip
-    check_finite(unit, frame.drop("top5", "alpha"))
+    frame = _shard_frame(rows, KNN_SCHEMA, identity)
+    check_finite(unit, frame.drop("alpha"))  # null for the pretrained model (not on a weight path)
     data_key = unit.data_key(knn_hash)
     spec.store.put_parquet(data_key, frame)
     record_key = unit.record_key(knn_hash)
