@@ -137,6 +137,39 @@ def test_an_unreadable_metrics_file_skips_its_run_and_says_so(tmp_path, caplog) 
     assert "no 'epoch' column" in caplog.text and "lack the columns ['clean_accuracy'" in caplog.text
 
 
+def test_a_metrics_copy_in_a_subfolder_does_not_change_the_correlation_n(tmp_path) -> None:
+    """Copies under metrics/old/ (a researcher's backup) are not the run's epochs: counted twice
+    they would double n and shrink the Bonferroni p by orders of magnitude (issue 25)."""
+    import shutil
+
+    run = tmp_path / "ckpt" / "run"
+    write_metrics(run)
+    checkpoints = [Checkpoint(e, f"epoch={e:02d}", str(run / f"epoch={e:02d}.safetensors")) for e in FORGETTING]
+    reduce_module._reduce_robustness(Store(str(tmp_path / "before")), curves(), checkpoints, depth=4, make_plots=False)
+    shutil.copytree(run / "metrics", run / "metrics" / "old")
+    (run / "metrics" / "old" / "notes.parquet").write_bytes((run / "metrics" / "epoch=01.parquet").read_bytes())
+    reduce_module._reduce_robustness(Store(str(tmp_path / "after")), curves(), checkpoints, depth=4, make_plots=False)
+    for name in ("robustness_correlation", "robustness_search"):
+        before, after = (pl.read_parquet(tmp_path / side / "reduced" / f"{name}.parquet") for side in ("before", "after"))
+        assert after.equals(before), name
+    correlation = pl.read_parquet(tmp_path / "after" / "reduced" / "robustness_correlation.parquet")
+    assert correlation["n_epochs"].to_list() == [4]
+
+
+def test_two_metrics_files_of_one_epoch_are_refused_naming_both(tmp_path, caplog) -> None:
+    from invariance.errors import StorageError
+    from invariance.io.run_metrics import read_run_metrics
+
+    run = tmp_path / "run"
+    write_metrics(run)
+    (run / "metrics" / "epoch=3.parquet").write_bytes((run / "metrics" / "epoch=03.parquet").read_bytes())
+    with pytest.raises(StorageError, match=r"epoch 3 .*epoch=03.parquet.*epoch=3.parquet"):
+        read_run_metrics(str(run))
+    checkpoints = [Checkpoint(e, f"epoch={e:02d}", str(run / f"epoch={e:02d}.safetensors")) for e in FORGETTING]
+    assert reduce_module._reduce_robustness(Store(str(tmp_path / "out")), curves(), checkpoints, 4, False) == []
+    assert "robustness link skipped for" in caplog.text and "epoch=3.parquet" in caplog.text
+
+
 def test_run_folders_are_where_the_pattern_starts_to_vary(tmp_path) -> None:
     flat = discover(tmp_path / "flat", "epoch={epoch}.safetensors", ["epoch=1.safetensors", "epoch=2.safetensors"])
     nested = discover(tmp_path / "nested", "epoch={epoch}/model.safetensors",
