@@ -80,3 +80,31 @@ def test_top5_counts_only_classes_a_neighbour_voted_for() -> None:
     (top1, top5), = knn_accuracy(bank, torch.arange(10), queries, labels, ks=(1,)).values()
     assert top5 == top1
     assert direct_knn(bank, torch.arange(10), queries, labels, 1, 0.07, 10) == (top1, top5)
+
+
+def test_a_small_temperature_votes_as_dinos_exact_formula() -> None:
+    """issue 25: T = 0.01 made exp(sim / T) overflow float32 (exp(99) = inf): the right class's single
+    near neighbour (sim 0.99) and the wrong class's two (sim 0.95) both summed to inf, and the tie
+    went to the wrong class (top-1 0 where the exact vote, e^99 > 2 e^95, gives 1)."""
+
+    def unit(sim: float, sign: float = 1.0) -> torch.Tensor:
+        return torch.tensor([sim, sign * math.sqrt(1 - sim * sim)])
+
+    bank = torch.stack([unit(0.99), unit(0.95), unit(0.95, -1.0), torch.tensor([-1.0, 0.0])])
+    labels = torch.tensor([1, 0, 0, 1])
+    query, truth = torch.tensor([[1.0, 0.0]]), torch.tensor([1])
+    # an independent float64 computation of DINO's vote
+    exact = direct_knn(bank, labels, query, truth, 3, 0.01, 2)
+    assert exact == (1.0, None)
+    assert knn_accuracy(bank, labels, query, truth, ks=(3,), temperature=0.01, num_classes=2) == {3: exact}
+    # planted clusters at tiny temperatures: the same top-1 / top-5 as the float64 formula
+    generator = torch.Generator().manual_seed(3)
+    centres = torch.randn(6, 5, generator=generator)
+    bank_labels = torch.randint(0, 6, (50,), generator=generator)
+    bank = centres[bank_labels] + 1.0 * torch.randn(50, 5, generator=generator)
+    query_labels = torch.randint(0, 6, (20,), generator=generator)
+    queries = centres[query_labels] + 1.0 * torch.randn(20, 5, generator=generator)
+    for temperature in (0.01, 0.003):
+        got = knn_accuracy(bank, bank_labels, queries, query_labels, ks=(10,), temperature=temperature, num_classes=6)
+        expected = direct_knn(bank, bank_labels, queries, query_labels, 10, temperature, 6)
+        assert got[10] == pytest.approx(expected), temperature

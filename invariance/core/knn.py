@@ -31,7 +31,10 @@ def knn_accuracy(
     ``train_features: [N, d]`` with ``train_labels: [N]`` (integers >= 0) form the bank;
     ``test_features: [n, d]`` with ``test_labels: [n]`` are scored against it, ``chunk_size``
     test rows at a time (memory ``O(chunk_size * N)``). Computed in float32 on the features'
-    device. ``k`` larger than ``N`` uses the whole bank. ``top5`` is None with fewer than 5
+    device; the votes in float64 with each query's largest similarity subtracted in the
+    exponent, ``exp((sim - max_sim) / T)``: the same factor ``exp(-max_sim / T)`` on every vote of
+    a query, so the ranking is DINO's, without ``exp(1 / 0.01)`` overflowing float32 to inf (a
+    tie of infs). ``k`` larger than ``N`` uses the whole bank. ``top5`` is None with fewer than 5
     classes (``num_classes``, default: the largest label + 1).
     """
     if train_features.ndim != 2 or test_features.ndim != 2 or train_features.shape[1] != test_features.shape[1]:
@@ -55,17 +58,27 @@ def knn_accuracy(
         targets = test_labels[begin : begin + chunk_size]
         similarity, index = (queries @ bank.T).topk(largest_k, dim=1)  # sorted, largest first
         neighbour_labels = bank_labels[index]  # [c, largest_k]
-        weights = (similarity / temperature).exp()
+        # float64, max subtracted per query (column 0: topk sorts largest first): finite for any T > 0
+        similarity = similarity.double()
+        weights = ((similarity - similarity[:, :1]) / temperature).exp()
         for k in ks:
             kk = min(k, largest_k)
-            votes = torch.zeros(len(queries), classes, device=device)
+            votes = torch.zeros(len(queries), classes, device=device, dtype=torch.float64)
             votes.scatter_add_(1, neighbour_labels[:, :kk], weights[:, :kk])
-            ranked_votes, ranked = votes.sort(dim=1, descending=True)
+            # which classes a neighbour voted for: a far neighbour's weight may underflow to 0 at a
+            # tiny T, and is still a vote (DINO's exact vote is exp(sim / T) > 0)
+            voters = torch.zeros(len(queries), classes, device=device)
+            voters.scatter_add_(1, neighbour_labels[:, :kk], torch.ones_like(weights[:, :kk], dtype=voters.dtype))
+            # ties (equal votes) go to the voted class first, then the lower label: a stable sort of
+            # (votes, voted) rather than of votes alone
+            order = torch.argsort(voters > 0, dim=1, descending=True, stable=True)
+            order = order.gather(1, torch.argsort(votes.gather(1, order), dim=1, descending=True, stable=True))
+            ranked = order
             correct1[k] += int((ranked[:, 0] == targets).sum())
             if classes >= 5:
                 # only classes a neighbour voted for (at most min(5, k), as DINO's narrow(1, 0, min(5, k))):
                 # a class nobody voted for is no prediction, whatever the order of the ties at 0
-                voted = (ranked[:, :5] == targets[:, None]) & (ranked_votes[:, :5] > 0)
+                voted = (ranked[:, :5] == targets[:, None]) & (voters.gather(1, ranked[:, :5]) > 0)
                 correct5[k] += int(voted.any(dim=1).sum())
     n = len(test_features)
     return {k: (correct1[k] / n, correct5[k] / n if classes >= 5 else None) for k in ks}
