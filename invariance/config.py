@@ -101,6 +101,10 @@ class LayerModules(_Strict):
         return value
 
 
+# the largest image side (pixels) a model may be fed: 500 images of 4096 px are 100 GB of floats
+MAX_IMAGE_SIZE = 4096
+
+
 class DataConfig(_Strict):
     """The eval images X: n samples chosen deterministically from a dataset."""
 
@@ -109,9 +113,19 @@ class DataConfig(_Strict):
     split: str = "test"
     n_samples: Int = Field(500, gt=0)
     selection: Literal["first", "random"] = "first"
-    selection_seed: Int = 0
-    image_size: Int | None = Field(None, gt=0)
+    # numpy's generator takes no negative seed (a ValueError deep in the data reader)
+    selection_seed: Int = Field(0, ge=0)
+    image_size: Int | None = None
     image_column: str = "image"
+
+    @field_validator("image_size")
+    @classmethod
+    def _image_size_in_range(cls, value: int | None) -> int | None:
+        # 100000 px passed and ended in a raw traceback (an allocation of terabytes) deep in a worker
+        if value is not None and not 1 <= value <= MAX_IMAGE_SIZE:
+            raise ValueError(f"must be in 1..{MAX_IMAGE_SIZE} pixels (the side of the square images the model "
+                             "is fed; leave it out for the model's input size)")  # fmt: skip
+        return value
 
 
 InversionOptimizer = Literal["reference", "adam"]
@@ -128,9 +142,9 @@ class InversionConfig(_Strict):
 
     optimizer: InversionOptimizer = "reference"
     iterations: Int = Field(500, ge=1)
-    step_size: float = Field(0.5, gt=0)
-    tolerance: float | None = Field(None, gt=0)
-    micro_batch: Int | Literal["auto"] = "auto"
+    step_size: float = Field(0.5, gt=0, allow_inf_nan=False)
+    tolerance: float | None = Field(None, gt=0, allow_inf_nan=False)
+    micro_batch: Annotated[Int, Field(ge=1)] | Literal["auto"] = "auto"
     bf16: bool = True
     compile: bool = False
 
@@ -192,7 +206,7 @@ class KnnProbeConfig(_Strict):
     train: DataConfig
     label_column: str = "label"  # Parquet banks and eval images: the integer class column
     k: list[Int] = Field(default_factory=lambda: [20], min_length=1)
-    temperature: float = Field(0.07, gt=0)
+    temperature: float = Field(0.07, gt=0, allow_inf_nan=False)
     # None: cls where the model has a class token, else mean
     token_policy: TokenPolicy | None = None
 
@@ -231,12 +245,12 @@ def knn_settings_hash(run_settings_hash: str, config: "RunConfig", bank_fingerpr
 class ResourcesConfig(_Strict):
     """What each Ray task asks for, and how much work is in flight."""
 
-    num_gpus: float = Field(0.0, ge=0)
-    num_cpus: float = Field(1.0, gt=0)
+    num_gpus: float = Field(0.0, ge=0, allow_inf_nan=False)
+    num_cpus: float = Field(1.0, gt=0, allow_inf_nan=False)
     max_in_flight: Int | None = Field(None, ge=1)
     max_retries: Int = Field(3, ge=0)
     # host memory each worker keeps pretrained X' in (GiB): holding every (layer, seed) X' reads each once
-    inversion_cache_gb: float = Field(2.0, ge=0)
+    inversion_cache_gb: float = Field(2.0, ge=0, allow_inf_nan=False)
 
 
 class RunConfig(_Strict):

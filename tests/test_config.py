@@ -231,3 +231,40 @@ def test_an_unknown_architecture_suggests_the_closest_names_first():
         build_network(parse_config(with_value("model.arch", "vit_tiny_patch8_32")).model)
     with pytest.raises(ConfigError, match=r"did you mean resnet18,"):
         build_network(parse_config({**with_value("model.arch", "resnet_18"), "model": {"arch": "resnet_18"}}).model)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        # issue 25: image_size 100000 passed the config and ended in a raw traceback deep in a worker
+        ("data.image_size", 100000, r"data\.image_size: .*must be in 1\.\.4096 pixels"),
+        ("data.image_size", 0, r"data\.image_size: .*must be in 1\.\.4096 pixels"),
+        ("knn", {"train": {"format": "cifar", "path": "s3://lab/c", "image_size": 5000}},
+         r"knn\.train\.image_size: .*1\.\.4096"),
+        # siblings: numbers without bounds that failed (or went NaN) far from the config
+        ("data.selection_seed", -1, r"data\.selection_seed: .*greater than or equal to 0"),
+        ("inversion.micro_batch", 0, r"inversion\.micro_batch: .*greater than or equal to 1"),
+        ("inversion.step_size", float("inf"), r"inversion\.step_size: .*finite"),
+        ("inversion.tolerance", float("inf"), r"inversion\.tolerance: .*finite"),
+        ("knn", {"train": {"format": "cifar", "path": "s3://lab/c"}, "temperature": float("inf")},
+         r"knn\.temperature: .*finite"),
+        ("resources.num_gpus", float("inf"), r"resources\.num_gpus: .*finite"),
+        ("resources.inversion_cache_gb", float("inf"), r"resources\.inversion_cache_gb: .*finite"),
+    ],
+)
+def test_numbers_out_of_range_are_named_config_errors(key, value, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_config(with_value(key, value))
+
+
+def test_the_settings_hash_of_a_config_without_a_factory_is_pinned():
+    """Hashes key every stored result: a code change must not move them for unchanged configs."""
+    from invariance.config import knn_settings_hash
+
+    config = parse_config(minimal())
+    assert (settings_hash(config.numbers_settings()), settings_hash(config.inversion_settings())) == (
+        "a9202ad0ba6259a7", "8eb3fb15920eb73a")  # fmt: skip
+    bank = {"format": "cifar", "path": "s3://lab/data/cifar-10-batches-py", "split": "train"}
+    with_bank = parse_config({**minimal(), "knn": {"train": {**bank, "n_samples": 5000}}})
+    assert knn_settings_hash("abc", with_bank, "bank") == "b664d22140a2b9cf"
+    assert knn_settings_hash("abc", parse_config({**minimal(), "knn": {"train": bank}}), "bank") == "c2583b7f3c21ae65"
