@@ -18,7 +18,7 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 
 from invariance.errors import CheckpointError
-from invariance.io.storage import fingerprint_file, fingerprint_info, open_filesystem, redact
+from invariance.io.storage import fingerprint_file, open_filesystem, redact
 
 EPOCH_PLACEHOLDER = "{epoch}"
 RUN_PLACEHOLDER = "{run}"
@@ -131,7 +131,7 @@ def discover_checkpoints(pattern: str, storage_options: dict[str, Any] | None = 
                 f"checkpoints: {where} matches two files ({redact(found[run, epoch].url)} and {redact(url)}); "
                 "make the pattern specific to one file per " + ("run and epoch" if has_run else "epoch")
             )
-        fingerprint = fingerprint_file(fs, path, info) if isinstance(fs, LocalFileSystem) else fingerprint_info(info)
+        fingerprint = fingerprint_file(fs, path, info)  # as a worker reads it (weights_fingerprint): one function
         name_from = before.replace(RUN_PLACEHOLDER, run)
         found[run, epoch] = Checkpoint(epoch=epoch, name=_checkpoint_name(path, name_from), url=url,
                                        fingerprint=fingerprint, run=run)  # fmt: skip

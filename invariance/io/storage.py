@@ -78,16 +78,26 @@ def _time_text(value: Any) -> str:
     return str(value)
 
 
+# The fields that identify an object's content, as every store gives them alike in a listing and in
+# ``fs.info``: the plan reads a checkpoint's identity from a listing, a worker from ``fs.info``.
+# Never a version id: S3's HeadObject gives a VersionId on a versioned bucket where ListObjectsV2
+# gives none (and "null" for objects written before versioning was enabled), so a fingerprint that
+# took it would differ between plan and worker for every file (issue 25). Replacing an object's
+# bytes changes its ETag / MD5 / CRC; a rewrite with the same bytes is the same content.
+CONTENT_TAGS = ("ETag", "etag", "md5Hash", "crc32c", "content_md5")
+MODIFICATION_TIMES = ("mtime", "LastModified", "last_modified", "updated", "modified", "created")
+
+
 def fingerprint_info(info: dict[str, Any]) -> str:
-    """Identity of one stored object from its listing entry (``fs.info``/``glob(detail=True)``):
-    the ETag / MD5 / CRC the store keeps, else size and modification time. Replacing the object
-    in place changes it."""
+    """Identity of one stored object from its listing entry or ``fs.info`` (the same for both):
+    size and the content tag the store keeps (ETag / MD5 / CRC), else size and modification time.
+    Replacing the object's content changes it; a version id is not part of it (CONTENT_TAGS)."""
     parts = [str(info.get("size"))]
-    for key in ("ETag", "etag", "md5Hash", "crc32c", "content_md5", "version_id", "VersionId"):
+    for key in CONTENT_TAGS:
         if info.get(key):
             parts.append(f"{key}={str(info[key]).strip(chr(34))}")
     if len(parts) == 1:  # no content tag: the modification time
-        for key in ("mtime", "LastModified", "last_modified", "updated", "modified", "created"):
+        for key in MODIFICATION_TIMES:
             if info.get(key) is not None:
                 parts.append(f"{key}={_time_text(info[key])}")
                 break
@@ -95,8 +105,9 @@ def fingerprint_info(info: dict[str, Any]) -> str:
 
 
 def fingerprint_file(fs: fsspec.AbstractFileSystem, path: str, info: dict[str, Any] | None = None) -> str:
-    """Identity of the file at ``path``: a content hash for local files up to CONTENT_HASH_LIMIT
-    (copies and rewrites with the same bytes keep it), else ``fingerprint_info``."""
+    """Identity of the file at ``path``, the one function the plan (``info``: its listing entry)
+    and the workers (``info`` left out: ``fs.info``) both call: a content hash for local files up
+    to CONTENT_HASH_LIMIT (copies and rewrites with the same bytes keep it), else ``fingerprint_info``."""
     info = info if info is not None else fs.info(path)
     if isinstance(fs, LocalFileSystem) and (info.get("size") or 0) <= CONTENT_HASH_LIMIT:
         digest = hashlib.sha256()
