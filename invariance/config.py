@@ -57,11 +57,16 @@ class ModelConfig(_Strict):
     # leading tokens are prefix tokens (class, registers); None: the network's num_prefix_tokens, else 0
     prefix_tokens: Int | None = Field(None, ge=0)
 
-    def numbers_settings(self) -> dict[str, Any]:
+    def numbers_settings(self, key: str = "model") -> dict[str, Any]:
         """What of the model changes the numbers: not ``strict`` (it changes whether a checkpoint
-        loads); ``prefix_tokens`` only when set (older configs keep their hash)."""
+        loads); ``prefix_tokens`` only when set (older configs keep their hash); with a ``factory``,
+        the fingerprint of its code (``factory_fingerprint``: editing the factory computes anew;
+        configs without a factory keep their hash). ``key`` names the section in errors."""
         exclude = {"strict"} | ({"prefix_tokens"} if self.prefix_tokens is None else set())
-        return self.model_dump(mode="json", exclude=exclude)
+        settings = self.model_dump(mode="json", exclude=exclude)
+        if self.factory is not None:
+            settings["factory_source"] = factory_fingerprint(self.factory, f"{key}.factory")
+        return settings
 
     @field_validator("mean", "std")
     @classmethod
@@ -86,6 +91,40 @@ class ModelConfig(_Strict):
         if self.factory is not None and ":" not in self.factory:
             raise ValueError(f"model.factory must look like 'package.module:function', got {self.factory!r}")
         return self
+
+
+def factory_fingerprint(spec: str, key: str = "model.factory") -> str:
+    """Identity of a user factory's code (``"package.module:function"``): a hash of the source
+    files of the module named and of the module that defines the function (when it is defined
+    elsewhere and imported), as they are on disk. The plan's settings hash and every later
+    computation of it (the reducer's status) call this one function, so they agree.
+
+    What it misses (editing these reuses results computed with the old code): code in other
+    modules the factory imports or calls (helpers, a base class in another file), the versions of
+    installed packages it builds on (timm, transformers), and a module edited on disk after this
+    process imported it (the hash follows the file, the process runs the code it imported)."""
+    import importlib
+    import inspect
+    import sys
+
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # noqa: BLE001 - the user's module: named, never a raw traceback
+        raise ConfigError(f"{key}: cannot import module {module_name!r} ({type(exc).__name__}: {exc})") from None
+    if not hasattr(module, attr):
+        raise ConfigError(f"{key}: module {module_name!r} has no attribute {attr!r}")
+    defining = sys.modules.get(getattr(getattr(module, attr), "__module__", None) or module_name)
+    digest = hashlib.sha256()
+    for source_module in dict.fromkeys(m for m in (module, defining) if m is not None):
+        try:
+            path = inspect.getsourcefile(source_module) or getattr(source_module, "__file__", None)
+            data = Path(path).read_bytes() if path else b""
+        except (TypeError, OSError):  # a built-in or generated module: its name stands for it
+            data = b""
+        digest.update(f"{source_module.__name__}\n{len(data)}\n".encode())
+        digest.update(data)
+    return digest.hexdigest()[:16]
 
 
 class LayerModules(_Strict):
@@ -365,7 +404,7 @@ class RunConfig(_Strict):
             "token_policy": self.token_policy,
             "inversion": self.inversion.numbers_settings(),
             # left out when unset: the hash of a config without it is the one from before the key existed
-            **({"finetuned_model": self.finetuned_model.numbers_settings()} if self.finetuned_model else {}),
+            **({"finetuned_model": self.finetuned_model.numbers_settings("finetuned_model")} if self.finetuned_model else {}),
         }
 
     def inversion_settings(self) -> dict[str, Any]:

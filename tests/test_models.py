@@ -201,3 +201,14 @@ def test_a_named_modules_features_are_its_output_even_when_a_later_op_works_in_p
     alone = model.layer_features(images, [0], "flatten")[0]
     torch.testing.assert_close(together, alone)
     assert together.min() < 0  # bn's output, not the ReLU's
+
+
+def test_a_finetuned_factory_that_fails_is_named_by_its_own_key() -> None:
+    """issue 25 (sibling): finetuned_model.factory's errors said model.factory, the other section."""
+    from invariance.core.models import check_models
+
+    pretrained = ModelConfig(factory="tests.helpers:tiny_factory")
+    with pytest.raises(ConfigError, match=r"^finetuned_model\.factory: module 'tests\.helpers' has no attribute 'nope'"):
+        check_models(pretrained, ModelConfig(factory="tests.helpers:nope"), None, "flatten", None)
+    with pytest.raises(ConfigError, match=r"^finetuned_model\.kwargs: tests\.helpers:tiny_factory does not accept"):
+        check_models(pretrained, ModelConfig(factory="tests.helpers:tiny_factory", kwargs={"bad": 1}), None, "flatten", None)

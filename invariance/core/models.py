@@ -514,7 +514,11 @@ def check_models(
     shapes = _checked_shapes(pretrained, token_policy, image_size)
     if finetuned is None:
         return pretrained
-    other = load_model(finetuned, None, modules=modules)
+    try:
+        other = load_model(finetuned, None, modules=modules)
+    except ConfigError as exc:  # the factory's errors say model.factory / model.kwargs: name this section
+        message = str(exc)
+        raise ConfigError(f"finetuned_{message}" if message.startswith("model.") else message) from None
     other_shapes = _checked_shapes(other, token_policy, image_size or pretrained.input_size)
     if len(other_shapes) != len(shapes):
         raise ConfigError(
