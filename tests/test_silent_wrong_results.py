@@ -65,3 +65,19 @@ def test_a_factory_that_does_not_import_is_named_by_its_key(tmp_path: Path) -> N
                       finetuned_model={"factory": "no_such_module_issue25:make"})  # fmt: skip
     with pytest.raises(ConfigError, match=r"^finetuned_model\.factory: cannot import module 'no_such_module_issue25'"):
         parse_config(raw).numbers_settings()
+
+
+def test_empty_weights_files_are_refused_before_any_task(tmp_path: Path) -> None:
+    """A 0-byte pretrained file was found only by the workers (every shard failed)."""
+    pretrained, folder = write_checkpoints(tmp_path / "ckpt", epochs=[1, 2])
+    write_eval_parquet(tmp_path / "data")
+    config = parse_config(tiny_config(tmp_path, str(tmp_path / "out")))
+    good = pretrained.read_bytes()
+    pretrained.write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"^pretrained: .*pretrained\.safetensors is empty \(0 bytes\)"):
+        make_plan(config, Store(config.output))
+    pretrained.write_bytes(good)
+    (folder / "epoch=02.safetensors").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"^checkpoints: .*epoch=02\.safetensors is empty \(0 bytes\)"):
+        make_plan(config, Store(config.output))
+    assert not (tmp_path / "out").exists()

@@ -13,7 +13,7 @@ from invariance.io.checkpoints import Checkpoint, discover_checkpoints, pattern_
 from invariance.config import RunConfig, knn_settings_hash, settings_hash
 from invariance.errors import CheckpointError, ConfigError, DataError
 from invariance.io.data import check_labelled, load_eval_images, source_fingerprint
-from invariance.io.storage import is_inside, redact
+from invariance.io.storage import is_inside, open_filesystem, redact
 from invariance.io.layout import MANIFESTS, PLAIN_ALPHA, CkaUnit, InversionUnit, KnnUnit, StirUnit, Unit
 from invariance.core.interpolation import check_interpolable
 from invariance.core.models import FeatureModel, check_models, load_model
@@ -220,10 +220,28 @@ def check_output_location(config: RunConfig) -> None:
             )
 
 
+def check_not_empty(url: str, key: str, storage_options: dict | None = None) -> None:
+    """CheckpointError naming ``key`` and the file when the weights file at ``url`` holds 0 bytes (a
+    failed save or a copy still being written): found here, not by every worker that loads it."""
+    if url == "timm":
+        return
+    fs, path = open_filesystem(url, storage_options)
+    try:
+        size = fs.info(path).get("size")
+    except FileNotFoundError:
+        raise CheckpointError(f"{key}: no file at {redact(url)}") from None
+    except Exception:  # noqa: BLE001 - unreadable: weights_fingerprint / the loader name it
+        return
+    if size == 0:
+        raise CheckpointError(f"{key}: {redact(url)} is empty (0 bytes); a failed save or a copy still being "
+                              "written? Replace it with the weights, or remove it")  # fmt: skip
+
+
 def input_fingerprints(config: RunConfig, input_size: int) -> dict[str, str]:
     """The identity of what the numbers depend on beyond the config: the pretrained weights (content
     hash, or ETag / size / mtime) and the eval images (their content, after selection). Reads the
     eval images once: a missing or unreadable dataset fails here, before any task."""
+    check_not_empty(config.pretrained, "pretrained", config.storage_options)
     images = load_eval_images(config.data, config.data.image_size or input_size, config.storage_options)
     return {"pretrained": weights_fingerprint(config.pretrained, config.storage_options),
             "eval_images": images.fingerprint}  # fmt: skip
@@ -278,6 +296,8 @@ def make_plan(config: RunConfig, store: Store, checkpoints: list[Checkpoint] | N
             f"checkpoints: the pattern {redact(config.checkpoints)!r} matches no file; check the folder "
             "and that {epoch} stands where the epoch number is in the file names"
         )
+    for checkpoint in checkpoints:  # a 0-byte file would fail each of its shards in the workers
+        check_not_empty(checkpoint.url, "checkpoints", config.storage_options)
     # before any task: a model, image size or finetuned model that cannot work fails every shard alike
     model = check_models(config.model, config.finetuned_model, config.layer_modules, config.token_policy,
                          config.data.image_size)  # fmt: skip
