@@ -10,13 +10,15 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from invariance.config import Int, ModelConfig, did_you_mean, read_yaml, validate_config
+from invariance.io.paths import NOT_PATHS, ResolvedPaths, _join, config_folder, is_relative_path
 from invariance.training.adapters import AdapterKind
 from invariance.training.corruptions import CORRUPTIONS, SEVERITIES
 from invariance.errors import ConfigError
@@ -146,6 +148,11 @@ FLYP_DEFAULTS: dict[str, Any] = {"optimizer": "adamw", "lr": 1e-5, "weight_decay
 class FinetuneConfig(_Strict):
     """One finetuning run (or a grid of them): model, data, task, optimizer, schedule, outputs."""
 
+    # {path key: the value as written} for the relative paths resolve_finetune_paths resolved, and
+    # the folder they were resolved against (a sweep's trials resolve their own values there too)
+    _paths_as_written: dict[str, str] = PrivateAttr(default_factory=dict)
+    _paths_base: str | None = PrivateAttr(default=None)
+
     output: str
     storage_options: dict[str, Any] = Field(default_factory=dict, repr=False)  # may hold credentials
     model: ModelConfig | None = None
@@ -259,6 +266,14 @@ class FinetuneConfig(_Strict):
         same fingerprint. Not in it: output, storage, resources, sweep, corruptions, checkpoint_every, knn."""
         excluded = {"output", "storage_options", "resources", "sweep", "corruptions", "checkpoint_every", "knn"}
         settings = self.model_dump(mode="json", exclude=excluded, by_alias=True)
+        # paths as written: the folder a config runs from (a Ray job's unpacked working dir) never changes it
+        for key, value in self._paths_as_written.items():
+            *parents, leaf = key.split(".")
+            section = settings
+            for part in parents:
+                section = section.get(part) or {}
+            if leaf in section:
+                section[leaf] = value
         for key, default in _NEW_KEY_DEFAULTS.items():  # runs from before these keys keep their fingerprint
             if settings.get(key) == default:
                 settings.pop(key, None)
@@ -279,7 +294,16 @@ class FinetuneConfig(_Strict):
             section[leaf] = value
         raw["output"] = f"{self.output.rstrip('/')}/{trial_name(params)}"
         raw["sweep"] = None
-        return parse_finetune_config(raw)
+        trial = parse_finetune_config(raw)
+        if self._paths_base is None:
+            return trial
+        # a trial's own path values (a sweep over pretrained or data.path) resolve as the config's do
+        trial, _ = resolve_finetune_paths(trial, self._paths_base)
+        overridden = {key for key in self._paths_as_written for param in params if key == param or key.startswith(param + ".")}
+        trial._paths_as_written = {**{key: value for key, value in self._paths_as_written.items() if key not in overridden},
+                                   **trial._paths_as_written}  # fmt: skip
+        trial._paths_as_written.pop("output", None)  # <output>/<trial name>: output is in no hash
+        return trial
 
     def trials(self) -> list[tuple[str, FinetuneConfig]]:
         """(trial name, config) per grid point; without a sweep, one run named ``run`` at ``output``."""
@@ -316,5 +340,56 @@ def parse_finetune_config(raw: dict[str, Any]) -> FinetuneConfig:
 
 
 def load_finetune_config(path: str | Path) -> FinetuneConfig:
-    """Read and validate a YAML finetune config from a local path or any fsspec URL."""
-    return parse_finetune_config(read_yaml(path))
+    """Read and validate a YAML finetune config from a local path or any fsspec URL, its relative
+    paths resolved against the file's folder (as a run config's are)."""
+    return resolve_finetune_paths(parse_finetune_config(read_yaml(path)), config_folder(str(path)))[0]
+
+
+def clip_pretrained_is_file(config: FinetuneConfig) -> bool:
+    """Whether ``clip.pretrained`` names a file (else an open_clip tag such as ``openai``, which
+    downloads): as ``contrastive.build_clip`` reads it."""
+    clip = config.clip
+    if clip is None or clip.pretrained is None:
+        return False
+    value = clip.pretrained
+    return clip.model_config_dict is not None or "/" in value or value.endswith((".pt", ".bin", ".safetensors"))
+
+
+def resolve_finetune_paths(config: FinetuneConfig, base: str | None = None) -> tuple[FinetuneConfig, ResolvedPaths]:
+    """``config`` with its relative paths (``output``, ``pretrained``, ``data.path``, a checkpoint
+    file in ``clip.pretrained``) made absolute against ``base`` (the config file's folder; the
+    working directory when None), ``~`` expanded, as io/paths.py does for a run config. The
+    fingerprint keeps the paths as written; a sweep's trials resolve their own values against ``base``."""
+    cwd = os.getcwd()
+    base = base if base is not None else cwd
+    relative: dict[str, str] = {}
+
+    def resolved(key: str, value: str | None) -> str | None:
+        if value is None or value in NOT_PATHS.get(key, ()):
+            return value
+        if is_relative_path(value):
+            relative[key] = value
+            return _join(base, value)
+        return os.path.expanduser(value) if value.startswith("~") else value
+
+    update: dict[str, Any] = {"output": resolved("output", config.output), "pretrained": resolved("pretrained", config.pretrained),
+                              "data": config.data.model_copy(update={"path": resolved("data.path", config.data.path)})}  # fmt: skip
+    if clip_pretrained_is_file(config):
+        update["clip"] = config.clip.model_copy(update={"pretrained": resolved("clip.pretrained", config.clip.pretrained)})
+    result = config.model_copy(update=update)
+    result._paths_as_written = {**config._paths_as_written, **relative}
+    result._paths_base = base
+    return result, ResolvedPaths(base, cwd, relative)
+
+
+def portable(config: FinetuneConfig) -> dict[str, Any]:
+    """What a trial's config travels to its Tune worker as (JSON): the settings and the paths as
+    written (the fingerprint takes those); ``from_portable`` reads it back."""
+    return {"config": config.model_dump(mode="json", by_alias=True), "paths_as_written": dict(config._paths_as_written)}
+
+
+def from_portable(value: dict[str, Any]) -> FinetuneConfig:
+    """The config ``portable`` wrote, its paths already absolute."""
+    config = parse_finetune_config(value["config"])
+    config._paths_as_written = dict(value.get("paths_as_written") or {})
+    return config
