@@ -202,6 +202,87 @@ class SavedProgress:
     task: dict[str, Any]
     stage: str = "ft"
     network: dict[str, Any] | None = None
+    # resume_settings() of the run that saved it (None: saved before they were recorded)
+    settings: dict[str, Any] | None = None
+
+
+def resume_settings(config: FinetuneConfig) -> dict[str, Any]:
+    """Every setting a resumed run must share with the run it continues: those of the fingerprint
+    (they change the weights; the data and task among them, which also say what the test metrics
+    are of) and those that change what a metrics column means without touching the weights (the
+    corruption set, the kNN probe). Paths as written, as the fingerprint takes them."""
+    settings = config.model_dump(mode="json", by_alias=True,
+                                 exclude={"output", "storage_options", "resources", "sweep", "checkpoint_every"})  # fmt: skip
+    for key, value in config._paths_as_written.items():
+        *parents, leaf = key.split(".")
+        section = settings
+        for part in parents:
+            section = section.get(part) or {}
+        if leaf in section:
+            section[leaf] = value
+    return settings
+
+
+_ABSENT = "(not set)"  # a key the saved settings lack (a key newer than the run)
+
+
+def _differences(old: Any, new: Any, key: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted key, old, new) of every setting that differs; a section on one side only is one entry."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [difference for name in sorted(set(old) | set(new), key=str)
+                for difference in _differences(old.get(name, _ABSENT), new.get(name, _ABSENT),
+                                               f"{key}.{name}" if key else name)]  # fmt: skip
+    return [] if old == new else [(key, old, new)]
+
+
+def check_resume(config: FinetuneConfig, progress: SavedProgress | None, store: Store | None = None) -> None:
+    """ConfigError when the run saved at ``config.output`` cannot be continued by ``config``: it was
+    trained with other settings (its weights), or scored on another corruption set or kNN probe
+    (its later epochs would sit under the same metrics columns, meaning something else). The data,
+    the labels and the task are in the fingerprint: they change the weights and the metrics alike.
+    The message names each key that differs, with both values."""
+    if progress is None:
+        return
+    store = store or Store(config.output, dict(config.storage_options))
+    if progress.settings is not None:
+        differences = _differences(progress.settings, resume_settings(config))
+        if progress.same_settings:  # a key newer than the run, at its default: the same run
+            differences = [(key, old, new) for key, old, new in differences if old is not _ABSENT]
+    elif progress.same_settings:  # saved before the settings were recorded: the metrics rows tell
+        differences = _corruption_differences(config, progress, store)
+    else:
+        differences = []  # ... and the fingerprint tells that something differs, not what
+    if progress.same_settings and not differences:
+        return
+    listed = "; ".join(f"{key}: {old!r} before, {new!r} now" for key, old, new in differences)
+    if progress.same_settings:
+        problem = (f"whose metrics (epochs 1..{progress.epoch}) were scored with other settings: {listed}; resumed, its "
+                   "later epochs would be scored on other data under the same metrics columns")  # fmt: skip
+    else:
+        problem = "trained with other settings" + (f": {listed}" if listed else "")
+    raise ConfigError(f"output: {store.url(FINETUNE_STATE)} belongs to a run {problem}. Give this run a new output, or "
+                      f"resume with the old settings (or delete {store.url('')} to start over)")  # fmt: skip
+
+
+def _corruption_differences(config: FinetuneConfig, progress: SavedProgress, store: Store) -> list[tuple[str, Any, Any]]:
+    """For a run saved before its settings were recorded: the corruption set of the metrics row of
+    its last checkpoint epoch against ``config``'s (names and severities, as the row lists them)."""
+    key = finetune_metrics_key(progress.epoch)
+    if not store.exists(key):
+        return []
+    rows = store.read_parquet([key]).to_dicts()
+    if not rows or rows[0].get("corrupted") is None:
+        return []
+    pairs = [(item["corruption"], item["severity"]) for item in rows[0]["corrupted"]]
+    names, severities = list(dict.fromkeys(name for name, _ in pairs)), sorted({severity for _, severity in pairs})
+    differences = []
+    if pairs and names != config.corruptions.names:
+        differences.append(("corruptions.names", names, config.corruptions.names))
+    if pairs and severities != config.corruptions.severities:
+        differences.append(("corruptions.severities", severities, config.corruptions.severities))
+    if not pairs and config.corruptions.names and config.corruptions.severities:
+        differences.append(("corruptions.names", [], config.corruptions.names))
+    return differences
 
 
 def saved_progress(config: FinetuneConfig) -> SavedProgress | None:
@@ -213,7 +294,12 @@ def saved_progress(config: FinetuneConfig) -> SavedProgress | None:
         return None
     state = torch.load(io.BytesIO(store.get(FINETUNE_STATE)), map_location="cpu", weights_only=True)
     return SavedProgress(int(state["epoch"]), state["fingerprint"] == config.fingerprint(), state["trainer"], state["task"],
-                         state.get("stage", "ft"), state.get("network"))  # fmt: skip
+                         state.get("stage", "ft"), state.get("network"), _json_settings(state.get("settings")))  # fmt: skip
+
+
+def _json_settings(value: Any) -> dict[str, Any] | None:
+    # stored as JSON text: weights_only loading takes plain containers, and JSON keeps None and lists as written
+    return json.loads(value) if isinstance(value, str) else None
 
 
 def log_epoch(row: dict[str, Any]) -> None:
@@ -365,11 +451,7 @@ def run_finetune(
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(config.seed)
     progress = saved_progress(config)
-    if progress is not None and not progress.same_settings:
-        raise ConfigError(
-            f"output: {store.url(FINETUNE_STATE)} belongs to a run with other settings; give this run "
-            "its own output, or delete that folder to start over"
-        )
+    check_resume(config, progress, store)
     producer = build_producer(config, store)
     task, network, data, input_size = producer.task.to(device), producer.network, producer.data, producer.input_size
     if progress is None:
@@ -413,6 +495,7 @@ def run_finetune(
         store.put_parquet(finetune_metrics_key(epoch), _frame([row]))
         if row["checkpoint"]:  # last: a state names a checkpoint that is already complete
             state = {"epoch": epoch, "fingerprint": config.fingerprint(), "stage": stage,
+                     "settings": json.dumps(resume_settings(config), sort_keys=True),
                      "trainer": trainer.state_dict(), "task": task.extra_state()}  # fmt: skip
             if producer.network_in_state:
                 state["network"] = {key: value.detach().cpu() for key, value in network.state_dict().items()}
