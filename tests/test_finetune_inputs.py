@@ -17,6 +17,7 @@ from invariance.training.config import load_finetune_config, parse_finetune_conf
 from invariance.training.inputs import check_finetune_inputs
 from invariance.training.run import check_resume, run_finetune, saved_progress
 from tests.helpers import TINY_MODEL, write_shapes_splits
+from tests.ray_fixtures import local_ray  # noqa: F401 - fixture
 
 MODEL = {"arch": TINY_MODEL["arch"], "kwargs": {**TINY_MODEL["kwargs"], "num_classes": 4}}
 CORRUPTIONS = {"names": ["contrast"], "severities": [1], "n_samples": 8}
