@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test env lock lock-check clean bench browser
+.PHONY: demo test env lock lock-check clean bench browser image container-engine
 
 # uv.lock is the one dependency set (make, CI, docker/Dockerfile). `uv sync --frozen` installs
 # exactly the locked versions and fails instead of re-resolving; --inexact keeps packages the
@@ -27,8 +27,22 @@ demo: $(STAMP)
 browser:
 	command -v chromium >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
 
-test: $(STAMP) browser
+# The image test (tests/test_image.py) builds docker/Dockerfile with a real engine: Debian's docker.io
+# (dockerd, started by the test on its own socket) and debootstrap (a stand-in base image made from
+# the Debian mirror where no registry serves rayproject/ray).
+container-engine:
+	command -v dockerd >/dev/null 2>&1 && command -v debootstrap >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io debootstrap)
+
+test: $(STAMP) browser container-engine
 	$(BIN)/python -m pytest -q -ra
+
+# The driver/worker image (docker/README.md). BASE_IMAGE: another base, e.g. the stand-in of
+# docker/base-standin.sh on a machine that reaches no registry.
+IMAGE      ?= ghcr.io/lab/invariance:0.1.0-ray2.60.0-cu128
+VARIANT    ?= cu128
+BASE_IMAGE ?=
+image:
+	docker build -f docker/Dockerfile --build-arg VARIANT=$(VARIANT) $(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) -t $(IMAGE) .
 
 # After editing dependencies in pyproject.toml: re-resolve, then commit uv.lock.
 lock: $(STAMP)

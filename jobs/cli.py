@@ -10,6 +10,7 @@ import sys
 from invariance import __version__
 from invariance.errors import InvarianceError
 from invariance.io.storage import RedactingFormatter, redact
+from jobs.errors import RayStartError
 from jobs.signals import INTERRUPTED, Terminated, terminate_on_sigterm
 
 
@@ -50,13 +51,37 @@ def finetune_reference() -> str:
     return str(resources.files("invariance.training") / "README.md")
 
 
+def versions() -> str:
+    """One line: this package, Python, Ray, torch and torch's CUDA ("none" for a CPU build). Nodes of
+    one Ray cluster must agree on Python (to the patch release) and Ray: compare this line on each."""
+    import platform
+
+    import ray
+    import torch
+
+    return (f"invariance {__version__} python {platform.python_version()} ray {ray.__version__} "
+            f"torch {torch.__version__} cuda {torch.version.cuda or 'none'}")  # fmt: skip
+
+
+class VersionsAction(argparse.Action):
+    """``--version``: the versions line (imports torch and Ray only when asked)."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, **kwargs) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args, **kwargs) -> None:
+        print(versions())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="invariance",
         description="What finetuning does to a vision model's invariances: STIR, forgetting, learning, "
         "CKA divergence and invariance flow for every checkpoint of a finetuning run.",
     )
-    parser.add_argument("--version", action="version", version=f"invariance {__version__}")
+    parser.add_argument("--version", action=VersionsAction,
+                        help="print the versions of invariance, Python, Ray, torch and CUDA, and exit")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = commands.add_parser(
@@ -160,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     except InvarianceError as error:
         print(f"invariance {args.command}: error: {redact(str(error))}", file=sys.stderr)
         return 2
+    except RayStartError as error:
+        print(f"invariance {args.command}: error: {redact(str(error))}", file=sys.stderr)
+        return 1
     except (KeyboardInterrupt, Terminated) as interrupt:
         # the run has stopped submitting and released its lease on the way out (finally blocks)
         received = signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 import sys
 import time
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from invariance.io.storage import Store, redact, same_location
 from invariance.engine.execute import ExecuteSummary
 from invariance.errors import CheckpointError, ConfigError, DataError, StorageError
 from invariance.io.paths import ResolvedPaths, config_folder, resolve_paths
+from jobs.errors import RayStartError
 from jobs.signals import terminate_on_sigterm
 from jobs.execute import execute
 
@@ -44,11 +46,33 @@ def connect_ray(num_cpus: int | None = None) -> None:
                                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); check the "
                                "address (under `ray job submit` Ray sets it) or unset it to start a local Ray") from None
     else:
-        # a Ray of our own, on 127.0.0.1 only: token auth stays on (Ray's default for a new local
-        # Ray), said explicitly so that Ray does not warn about it on every run
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
-                 _node_ip_address="127.0.0.1")
+        local_ray_auth()
+        for attempt in (1, 2):  # Ray waits 30 s for its raylet: a busy machine can miss that once
+            try:
+                ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
+                         _node_ip_address="127.0.0.1")  # fmt: skip
+                break
+            except Exception as exc:  # noqa: BLE001 - Ray raises bare Exceptions when its processes do not come up
+                ray.shutdown()
+                if attempt == 2:
+                    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                    raise RayStartError(
+                        f"the local Ray did not start, twice ({first}); the machine may be too busy or short of "
+                        "memory: check `free -g` and `df -h /dev/shm`, stop a stale Ray (`ray stop`), retry when "
+                        "the machine is quieter, or run on a cluster (set RAY_ADDRESS)"
+                    ) from None
+    terminate_on_sigterm()  # ray.init installed its own handler (sys.exit) in place of ours
+
+
+def local_ray_auth() -> None:
+    """Token auth for a Ray of our own (on 127.0.0.1 only), without a token file: Ray's default for a
+    new local Ray writes ~/.ray/auth_token, after which every `ray start --head` on the machine turns
+    token auth on by itself (and its workers and `ray job submit` fail without the token). A token
+    of this process's own in RAY_AUTH_TOKEN (inherited by the Ray it starts) writes no file. A token
+    the user set (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH) or RAY_AUTH_MODE is kept."""
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    if os.environ["RAY_AUTH_MODE"] == "token" and not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
+        os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
     terminate_on_sigterm()  # ray.init installed its own handler (sys.exit) in place of ours
 
 
