@@ -270,6 +270,10 @@ class KnnProbeConfig(_Strict):
         return self.model_dump(mode="json")
 
 
+# exp(x) is finite in float32 up to x = 88.72
+FLOAT32_EXP_LIMIT = 88.72
+
+
 def knn_settings_hash(run_settings_hash: str, config: "RunConfig", bank_fingerprint: str) -> str:
     """The hash keying kNN shards: the run's settings hash (model, weights, eval images), the kNN
     settings (the bank's path as written) and ``bank_fingerprint``, the listings of the bank's and
@@ -278,6 +282,10 @@ def knn_settings_hash(run_settings_hash: str, config: "RunConfig", bank_fingerpr
     assert config.knn is not None
     knn = config.knn.numbers_settings()
     knn["train"]["path"] = config.path_as_written("knn.train.path", config.knn.train.path)
+    if config.knn.temperature < 1 / FLOAT32_EXP_LIMIT:
+        # exp(1 / T) overflowed float32 before the vote was taken in float64 (issue 25): such
+        # shards are computed anew; every other temperature keeps its hash
+        knn["vote"] = "float64"
     return settings_hash({"run": run_settings_hash, "knn": knn, "bank": bank_fingerprint})
 
 

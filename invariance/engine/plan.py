@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from invariance.io.checkpoints import Checkpoint, discover_checkpoints, pattern_root, weights_fingerprint
 from invariance.config import RunConfig, knn_settings_hash, settings_hash
 from invariance.errors import CheckpointError, ConfigError, DataError
-from invariance.io.data import check_labelled, load_eval_images, source_fingerprint
+from invariance.io.data import SplitSummary, check_labelled, describe_split, load_eval_images, source_fingerprint
 from invariance.io.storage import is_inside, open_filesystem, redact
 from invariance.io.layout import MANIFESTS, PLAIN_ALPHA, CkaUnit, InversionUnit, KnnUnit, StirUnit, Unit
 from invariance.core.interpolation import check_interpolable
@@ -189,11 +189,14 @@ def check_knn_inputs(config: RunConfig, model: FeatureModel) -> str:
     # the bank's files and the eval data's (their labels are the queries' truth): missing ones named
     inputs = "|".join(source_fingerprint(data, config.storage_options, f"{key}.path")
                       for key, data in (("knn.train", config.knn.train), ("data", config.data)))  # fmt: skip
+    summaries: dict[str, SplitSummary] = {}
     for key, data in (("knn.train", config.knn.train), ("data", config.data)):
         try:
             check_labelled(data, config.knn.label_column, config.storage_options)
+            summaries[key] = describe_split(data, config.knn.label_column, config.storage_options)
         except DataError as exc:
             raise knn_label_error(key, config.knn.label_column, exc) from None
+    inputs += check_knn_bank(config, summaries["knn.train"], summaries["data"])
     if config.knn.token_policy is not None:
         try:
             model.check(config.knn.token_policy, size)
@@ -203,6 +206,48 @@ def check_knn_inputs(config: RunConfig, model: FeatureModel) -> str:
             message = str(exc)
             raise ConfigError(f"knn.{message}" if message.startswith("token_policy:") else f"knn.token_policy: {message}") from None
     return inputs
+
+
+def check_knn_bank(config: RunConfig, bank: SplitSummary, queries: SplitSummary) -> str:
+    """Before any task, a bank that would give wrong numbers or fail every kNN shard: the eval
+    images themselves (same files: every query finds its own copy), fewer images than
+    ``knn.train.n_samples``, labels of another kind than the eval labels (names vs integers).
+    Returns what of the label space enters the kNN hash: "" when the bank and the eval data
+    index their classes alike (as before), else a marker (class names matched by name since
+    issue 25: shards of such a pair computed before are recomputed)."""
+    assert config.knn is not None
+    train = config.knn.train
+    shared = set(bank.files) & set(queries.files)
+    if shared:
+        left_out = "split" not in train.model_fields_set
+        how = (f"knn.train.split is left out, so it is {train.split!r}, as data.split" if left_out
+               else f"knn.train.split {train.split!r} and data.split {config.data.split!r} name the same files")  # fmt: skip
+        found = f"splits found in {redact(train.path)}: {list(bank.splits)}" if bank.splits else \
+            f"{redact(train.path)} has no split folders or files"  # fmt: skip
+        raise ConfigError(f"knn.train.split: the kNN bank would be the eval images ({how}; {len(shared)} of the bank's "
+                          f"files are data's, e.g. {redact(sorted(shared)[0])}): every query would find its own copy "
+                          f"in the bank. Set knn.train.split to a split other than the eval images' ({found}), or "
+                          "knn.train.path to another dataset")  # fmt: skip
+    if train.n_samples > bank.count:
+        default = "" if "n_samples" in train.model_fields_set else " (the default: knn.train.n_samples is left out)"
+        raise DataError(f"knn.train.n_samples is {train.n_samples}{default} but {redact(train.path)} ({train.split}) "
+                        f"holds only {bank.count} images: set knn.train.n_samples to at most {bank.count}")  # fmt: skip
+    if (bank.classes is None) != (queries.classes is None):
+        named, numbered = ("knn.train", "data") if bank.classes is not None else ("data", "knn.train")
+        raise DataError(f"{named} labels its classes by name ({list((bank.classes or queries.classes or ())[:5])}...) "
+                        f"and {numbered} by integer: the kNN probe cannot tell which integer is which class; give "
+                        "both the same kind of labels (image folders, or Parquet columns of class names, or integer "
+                        "columns on both)")  # fmt: skip
+    if bank.classes is not None and queries.classes is not None:
+        unknown = sorted(set(queries.classes) - set(bank.classes))
+        if unknown:
+            log.warning("knn: the eval images have classes the bank (knn.train) lacks, never predicted: %s", unknown[:10])
+        return "" if bank.classes == queries.classes else "|labels-by-name"
+    if bank.integer_labels is not None and queries.integer_labels is not None:
+        unknown = sorted(set(queries.integer_labels) - set(bank.integer_labels))
+        if unknown:
+            log.warning("knn: the eval labels %s are not in the bank (knn.train): never predicted", unknown[:10])
+    return ""
 
 
 def check_output_location(config: RunConfig) -> None:

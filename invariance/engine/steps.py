@@ -176,7 +176,7 @@ class Workspace:
             if int(loaded.labels.min()) < 0:
                 raise DataError(f"{key_name}: negative class labels in {redact(data.path)} (knn.label_column {label_column!r})")
             self._images[key] = EvalImages(loaded.images.to(self.device), loaded.indices, loaded.labels.to(self.device),
-                                           fingerprint=loaded.fingerprint)  # fmt: skip
+                                           fingerprint=loaded.fingerprint, classes=loaded.classes)  # fmt: skip
         return self._images[key]
 
     def eval_images(self, config: RunConfig, image_size: int, expected_fingerprint: str = "") -> EvalImages:
@@ -356,7 +356,9 @@ def run_knn(spec: RunSpec, unit: KnnUnit, workspace: Workspace) -> str:
                         "rerun to plan them anew")  # fmt: skip
     if max(config.knn.k) > len(bank.labels):
         raise ConfigError(f"knn.k: {max(config.knn.k)} neighbours asked of a bank of {len(bank.labels)} images (knn.train)")
-    rows = knn_rows(model, bank.images, bank.labels, queries.images, queries.labels, spec.layers, config.knn)
+    # classes matched by name across bank and eval (image folders, Parquet strings): core/knn_probe.align_labels
+    rows = knn_rows(model, bank.images, bank.labels, queries.images, queries.labels, spec.layers, config.knn,
+                    bank.classes, queries.classes)  # fmt: skip
     knn_hash = spec.knn_hash
     identity = {"settings": knn_hash, "run": unit.run, "checkpoint": unit.checkpoint, "epoch": unit.epoch if unit.model == "ft" else None,
                 "alpha": float(unit.alpha) if unit.model == "ft" else None, "model": unit.model, "version": __version__,

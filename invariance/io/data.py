@@ -5,7 +5,10 @@ subfolder per class, or a Parquet table of encoded images (the Hugging Face data
 export: an ``image`` struct column with ``bytes``, or a plain binary column).
 Images are resized (shorter side to S) and center-cropped to the model's input size.
 The same readers give class labels for training (``load_labelled_images``): CIFAR's
-``labels`` / ``fine_labels``, the class subfolder's index, or a Parquet label column.
+``labels`` / ``fine_labels``, the class subfolder's index, or a Parquet label column (integers,
+or strings: class names, indexed in sorted order over every split of the dataset). Labels that
+are names come with their names (``EvalImages.classes``): two datasets (a kNN bank and the eval
+images) index the same class alike only by name (``core/knn_probe.py``, ``align_labels``).
 """
 
 from __future__ import annotations
@@ -43,12 +46,16 @@ class EvalImages:
     """``images: [n, 3, S, S]`` float32 in [0, 1]; ``indices: [n]`` positions in the split;
     ``labels: [n]`` int64 class labels when they were asked for, else None; ``fingerprint``: the
     content of the chosen images (their stored bytes, positions, size and decoding), "" when
-    built by hand. The same fingerprint means the same images on any machine."""
+    built by hand. The same fingerprint means the same images on any machine. ``classes``: the
+    name of each label (label k is ``classes[k]``) where the labels are names (an image folder's
+    class subfolders, a Parquet column of strings); None for integer labels (CIFAR, Parquet
+    integers), which mean the same class in every dataset."""
 
     images: torch.Tensor
     indices: torch.Tensor
     labels: torch.Tensor | None = None
     fingerprint: str = ""
+    classes: tuple[str, ...] | None = None
 
 
 def _fingerprint(config: DataConfig, size: int, indices: np.ndarray, sources: list[bytes]) -> str:
@@ -274,9 +281,11 @@ def _load_imagefolder(config: DataConfig, size: int, options: dict[str, Any], re
     indices = request.indices(len(files), config)
     sources = [fs.cat_file(files[k]) for k in indices]
     decoded = [_decode(source, redact(files[k])) for source, k in zip(sources, indices)]
-    all_labels = _class_indices(files, root, _class_names(fs, split_roots)) if request.label_column is not None else None
+    names = _class_names(fs, split_roots) if request.label_column is not None else None
+    all_labels = _class_indices(files, root, names) if names is not None else None
     fingerprint = _fingerprint(config, size, indices, sources)
-    return EvalImages(_stack_resized(decoded, size), torch.from_numpy(indices), request.labels(all_labels, indices), fingerprint)
+    return EvalImages(_stack_resized(decoded, size), torch.from_numpy(indices), request.labels(all_labels, indices), fingerprint,
+                      tuple(names) if names is not None else None)  # fmt: skip
 
 
 _SPLIT_NAME = re.compile(r"^([^-_.]+)")
@@ -300,14 +309,19 @@ def _parquet_files(config: DataConfig, fs: Any, root: str) -> list[str]:
     files = sorted(p for p in fs.find(root) if p.endswith(".parquet") and not is_hidden(p, root))
     split_files = [p for p in files if _split_of_file(p, root, config.split)]
     if not split_files:
-        found = sorted({part for p in files for part in
-                        [*p[len(root) + 1 :].split("/")[:-1], _SPLIT_NAME.match(p.rsplit("/", 1)[-1]).group(1)]})  # fmt: skip
+        found = _parquet_splits(files, root)
         raise DataError(
             f"data.split {config.split!r}: no Parquet files of that split in {redact(config.path)} "
             f"(a file named {config.split}[-_.]*.parquet or a {config.split}/ folder, among {len(files)} files); "
             f"splits found: {found}"
         )
     return split_files
+
+
+def _parquet_splits(files: list[str], root: str) -> list[str]:
+    """The split names a Parquet dataset's files suggest: their folders and file-name stems."""
+    return sorted({part for p in files for part in
+                   [*p[len(root) + 1 :].split("/")[:-1], _SPLIT_NAME.match(p.rsplit("/", 1)[-1]).group(1)]})  # fmt: skip
 
 
 def _image_bytes(value: Any, column: str, where: str) -> bytes:
@@ -345,11 +359,54 @@ def _load_parquet(config: DataConfig, size: int, options: dict[str, Any], reques
 
     sources = [_image_bytes(column[k], config.image_column, where(k)) for k in indices]
     decoded = [_decode(source, where(k)) for source, k in zip(sources, indices)]
-    all_labels = None
+    all_labels, names = None, None
     if request.label_column is not None:
-        all_labels = np.concatenate([table.column(request.label_column).to_numpy() for table in tables])
+        values = [value for table in tables for value in table.column(request.label_column).to_pylist()]
+        all_labels, names = _parquet_labels(values, request.label_column, where)
+        if names is not None:  # names: indexed over every split, as an image folder's classes
+            names = _parquet_label_names(config, fs, root, request.label_column, options)
+            index = {name: position for position, name in enumerate(names)}
+            all_labels = np.asarray([index[value] for value in values], dtype=np.int64)
     fingerprint = _fingerprint(config, size, indices, sources)
-    return EvalImages(_stack_resized(decoded, size), torch.from_numpy(indices), request.labels(all_labels, indices), fingerprint)
+    return EvalImages(_stack_resized(decoded, size), torch.from_numpy(indices), request.labels(all_labels, indices), fingerprint,
+                      tuple(names) if names is not None else None)  # fmt: skip
+
+
+def _parquet_labels(values: list[Any], column: str, where: Callable[[int], str]) -> tuple[np.ndarray | None, list[str] | None]:
+    """A Parquet label column's values -> (integer labels, None), or (None, sorted names) where
+    they are strings (class names); DataError naming ``data.label_column`` for a null, a mix, a
+    float or a negative integer, with the row (``where``)."""
+    for k, value in enumerate(values):
+        if value is None:
+            raise DataError(f"label column {column!r}: {where(k)} has no label (a null cell); drop the row or fill it")
+    if values and all(isinstance(value, str) for value in values):
+        return None, sorted(set(values))
+    for k, value in enumerate(values):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise DataError(f"label column {column!r}: class labels must be integers >= 0 or strings (class names); "
+                            f"{where(k)} holds {value!r}")  # fmt: skip
+        if value < 0:
+            raise DataError(f"label column {column!r}: class labels must be integers >= 0; {where(k)} holds {value}")
+    return np.asarray(values, dtype=np.int64), None
+
+
+def _parquet_label_names(config: DataConfig, fs: Any, root: str, column: str, options: dict[str, Any]) -> list[str]:
+    """The sorted class names of a Parquet dataset with string labels: over every split (every
+    Parquet file below ``root`` holding ``column``), so that a class missing from one split
+    shifts no label of another."""
+    import pyarrow.parquet as pq
+
+    files = [root] if fs.isfile(root) else sorted(p for p in fs.find(root.rstrip("/")) if p.endswith(".parquet")
+                                                  and not is_hidden(p, root.rstrip("/")))  # fmt: skip
+    names: set[str] = set()
+    for path in files:
+        with fs.open(path, "rb") as handle:
+            if column not in pq.read_schema(handle).names:
+                continue
+            handle.seek(0)
+            names.update(value for value in pq.read_table(handle, columns=[column]).column(column).to_pylist()
+                         if isinstance(value, str))  # fmt: skip
+    return sorted(names)
 
 
 _LOADERS: dict[str, Callable[[DataConfig, int, dict[str, Any], _Request], EvalImages]] = {
@@ -434,3 +491,112 @@ def class_names(config: DataConfig, storage_options: dict[str, Any] | None = Non
             return _class_names(fs, folders)
         return _class_names(fs, [root])
     return None
+
+
+@dataclass(frozen=True)
+class SplitSummary:
+    """What the plan knows of a dataset's split without decoding an image: ``files`` it reads
+    (paths as the filesystem names them; the kNN bank must share none with the eval images),
+    ``count`` (images in the split), the ``splits`` its folder holds, and its labels (when asked
+    for): ``classes`` (names, label order) where they are names, else ``integer_labels`` (the
+    distinct integers)."""
+
+    files: tuple[str, ...]
+    count: int
+    splits: tuple[str, ...]
+    classes: tuple[str, ...] | None = None
+    integer_labels: tuple[int, ...] | None = None
+
+
+def describe_split(config: DataConfig, label_column: str | None = None,
+                   storage_options: dict[str, Any] | None = None) -> SplitSummary:  # fmt: skip
+    """``config``'s split as a SplitSummary: listings, Parquet metadata and label columns, CIFAR
+    batches (read whole: their labels and rows are in one pickle); no image decoded. DataError
+    as the readers give it (a missing split, bad labels)."""
+    options = storage_options or {}
+    fs, root = open_filesystem(config.path, options)
+    root = root.rstrip("/") or root
+    try:
+        if config.format == "parquet":
+            return _describe_parquet(config, fs, root, label_column, options)
+        if config.format == "imagefolder":
+            return _describe_imagefolder(config, fs, root, label_column)
+        if config.format == "cifar":
+            return _describe_cifar(config, fs, root, label_column)
+    except FileNotFoundError as exc:
+        raise DataError(f"data.path {redact(config.path)}: not found ({redact(str(exc))})") from exc
+    raise DataError(f"data.format must be one of {sorted(_LOADERS)}, got {config.format!r}")
+
+
+def _describe_parquet(config: DataConfig, fs: Any, root: str, label_column: str | None, options: dict[str, Any]) -> SplitSummary:
+    import pyarrow.parquet as pq
+
+    if not fs.exists(root):
+        raise DataError(f"data.path {redact(config.path)} does not exist")
+    files = _parquet_files(config, fs, root)
+    everything = [root] if fs.isfile(root) else sorted(p for p in fs.find(root) if p.endswith(".parquet") and not is_hidden(p, root))
+    count, values, origins = 0, [], []
+    for path in files:
+        try:
+            with fs.open(path, "rb") as handle:
+                rows = pq.read_metadata(handle).num_rows
+                if label_column is not None:
+                    handle.seek(0)
+                    values += pq.read_table(handle, columns=[label_column]).column(label_column).to_pylist()
+                    origins += [(path, row) for row in range(rows)]
+        except DataError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - pyarrow and every backend raise their own types
+            raise DataError(f"{redact(path)}: not a readable Parquet file ({type(exc).__name__}: {exc})") from exc
+        count += rows
+    splits = tuple(_parquet_splits(everything, root)) if not fs.isfile(root) else ()
+    if label_column is None:
+        return SplitSummary(tuple(files), count, splits)
+
+    def where(k: int) -> str:
+        return f"row {k} of the split (row {origins[k][1]} of {redact(origins[k][0])})"
+
+    integers, names = _parquet_labels(values, label_column, where)
+    if names is not None:
+        return SplitSummary(tuple(files), count, splits, classes=tuple(_parquet_label_names(config, fs, root, label_column, options)))
+    return SplitSummary(tuple(files), count, splits, integer_labels=tuple(sorted(set(integers.tolist()))))
+
+
+def _describe_imagefolder(config: DataConfig, fs: Any, root: str, label_column: str | None) -> SplitSummary:
+    if not fs.isdir(root):
+        raise DataError(f"data.path {redact(config.path)} is not a folder of class subfolders")
+    folders = _subfolders(fs, root)
+    split_roots, splits = [root], ()
+    if f"{root}/{config.split}" in folders:
+        split_roots, splits = folders, tuple(folder.rsplit("/", 1)[-1] for folder in folders)
+        root = f"{root}/{config.split}"
+    elif any(folder.rsplit("/", 1)[-1] in KNOWN_SPLITS for folder in folders) or any(_subfolders(fs, f) for f in folders):
+        names = [folder.rsplit("/", 1)[-1] for folder in folders]
+        raise DataError(f"data.split {config.split!r}: no such split folder in {redact(config.path)}; splits found: {names}")
+    files = tuple(sorted(p for p in fs.find(root) if p.lower().endswith(IMAGE_SUFFIXES) and not is_hidden(p, root)))
+    if label_column is None:
+        return SplitSummary(files, len(files), splits)
+    return SplitSummary(files, len(files), splits, classes=tuple(_class_names(fs, split_roots)))
+
+
+def _describe_cifar(config: DataConfig, fs: Any, root: str, label_column: str | None) -> SplitSummary:
+    """The batches of the split, unpickled for their row counts and labels (no image decoded)."""
+    if config.split not in _CIFAR_SPLIT_FILES:
+        raise DataError(f"data.split for cifar must be 'test' or 'train', got {config.split!r}")
+    splits = tuple(split for split, options in _CIFAR_SPLIT_FILES.items()
+                   if any(all(fs.exists(f"{root}/{name}") for name in names) for names in options))  # fmt: skip
+    paths = next(([f"{root}/{name}" for name in names] for names in _CIFAR_SPLIT_FILES[config.split]
+                  if all(fs.exists(f"{root}/{name}") for name in names)), None)  # fmt: skip
+    if paths is None:
+        raise DataError(f"data.path {redact(config.path)}: no CIFAR {config.split} batches; expected 'test_batch' / "
+                        "'data_batch_1..5' (CIFAR-10) or 'test' / 'train' (CIFAR-100)")  # fmt: skip
+    count, labels = 0, set()
+    for path in paths:
+        try:
+            batch = _ArraysOnlyUnpickler(io.BytesIO(fs.cat_file(path)), encoding="bytes").load()
+            count += len(batch[b"data"])
+            labels.update(int(v) for v in (batch[b"labels"] if b"labels" in batch else batch[b"fine_labels"]))
+        except (pickle.UnpicklingError, KeyError, ValueError, EOFError, TypeError) as exc:
+            raise DataError(f"{redact(path)}: not a CIFAR python batch ({exc})") from exc
+    integers = tuple(sorted(labels)) if label_column is not None else None
+    return SplitSummary(tuple(paths), count, splits, integer_labels=integers)
