@@ -268,3 +268,17 @@ def test_the_settings_hash_of_a_config_without_a_factory_is_pinned():
     with_bank = parse_config({**minimal(), "knn": {"train": {**bank, "n_samples": 5000}}})
     assert knn_settings_hash("abc", with_bank, "bank") == "b664d22140a2b9cf"
     assert knn_settings_hash("abc", parse_config({**minimal(), "knn": {"train": bank}}), "bank") == "c2583b7f3c21ae65"
+
+
+def test_the_knn_hash_recomputes_only_the_temperatures_that_overflowed_float32():
+    from invariance.config import knn_settings_hash
+
+    bank = {"format": "cifar", "path": "s3://lab/data/cifar-10-batches-py", "split": "train"}
+
+    def knn_hash(temperature: float) -> str:
+        config = parse_config({**minimal(), "knn": {"train": bank, "temperature": temperature}})
+        plain = settings_hash({"run": "abc", "knn": config.knn.numbers_settings(), "bank": "bank"})
+        return knn_settings_hash("abc", config, "bank"), plain
+
+    assert knn_hash(0.07)[0] == knn_hash(0.07)[1]  # unchanged: exp(1 / 0.07) is finite in float32
+    assert knn_hash(0.01)[0] != knn_hash(0.01)[1]  # exp(100) overflowed: computed anew

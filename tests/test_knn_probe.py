@@ -42,3 +42,19 @@ def test_a_separable_planted_set_scores_one(tiny_vit, torch_single_thread) -> No
     rows = knn_rows(tiny_vit, images, labels, images[:9], labels[:9], [1, tiny_vit.depth], knn)
     assert [row["top1"] for row in rows] == [1.0, 1.0]
     assert all(row["top5"] is None for row in rows)  # 3 classes
+
+
+def test_labels_are_aligned_by_name_and_classes_counted_as_present() -> None:
+    """issue 25: a bank [cat, dog, fox] and eval [dog, fox] index dog alike; integer labels {0, 7}
+    are 2 classes (no top-5, where max + 1 = 8 reported a top-5 of 2 classes)."""
+    import pytest
+
+    from invariance.core.knn_probe import align_labels
+    from invariance.errors import DataError
+
+    bank, test, classes = align_labels(torch.tensor([0, 1, 2]), ["cat", "dog", "fox"], torch.tensor([0, 1]), ["dog", "fox"])
+    assert (bank.tolist(), test.tolist(), classes) == ([0, 1, 2], [1, 2], 3)
+    bank, test, classes = align_labels(torch.tensor([0, 7, 7]), None, torch.tensor([7, 0]), None)
+    assert (bank.tolist(), test.tolist(), classes) == ([0, 1, 1], [1, 0], 2)
+    with pytest.raises(DataError, match="knn.train labels its classes by name and data by integer"):
+        align_labels(torch.tensor([0]), ["cat"], torch.tensor([0]), None)
