@@ -17,6 +17,8 @@ from typing import Any
 
 import polars as pl
 
+from invariance.io.storage import redact
+
 # Relative L2 loss of X' at the reference layer above which an inversion counts as not converged:
 # then STIR(m[j] | m[j]) falls short of 1 and every STIR measured from it is a loose bound.
 CONVERGED_LOSS = 0.1
@@ -193,4 +195,5 @@ def render(inputs: ReportInputs) -> bytes:
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>invariance report</title>"
         f"<style>{style}</style></head><body>{''.join(parts)}</body></html>"
     )
-    return page.encode("utf-8")
+    # credentials in any URL a table or title shows (a presigned pretrained URL, s3://KEY:SECRET@...)
+    return redact(page).encode("utf-8")

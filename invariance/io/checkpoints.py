@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from fsspec.implementations.local import LocalFileSystem
 
-from invariance.errors import CheckpointError
+from invariance.errors import CheckpointError, StorageError
 from invariance.io.storage import fingerprint_file, open_filesystem, redact
 
 EPOCH_PLACEHOLDER = "{epoch}"
@@ -57,9 +57,11 @@ def weights_fingerprint(url: str, storage_options: dict[str, Any] | None = None,
         import timm
 
         return f"timm-{timm.__version__}"
-    fs, path = open_filesystem(url, storage_options)
     try:
+        fs, path = open_filesystem(url, storage_options)
         return fingerprint_file(fs, path)
+    except StorageError as exc:
+        raise CheckpointError(f"{key}: {exc}") from exc
     except FileNotFoundError:
         raise CheckpointError(f"{key}: no file at {redact(url)}") from None
     except Exception as exc:  # noqa: BLE001 - every backend raises its own types
@@ -178,9 +180,16 @@ def _unwrap(obj: Any, url: str) -> dict[str, torch.Tensor]:
     return state
 
 
+def is_safetensors(url: str) -> bool:
+    """Whether ``url`` names a safetensors file, by its path: a presigned or signed URL ends with its
+    query (``.../pt.safetensors?X-Amz-Signature=...``), a plain path may hold '?' or '#'."""
+    path = re.split(r"[?#]", url, maxsplit=1)[0] if "://" in url else url
+    return path.endswith(".safetensors")
+
+
 def parse_state_dict(data: bytes, url: str) -> dict[str, torch.Tensor]:
     """Checkpoint bytes -> state_dict, never executing code from the file."""
-    if url.endswith(".safetensors"):
+    if is_safetensors(url):
         from safetensors.torch import load as load_safetensors
 
         try:

@@ -31,17 +31,138 @@ if TYPE_CHECKING:
 TEMPORARY_SUFFIX = ".tmp"
 
 
-# scheme://user:password@host/... : the userinfo part of a URL, wherever it appears in a text
-_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*:///?)(?P<userinfo>[^/@\s'\"]+)@")
 # content-hash local files up to this size; larger ones are identified by size and mtime
 CONTENT_HASH_LIMIT = 64 * 1024 * 1024
 
+# --- redaction: the one function that hides credentials in any text -----------------------------
+HIDDEN = "***"
+# scheme://<rest of the URL, up to a space or a quote>; a scheme starts where no word goes on before
+# it (linear on long base64 runs, such as the PNGs embedded in the report)
+_URL = re.compile(r"(?<![A-Za-z0-9+.-])(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*:///?)(?P<rest>[^\s'\"<>`]*)")
+# query parameters that carry a signature, a credential or a token: presigned S3 (SigV4 and V2),
+# GCS signed URLs, Azure SAS, OAuth-style tokens, API keys. A "[?&;]" before the name: a query
+# string, also html-escaped ("&amp;sig="); never inside base64, which holds none of the three.
+SENSITIVE_PARAMETERS = (
+    "X-Amz-Signature", "X-Amz-Credential", "X-Amz-Security-Token", "AWSAccessKeyId", "Signature",
+    "X-Goog-Signature", "X-Goog-Credential", "X-Goog-Security-Token", "GoogleAccessId",
+    "sig", "token", "access_token", "id_token", "refresh_token", "sas_token", "security_token",
+    "key", "api_key", "apikey", "password", "secret", "client_secret",
+)  # fmt: skip
+_PARAMETER = re.compile(r"(?i)(?P<name>[?&;](?:" + "|".join(re.escape(n) for n in SENSITIVE_PARAMETERS) + r")=)[^&#\s'\"<>]*")
+# an Authorization header's parts (SigV4: "Credential=AKIA.../..., SignedHeaders=..., Signature=...")
+# and an Azure connection string's key / SAS (";AccountKey=...;", "SharedAccessSignature=...")
+_ASSIGNMENT = re.compile(r"(?i)(?P<name>(?<![A-Za-z0-9+/_-])(?:Credential|Signature|AccountKey|SharedAccessSignature)=)[^,;&\s'\"<>]*")
+# environment variables whose values are credentials: a library's message may echo them
+SECRET_ENVIRONMENT = (
+    "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ACCESS_KEY_ID",
+    "AZURE_STORAGE_KEY", "AZURE_STORAGE_ACCOUNT_KEY", "AZURE_STORAGE_SAS_TOKEN", "AZURE_STORAGE_CONNECTION_STRING",
+    "AZURE_CLIENT_SECRET", "GOOGLE_API_KEY",
+)  # fmt: skip
+# storage_options keys (at any depth) whose values are credentials (s3fs key/secret/token,
+# client_kwargs.aws_secret_access_key, gcsfs token, adlfs account_key/sas_token/connection_string, ...)
+_SECRET_OPTION = re.compile(r"(?i)secret|token|passw|credential|signature|sas|account_key|connection_string|"
+                            r"private_key|api_?key|access_key|session|^key$|^sig$")  # fmt: skip
+# option values that name a way to find credentials, not a credential (gcsfs token=...)
+_NOT_SECRET_VALUES = {"anon", "google_default", "cache", "cloud", "browser", "true", "false", "none"}
+# shorter known values are left alone: replacing every "user" or "abc" would garble messages
+# (a URL's userinfo is hidden by its place in the URL whatever its length)
+MIN_SECRET_LENGTH = 8
+_known_secrets: set[str] = set()
 
-def redact(text: str) -> str:
-    """``text`` (a URL, or a message holding URLs) with every URL's userinfo hidden:
-    ``s3://KEY:SECRET@bucket/x`` -> ``s3://***@bucket/x``. Use it wherever a URL a user wrote
-    enters a message or a log line: credentials in a URL never reach a screen or a log."""
-    return _USERINFO.sub(lambda m: f"{m.group('scheme')}***@", str(text))
+
+def remember_secret(value: Any) -> None:
+    """Hide ``value`` wherever it appears in a text ``redact`` is given from now on, in this
+    process: a library's message may echo a credential out of its URL (botocore's "Invalid bucket
+    name \"KEY:SECRET\"") or out of the options it was given."""
+    if isinstance(value, str) and len(value) >= MIN_SECRET_LENGTH and value.lower() not in _NOT_SECRET_VALUES:
+        _known_secrets.add(value)
+
+
+def remember_secrets(storage_options: Any, sensitive: bool = False) -> None:
+    """Remember every credential in ``storage_options`` (the values of keys named like one, at any depth)."""
+    if isinstance(storage_options, dict):
+        for key, value in storage_options.items():
+            remember_secrets(value, sensitive or bool(_SECRET_OPTION.search(str(key))))
+    elif isinstance(storage_options, (list, tuple)):
+        for value in storage_options:
+            remember_secrets(value, sensitive)
+    elif sensitive:
+        remember_secret(storage_options)
+
+
+def _userinfo_end(rest: str) -> int:
+    """Where the userinfo of a URL (``rest``: what follows ``scheme://``) ends: the index of its
+    last '@' before the query, or -1 without userinfo. A password may hold '/' and '@'
+    (``KEY:SEC/RET@bucket``), so everything up to the last '@' is hidden when the part before the
+    first '/' looks like userinfo (holds ':' or '@'); a path with an '@' and no such part
+    (``s3://bucket/model@v2``) is a path."""
+    path = re.split(r"[?#]", rest, maxsplit=1)[0]
+    first = path.split("/", 1)[0]
+    if "@" not in path or (":" not in first and "@" not in first):
+        return -1
+    return path.rindex("@")
+
+
+def _url_credentials(rest: str) -> list[str]:
+    """The pieces of a URL's userinfo a library may echo: the whole, user and password, and the
+    part before the first '/' (what a URL parser takes for the host: botocore's bucket name)."""
+    end = _userinfo_end(rest)
+    if end < 0:
+        return []
+    userinfo = rest[:end]
+    user, _, password = userinfo.partition(":")
+    return [userinfo, user, password, userinfo.split("/", 1)[0], *password.split("/")]
+
+
+def remember_url_secrets(url: str) -> None:
+    """Remember the credentials in ``url``'s userinfo (see ``remember_secret``)."""
+    for match in _URL.finditer(str(url)):
+        for piece in _url_credentials(match.group("rest")):
+            remember_secret(piece)
+
+
+def _hide_url(match: re.Match) -> str:
+    rest = match.group("rest")
+    end = _userinfo_end(rest)
+    return match.group("scheme") + (f"{HIDDEN}{rest[end:]}" if end >= 0 else rest)
+
+
+def redact(text: Any) -> str:
+    """``text`` (a URL, or a message holding URLs) with every credential hidden: a URL's userinfo
+    whatever it holds (``s3://KEY:SEC/RET@bucket/x`` -> ``s3://***@bucket/x``), the signature,
+    credential and token parameters of presigned / signed / SAS URLs (``?X-Amz-Signature=***``,
+    ``&sig=***``, ``&token=***``), an Authorization header's Credential and Signature, and any
+    credential this process was given (``remember_secret``: storage_options, URLs opened, the
+    environment's AWS/Azure keys) wherever a library's message echoes it. The one redaction
+    function: every message, log line and written text goes through it."""
+    text = str(text)
+    secrets = set(_known_secrets)
+    for name in SECRET_ENVIRONMENT:
+        value = os.environ.get(name)
+        if value and len(value) >= MIN_SECRET_LENGTH:
+            secrets.add(value)
+    for secret in sorted(secrets, key=len, reverse=True):
+        if secret in text:
+            text = text.replace(secret, HIDDEN)
+    text = _URL.sub(_hide_url, text)
+    text = _PARAMETER.sub(lambda m: m.group("name") + HIDDEN, text)
+    return _ASSIGNMENT.sub(lambda m: m.group("name") + HIDDEN, text)
+
+
+# texts written under an output go through ``redact`` on their way (Store.put)
+TEXT_SUFFIXES = (".json", ".html", ".htm", ".txt", ".md", ".yaml", ".yml", ".csv", ".log")
+
+
+def redact_text_file(key: str, data: bytes) -> bytes:
+    """``data`` redacted when ``key`` names a text file (TEXT_SUFFIXES) in UTF-8, else as it is."""
+    if not key.lower().endswith(TEXT_SUFFIXES):
+        return data
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return data
+    hidden = redact(text)
+    return data if hidden == text else hidden.encode("utf-8")
 
 
 class RedactingFormatter(logging.Formatter):
@@ -58,9 +179,23 @@ def is_temporary(key: str) -> bool:
     return name.startswith(".") and name.endswith(TEMPORARY_SUFFIX)
 
 
+# schemes whose filesystems read no userinfo: ``s3://KEY:SECRET@bucket`` names a bucket
+# "KEY:SECRET@bucket" there (no bucket name holds ':' or '@'), which botocore refuses by echoing it
+NO_USERINFO_SCHEMES = ("s3", "s3a", "gs", "gcs")
+
+
 def open_filesystem(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """``url`` -> (filesystem, path inside it). Credentials come from ``storage_options``
     or the standard AWS/GCS chains of the filesystem's own library."""
+    remember_url_secrets(url)
+    remember_secrets(storage_options)
+    scheme, _, rest = str(url).partition("://")
+    if scheme.lower() in NO_USERINFO_SCHEMES and _userinfo_end(rest) >= 0:
+        raise StorageError(
+            f"{redact(url)}: {scheme}:// URLs cannot carry credentials (its library would read "
+            "them as the bucket name); give them in `storage_options` (s3: key, secret; gcs: token) "
+            "or the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, GOOGLE_APPLICATION_CREDENTIALS)"
+        )
     try:
         fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
     except (ImportError, ValueError) as exc:
@@ -176,8 +311,10 @@ class Store:
         return redact(f"{self.url('')}/{key}" if key else self.root)
 
     def put(self, key: str, data: bytes) -> None:
-        """Write ``data`` to ``key`` in one put; readers never see a partial object."""
+        """Write ``data`` to ``key`` in one put; readers never see a partial object. A text file
+        (status.json, completion records, the report) is written redacted: no credential reaches an output."""
         path = self.path(key)
+        data = redact_text_file(key, data)
         try:
             if isinstance(self.fs, LocalFileSystem):
                 folder = os.path.dirname(path)
@@ -203,6 +340,7 @@ class Store:
         For outputs rebuilt on every run (reduced tables, plots): a rerun that has nothing new
         leaves them, and their modification times, as they were.
         """
+        data = redact_text_file(key, data)  # as put writes it
         try:
             if self.get(key) == data:
                 return False
