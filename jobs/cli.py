@@ -1,4 +1,4 @@
-"""The `invariance` command: demo, run, plan, reduce, report, finetune."""
+"""The `invariance` command: demo, run, plan, reduce, report, submit, finetune."""
 
 from __future__ import annotations
 
@@ -31,6 +31,9 @@ EXIT_CODES = {
               + _COMMON_EXITS,
     "report": "exit codes:\n  0    the report is up to date (or a run of these settings is live: it says so)\n"
               + _COMMON_EXITS,
+    "submit": "exit codes:\n  0    submitted: prints the submission id\n"
+              f"  {NOTHING_TO_SUBMIT}    nothing to submit: nothing left, a run of these settings is live, or the job\n"
+              "       is already submitted (another tick raced this one): one line on stderr\n" + _COMMON_EXITS,
     "finetune": "exit codes:\n  0    every trial finished\n  1    some trials failed (listed)\n" + _COMMON_EXITS,
 }  # fmt: skip
 
@@ -116,6 +119,17 @@ def build_parser() -> argparse.ArgumentParser:
                              f"--submission-id`: a duplicate is refused); exit {NOTHING_TO_SUBMIT} printing nothing on "
                              "stdout when nothing is left or a run of these settings is in progress")
 
+    submit = commands.add_parser(
+        "submit", help="for schedulers: submit `invariance run CONFIG` to the cluster at RAY_ADDRESS when work is left",
+        description="Plan CONFIG; when work is left and no run of its settings is live, submit `invariance run CONFIG` "
+        "to the Ray cluster whose dashboard URL is RAY_ADDRESS, under a submission id that names the work left "
+        "(Ray refuses a second job with that id, so two ticks never start two runs). Does not wait for the job: "
+        "follow it with `ray job logs -f ID`. With token auth, export RAY_AUTH_MODE=token and RAY_AUTH_TOKEN.",
+        epilog=EXIT_CODES["submit"], formatter_class=LineFormatter,
+    )  # fmt: skip
+    submit.add_argument("config", help="run config YAML: a URL every node can read (s3://...) or a path on the head")
+    submit.add_argument("--runtime-env", metavar="YAML", help="a Ray runtime_env file for the job (cluster/runtime_env.yaml)")
+
     finetune = commands.add_parser(
         "finetune",
         help="produce checkpoints: finetune a timm ViT (or a Ray Tune grid of runs), a checkpoint and metrics per epoch",
@@ -172,6 +186,21 @@ def main(argv: list[str] | None = None) -> int:
                 print(identifier)
             else:
                 plan_only(args.config, with_cost=not args.no_cost, gpu=args.gpu)
+        elif args.command == "submit":
+            from jobs.run import submit
+
+            runtime_env = None
+            if args.runtime_env:
+                import yaml
+
+                with open(args.runtime_env, encoding="utf-8") as handle:
+                    runtime_env = yaml.safe_load(handle)
+            done = submit(args.config, runtime_env)
+            if not done.submitted:
+                print(f"invariance submit: {done.why}; nothing submitted", file=sys.stderr)
+                return NOTHING_TO_SUBMIT
+            print(done.submission_id)
+            print(f"invariance submit: {done.why}; follow it with `ray job logs -f {done.submission_id}`", file=sys.stderr)
         elif args.command in ("reduce", "report"):
             from jobs.run import reduce_only
 

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import secrets
+import shlex
 import sys
 import time
 from dataclasses import dataclass
@@ -287,6 +288,56 @@ def next_submission(config: RunConfig | str) -> tuple[str | None, str]:
     if holder is not None:
         return None, f"a run of these settings is in progress: {holder.describe()}"
     return submission_id(plan), f"{missing} units to compute"
+
+
+@dataclass
+class Submission:
+    """What `invariance submit` did: ``submitted`` (a new job), or not, and why."""
+
+    submitted: bool
+    submission_id: str | None
+    why: str
+
+
+def submit(config: str, runtime_env: dict | None = None) -> Submission:
+    """For a scheduler: plan ``config`` and, when work is left and no run of its settings is live,
+    submit `invariance run CONFIG` to the Ray cluster at RAY_ADDRESS (its dashboard URL) under
+    the submission id of the work left. Ray refuses a second job with the same id: a tick that
+    races another tick (or finds the job submitted and still starting) is told so, not failed."""
+    from ray.job_submission import JobSubmissionClient
+
+    address = os.environ.get("RAY_ADDRESS")
+    if not address:
+        raise ConfigError("RAY_ADDRESS: set it to the cluster's dashboard URL (http://<head>:8265) to submit a run")
+    identifier, why = next_submission(config)
+    if identifier is None:
+        return Submission(False, None, why)
+    for attempt in range(3):  # a busy head can miss one connection check
+        try:
+            client = JobSubmissionClient(address)
+            break
+        except Exception as exc:  # noqa: BLE001 - connection, auth and version errors of the job API
+            if attempt < 2 and "Authentication" not in str(exc):
+                time.sleep(5)
+                continue
+            raise StorageError(f"RAY_ADDRESS={redact(address)}: the job API does not answer ({type(exc).__name__}: "
+                               f"{str(exc).splitlines()[0] if str(exc) else ''}); with token auth export "
+                               "RAY_AUTH_MODE=token and the cluster's RAY_AUTH_TOKEN") from None  # fmt: skip
+    try:
+        existing = client.get_job_info(identifier)
+    except Exception:  # noqa: BLE001 - RuntimeError "does not exist" for a new id
+        existing = None
+    if existing is not None:
+        return Submission(False, identifier, f"job {identifier} is already submitted ({existing.status})")
+    try:
+        client.submit_job(entrypoint=f"invariance run {shlex.quote(config)} --no-progress", submission_id=identifier,
+                          runtime_env=runtime_env)  # fmt: skip
+    except Exception as exc:  # noqa: BLE001 - Ray's RuntimeError carries the server's message
+        if "already exists" in str(exc):  # another tick submitted it between our look and our submit
+            return Submission(False, identifier, f"job {identifier} is already submitted (by another tick)")
+        raise StorageError(f"RAY_ADDRESS={redact(address)}: the job was not submitted ({type(exc).__name__}: "
+                           f"{str(exc).splitlines()[0] if str(exc) else ''})") from None  # fmt: skip
+    return Submission(True, identifier, why)
 
 
 def local_gpu_name() -> str | None:

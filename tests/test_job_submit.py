@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import polars as pl
@@ -22,3 +26,52 @@ def test_ray_job_submit_runs_the_config(tmp_path: Path, ray_head) -> None:
     curves = pl.read_parquet(tmp_path / "out" / "reduced" / "curves.parquet")
     assert sorted(curves["epoch"].unique()) == [1, 2]
     assert "computed 17/17 units" in log, log[-4000:]  # 3 pt inversions + 2 x 2 x 3 STIR + 2 CKA
+
+
+def _submit(head, config: Path) -> subprocess.CompletedProcess:
+    env = {**head.env, "RAY_ADDRESS": head.dashboard_url}
+    return subprocess.run([str(Path(sys.executable).with_name("invariance")), "submit", str(config)], env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+
+
+def test_a_scheduled_tick_that_finds_its_job_submitted_exits_3_with_one_line(tmp_path: Path, ray_head) -> None:
+    """Two ticks: the first submits, the second (its job still starting or running) exits 3 with one
+    line; a tick that loses the race between its look and its submit says the same; once the run
+    has finished, a tick has nothing to submit."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    from jobs import run as run_module
+
+    job_dir = write_job_dir(tmp_path, epochs=[1], seeds=[0])
+    config = job_dir / "run.yaml"
+    first = _submit(ray_head, config)
+    assert first.returncode == 0, first.stderr[-3000:]
+    submission_id = first.stdout.strip()
+    assert submission_id.startswith("invariance-")
+    second = _submit(ray_head, config)
+    assert second.returncode == 3, second.stderr[-3000:]
+    assert second.stderr.strip() == f"invariance submit: job {submission_id} is already submitted " \
+        f"({second.stderr.split('(')[1].split(')')[0]}); nothing submitted"  # fmt: skip
+    assert "Traceback" not in second.stderr
+
+    # the race: this tick planned and looked before the other tick submitted (no lease taken yet,
+    # no job of that id), and Ray refuses its submit
+    client = JobSubmissionClient(ray_head.dashboard_url)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(run_module, "next_submission", lambda config: (submission_id, "1 units to compute"))
+        patch.setattr(JobSubmissionClient, "get_job_info",
+                      lambda self, job_id: (_ for _ in ()).throw(RuntimeError(f"Job {job_id} does not exist")))
+        patch.setenv("RAY_ADDRESS", ray_head.dashboard_url)
+        raced = run_module.submit(str(config))
+    assert (raced.submitted, raced.submission_id) == (False, submission_id)
+    assert raced.why == f"job {submission_id} is already submitted (by another tick)"
+
+    deadline = time.time() + 400
+    while client.get_job_status(submission_id) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
+        assert time.time() < deadline, client.get_job_logs(submission_id)[-3000:]
+        time.sleep(2)
+    assert client.get_job_status(submission_id) == JobStatus.SUCCEEDED, client.get_job_logs(submission_id)[-3000:]
+    after = _submit(ray_head, config)
+    assert after.returncode == 3
+    assert after.stderr.strip() == ("invariance submit: nothing to compute: every shard of every checkpoint is done; "
+                                    "nothing submitted")  # fmt: skip
