@@ -34,10 +34,34 @@ from jobs.signals import terminate_on_sigterm
 from jobs.execute import execute
 
 
+# this project's top-level packages, each with a file only it has: a folder of the same name in the
+# working directory is either a checkout of this project (a deliberate override, cluster/README.md)
+# or something else that Ray's workers would import in its place
+OUR_PACKAGES = {"invariance": "engine/steps.py", "jobs": "execute.py"}
+
+
+def check_working_directory(folder: Path | None = None) -> None:
+    """ConfigError when ``folder`` (the working directory) holds a Python package named like one of
+    ours that is not a copy of it: Ray puts the driver's working directory (and a submitted
+    --working-dir) first on its workers' import path, so every task would import that package
+    and fail (``cannot import name '__version__' from 'invariance'``)."""
+    folder = folder or Path.cwd()
+    for name, marker in OUR_PACKAGES.items():
+        found = folder / name
+        if (found / "__init__.py").is_file() and not (found / marker).is_file():
+            raise ConfigError(
+                f"the working directory {folder} holds a Python package '{name}/' that is not this project's: "
+                f"Ray puts the working directory first on its workers' import path, so every task would import "
+                f"it in place of the installed {name}; rename that folder, or run (or `ray job submit "
+                "--working-dir`) from a folder without it"
+            )
+
+
 def connect_ray(num_cpus: int | None = None) -> None:
     """Join the cluster named by RAY_ADDRESS (as under `ray job submit`), else start a local Ray."""
     if ray.is_initialized():
         return
+    check_working_directory()
     address = os.environ.get("RAY_ADDRESS")
     if address:
         try:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from invariance.errors import ConfigError
 from jobs import run as run_module
 from jobs.cli import main
 from tests.helpers import tiny_config, write_checkpoints, write_eval_parquet
@@ -67,3 +68,36 @@ def test_ray_failing_to_start_is_one_named_line_and_exit_1(tmp_path: Path, monke
     assert last.startswith("invariance run: error: the local Ray did not start, twice (The current node timed out")
     assert "ray stop" in last and "RAY_ADDRESS" in last
     assert "Traceback" not in err
+
+
+def test_a_foreign_package_named_like_ours_in_the_working_directory_is_refused(tmp_path: Path) -> None:
+    """Ray's workers import from the driver's working directory first: a folder `invariance/` or
+    `jobs/` with an __init__.py there broke every task (`cannot import name '__version__'`)."""
+    for name in ("invariance", "jobs"):
+        folder = tmp_path / name / "work"
+        (folder / name).mkdir(parents=True)
+        (folder / name / "__init__.py").write_text("# a lab's own package\n")
+        with pytest.raises(ConfigError, match=rf"holds a Python package '{name}/' that is not this project's"):
+            run_module.check_working_directory(folder)
+    checkout = tmp_path / "checkout"
+    (checkout / "invariance" / "engine").mkdir(parents=True)
+    (checkout / "invariance" / "__init__.py").write_text("")
+    (checkout / "invariance" / "engine" / "steps.py").write_text("")
+    (checkout / "data" / "invariance").mkdir(parents=True)  # no __init__.py: a plain folder, not imported
+    run_module.check_working_directory(checkout)  # a checkout of this project: the documented override
+    run_module.check_working_directory(checkout / "data")
+
+
+def test_run_from_a_folder_with_a_foreign_package_exits_2_before_ray_starts(tmp_path: Path, monkeypatch, capsys) -> None:
+    write_checkpoints(tmp_path / "ckpt", epochs=[1])
+    write_eval_parquet(tmp_path / "data")
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(tmp_path, str(tmp_path / "out"), seeds=[0])))
+    (tmp_path / "invariance").mkdir()
+    (tmp_path / "invariance" / "__init__.py").write_text("")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(run_module.ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(run_module.ray, "init", lambda *a, **k: pytest.fail("Ray started"))
+    assert main(["run", str(config), "--no-progress"]) == 2
+    assert "holds a Python package 'invariance/'" in capsys.readouterr().err
