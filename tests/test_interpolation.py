@@ -124,7 +124,7 @@ def test_alpha_zero_measures_nothing_alpha_one_is_the_checkpoint_and_a_new_alpha
     # the README's recipe: the first alpha above x, one row per checkpoint with a path (epoch 2 only)
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     recipe = "x = 0.05" + readme.split("```python\nx = 0.05", 1)[1].split("```", 1)[0]
-    scope = {"pl": pl, "curves": pl.read_parquet(store.path("reduced/curves.parquet"))}
+    scope = {"pl": pl, "out": store.path("")}
     exec(compile(recipe.replace("print(first_alpha)", ""), "README.md", "exec"), scope)  # noqa: S102
     first = scope["first_alpha"]
     assert first.select("run", "epoch").rows() == [("", 2)]
