@@ -6,6 +6,7 @@ import ipaddress
 import os
 import shutil
 import socket
+import secrets
 import subprocess
 import sys
 import time
@@ -114,15 +115,18 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayHead]:
     """`ray start --head --block` on loopback ports, 2 CPUs, in its own process group, so that
     stopping it ends only its processes (not another Ray of the same test session).
 
-    Token authentication is off for this loopback-only head (RAY_AUTH_MODE=disabled)."""
+    Token auth on, as the README's local multi-node commands start a cluster: RAY_AUTH_MODE=token and
+    a fresh RAY_AUTH_TOKEN in the environment of the head and of every client (no token file)."""
     ray_cli = str(Path(sys.executable).with_name("ray"))
     port, dashboard_port = free_port(), free_port()
     temp_dir = tmp_path_factory.mktemp("rayhead")
     env = {
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-        "RAY_AUTH_MODE": "disabled",
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": secrets.token_hex(32),
     }
+    env.pop("RAY_AUTH_TOKEN_PATH", None)
     env.pop("RAY_ADDRESS", None)
     command = [
         ray_cli, "start", "--head", "--block", f"--node-ip-address={LOOPBACK}", f"--port={port}",

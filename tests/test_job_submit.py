@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import re
 import subprocess
 import sys
 import time
@@ -34,14 +34,20 @@ def _submit(head, config: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)  # fmt: skip
 
 
+def _job_status(head, submission_id: str) -> str:
+    """`ray job status ID` against ``head`` (its token in the environment): SUCCEEDED, FAILED, STOPPED or RUNNING."""
+    env = {**head.env, "RAY_ADDRESS": head.dashboard_url}
+    out = subprocess.run([str(Path(sys.executable).with_name("ray")), "job", "status", submission_id], env=env,
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    # Ray's words: "Job 'ID' succeeded" / "failed" / "was stopped", else still pending or running
+    found = re.search(rf"Job '{re.escape(submission_id)}' (succeeded|failed|was stopped)", out.stdout + out.stderr)
+    return {"succeeded": "SUCCEEDED", "failed": "FAILED", "was stopped": "STOPPED"}[found.group(1)] if found else "RUNNING"
+
+
 def test_a_scheduled_tick_that_finds_its_job_submitted_exits_3_with_one_line(tmp_path: Path, ray_head) -> None:
     """Two ticks: the first submits, the second (its job still starting or running) exits 3 with one
     line; a tick that loses the race between its look and its submit says the same; once the run
     has finished, a tick has nothing to submit."""
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
-    from jobs import run as run_module
-
     job_dir = write_job_dir(tmp_path, epochs=[1], seeds=[0])
     config = job_dir / "run.yaml"
     first = _submit(ray_head, config)
@@ -55,22 +61,22 @@ def test_a_scheduled_tick_that_finds_its_job_submitted_exits_3_with_one_line(tmp
     assert "Traceback" not in second.stderr
 
     # the race: this tick planned and looked before the other tick submitted (no lease taken yet,
-    # no job of that id), and Ray refuses its submit
-    client = JobSubmissionClient(ray_head.dashboard_url)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(run_module, "next_submission", lambda config: (submission_id, "1 units to compute"))
-        patch.setattr(JobSubmissionClient, "get_job_info",
-                      lambda self, job_id: (_ for _ in ()).throw(RuntimeError(f"Job {job_id} does not exist")))
-        patch.setenv("RAY_ADDRESS", ray_head.dashboard_url)
-        raced = run_module.submit(str(config))
-    assert (raced.submitted, raced.submission_id) == (False, submission_id)
-    assert raced.why == f"job {submission_id} is already submitted (by another tick)"
-
+    # no job of that id), and Ray refuses its submit (in a process of its own: the head's token)
+    race = (
+        "import sys; from ray.job_submission import JobSubmissionClient; from jobs import run; "
+        f"run.next_submission = lambda config: ({submission_id!r}, '1 units to compute'); "
+        "JobSubmissionClient.get_job_info = lambda self, job_id: (_ for _ in ()).throw(RuntimeError('does not exist')); "
+        "done = run.submit(sys.argv[1]); print(done.submitted, done.submission_id); print(done.why)"
+    )  # fmt: skip
+    raced = subprocess.run([sys.executable, "-c", race, str(config)], env={**ray_head.env, "RAY_ADDRESS": ray_head.dashboard_url},
+                           capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parent.parent)  # fmt: skip
+    assert raced.returncode == 0, raced.stderr[-3000:]
+    assert raced.stdout.splitlines() == [f"False {submission_id}", f"job {submission_id} is already submitted (by another tick)"]
     deadline = time.time() + 400
-    while client.get_job_status(submission_id) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
-        assert time.time() < deadline, client.get_job_logs(submission_id)[-3000:]
-        time.sleep(2)
-    assert client.get_job_status(submission_id) == JobStatus.SUCCEEDED, client.get_job_logs(submission_id)[-3000:]
+    while (status := _job_status(ray_head, submission_id)) not in {"SUCCEEDED", "FAILED", "STOPPED"}:
+        assert time.time() < deadline, f"job {submission_id} still {status}"
+        time.sleep(3)
+    assert status == "SUCCEEDED"
     after = _submit(ray_head, config)
     assert after.returncode == 3
     assert after.stderr.strip() == ("invariance submit: nothing to compute: every shard of every checkpoint is done; "

@@ -274,13 +274,13 @@ def _readable_run_metrics(sources: dict[str, tuple[str, str, list[int]]], storag
         try:
             run_metrics = read_run_metrics(folder, storage_options)
         except StorageError as exc:
-            log.warning("robustness link skipped for %s: %s", folder, exc)
+            log.warning("robustness link skipped for %s: %s", redact(folder), redact(str(exc)))
             continue
         if run_metrics is None:
             continue
         missing = [column for column in ROBUSTNESS_METRICS if column not in run_metrics.columns]
         if missing:
-            log.warning("robustness link skipped for %s: its finetuning metrics lack the columns %s", folder, missing)
+            log.warning("robustness link skipped for %s: its finetuning metrics lack the columns %s", redact(folder), missing)
             continue
         found[label] = run_metrics
     return found
