@@ -261,12 +261,10 @@ class FinetuneConfig(_Strict):
             return "lp"
         return "ft"
 
-    def fingerprint(self) -> str:
-        """Hash of every setting that changes the trained weights: a run resumes only under the
-        same fingerprint. Not in it: output, storage, resources, sweep, corruptions, checkpoint_every, knn."""
-        excluded = {"output", "storage_options", "resources", "sweep", "corruptions", "checkpoint_every", "knn"}
-        settings = self.model_dump(mode="json", exclude=excluded, by_alias=True)
-        # paths as written: the folder a config runs from (a Ray job's unpacked working dir) never changes it
+    def settings_as_written(self, exclude: set[str]) -> dict[str, Any]:
+        """The settings except ``exclude``, as JSON, with every path as written in the config: the
+        folder a config runs from (a Ray job's unpacked working dir) never changes them."""
+        settings = self.model_dump(mode="json", exclude=exclude, by_alias=True)
         for key, value in self._paths_as_written.items():
             *parents, leaf = key.split(".")
             section = settings
@@ -274,6 +272,13 @@ class FinetuneConfig(_Strict):
                 section = section.get(part) or {}
             if leaf in section:
                 section[leaf] = value
+        return settings
+
+    def fingerprint(self) -> str:
+        """Hash of every setting that changes the trained weights: a run resumes only under the
+        same fingerprint. Not in it: output, storage, resources, sweep, corruptions, checkpoint_every, knn."""
+        settings = self.settings_as_written({"output", "storage_options", "resources", "sweep", "corruptions",
+                                             "checkpoint_every", "knn"})  # fmt: skip
         for key, default in _NEW_KEY_DEFAULTS.items():  # runs from before these keys keep their fingerprint
             if settings.get(key) == default:
                 settings.pop(key, None)

@@ -211,16 +211,7 @@ def resume_settings(config: FinetuneConfig) -> dict[str, Any]:
     (they change the weights; the data and task among them, which also say what the test metrics
     are of) and those that change what a metrics column means without touching the weights (the
     corruption set, the kNN probe). Paths as written, as the fingerprint takes them."""
-    settings = config.model_dump(mode="json", by_alias=True,
-                                 exclude={"output", "storage_options", "resources", "sweep", "checkpoint_every"})  # fmt: skip
-    for key, value in config._paths_as_written.items():
-        *parents, leaf = key.split(".")
-        section = settings
-        for part in parents:
-            section = section.get(part) or {}
-        if leaf in section:
-            section[leaf] = value
-    return settings
+    return config.settings_as_written({"output", "storage_options", "resources", "sweep", "checkpoint_every"})
 
 
 _ABSENT = "(not set)"  # a key the saved settings lack (a key newer than the run)
