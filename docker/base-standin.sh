@@ -5,8 +5,9 @@
 # (uid 1000, group users = gid 100), home /home/ray, Python 3.11 as `python` with pip at
 # /home/ray/anaconda3/bin (a venv where the real base has conda), on PATH, owned by `ray`.
 # It has no CUDA libraries and no Ray: the Dockerfile installs Ray and torch from uv.lock.
-# The host's extra CA certificates and pip config come along, so that a build behind a TLS
-# proxy trusts what this machine trusts.
+# The host's extra CA certificates come along (pip, uv and Python told to use the system store), so
+# that a build behind a TLS proxy trusts what this machine trusts; nothing else of the host's
+# configuration does (a pip.conf may hold an index URL with a token).
 #
 #   docker/base-standin.sh [TAG]        (root; needs debootstrap and docker)
 #   docker build -f docker/Dockerfile --build-arg BASE_IMAGE=TAG -t invariance:local .
@@ -27,7 +28,6 @@ if compgen -G "/usr/local/share/ca-certificates/*.crt" >/dev/null; then
     cp /usr/local/share/ca-certificates/*.crt "$root/usr/local/share/ca-certificates/"
     chroot "$root" update-ca-certificates >/dev/null
 fi
-[ -f /etc/pip.conf ] && cp /etc/pip.conf "$root/etc/pip.conf"
 chroot "$root" useradd --uid 1000 --gid 100 --create-home --home-dir /home/ray --shell /bin/bash ray
 chroot "$root" su ray -c "python3.11 -m venv /home/ray/anaconda3"
 chroot "$root" /home/ray/anaconda3/bin/python --version >&2
@@ -36,6 +36,7 @@ tar -C "$root" -c . | "${docker_cli[@]}" import \
     --change 'USER ray' --change 'WORKDIR /home/ray' \
     --change 'ENV PATH=/home/ray/anaconda3/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
     --change 'ENV SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt' \
+    --change 'ENV PIP_CERT=/etc/ssl/certs/ca-certificates.crt' \
     --change 'ENV LANG=C.UTF-8' \
     --change 'CMD ["/bin/bash"]' \
     - "$tag" >/dev/null

@@ -8,7 +8,7 @@ import signal
 import sys
 
 from invariance import __version__
-from invariance.errors import InvarianceError
+from invariance.errors import ConfigError, InvarianceError
 from invariance.io.storage import RedactingFormatter, redact
 from jobs.errors import RayStartError
 from jobs.signals import INTERRUPTED, Terminated, terminate_on_sigterm
@@ -23,7 +23,8 @@ EXIT_CODES = {
     "demo": "exit codes:\n  0    done: trained (or reused the checkpoints), computed and reduced\n"
             "  1    some shards failed (listed; the next demo retries them)\n" + _COMMON_EXITS,
     "run": "exit codes:\n  0    done (or another run of these settings holds the lease: it says so)\n"
-           "  1    some shards failed (listed; the next run retries them)\n" + _COMMON_EXITS,
+           "  1    some shards failed (listed; the next run retries them), or the local Ray did not start\n"
+           + _COMMON_EXITS,
     "plan": "exit codes:\n  0    planned\n"
             f"  {NOTHING_TO_SUBMIT}    with --submission-id: nothing to submit (nothing left, or a run is live)\n"
             + _COMMON_EXITS,
@@ -32,6 +33,7 @@ EXIT_CODES = {
     "report": "exit codes:\n  0    the report is up to date (or a run of these settings is live: it says so)\n"
               + _COMMON_EXITS,
     "submit": "exit codes:\n  0    submitted: prints the submission id\n"
+              "  1    the job of this id ended (failed or stopped) without computing anything: fix, delete it, resubmit\n"
               f"  {NOTHING_TO_SUBMIT}    nothing to submit: nothing left, a run of these settings is live, or the job\n"
               "       is already submitted (another tick raced this one): one line on stderr\n" + _COMMON_EXITS,
     "finetune": "exit codes:\n  0    every trial finished\n  1    some trials failed (listed)\n" + _COMMON_EXITS,
@@ -193,9 +195,19 @@ def main(argv: list[str] | None = None) -> int:
             if args.runtime_env:
                 import yaml
 
-                with open(args.runtime_env, encoding="utf-8") as handle:
-                    runtime_env = yaml.safe_load(handle)
+                try:
+                    with open(args.runtime_env, encoding="utf-8") as handle:
+                        runtime_env = yaml.safe_load(handle)
+                except (OSError, yaml.YAMLError) as exc:
+                    raise ConfigError(f"--runtime-env {args.runtime_env}: cannot read it as YAML "
+                                      f"({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+                if not isinstance(runtime_env, dict):
+                    raise ConfigError(f"--runtime-env {args.runtime_env}: a runtime_env is a mapping "
+                                      "(env_vars:, working_dir:, ...)")
             done = submit(args.config, runtime_env)
+            if done.failed:
+                print(f"invariance submit: error: {done.why}", file=sys.stderr)
+                return 1
             if not done.submitted:
                 print(f"invariance submit: {done.why}; nothing submitted", file=sys.stderr)
                 return NOTHING_TO_SUBMIT

@@ -98,7 +98,6 @@ def local_ray_auth() -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "token")
     if os.environ["RAY_AUTH_MODE"] == "token" and not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
         os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
-    terminate_on_sigterm()  # ray.init installed its own handler (sys.exit) in place of ours
 
 
 def load_run_config(config: RunConfig | str) -> tuple[RunConfig, ResolvedPaths]:
@@ -321,6 +320,7 @@ class Submission:
     submitted: bool
     submission_id: str | None
     why: str
+    failed: bool = False  # the job of this id ended without computing anything: a person must look
 
 
 def submit(config: str, runtime_env: dict | None = None) -> Submission:
@@ -352,7 +352,12 @@ def submit(config: str, runtime_env: dict | None = None) -> Submission:
     except Exception:  # noqa: BLE001 - RuntimeError "does not exist" for a new id
         existing = None
     if existing is not None:
-        return Submission(False, identifier, f"job {identifier} is already submitted ({existing.status})")
+        status = str(getattr(existing.status, "value", existing.status))
+        if status in ("FAILED", "STOPPED"):  # it computed nothing (else the work left, and the id, would differ)
+            return Submission(False, identifier, f"job {identifier} ended {status} without finishing a shard and "
+                              f"left the same work: see `ray job logs {identifier}`, fix the cause, then "
+                              f"`ray job delete {identifier}` and submit again", failed=True)  # fmt: skip
+        return Submission(False, identifier, f"job {identifier} is already submitted ({status})")
     try:
         client.submit_job(entrypoint=f"invariance run {shlex.quote(config)} --no-progress", submission_id=identifier,
                           runtime_env=runtime_env)  # fmt: skip

@@ -17,27 +17,29 @@ LAUNCHER = CLUSTER / "ray-cluster.aws.yaml"
 INSTANCE_TYPES = {"g5.2xlarge": (8, 32), "m5.2xlarge": (8, 32)}
 
 
-def _submitters() -> list[tuple[str, dict[str, Any]]]:
+def _cluster_specs() -> list[tuple[str, dict[str, Any]]]:
     found = []
     for kind in ("RayJob", "RayCronJob"):
         for path, doc in documents_of_kind(kind):
             spec = doc["spec"].get("jobTemplate", doc["spec"])
-            assert spec["submissionMode"] == "K8sJobMode"
-            found.append((f"{path.name} submitter", spec["submitterPodTemplate"]))
+            found.append((path.name, spec))
     return found
 
 
-@pytest.mark.parametrize("where,template", [*_pod_templates(), *_submitters()], ids=lambda v: v if isinstance(v, str) else "")
-def test_every_ray_pod_uses_token_auth_from_a_secret(where: str, template: dict[str, Any]) -> None:
-    for container in template["spec"]["containers"]:
-        env = {item["name"]: item for item in container.get("env") or []}
-        assert env.get("RAY_AUTH_MODE", {}).get("value") == "token", f"{where}: {container['name']} lacks RAY_AUTH_MODE=token"
-        token = env.get("RAY_AUTH_TOKEN", {})
-        assert "value" not in token, f"{where}: the token is written in the manifest"
-        assert token.get("valueFrom", {}).get("secretKeyRef", {}).get("name"), f"{where}: RAY_AUTH_TOKEN not from a Secret"
+@pytest.mark.parametrize("where,spec", _cluster_specs(), ids=lambda v: v if isinstance(v, str) else "")
+def test_every_kuberay_cluster_uses_token_auth(where: str, spec: dict[str, Any]) -> None:
+    """KubeRay >= 1.5.1 makes the token and gives it to every Ray container (head, workers,
+    autoscaler, the submitter) and to the operator's own job-API requests: authOptions, not env
+    vars wired by hand (those miss the autoscaler and the operator)."""
+    cluster = spec["rayClusterSpec"]
+    assert cluster.get("authOptions") == {"mode": "token"}, f"{where}: the job API is open (no authOptions.mode: token)"
+    for template in [cluster["headGroupSpec"]["template"], *(g["template"] for g in cluster["workerGroupSpecs"])]:
+        for container in template["spec"]["containers"]:
+            names = {item["name"] for item in container.get("env") or []}
+            assert not names & {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN"}, f"{where}: {container['name']} wires the token by hand"
 
 
-@pytest.mark.parametrize("where,template", [*_pod_templates(), *_submitters()], ids=lambda v: v if isinstance(v, str) else "")
+@pytest.mark.parametrize("where,template", _pod_templates(), ids=lambda v: v if isinstance(v, str) else "")
 def test_every_pod_can_pull_a_private_image(where: str, template: dict[str, Any]) -> None:
     assert template["spec"].get("imagePullSecrets"), f"{where}: no imagePullSecrets"
 

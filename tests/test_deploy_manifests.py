@@ -101,9 +101,10 @@ def test_kuberay_manifest_matches_the_crd_of_every_version_it_claims(name: str) 
         assert not errors, f"{name} is refused by KubeRay {tag}'s {kind} CRD:\n" + "\n".join(errors)
 
 
-def test_rayjob_claims_every_release_from_1_2() -> None:
+def test_rayjob_claims_every_release_from_1_5() -> None:
+    """1.5 brought rayClusterSpec.authOptions (token auth): the file closes the job API with it."""
     tags = claimed_versions(KUBERAY / "rayjob.yaml")
-    assert {"v1.2.2", "v1.7.0"} <= set(tags), tags
+    assert {"v1.5.1", "v1.6.2", "v1.7.0"} <= set(tags), tags
     header = (KUBERAY / "rayjob.yaml").read_text().split("apiVersion:")[0]
     assert ">= 1.1" not in header, "KubeRay 1.1's RayJob has no spec.backoffLimit"
 

@@ -34,7 +34,8 @@ def test_a_local_run_leaves_no_token_file_behind(tmp_path: Path) -> None:
 
 def test_local_ray_auth_keeps_what_the_user_set(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
-        monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv(name, "recorded")  # so that monkeypatch restores the session's value after
+        monkeypatch.delenv(name)
     run_module.local_ray_auth()
     assert os.environ["RAY_AUTH_MODE"] == "token" and len(os.environ["RAY_AUTH_TOKEN"]) == 64
     monkeypatch.setenv("RAY_AUTH_TOKEN", "mine")

@@ -203,3 +203,13 @@ def test_a_run_with_credentials_in_its_urls_prints_and_writes_none_of_them(tmp_p
     leaks = {(where, s) for where, text in messages.items() for s in secrets if s in text}
     assert leaks == set()
     s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_a_host_with_a_port_and_an_at_in_the_path_is_not_userinfo() -> None:
+    """`http://minio.lab:9000/models/vit@v2/...` has no credentials: hiding its host (and remembering
+    it as a secret) garbled the endpoint in every later message."""
+    from invariance.io.storage import redact
+
+    url = "http://minio.lab:9000/models/vit@v2/epoch=01.safetensors"
+    assert redact(url) == url
+    assert redact("https://AKIA:abc/def@minio.lab:9000/p") == "https://***@minio.lab:9000/p"

@@ -9,7 +9,7 @@ import posixpath
 from collections import Counter
 from dataclasses import dataclass, field
 
-from invariance.io.checkpoints import Checkpoint, discover_checkpoints, pattern_root, weights_fingerprint
+from invariance.io.checkpoints import Checkpoint, discover_checkpoints, empty_weights_error, pattern_root, weights_fingerprint
 from invariance.config import RunConfig, knn_settings_hash, settings_hash
 from invariance.errors import CheckpointError, ConfigError, DataError
 from invariance.io.data import SplitSummary, check_labelled, describe_split, load_eval_images, source_fingerprint
@@ -267,7 +267,8 @@ def check_output_location(config: RunConfig) -> None:
 
 def check_not_empty(url: str, key: str, storage_options: dict | None = None) -> None:
     """CheckpointError naming ``key`` and the file when the weights file at ``url`` holds 0 bytes (a
-    failed save or a copy still being written): found here, not by every worker that loads it."""
+    failed save or a copy still being written): found here, not by every worker that loads it.
+    Checkpoints are checked by discover_checkpoints, from the listing it already holds."""
     if url == "timm":
         return
     fs, path = open_filesystem(url, storage_options)
@@ -278,8 +279,7 @@ def check_not_empty(url: str, key: str, storage_options: dict | None = None) -> 
     except Exception:  # noqa: BLE001 - unreadable: weights_fingerprint / the loader name it
         return
     if size == 0:
-        raise CheckpointError(f"{key}: {redact(url)} is empty (0 bytes); a failed save or a copy still being "
-                              "written? Replace it with the weights, or remove it")  # fmt: skip
+        raise empty_weights_error(key, url)
 
 
 def input_fingerprints(config: RunConfig, input_size: int) -> dict[str, str]:
@@ -341,8 +341,6 @@ def make_plan(config: RunConfig, store: Store, checkpoints: list[Checkpoint] | N
             f"checkpoints: the pattern {redact(config.checkpoints)!r} matches no file; check the folder "
             "and that {epoch} stands where the epoch number is in the file names"
         )
-    for checkpoint in checkpoints:  # a 0-byte file would fail each of its shards in the workers
-        check_not_empty(checkpoint.url, "checkpoints", config.storage_options)
     # before any task: a model, image size or finetuned model that cannot work fails every shard alike
     model = check_models(config.model, config.finetuned_model, config.layer_modules, config.token_policy,
                          config.data.image_size)  # fmt: skip

@@ -28,6 +28,12 @@ _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module", "ema")
 _STRIPPED_PREFIXES = ("module.", "_orig_mod.")
 
 
+def empty_weights_error(key: str, url: str) -> CheckpointError:
+    """The error for a 0-byte weights file under config key ``key``."""
+    return CheckpointError(f"{key}: {redact(url)} is empty (0 bytes); a failed save or a copy still being "
+                           "written? Replace it with the weights, or remove it")  # fmt: skip
+
+
 @dataclass(frozen=True, order=True)
 class Checkpoint:
     """One finetuning checkpoint: its epoch (sort key), name (its path from where the pattern
@@ -133,6 +139,8 @@ def discover_checkpoints(pattern: str, storage_options: dict[str, Any] | None = 
                 f"checkpoints: {where} matches two files ({redact(found[run, epoch].url)} and {redact(url)}); "
                 "make the pattern specific to one file per " + ("run and epoch" if has_run else "epoch")
             )
+        if info.get("size") == 0:  # from the listing: a 0-byte file would fail each of its shards in the workers
+            raise empty_weights_error("checkpoints", url)
         fingerprint = fingerprint_file(fs, path, info)  # as a worker reads it (weights_fingerprint): one function
         name_from = before.replace(RUN_PLACEHOLDER, run)
         found[run, epoch] = Checkpoint(epoch=epoch, name=_checkpoint_name(path, name_from), url=url,

@@ -56,7 +56,7 @@ _ASSIGNMENT = re.compile(r"(?i)(?P<name>(?<![A-Za-z0-9+/_-])(?:Credential|Signat
 SECRET_ENVIRONMENT = (
     "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ACCESS_KEY_ID",
     "AZURE_STORAGE_KEY", "AZURE_STORAGE_ACCOUNT_KEY", "AZURE_STORAGE_SAS_TOKEN", "AZURE_STORAGE_CONNECTION_STRING",
-    "AZURE_CLIENT_SECRET", "GOOGLE_API_KEY",
+    "AZURE_CLIENT_SECRET", "GOOGLE_API_KEY", "RAY_AUTH_TOKEN",
 )  # fmt: skip
 # storage_options keys (at any depth) whose values are credentials (s3fs key/secret/token,
 # client_kwargs.aws_secret_access_key, gcsfs token, adlfs account_key/sas_token/connection_string, ...)
@@ -100,6 +100,8 @@ def _userinfo_end(rest: str) -> int:
     first = path.split("/", 1)[0]
     if "@" not in path or (":" not in first and "@" not in first):
         return -1
+    if "@" not in first and re.fullmatch(r"[\w.-]+:\d+", first):
+        return -1  # host:port (http://minio.lab:9000/models/vit@v2): a path with an '@', no userinfo
     return path.rindex("@")
 
 

@@ -40,7 +40,7 @@ from invariance.io.layout import (
     finetune_checkpoint_key,
     finetune_metrics_key,
 )
-from invariance.io.storage import Store
+from invariance.io.storage import Store, redact
 from invariance.training.adapters import add_adapter, adapter_parameters, merged_state
 from invariance.training.config import FinetuneConfig
 from invariance.training.corruptions import corrupt
@@ -211,7 +211,10 @@ def resume_settings(config: FinetuneConfig) -> dict[str, Any]:
     (they change the weights; the data and task among them, which also say what the test metrics
     are of) and those that change what a metrics column means without touching the weights (the
     corruption set, the kNN probe). Paths as written, as the fingerprint takes them."""
-    return config.settings_as_written({"output", "storage_options", "resources", "sweep", "checkpoint_every"})
+    settings = config.settings_as_written({"output", "storage_options", "resources", "sweep", "checkpoint_every"})
+    # stored in the run's resume state (a binary file, not redacted on write): paths without their
+    # credentials (a presigned pretrained URL's signature, userinfo), compared the same way
+    return json.loads(redact(json.dumps(settings)))
 
 
 _ABSENT = "(not set)"  # a key the saved settings lack (a key newer than the run)
