@@ -148,13 +148,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class StderrHandler(logging.StreamHandler):
+    """Writes to the sys.stderr of the moment (main may run again in one process, a notebook or the
+    tests, each time with another sys.stderr): never to a stream closed since."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # logging.StreamHandler sets it in __init__
+        pass
+
+
 def setup_logging() -> None:
     """The library and the jobs log through module loggers; the command shows their messages on
     stderr as plain lines, INFO and above. Once per process (main may be called again in tests)."""
     for name in ("invariance", "jobs"):
         logger = logging.getLogger(name)
         if not any(getattr(handler, "invariance_cli", False) for handler in logger.handlers):
-            handler = logging.StreamHandler(sys.stderr)
+            handler = StderrHandler()
             handler.setFormatter(RedactingFormatter("%(message)s"))  # URL credentials never shown
             handler.invariance_cli = True  # type: ignore[attr-defined]
             logger.addHandler(handler)

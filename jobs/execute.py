@@ -21,6 +21,7 @@ from invariance.engine.execute import ExecuteSummary
 from invariance.engine.plan import Plan
 from invariance.engine.steps import RunSpec, Workspace, run_unit
 from invariance.errors import ConfigError, StorageError
+from invariance.io.storage import redact
 from invariance.io.layout import Unit
 
 log = logging.getLogger(__name__)
@@ -194,7 +195,7 @@ def _submit_and_wait(
         except Exception as error:  # noqa: BLE001 - every failure is reported, none is lost
             was_stopped = summary.stopped_early
             message = summary.add_failure(unit, _root_cause(error))
-            bar.write(f"FAILED {unit}: {message.splitlines()[0] if message else ''}")
+            bar.write(redact(f"FAILED {unit}: {message.splitlines()[0] if message else ''}"))
             if summary.stopped_early and not was_stopped:
                 bar.write(f"stopping: {summary.stop_reason}")
         bar.update(1)

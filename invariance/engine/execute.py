@@ -115,7 +115,9 @@ def execute_in_process(
         except Exception as error:  # noqa: BLE001 - every failure is reported, none is lost
             failed.add(unit)
             message = summary.add_failure(unit, error)
-            log.error("FAILED %s: %s", unit, message.splitlines()[0] if message else "")
+            # one redacted string, not the unit: a handler that fails prints a record's arguments
+            # raw ("--- Logging error ---"), and a unit's repr holds its checkpoint URL
+            log.error("FAILED %s", redact(f"{unit}: {message.splitlines()[0] if message else ''}"))
             if summary.stopped_early:
                 log.error("stopping: %s", summary.stop_reason)
     summary.seconds = time.time() - started
