@@ -135,7 +135,7 @@ def test_one_ray_version_everywhere() -> None:
     ours = {image for image in images if "/invariance:" in image}
     assert ours, "the cluster files should run the invariance image"
     tag = re.compile(rf"{re.escape(package_version)}-ray{re.escape(ray)}-({'|'.join(VARIANTS)})")
-    for text_path in [*cluster_yaml_files(), CLUSTER / "README.md", DOCKER / "README.md", DOCKERFILE, ROOT / "README.md"]:
+    for text_path in [*cluster_yaml_files(), CLUSTER / "README.md", DOCKER / "README.md", DOCKERFILE, ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
         for image in re.findall(r"/invariance:(\S+?)(?=[\s`'\"]|$)", text_path.read_text()):
             assert tag.fullmatch(image), f"{text_path.relative_to(ROOT)}: tag {image} should be {tag.pattern}"
         for version in re.findall(r"ray\[default[^\]]*\]==([\d.]+)", text_path.read_text()):

@@ -121,11 +121,13 @@ def test_alpha_zero_measures_nothing_alpha_one_is_the_checkpoint_and_a_new_alpha
     assert len(knn.filter(pl.col("model") == "pt")) == len(plan.layers)
     assert sorted(knn.filter(pl.col("epoch") == 2)["alpha"].unique().to_list()) == [0.0, 0.5, 1.0]
     assert len(store.list("knn")) == 1 + 2 + 2  # pretrained once; epochs 1, 2 at 1; epoch 2 at 0, 0.5
-    # the README's recipe: the first alpha above x, one row per checkpoint with a path (epoch 2 only)
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    recipe = "x = 0.05" + readme.split("```python\nx = 0.05", 1)[1].split("```", 1)[0]
+    # the guide's recipe (docs/recipes.md): the first alpha above x, one row per checkpoint with a path (epoch 2 only)
+    from tests.test_readme import doc_section
+
+    page, recipes = doc_section("Polars recipes")
+    recipe = "x = 0.05" + recipes.split("```python\nx = 0.05", 1)[1].split("```", 1)[0]
     scope = {"pl": pl, "out": store.path("")}
-    exec(compile(recipe.replace("print(first_alpha)", ""), "README.md", "exec"), scope)  # noqa: S102
+    exec(compile(recipe.replace("print(first_alpha)", ""), str(page), "exec"), scope)  # noqa: S102
     first = scope["first_alpha"]
     assert first.select("run", "epoch").rows() == [("", 2)]
     early = scope["early"].filter(pl.col("epoch") == 2).sort("alpha")

@@ -1,10 +1,14 @@
-"""Every Polars recipe of the README, run as written on a study with interpolation (two runs, one with
-'=' and ',' in its name, a weight path at the last epoch, two seeds): the output where grouping by
-epoch alone mixes runs and weight-path points. The recipes keep alpha 1.0 and group by run."""
+"""Every Polars recipe of docs/recipes.md, run as written after its setup block, on both kinds of
+output a user has: the demo's (one run, no weight path) and a study with interpolation (two runs,
+one with '=' and ',' in its name, a weight path at the last epoch, two seeds), where grouping by
+epoch alone mixes runs and weight-path points. Each recipe says what it does with `run` and
+`alpha`; the recipes keep alpha 1.0 (unless about the path) and group by run."""
 
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import polars as pl
@@ -16,18 +20,64 @@ from invariance.engine.execute import execute_in_process
 from invariance.engine.reduce import reduce_plan
 from invariance.engine.steps import Workspace
 from tests.helpers import open_in_process, tiny_config, tiny_state, write_eval_parquet
+from tests.test_readme import doc_section, python_blocks
 from tests.test_studies import EPOCHS, RUNS as STUDY_RUNS, write_run
 
-README = Path(__file__).resolve().parent.parent / "README.md"
 # two runs of a sweep with their finetuning metrics (the Fig. 6 recipe reads them), one named with '=' and ','
 RUNS = {STUDY_RUNS[2]: 0.03, STUDY_RUNS[1]: 0.08}
+# the demo's kind of output: one finetuning run (no {run}), its metrics beside the checkpoints
+DEMO_RUN = STUDY_RUNS[0]
 LAYERS = [0, 1, 2]
+DEMO_OUT = 'out = "invariance-demo/results"'
 
 
-def recipe_blocks() -> list[str]:
-    """The ```python blocks of the README's "Polars recipes" section, in order."""
-    section = README.read_text().split("## Polars recipes", 1)[1].split("\n## ", 1)[0]
-    return re.findall(r"```python\n(.*?)```", section, flags=re.S)
+def recipe_page() -> tuple[Path, str]:
+    return doc_section("Polars recipes")
+
+
+def recipes() -> list[tuple[str, str, str]]:
+    """(title, prose, code) of each recipe: a `## ` section of docs/recipes.md holding one python block."""
+    page, text = recipe_page()
+    found = []
+    for section in re.split(r"^## ", text, flags=re.M)[1:]:
+        title, _, body = section.partition("\n")
+        blocks = python_blocks(body)
+        if blocks and title != "Setup":
+            assert len(blocks) == 1, f"{page.name}: recipe {title!r} holds {len(blocks)} python blocks"
+            found.append((title, body.split("```python", 1)[0], blocks[0]))
+    return found
+
+
+def setup_block(out: Path) -> str:
+    _, text = doc_section("Setup")
+    setup = python_blocks(text)[0]
+    assert DEMO_OUT in setup, "the setup names the demo's output"
+    return setup.replace(DEMO_OUT, f'out = "{out}"')
+
+
+def run_recipes(out: Path, capsys) -> dict[str, tuple[dict, str]]:
+    """Each recipe in its own scope after the setup: {title: (its variables, what it printed)}."""
+    page, _ = recipe_page()
+    base: dict = {}
+    exec(compile(setup_block(out), str(page), "exec"), base)  # noqa: S102 - the guide's own code
+    capsys.readouterr()
+    results = {}
+    for title, _, code in recipes():
+        scope = dict(base)
+        with pl.Config(tbl_cols=-1, tbl_width_chars=2000, fmt_str_lengths=200):
+            exec(compile(code, f"{page} ({title})", "exec"), scope)  # noqa: S102
+        printed = capsys.readouterr().out
+        assert "shape:" in printed, f"recipe {title!r} printed no frame"
+        results[title] = (scope, printed)
+    return results
+
+
+def _reduce(config) -> None:
+    store, plan, spec = open_in_process(config)
+    summary = execute_in_process(plan, spec, Workspace("cpu"))
+    assert summary.failures == []
+    plan.refresh(store)
+    reduce_plan(plan, store, make_plots=False)
 
 
 @pytest.fixture(scope="module")
@@ -38,27 +88,38 @@ def study_with_paths(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_eval_parquet(tmp / "data")
     for run, scale in RUNS.items():
         write_run(tmp / "sweep", run, scale)
-    config = parse_config(tiny_config(tmp, str(tmp / "out"), checkpoints=str(tmp / "sweep" / "{run}" / "epoch={epoch}.safetensors"),
-                                      inversion={"iterations": 8, "step_size": 0.5},
-                                      interpolation={"alphas": [0.0, 0.5, 1.0], "epochs": "last"}))  # fmt: skip
-    store, plan, spec = open_in_process(config)
-    summary = execute_in_process(plan, spec, Workspace("cpu"))
-    assert summary.failures == []
-    plan.refresh(store)
-    reduce_plan(plan, store, make_plots=False)
+    _reduce(parse_config(tiny_config(tmp, str(tmp / "out"), checkpoints=str(tmp / "sweep" / "{run}" / "epoch={epoch}.safetensors"),
+                                     inversion={"iterations": 8, "step_size": 0.5},
+                                     interpolation={"alphas": [0.0, 0.5, 1.0], "epochs": "last"})))  # fmt: skip
     return tmp / "out"
 
 
+@pytest.fixture(scope="module")
+def demo_like(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo's shape: one run without {run}, finetuning metrics beside it, no interpolation."""
+    tmp = tmp_path_factory.mktemp("recipes_demo")
+    (tmp / "ckpt").mkdir()
+    save_file(tiny_state(0), str(tmp / "ckpt" / "pretrained.safetensors"))
+    write_eval_parquet(tmp / "data")
+    write_run(tmp / "checkpoints", DEMO_RUN, 0.05)
+    _reduce(parse_config(tiny_config(tmp, str(tmp / "out"), checkpoints=str(tmp / "checkpoints" / DEMO_RUN / "epoch={epoch}.safetensors"),
+                                     inversion={"iterations": 8, "step_size": 0.5})))  # fmt: skip
+    return tmp / "out"
+
+
+def test_every_recipe_says_what_it_does_with_run_and_alpha() -> None:
+    found = recipes()
+    assert len(found) >= 7
+    for title, prose, _ in found:
+        said = prose.split("**Filters on:**", 1)
+        assert len(said) == 2, f"recipe {title!r}: no '**Filters on:**' line"
+        assert "`run`" in said[1] and "alpha" in said[1], f"recipe {title!r}: says nothing of run or alpha"
+
+
 def test_every_recipe_runs_on_a_study_with_interpolation(study_with_paths: Path, torch_single_thread, capsys) -> None:
-    blocks = recipe_blocks()
-    assert len(blocks) == 3
-    scope: dict = {}
-    first = blocks[0].replace('out = "invariance-demo/results"', f'out = "{study_with_paths}"')
-    assert first != blocks[0], "the first recipe names the demo's output"
-    for block in [first, *blocks[1:]]:
-        exec(compile(block, "README.md", "exec"), scope)  # noqa: S102 - the README's own code
-    printed = capsys.readouterr().out
-    assert all(run in printed for run in RUNS)
+    results = run_recipes(study_with_paths, capsys)
+    scope = {k: v for variables, _ in results.values() for k, v in variables.items()}
+    assert all(run in "".join(printed for _, printed in results.values()) for run in RUNS)
 
     # one row per run, epoch and layer: nothing averaged over runs or weight-path points
     kept, spread, curves = scope["kept"], scope["spread"], scope["curves"]
@@ -77,3 +138,30 @@ def test_every_recipe_runs_on_a_study_with_interpolation(study_with_paths: Path,
     # the weight-path recipe: one row per checkpoint with a path (each run's last epoch)
     first_alpha = scope["first_alpha"]
     assert sorted(zip(first_alpha["run"], first_alpha["epoch"])) == sorted((run, EPOCHS[-1]) for run in RUNS)
+    # every recipe that keeps one epoch per run keeps each run's own last one
+    last = scope["last"]
+    assert sorted(last["run"].unique()) == sorted(RUNS) and set(last["epoch"].unique()) == {EPOCHS[-1]}
+
+
+def check_single_run(results: dict[str, tuple[dict, str]], epochs: list[int], n_layers: int) -> None:
+    scope = {k: v for variables, _ in results.values() for k, v in variables.items()}
+    kept, spread, first_alpha = scope["kept"], scope["spread"], scope["first_alpha"]
+    assert kept["run"].unique().to_list() == [""] and kept.height == len(epochs) * n_layers
+    assert spread.height == len(epochs)
+    assert first_alpha.height == 0  # no weight path: no row, and no error
+    printed = "".join(p for _, p in results.values())
+    assert "forgetting_above_noise" in printed and "stir_ft_given_pt" in printed and "forgetting_std_across_layers" in printed
+
+
+def test_every_recipe_runs_on_the_demos_kind_of_output(demo_like: Path, torch_single_thread, capsys) -> None:
+    check_single_run(run_recipes(demo_like, capsys), EPOCHS, len(LAYERS))
+
+
+@pytest.mark.slow
+def test_every_recipe_runs_on_the_demo_itself(tmp_path: Path, capsys) -> None:
+    invariance = str(Path(sys.executable).with_name("invariance"))
+    demo = subprocess.run([invariance, "demo", "--out", str(tmp_path / "demo"), "--epochs", "2"], capture_output=True,
+                          text=True, timeout=900)  # fmt: skip
+    assert demo.returncode == 0, demo.stderr[-3000:]
+    curves = pl.read_parquet(tmp_path / "demo" / "results" / "reduced" / "curves.parquet")
+    check_single_run(run_recipes(tmp_path / "demo" / "results", capsys), [1, 2], curves["layer"].n_unique())

@@ -101,20 +101,13 @@ def test_the_report_opens_in_headless_chromium(reduced_run, tmp_path: Path) -> N
     assert screenshot.stat().st_size > 10_000
 
 
-def test_the_readmes_polars_recipes_run_on_a_local_output_and_print(reduced_run) -> None:
-    import contextlib
-    import io as stdio
+def test_the_guides_polars_recipes_run_on_a_local_output_and_print(reduced_run, capsys) -> None:
+    from tests.test_recipes import recipes, run_recipes
 
     tmp, _, _, _, _ = reduced_run
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    code = readme.split("## Polars recipes", 1)[1].split("```python", 1)[1].split("```", 1)[0]
-    assert 'out = "invariance-demo/results"' in code
-    code = code.replace('out = "invariance-demo/results"', f'out = "{tmp / "out"}"')
-    printed = stdio.StringIO()
-    with contextlib.redirect_stdout(printed):
-        exec(compile(code, "README.md", "exec"), {})  # noqa: S102 - our own README
-    text = printed.getvalue()
-    assert text.count("shape:") == 5  # five recipes, five printed frames
+    results = run_recipes(tmp / "out", capsys)  # docs/recipes.md, each recipe after its setup
+    assert len(results) == len(recipes()) and all("shape:" in printed for _, printed in results.values())
+    text = "".join(printed for _, printed in results.values())
     assert "forgetting_above_noise" in text and "stir_ft_given_pt" in text and "forgetting_std_across_layers" in text
 
 

@@ -157,11 +157,13 @@ def test_a_study_shares_the_pretrained_inversions_and_a_later_run_computes_only_
     # the raw rows scan with their run (hive folders decoded)
     scanned = pl.scan_parquet(store.path("stir") + "/**/*.parquet", hive_partitioning=True).select("run").unique().collect()
     assert sorted(scanned["run"].to_list()) == sorted([*RUNS, LATE_RUN])
-    # the README's recipe comparing runs runs on this output and prints a column per run
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    recipe = "# compare the runs of a study" + readme.split("# compare the runs of a study", 1)[1].split("```", 1)[0]
+    # the guide's recipe comparing runs (docs/recipes.md) runs on this output and prints a column per run
+    from tests.test_readme import doc_section
+
+    page, recipes = doc_section("Polars recipes")
+    recipe = "# compare the runs of a study" + recipes.split("# compare the runs of a study", 1)[1].split("```", 1)[0]
     with pl.Config(tbl_cols=-1, tbl_width_chars=2000, fmt_str_lengths=200):
-        exec(compile(recipe, "README.md", "exec"), {"pl": pl, "out": store.path("")})  # noqa: S102 - the README's own code
+        exec(compile(recipe, str(page), "exec"), {"pl": pl, "out": store.path("")})  # noqa: S102 - the guide's own code
     printed = capsys.readouterr().out
     assert printed.count("shape:") == 3, printed
     header = [line for line in printed.splitlines() if "layer" in line][0]  # the first pivot's column names
