@@ -115,7 +115,7 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayHead]:
     """`ray start --head --block` on loopback ports, 2 CPUs, in its own process group, so that
     stopping it ends only its processes (not another Ray of the same test session).
 
-    Token auth on, as the README's local multi-node commands start a cluster: RAY_AUTH_MODE=token and
+    Token auth on, as cluster/README.md's local multi-node commands (2c) start a cluster: RAY_AUTH_MODE=token and
     a fresh RAY_AUTH_TOKEN in the environment of the head and of every client (no token file)."""
     ray_cli = str(Path(sys.executable).with_name("ray"))
     port, dashboard_port = free_port(), free_port()

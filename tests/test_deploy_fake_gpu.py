@@ -1,6 +1,6 @@
 """A fake-GPU rehearsal of a cluster run on this CPU-only machine: a two-node Ray on 127.0.0.1,
 a head without GPUs (the driver) and a worker node that advertises 2 GPUs (`ray start
---num-gpus 2` on CPU), then the README's `ray job submit` with `resources.num_gpus: 0.5`. Ray
+--num-gpus 2` on CPU), then the guide's `ray job submit` (docs/clusters.md) with `resources.num_gpus: 0.5`. Ray
 places every shard on the worker and assigns it a GPU id, CUDA is absent, nothing crashes, and
 the run's summary says the shards ran on CPU.
 """
@@ -70,7 +70,7 @@ def fake_gpu_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayHe
 
 def test_fake_gpu_cluster_runs_every_shard_on_cpu(tmp_path: Path, fake_gpu_cluster: RayHead) -> None:
     job_dir = write_job_dir(tmp_path, epochs=[1, 2], seeds=[0], resources={"num_cpus": 1, "num_gpus": 0.5})
-    # the README's command: ray job submit --working-dir . -- invariance run run.yaml
+    # the guide's command (docs/clusters.md): ray job submit --working-dir . -- invariance run run.yaml
     submitted = ray_job_submit(fake_gpu_cluster, job_dir, ["invariance", "run", "run.yaml", "--no-progress"])
     log = submitted.stdout + submitted.stderr
     assert submitted.returncode == 0, log[-4000:]

@@ -119,7 +119,7 @@ def test_a_tiny_config_runs_inside_the_image_without_network(built, job_folder: 
 def test_a_two_node_cluster_from_the_image_runs_a_job_submitted_from_the_host(built, job_folder: Path) -> None:
     """Head and worker containers on an --internal network (nothing outside reachable), token
     auth on (RAY_AUTH_MODE=token, the token from the environment, as the cluster files do); the
-    host submits with `ray job submit` and the same token, as the README's cluster guide says."""
+    host submits with `ray job submit` and the same token, as the cluster guide (cluster/README.md) says."""
     engine, _ = built
     config = write_job(job_folder, str(job_folder / "out"))
     network = f"invariance-ci-{secrets.token_hex(4)}"

@@ -1,4 +1,4 @@
-"""The shape users run: the README's example config (cluster/run.example.yaml: ViT-B/32, `layers:
+"""The shape users run: the cluster guide's example config (cluster/run.example.yaml: ViT-B/32, `layers:
 all`, 12 blocks and the pre-logits = 13 layers) through `invariance run` on a local Ray, with only what
 cannot run offline swapped (a tiny width and image, local files, few iterations, 2 seeds).
 
