@@ -14,9 +14,11 @@ def curves(epochs: list[int], layers: int = 5) -> pl.DataFrame:
     for epoch in epochs:
         for layer in range(layers):
             value = 0.001 * (layer + 1) * 10**layer * epoch  # early layers near 0, late ones large
-            rows.append({"checkpoint": f"epoch={epoch:02d}", "epoch": epoch, "layer": layer,
+            rows.append({"checkpoint": f"epoch={epoch:02d}", "epoch": epoch, "layer": layer, "n_seeds": 3,
                          **{f"{m}_mean": value for m, _ in plots.CURVE_METRICS},
-                         **{f"{m}_std": 0.1 * value for m, _ in plots.CURVE_METRICS}})  # fmt: skip
+                         **{f"{m}_std": 0.1 * value for m, _ in plots.CURVE_METRICS},
+                         **{f"{m}_ci_low": 0.8 * value for m, _ in plots.CURVE_METRICS},
+                         **{f"{m}_ci_high": 1.2 * value for m, _ in plots.CURVE_METRICS}})  # fmt: skip
     return pl.DataFrame(rows)
 
 
@@ -54,7 +56,7 @@ def test_layer_curves_label_every_axis_name_the_band_and_key_epochs_discretely()
     for axis in figure.axes[:3]:
         assert axis.get_xlabel() and axis.get_ylabel()
     labels = [text.get_text() for legend in figure.legends for text in legend.get_texts()]
-    assert labels == ["epoch 1", "epoch 2", "epoch 3", plots.BAND_LABEL]
+    assert labels == ["epoch 1", "epoch 2", "epoch 3", "shaded: 95% interval over 3 seeds (t)"]
 
 
 def test_many_epochs_get_a_discrete_colour_bar_with_one_tick_each() -> None:
@@ -66,14 +68,15 @@ def test_many_epochs_get_a_discrete_colour_bar_with_one_tick_each() -> None:
     assert ticks == [str(e) for e in epochs]
 
 
-def test_dynamics_tell_layers_near_zero_apart() -> None:
-    figure = plots.dynamics_figure(curves([1, 2, 3, 4]))
+def test_dynamics_tell_layers_apart_by_marker_on_linear_axes_alike() -> None:
+    """Issue 27: a symlog panel beside linear ones put 0 and 1e-3 side by side as if neighbours."""
+    figure = plots.dynamics_figure(curves([1, 2, 3, 4]), depth=4)
+    assert {axis.get_yscale() for axis in figure.axes[:3]} == {"linear"}
     axis = figure.axes[0]
-    assert axis.get_yscale() == "symlog" and "symmetric log" in axis.get_ylabel()
-    markers = {line.get_marker() for line in axis.get_lines() if len(line.get_xdata()) > 2}
+    markers = {line.get_marker() for line in axis.get_lines() if len(line.get_xdata()) > 2 and line.get_marker() != "None"}
     assert len(markers) == 5  # one marker per layer, not only colour
     labels = [text.get_text() for legend in figure.legends for text in legend.get_texts()]
-    assert labels == [f"layer {k}" for k in range(5)]
+    assert labels == [*(f"layer {k}" for k in range(4)), "layer 4 (pre-logits)", "shaded: 95% interval over 3 seeds (t)"]
 
 
 def test_pngs_decode() -> None:

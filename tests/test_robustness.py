@@ -191,8 +191,8 @@ def test_the_plot_says_n_and_warns_below_five_epochs() -> None:
     table = robustness.robustness_table(curves(), metrics, depth=4, run="s3://lab/run")
     figure = robustness.robustness_figure(table, robustness.robustness_correlation(table), depth=4)
     assert "r from 3 epochs" in figure.get_suptitle()
-    labels = [text.get_text() for text in figure.axes[0].get_legend().get_texts()]
-    assert labels and "(n = 3 epochs)" in labels[0]
+    labels = [text.get_text() for text in figure.axes[1].get_legend().get_texts()]  # the scatter's: r per run
+    assert labels == [labels[0]] and "(n = 3 epochs)" in labels[0] and labels[0].startswith("s3://lab/run: r = ")
     enough = pl.DataFrame(metric_rows({**CORRUPTED, 5: 0.4}), schema=METRICS_SCHEMA)
     table = robustness.robustness_table(curves({**FORGETTING, 5: [0.2] * 5}), enough, depth=4, run="r")
     assert robustness.robustness_figure(table, robustness.robustness_correlation(table), depth=4).get_suptitle() == ""

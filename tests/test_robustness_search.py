@@ -13,9 +13,10 @@ EPOCHS = list(range(1, 11))
 LAYERS = list(range(5))
 
 
-def planted(seed: int = 0) -> tuple[pl.DataFrame, pl.DataFrame]:
+def planted(seed: int = 0, epochs: list[int] = EPOCHS) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Curves where the max of learning over the last 3 layers is a linear function of the mean
     corrupted accuracy, everything else noise; and the run's metrics with per-severity rows."""
+    EPOCHS = epochs  # noqa: N806  (the module's default, or the epochs asked)
     rng = np.random.default_rng(seed)
     accuracy = rng.uniform(0.3, 0.9, len(EPOCHS))
     rows = []
@@ -93,3 +94,66 @@ def test_subspace_similarity_is_searched_as_its_own_family_when_present() -> Non
     subspace = table.filter(pl.col("family") == "subspace")
     assert set(subspace["combination"]) == {"subspace_similarity"} and subspace.height == 5 + 7 * 4
     assert set(table["n_hypotheses"]) == {4 * (5 + 7 * 4) + 2 * (5 + 7 * 4)}
+
+
+def test_min_epochs_is_where_a_strong_r_reaches_bonferroni_significance() -> None:
+    """The rule: n_min(m) is the fewest epochs at which r = 0.9 has Bonferroni p < 0.05 among m."""
+    from scipy import stats
+
+    from invariance.analysis import robustness
+
+    for m, expected in ((1, 5), (10, 8), (100, 10), (165, 11), (630, 12)):
+        n = rs.min_epochs(m)
+        assert n == expected
+        assert rs.p_of_r(0.9, n) * m < 0.05 <= rs.p_of_r(0.9, n - 1) * m
+    assert rs.min_epochs(0) == rs.min_epochs(1) == robustness.MIN_TRUSTED_EPOCHS
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=7), rng.normal(size=7)
+    result = stats.pearsonr(x, y)
+    assert rs.p_of_r(float(result.statistic), 7) == pytest.approx(result.pvalue, rel=1e-9)
+
+
+def test_hypotheses_from_too_few_epochs_are_listed_apart_and_never_first() -> None:
+    """Issue 27: r = 1.000 from 3 epochs was printed as the strongest hypothesis."""
+    long_epochs = list(range(1, 13))  # 12 epochs: n_min(165) = 11
+    curves, metrics = planted(epochs=long_epochs)
+    long = rs.search(curves, metrics, run="z-long")
+    short = rs.search(curves.filter(pl.col("epoch") <= 4), metrics, run="a-short")
+    assert set(long["min_epochs"]) == {11} and long["enough_epochs"].all()
+    assert not short["enough_epochs"].any()
+    best_short = short.filter(pl.col("target") == "mean").row(0, named=True)
+    assert best_short["pearson_r"] == pytest.approx(1.0)  # the planted link, perfect over 4 epochs too
+    both = pl.concat([short, long])
+    top = rs.strongest(both, n=3)
+    assert top["run"].to_list() == ["z-long"] * 3 + ["a-short"] * 3  # "a-short" sorts first by name, yet comes last
+    assert top["enough_epochs"].to_list() == [True] * 3 + [False] * 3
+    supported = rs.strongest(both, n=3, supported_only=True)
+    assert len(supported) >= 1 and set(supported["run"]) == {"z-long"} and (supported["p_bonferroni"] < 0.05).all()
+    # in the search table itself: every hypothesis with enough epochs before any without
+    mixed = rs.search(curves, metrics.filter(pl.col("epoch") != 12), run="r").filter(pl.col("target") == "mean")
+    assert mixed["enough_epochs"].to_list() == sorted(mixed["enough_epochs"].to_list(), reverse=True)
+
+
+def test_summary_states_counts_the_supported_hypotheses_the_rule_and_the_table() -> None:
+    curves, metrics = planted(epochs=list(range(1, 13)))
+    text = rs.summary(rs.search(curves, metrics, run=""))
+    lines = text.splitlines()
+    assert len(lines) <= 8
+    assert lines[0].startswith("robustness search: 165 hypotheses tested against the mean corrupted accuracy")
+    assert "165 of them from enough epochs" in lines[0]
+    assert "strongest supported:" in text and "max of learning over last 3 (layers 2, 3, 4): r = 1.000 (n = 12 epochs)" in text
+    assert "n_min(165) = 11" in text and lines[-1] == "table: reduced/robustness_search.parquet"
+
+    short = rs.summary(rs.search(curves.filter(pl.col("epoch") <= 4), metrics, run="r"))
+    assert "0 of them from enough epochs" in short and "No hypothesis is supported" in short
+    assert "r = 1.000" not in short and "strongest" not in short
+    assert "No hypothesis is supported: none reaches" in rs.summary(
+        rs.search(*planted_noise(list(range(1, 13))), run="r"))
+    assert "no hypothesis could be tested" in rs.summary(pl.DataFrame(schema=rs.SEARCH_SCHEMA))
+
+
+def planted_noise(epochs: list[int]) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Curves that are noise only: nothing tracks the accuracy."""
+    curves, metrics = planted(epochs=epochs)
+    rng = np.random.default_rng(3)
+    return curves.with_columns(pl.Series("learning_mean", rng.uniform(0, 1, curves.height))), metrics

@@ -2,6 +2,12 @@
 
 matplotlib's object API only (``matplotlib.figure.Figure`` with its own Agg canvas): nothing
 here touches pyplot or switches the backend of a notebook that imports the library.
+
+What every figure shows of its uncertainty (issue 27): a band is the 95% interval over seeds the
+curves table holds (``<metric>_ci_low`` / ``_ci_high``, Student t; see analysis/metrics.py), named
+in the legend with the number of seeds; a point whose ``<metric>_above_noise`` is false is drawn
+with a hollow marker; a quantity from one seed has no band and says so ("1 seed: no interval");
+lines that coincide are named in a note, since one hides the other.
 """
 
 from __future__ import annotations
@@ -38,10 +44,66 @@ def png_bytes(figure: Figure) -> bytes:
     return buffer.getvalue()
 
 
-BAND_LABEL = "shaded: ±1 std over seeds"
+# the legend's name of the shaded band when the number of seeds is not known
+BAND_LABEL = "shaded: 95% interval over seeds (t)"
+NOISE_LABEL = "hollow marker: not above the noise floor"
+ONE_SEED_LABEL = "1 seed: no interval"
+CKA_NOTE = "CKA: one value per checkpoint (no seeds, no interval)"
 ALPHA_LABEL = "alpha  ((1 - alpha) pretrained + alpha finetuned)"
+PRE_LOGITS = "pre-logits"
+# marker shapes of the lines of one panel: lines that coincide stay visible as distinct shapes
+MARKERS = "os^vD<>pX*h"
 # up to this many epochs (or layers) get a legend entry each; more get a discrete colour bar
 LEGEND_LIMIT = 12
+# lines closer than this fraction of a panel's y range everywhere are "on top of each other"
+COINCIDE_FRACTION = 1e-3
+
+
+def seed_counts(frame: pl.DataFrame) -> list[int]:
+    """The distinct ``n_seeds`` of the rows (empty when the table has no such column)."""
+    if "n_seeds" not in frame.columns:
+        return []
+    return sorted(int(n) for n in frame["n_seeds"].drop_nulls().unique().to_list())
+
+
+def band_label(n_seeds: Sequence[int]) -> str:
+    """The legend's name of the band: ``shaded: 95% interval over 3 seeds (t)`` (``2-3 seeds``
+    where rows differ); BAND_LABEL when the counts are unknown."""
+    counts = sorted({n for n in n_seeds if n >= 2})
+    if not counts:
+        return BAND_LABEL
+    seeds = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+    return f"shaded: 95% interval over {seeds} seeds (t)"
+
+
+def is_pre_logits(layer: int, layer_names: Sequence[str] | None = None, depth: int | None = None) -> bool:
+    """Whether ``layer`` is the pre-logits: its name in ``layer_names`` (a plan's, indexed by layer)
+    says so, or, without names, its index equals ``depth`` (timm models: layers 0..depth)."""
+    if layer_names:
+        return 0 <= layer < len(layer_names) and layer_names[layer] == PRE_LOGITS
+    return depth is not None and layer == depth
+
+
+def layer_label(layer: int, layer_names: Sequence[str] | None = None, depth: int | None = None) -> str:
+    """``"pre-logits"`` for the pre-logits layer, else the layer's number."""
+    return PRE_LOGITS if is_pre_logits(layer, layer_names, depth) else str(layer)
+
+
+def _set_layer_ticks(axis: Any, layers: Sequence[int], layer_names: Sequence[str] | None, depth: int | None,
+                     which: str = "x") -> None:  # fmt: skip
+    """One tick per layer; the pre-logits named (its label tilted on x, so it does not run into its neighbour)."""
+    layers = sorted(layers)
+    labels = [layer_label(k, layer_names, depth) for k in layers]
+    (axis.set_xticks if which == "x" else axis.set_yticks)(layers if which == "x" else range(len(layers)), labels)
+    if which == "x":
+        for text in axis.get_xticklabels():
+            if text.get_text() == PRE_LOGITS:
+                text.set(rotation=-30, ha="left", rotation_mode="anchor", fontsize=8)
+
+
+def _layer_name(layer: int, layer_names: Sequence[str] | None, depth: int | None) -> str:
+    """A legend's name of a layer: ``layer 3``, ``layer 12 (pre-logits)``."""
+    return f"layer {layer} ({PRE_LOGITS})" if is_pre_logits(layer, layer_names, depth) else f"layer {layer}"
 
 
 def _discrete_colors(values: list[int], colormap: str) -> tuple[dict[int, tuple], matplotlib.colors.Colormap,
@@ -54,85 +116,183 @@ def _discrete_colors(values: list[int], colormap: str) -> tuple[dict[int, tuple]
 
 
 def _discrete_key(figure: Figure, axes: Any, values: list[int], colors: dict[int, tuple], cmap: Any, norm: Any,
-                  name: str, band: bool = False, markers: str = "o", extra: Sequence[Any] = (),
-                  title: str | None = None) -> None:  # fmt: skip
+                  name: str, band: bool | str = False, markers: str = MARKERS, extra: Sequence[Any] = (),
+                  title: str | None = None, names: dict[int, str] | None = None,
+                  notes: Sequence[Any] = ()) -> None:  # fmt: skip
     """A legend entry per value (``markers[i]`` for the i-th) when few, else a colour bar with one
-    tick per value; ``band``: the shaded band is named; ``extra``: legend handles shown either way."""
+    tick per value; ``band``: the shaded band is named (a string: that name); ``extra``: legend
+    handles before the values, ``notes`` after them, shown either way; ``names``: a value's label."""
+    band_name = band if isinstance(band, str) else BAND_LABEL
     handles = list(extra)
     if len(values) <= LEGEND_LIMIT:
         handles += [matplotlib.lines.Line2D([], [], color=colors[v], marker=markers[i % len(markers)], ms=4,
-                                            label=f"{name} {v}") for i, v in enumerate(values)]  # fmt: skip
+                                            label=(names or {}).get(v, f"{name} {v}")) for i, v in enumerate(values)]  # fmt: skip
         if band:
-            handles.append(matplotlib.patches.Patch(color="grey", alpha=0.25, label=BAND_LABEL))
+            handles.append(matplotlib.patches.Patch(color="grey", alpha=0.25, label=band_name))
     else:
         colorbar = figure.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=axes, shrink=0.9)
-        colorbar.set_ticks(np.arange(len(values)), labels=[str(v) for v in values])
-        colorbar.set_label(f"{name} ({BAND_LABEL})" if band else name)
+        colorbar.set_ticks(np.arange(len(values)), labels=[(names or {}).get(v, str(v)) for v in values])
+        colorbar.set_label(f"{name} ({band_name})" if band else name)
+    handles += list(notes)
     if handles:
         figure.legend(handles=handles, loc="outside right center", fontsize=8, title=title or name)
 
 
-def _metric_axes(figure: Figure, xlabel: str) -> list[tuple[Any, str]]:
+def _note(label: str, marker: str = "", **style: Any) -> matplotlib.lines.Line2D:
+    """A legend entry that is a sentence (with a sample marker where it names one)."""
+    return matplotlib.lines.Line2D([], [], ls="none", marker=marker or None, label=label, **{"color": "grey", **style})
+
+
+def _uncertainty_notes(frame: pl.DataFrame, metrics: Sequence[str], band: bool = True) -> list[Any]:
+    """Legend entries saying what the markers and the band mean for ``frame``: hollow markers (when
+    a point is not above the noise floor) and, for one seed, that there is no interval."""
+    notes = []
+    if any(f"{m}_above_noise" in frame.columns and (frame[f"{m}_above_noise"] == False).any() for m in metrics):  # noqa: E712
+        notes.append(_note(NOISE_LABEL, marker="o", mfc="white", mec="grey", ms=5))
+    if band and seed_counts(frame) and min(seed_counts(frame)) < 2:
+        notes.append(_note(ONE_SEED_LABEL + (" (some rows)" if max(seed_counts(frame)) >= 2 else "")))
+    return notes
+
+
+def _band_name(frame: pl.DataFrame, metrics: Sequence[str] = ("forgetting", "learning")) -> str | bool:
+    """The band's legend name for ``frame``, or False where nothing is shaded (no interval
+    columns, or one seed everywhere)."""
+    if not any(f"{m}_ci_low" in frame.columns for m in metrics):
+        return False
+    counts = seed_counts(frame)
+    if counts and max(counts) < 2:
+        return False
+    return band_label(counts)
+
+
+def _column(rows: pl.DataFrame, name: str) -> np.ndarray | None:
+    return rows[name].cast(pl.Float64).to_numpy() if name in rows.columns else None
+
+
+def draw_series(axis: Any, rows: pl.DataFrame, x: str, metric: str, color: Any, marker: str = "o", band: bool = True,
+                label: str = "", ms: float = 4, lw: float = 1.4) -> None:  # fmt: skip
+    """One line of ``{metric}_mean`` against ``x`` with its 95% interval (``_ci_low``/``_ci_high``)
+    shaded where the table has one (not for one seed), and hollow markers where
+    ``{metric}_above_noise`` is false. The band's collection is labelled ``_band {label}`` (hidden
+    from legends, found by tests)."""
+    xs, mean = rows[x].cast(pl.Float64).to_numpy(), rows[f"{metric}_mean"].cast(pl.Float64).to_numpy()
+    axis.plot(xs, mean, color=color, lw=lw, label=f"_line {label}")
+    above = rows[f"{metric}_above_noise"].to_list() if f"{metric}_above_noise" in rows.columns else [None] * len(xs)
+    hollow = np.array([value is False for value in above], dtype=bool)
+    if (~hollow).any():
+        axis.plot(xs[~hollow], mean[~hollow], ls="none", marker=marker, ms=ms, color=color, label=f"_points {label}")
+    if hollow.any():
+        axis.plot(xs[hollow], mean[hollow], ls="none", marker=marker, ms=ms + 1, mfc="white", mec=color, mew=1.2,
+                  label=f"_below noise {label}")  # fmt: skip
+    low, high = _column(rows, f"{metric}_ci_low"), _column(rows, f"{metric}_ci_high")
+    if band and low is not None and high is not None:
+        defined = np.isfinite(low) & np.isfinite(high)
+        if defined.any() and np.any(high[defined] > low[defined]):  # CKA: zero width, nothing to shade
+            axis.fill_between(xs, low, high, where=defined, color=color, alpha=0.12, lw=0, label=f"_band {label}",
+                              interpolate=False)  # fmt: skip
+
+
+def _coinciding(lines: dict[str, tuple[np.ndarray, np.ndarray]], tolerance: float) -> list[list[str]]:
+    """Groups of line names whose points are the same (x equal, y within ``tolerance``)."""
+    groups: list[list[str]] = []
+    representatives: list[tuple[np.ndarray, np.ndarray]] = []
+    for name, (x, y) in lines.items():
+        for group, (gx, gy) in zip(groups, representatives):
+            if len(x) > 1 and len(gx) == len(x) and np.array_equal(gx, x) and np.allclose(gy, y, rtol=0, atol=tolerance, equal_nan=True):
+                group.append(name)
+                break
+        else:
+            groups.append([name])
+            representatives.append((x, y))
+    return [group for group in groups if len(group) > 1]
+
+
+def note_coinciding(axis: Any, lines: dict[str, tuple[np.ndarray, np.ndarray]], height: float = 0.01) -> list[list[str]]:
+    """Names lines drawn on top of each other in a note at the panel's bottom ("on top of each
+    other: epoch 1 = epoch 2"; ``height``: its place in axes coordinates); returns the groups."""
+    values = np.concatenate([y for _, y in lines.values()]) if lines else np.array([])
+    finite = values[np.isfinite(values)]
+    span = float(np.ptp(finite)) if len(finite) else 0.0
+    groups = _coinciding(lines, COINCIDE_FRACTION * span if span > 0 else 1e-12)
+    if groups:
+        text = "on top of each other: " + "; ".join(" = ".join(group) for group in groups)
+        axis.text(0.01, height, text, transform=axis.transAxes, fontsize=7, color="dimgrey", va="bottom", ha="left",
+                  wrap=True)  # fmt: skip
+    return groups
+
+
+def _cka_has_interval(frame: pl.DataFrame | None) -> bool:
+    """Whether the table's CKA divergence has an interval of non-zero width (CKA rows without seeds do not)."""
+    if frame is None or "cka_divergence_ci_low" not in frame.columns or frame.is_empty():
+        return False
+    width = (frame["cka_divergence_ci_high"] - frame["cka_divergence_ci_low"]).cast(pl.Float64).fill_null(0.0)
+    return bool((width.abs() > 0).any())
+
+
+def _metric_axes(figure: Figure, xlabel: str, frame: pl.DataFrame | None = None) -> list[tuple[Any, str]]:
     """The three panels of forgetting, learning and CKA divergence, labelled, with the zero line:
-    [(axis, metric)]."""
+    [(axis, metric)]; the CKA panel says it has no interval where ``frame``'s has none."""
     panels = []
+    cka_note = not _cka_has_interval(frame)
     for axis, (metric, label) in zip(figure.subplots(1, 3), CURVE_METRICS):
+        noted = metric == "cka_divergence" and cka_note
         axis.axhline(0.0, color="grey", lw=0.6)
         axis.set_xlabel(xlabel)
-        axis.set_ylabel(metric.replace("_", " ") + " (mean over seeds)")
-        axis.set_title(label, fontsize=10)
+        axis.set_ylabel(metric.replace("_", " ") + ("" if noted else " (mean over seeds)"))
+        axis.set_title(label + (f"\n{CKA_NOTE}" if noted else ""), fontsize=9 if noted else 10)
         axis.grid(alpha=0.3)
         panels.append((axis, metric))
     return panels
 
 
-def layer_curves_figure(curves: pl.DataFrame, title: str = "") -> Figure:
-    """Per-layer curves, one line per checkpoint epoch (mean over seeds, band = ±1 std over seeds)."""
+def layer_curves_figure(curves: pl.DataFrame, title: str = "", *, layer_names: Sequence[str] | None = None,
+                        depth: int | None = None) -> Figure:  # fmt: skip
+    """Per-layer curves, one line (colour and marker) per checkpoint epoch: the mean over seeds, its
+    95% interval over seeds shaded, hollow markers where not above the noise floor. ``layer_names``
+    (a plan's, by layer index) or ``depth`` name the pre-logits layer."""
     epochs = sorted(curves["epoch"].unique().to_list())
     colors, cmap, norm = _discrete_colors(epochs, "viridis")
-    figure = new_figure(figsize=(16, 4.2))
-    panels = _metric_axes(figure, "layer (last = pre-logits)")
+    layers = sorted(curves["layer"].unique().to_list())
+    figure = new_figure(figsize=(16, 4.4))
+    panels = _metric_axes(figure, "layer", curves)
     for axis, metric in panels:
-        for epoch in epochs:
+        drawn = {}
+        for position, epoch in enumerate(epochs):
             rows = curves.filter(pl.col("epoch") == epoch).sort("layer")
-            layers = rows["layer"].to_numpy()
-            mean = rows[f"{metric}_mean"].to_numpy()
-            std = rows[f"{metric}_std"].fill_null(0.0).to_numpy()
-            axis.plot(layers, mean, marker="o", ms=3, color=colors[epoch], lw=1.5)
-            axis.fill_between(layers, mean - std, mean + std, color=colors[epoch], alpha=0.12, lw=0)
-        axis.set_xticks(sorted(curves["layer"].unique().to_list()))
+            draw_series(axis, rows, "layer", metric, colors[epoch], MARKERS[position % len(MARKERS)], label=f"epoch {epoch}",
+                        ms=3.5)  # fmt: skip
+            drawn[f"epoch {epoch}"] = (rows["layer"].to_numpy(), rows[f"{metric}_mean"].cast(pl.Float64).to_numpy())
+        note_coinciding(axis, drawn)
+        _set_layer_ticks(axis, layers, layer_names, depth)
     axes = [axis for axis, _ in panels]
-    _discrete_key(figure, axes, epochs, colors, cmap, norm, "epoch", band=True)
+    _discrete_key(figure, axes, epochs, colors, cmap, norm, "epoch", band=_band_name(curves),
+                  notes=_uncertainty_notes(curves, ("forgetting", "learning")))  # fmt: skip
     if title:
         figure.suptitle(title)
     return figure
 
 
-def _readable_near_zero(axis: Any, values: np.ndarray) -> None:
-    """Symmetric-log y scale when the lines span decades (early layers' small values stay apart)."""
-    finite = np.abs(values[np.isfinite(values) & (values != 0)])
-    if len(finite) and finite.max() / max(finite.min(), 1e-12) > 100:
-        axis.set_yscale("symlog", linthresh=float(max(np.quantile(finite, 0.1), 1e-6)))
-        if np.nanmin(values) >= 0:  # no negative half when nothing is negative
-            axis.set_ylim(bottom=0)
-        axis.set_ylabel(axis.get_ylabel() + "\n(symmetric log scale)")
-
-
-def dynamics_figure(curves: pl.DataFrame, title: str = "") -> Figure:
-    """Each metric across checkpoint epochs, one line (colour and marker) per layer."""
+def dynamics_figure(curves: pl.DataFrame, title: str = "", *, layer_names: Sequence[str] | None = None,
+                    depth: int | None = None) -> Figure:  # fmt: skip
+    """Each metric across checkpoint epochs, one line (colour and marker) per layer, with its 95%
+    interval over seeds shaded; every panel on a linear axis (a symmetric-log one put 0 and 1e-3
+    side by side as if neighbours)."""
     layers = sorted(curves["layer"].unique().to_list())
     colors, cmap, norm = _discrete_colors(layers, "turbo")
-    markers = "os^vD<>pX*h"
-    figure = new_figure(figsize=(16, 4.2))
-    panels = _metric_axes(figure, "checkpoint epoch")
+    figure = new_figure(figsize=(16, 4.4))
+    panels = _metric_axes(figure, "checkpoint epoch", curves)
+    names = {layer: _layer_name(layer, layer_names, depth) for layer in layers}
     for axis, metric in panels:
+        drawn = {}
         for position, layer in enumerate(layers):
             rows = curves.filter(pl.col("layer") == layer).sort("epoch")
-            axis.plot(rows["epoch"].to_numpy(), rows[f"{metric}_mean"].to_numpy(), marker=markers[position % len(markers)],
-                      ms=4, color=colors[layer], lw=1.3)  # fmt: skip
+            draw_series(axis, rows, "epoch", metric, colors[layer], MARKERS[position % len(MARKERS)], label=names[layer])
+            drawn[names[layer]] = (rows["epoch"].to_numpy(), rows[f"{metric}_mean"].cast(pl.Float64).to_numpy())
+        note_coinciding(axis, drawn)
         axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-        _readable_near_zero(axis, curves[f"{metric}_mean"].cast(pl.Float64).to_numpy())
-    _discrete_key(figure, [axis for axis, _ in panels], layers, colors, cmap, norm, "layer", markers=markers)
+    _discrete_key(figure, [axis for axis, _ in panels], layers, colors, cmap, norm, "layer",
+                  band=_band_name(curves), names=names,
+                  notes=_uncertainty_notes(curves, ("forgetting", "learning")))  # fmt: skip
     if title:
         figure.suptitle(title)
     return figure
@@ -152,9 +312,21 @@ def checkpoint_title(checkpoint: str, epoch: int) -> str:
     return f"epoch {epoch}" if not checkpoint or checkpoint in plain else f"epoch {epoch} ({checkpoint})"
 
 
-def flow_figure(flow: pl.DataFrame, epoch: int) -> Figure:
+def _flow_interval_note(rows: pl.DataFrame) -> str:
+    """What the flow heatmap says of its uncertainty: dotted cells, or one seed."""
+    counts = seed_counts(rows)
+    if "flow_ci_low" not in rows.columns or not counts:
+        return ""
+    if max(counts) < 2:
+        return f"; {ONE_SEED_LABEL}"
+    return f"; dot: its 95% interval over {band_label(counts).split(' over ')[1].split(' (')[0]} includes 0"
+
+
+def flow_figure(flow: pl.DataFrame, epoch: int, *, layer_names: Sequence[str] | None = None,
+                depth: int | None = None) -> Figure:  # fmt: skip
     """Invariance flow matrix of one checkpoint (rows pt layer i, columns ft layer j), on the colour
-    range shared by every epoch of ``flow``; the diagonal (0 by definition) is outlined."""
+    range shared by every epoch of ``flow``; the diagonal (0 by definition) is outlined, and a dot
+    marks a cell whose 95% interval over seeds (``flow_ci_low``/``_high``) includes 0."""
     rows = flow.filter(pl.col("epoch") == epoch)
     pt_layers = sorted(rows["pt_layer"].unique().to_list())
     ft_layers = sorted(rows["ft_layer"].unique().to_list())
@@ -170,49 +342,88 @@ def flow_figure(flow: pl.DataFrame, epoch: int) -> Figure:
             column = ft_layers.index(layer)
             axis.add_patch(matplotlib.patches.Rectangle((column - 0.5, position - 0.5), 1, 1, fill=False,
                                                         edgecolor="black", lw=1.0))  # fmt: skip
-    axis.set_xticks(range(len(ft_layers)), ft_layers)
-    axis.set_yticks(range(len(pt_layers)), pt_layers)
+    note = _flow_interval_note(rows)
+    if note.startswith("; dot"):
+        spans_zero = rows.filter((pl.col("pt_layer") != pl.col("ft_layer")) & (pl.col("flow_ci_low") <= 0)
+                                 & (pl.col("flow_ci_high") >= 0))  # fmt: skip
+        if len(spans_zero):
+            axis.plot([ft_layers.index(j) for j in spans_zero["ft_layer"]], [pt_layers.index(i) for i in spans_zero["pt_layer"]],
+                      ls="none", marker="o", ms=2.5, color="dimgrey", label="_interval includes 0")  # fmt: skip
+    axis.set_xticks(range(len(ft_layers)), [layer_label(k, layer_names, depth) for k in ft_layers])
+    axis.set_yticks(range(len(pt_layers)), [layer_label(k, layer_names, depth) for k in pt_layers])
+    for text in axis.get_xticklabels():
+        if text.get_text() == PRE_LOGITS:
+            text.set(rotation=-30, ha="left", rotation_mode="anchor", fontsize=8)
     axis.set_xlabel("finetuned layer j")
     axis.set_ylabel("pretrained layer i")
     checkpoint = rows["checkpoint"][0] if len(rows) else ""
     axis.set_title(f"invariance flow  STIR(ft[j]|pt[i]) - STIR(ft[i]|pt[i]),  {checkpoint_title(checkpoint, epoch)}\n"
-                   "left of the outlined diagonal > 0: compression; right: expansion", fontsize=9)  # fmt: skip
+                   f"left of the outlined diagonal > 0: compression; right: expansion{note}", fontsize=9)  # fmt: skip
     figure.colorbar(image, ax=axis, label="flow (mean over seeds; one range for every epoch)")
     return figure
 
 
-def layer_curves_png(curves: pl.DataFrame, title: str = "") -> bytes:
-    return png_bytes(layer_curves_figure(curves, title))
+def layer_curves_png(curves: pl.DataFrame, title: str = "", **names: Any) -> bytes:
+    return png_bytes(layer_curves_figure(curves, title, **names))
 
 
-def dynamics_png(curves: pl.DataFrame, title: str = "") -> bytes:
-    return png_bytes(dynamics_figure(curves, title))
+def dynamics_png(curves: pl.DataFrame, title: str = "", **names: Any) -> bytes:
+    return png_bytes(dynamics_figure(curves, title, **names))
 
 
-def flow_heatmap_png(flow: pl.DataFrame, epoch: int) -> bytes:
-    return png_bytes(flow_figure(flow, epoch))
+def flow_heatmap_png(flow: pl.DataFrame, epoch: int, **names: Any) -> bytes:
+    return png_bytes(flow_figure(flow, epoch, **names))
 
 
 # ---------------------------------------------------------------------------------------------
 # weight paths (interpolation.alphas) and kNN probes
 
+PRETRAINED_POINT = "alpha 0: the pretrained model"
 
-def interpolation_figure(curves: pl.DataFrame, epoch: int) -> Figure:
+
+def with_pretrained_point(rows: pl.DataFrame, metrics: Sequence[str] = tuple(m for m, _ in CURVE_METRICS)) -> pl.DataFrame:
+    """``rows`` (one checkpoint's weight path) with alpha 0 added per layer where it was not
+    computed: there ft is pt, so forgetting, learning and CKA divergence are 0 by definition (a
+    zero-width interval, and no noise-floor verdict)."""
+    if rows.is_empty() or (rows["alpha"] == 0.0).any():
+        return rows
+    zero = rows.group_by("layer").agg(pl.all().first()).with_columns(
+        pl.lit(0.0).alias("alpha"),
+        *(pl.lit(0.0).alias(f"{m}_{stat}") for m in metrics for stat in ("mean", "std", "ci_low", "ci_high")
+          if f"{m}_{stat}" in rows.columns),
+        *(pl.lit(None, dtype=pl.Boolean).alias(f"{m}_above_noise") for m in metrics if f"{m}_above_noise" in rows.columns),
+    )  # fmt: skip
+    return pl.concat([zero.select(rows.columns), rows], how="vertical_relaxed").sort("layer", "alpha")
+
+
+def interpolation_figure(curves: pl.DataFrame, epoch: int, *, layer_names: Sequence[str] | None = None,
+                         depth: int | None = None) -> Figure:  # fmt: skip
     """Forgetting, learning and CKA divergence against alpha for the checkpoint of ``epoch``, one
-    line per layer (alpha 0: the pretrained weights, 1: the checkpoint)."""
-    rows = curves.filter(pl.col("epoch") == epoch)
+    line per layer with its 95% interval over seeds shaded, from alpha 0 (the pretrained weights:
+    0 by definition where not computed, drawn as a black star) to 1 (the checkpoint)."""
+    computed = curves.filter(pl.col("epoch") == epoch)
+    has_zero = bool(len(computed)) and bool((computed["alpha"] == 0.0).any())
+    rows = with_pretrained_point(computed)
     layers = sorted(rows["layer"].unique().to_list())
     colors, cmap, norm = _discrete_colors(layers, "turbo")
-    figure = new_figure(figsize=(16, 4.2))
-    panels = _metric_axes(figure, ALPHA_LABEL)
+    names = {layer: _layer_name(layer, layer_names, depth) for layer in layers}
+    figure = new_figure(figsize=(16, 4.4))
+    panels = _metric_axes(figure, ALPHA_LABEL, computed)
     for axis, metric in panels:
-        for layer in layers:
+        drawn = {}
+        for position, layer in enumerate(layers):
             line = rows.filter(pl.col("layer") == layer).sort("alpha")
-            axis.plot(line["alpha"].to_numpy(), line[f"{metric}_mean"].to_numpy(), marker="o", ms=3, color=colors[layer], lw=1.3)
-        axis.set_xlim(-0.02, 1.02)
-    _discrete_key(figure, [axis for axis, _ in panels], layers, colors, cmap, norm, "layer")
-    checkpoint = rows["checkpoint"][0] if len(rows) else ""
-    figure.suptitle(f"along the weight path to {checkpoint_title(checkpoint, epoch)}")
+            draw_series(axis, line, "alpha", metric, colors[layer], MARKERS[position % len(MARKERS)], label=names[layer], ms=3.5)
+            drawn[names[layer]] = (line["alpha"].to_numpy(), line[f"{metric}_mean"].cast(pl.Float64).to_numpy())
+        if not has_zero and len(rows):
+            axis.plot([0.0], [0.0], ls="none", marker="*", ms=11, color="black", zorder=5, label="_pretrained")
+        note_coinciding(axis, drawn)
+        axis.set_xlim(-0.04, 1.04)
+    pretrained = [_note(f"{PRETRAINED_POINT} (0 by definition)", marker="*", color="black", ms=9)] if not has_zero else []
+    _discrete_key(figure, [axis for axis, _ in panels], layers, colors, cmap, norm, "layer", band=_band_name(computed),
+                  names=names, extra=pretrained, notes=_uncertainty_notes(computed, ("forgetting", "learning")))  # fmt: skip
+    checkpoint = computed["checkpoint"][0] if len(computed) else ""
+    figure.suptitle(f"along the weight path from the pretrained model (alpha 0) to {checkpoint_title(checkpoint, epoch)}")
     return figure
 
 
@@ -222,7 +433,14 @@ def _first_k(knn: pl.DataFrame) -> int:
     return 20 if 20 in ks else ks[0]
 
 
-def knn_layers_figure(knn: pl.DataFrame) -> Figure:
+def _knn_note(rows: pl.DataFrame) -> str:
+    """kNN accuracy has no seeds: one evaluation on ``n_test`` images, no interval."""
+    n_test = sorted(rows["n_test"].drop_nulls().unique().to_list()) if "n_test" in rows.columns else []
+    images = f" on {n_test[0]} test images" if len(n_test) == 1 else ""
+    return f"one evaluation{images}: no interval"
+
+
+def knn_layers_figure(knn: pl.DataFrame, *, layer_names: Sequence[str] | None = None, depth: int | None = None) -> Figure:
     """kNN top-1 per layer: one line for the pretrained model and one per checkpoint epoch
     (the checkpoints themselves, alpha 1)."""
     k = _first_k(knn)
@@ -233,57 +451,78 @@ def knn_layers_figure(knn: pl.DataFrame) -> Figure:
     colors, cmap, norm = _discrete_colors(epochs or [0], "viridis")
     figure = new_figure(figsize=(8, 4.5))
     axis = figure.subplots()
-    for epoch in epochs:
+    drawn = {}
+    for position, epoch in enumerate(epochs):
         line = tuned.filter(pl.col("epoch") == epoch).sort("layer")
-        axis.plot(line["layer"].to_numpy(), line["top1"].to_numpy(), marker="o", ms=3, color=colors[epoch], lw=1.3)
+        axis.plot(line["layer"].to_numpy(), line["top1"].to_numpy(), marker=MARKERS[position % len(MARKERS)], ms=3.5,
+                  color=colors[epoch], lw=1.3)  # fmt: skip
+        drawn[f"epoch {epoch}"] = (line["layer"].to_numpy(), line["top1"].cast(pl.Float64).to_numpy())
     if len(pretrained):
         axis.plot(pretrained["layer"].to_numpy(), pretrained["top1"].to_numpy(), color="black", ls="--", marker="s", ms=4, lw=1.6)
-    axis.set_xticks(sorted(rows["layer"].unique().to_list()))
-    axis.set_xlabel("layer (last = pre-logits)")
+        drawn["pretrained"] = (pretrained["layer"].to_numpy(), pretrained["top1"].cast(pl.Float64).to_numpy())
+    note_coinciding(axis, drawn)
+    _set_layer_ticks(axis, rows["layer"].unique().to_list(), layer_names, depth)
+    axis.set_xlabel("layer")
     axis.set_ylabel(f"kNN top-1 accuracy (k = {k})")
     axis.set_ylim(-0.02, 1.02)
-    axis.set_title("weighted kNN (DINO) on frozen features, per layer", fontsize=10)
+    axis.set_title(f"weighted kNN (DINO) on frozen features, per layer\n{_knn_note(rows)}", fontsize=10)
     axis.grid(alpha=0.3)
     pretrained_handle = matplotlib.lines.Line2D([], [], color="black", ls="--", marker="s", ms=4, label="pretrained")
     _discrete_key(figure, axis, epochs, colors, cmap, norm, "epoch", extra=[pretrained_handle], title="model")
     return figure
 
 
-def knn_alpha_figure(knn: pl.DataFrame) -> Figure:
-    """kNN top-1 against alpha, one line per layer, a panel per checkpoint with a weight path."""
+def knn_alpha_figure(knn: pl.DataFrame, *, layer_names: Sequence[str] | None = None, depth: int | None = None) -> Figure:
+    """kNN top-1 against alpha, one line per layer, a panel per checkpoint with a weight path; each
+    line starts at alpha 0 with the pretrained model's accuracy (its ``model == "pt"`` rows) where
+    alpha 0 was not computed on the path."""
     k = _first_k(knn)
     rows = knn.filter((pl.col("k") == k) & (pl.col("model") == "ft"))
+    pretrained = knn.filter((pl.col("k") == k) & (pl.col("model") == "pt")).select("layer", "top1")
     path_epochs = sorted(rows.filter(pl.col("alpha") != 1.0)["epoch"].unique().to_list())
     layers = sorted(rows["layer"].unique().to_list())
     colors, cmap, norm = _discrete_colors(layers, "turbo")
-    figure = new_figure(figsize=(6 * max(1, len(path_epochs)), 4.2))
+    names = {layer: _layer_name(layer, layer_names, depth) for layer in layers}
+    figure = new_figure(figsize=(6 * max(1, len(path_epochs)), 4.4))
     axes = np.atleast_1d(figure.subplots(1, max(1, len(path_epochs))))
+    added_zero = False
     for axis, epoch in zip(axes, path_epochs):
         path = rows.filter(pl.col("epoch") == epoch)
-        for layer in layers:
+        drawn = {}
+        for position, layer in enumerate(layers):
             line = path.filter(pl.col("layer") == layer).sort("alpha")
-            axis.plot(line["alpha"].to_numpy(), line["top1"].to_numpy(), marker="o", ms=3, color=colors[layer], lw=1.3)
+            alphas, top1 = line["alpha"].cast(pl.Float64).to_numpy(), line["top1"].cast(pl.Float64).to_numpy()
+            start = pretrained.filter(pl.col("layer") == layer)["top1"]
+            if not (alphas == 0.0).any() and len(start):  # alpha 0 is the pretrained model itself
+                alphas, top1 = np.concatenate([[0.0], alphas]), np.concatenate([[float(start[0])], top1])
+                axis.plot([0.0], [float(start[0])], ls="none", marker="*", ms=10, color="black", mfc=colors[layer], zorder=5,
+                          label="_pretrained")  # fmt: skip
+                added_zero = True
+            axis.plot(alphas, top1, marker=MARKERS[position % len(MARKERS)], ms=3.5, color=colors[layer], lw=1.3)
+            drawn[names[layer]] = (alphas, top1)
+        note_coinciding(axis, drawn)
         axis.set_xlabel(ALPHA_LABEL)
         axis.set_ylabel(f"kNN top-1 accuracy (k = {k})")
-        axis.set_xlim(-0.02, 1.02)
+        axis.set_xlim(-0.04, 1.04)
         axis.set_ylim(-0.02, 1.02)
         checkpoint = path["checkpoint"][0] if len(path) else ""
-        axis.set_title(f"weight path to {checkpoint_title(checkpoint, epoch)}", fontsize=10)
+        axis.set_title(f"weight path to {checkpoint_title(checkpoint, epoch)}\n{_knn_note(path)}", fontsize=10)
         axis.grid(alpha=0.3)
-    _discrete_key(figure, axes, layers, colors, cmap, norm, "layer")
+    extra = [_note(f"{PRETRAINED_POINT} (its kNN rows)", marker="*", color="black", ms=9)] if added_zero else []
+    _discrete_key(figure, axes, layers, colors, cmap, norm, "layer", names=names, extra=extra)
     return figure
 
 
-def interpolation_png(curves: pl.DataFrame, epoch: int) -> bytes:
-    return png_bytes(interpolation_figure(curves, epoch))
+def interpolation_png(curves: pl.DataFrame, epoch: int, **names: Any) -> bytes:
+    return png_bytes(interpolation_figure(curves, epoch, **names))
 
 
-def knn_layers_png(knn: pl.DataFrame) -> bytes:
-    return png_bytes(knn_layers_figure(knn))
+def knn_layers_png(knn: pl.DataFrame, **names: Any) -> bytes:
+    return png_bytes(knn_layers_figure(knn, **names))
 
 
-def knn_alpha_png(knn: pl.DataFrame) -> bytes:
-    return png_bytes(knn_alpha_figure(knn))
+def knn_alpha_png(knn: pl.DataFrame, **names: Any) -> bytes:
+    return png_bytes(knn_alpha_figure(knn, **names))
 
 
 # ---------------------------------------------------------------------------------------------

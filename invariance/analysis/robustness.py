@@ -14,18 +14,19 @@ its checkpoints (read by ``invariance.io.run_metrics``); these functions take th
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, Sequence, TypeVar
 
 import polars as pl
 
-from invariance.analysis.plots import new_figure, png_bytes
+from invariance.analysis.plots import MARKERS, PRE_LOGITS, is_pre_logits, new_figure, note_coinciding, png_bytes
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 Frame = TypeVar("Frame", pl.DataFrame, pl.LazyFrame)
 FIRST_SPREAD_LAYER = 2
-# below this many epochs the plot warns that its r says little
+# below this many epochs the plot warns that its r says little: a Pearson r of 0.9 reaches
+# p < 0.05 from 5 epochs on (robustness_search.min_epochs(1), the search's rule for one test)
 MIN_TRUSTED_EPOCHS = 5
 
 
@@ -87,12 +88,45 @@ def robustness_correlation(table: Frame) -> Frame:
     )
 
 
-def robustness_png(table: pl.DataFrame, correlation: pl.DataFrame, depth: int) -> bytes:
-    return png_bytes(robustness_figure(table, correlation, depth))
+def robustness_png(table: pl.DataFrame, correlation: pl.DataFrame, depth: int, **names: Any) -> bytes:
+    return png_bytes(robustness_figure(table, correlation, depth, **names))
 
 
-def robustness_figure(table: pl.DataFrame, correlation: pl.DataFrame, depth: int) -> "Figure":
-    """Left: forgetting spread and corrupted accuracy across epochs; right: one against the other."""
+# the two quantities of the left panel, each with its own axis in its own colour
+SPREAD_COLOR, SCORE_COLOR = "tab:blue", "tab:red"
+
+
+def _r_label(run: str, r: float | None, n: int) -> str:
+    """``r = 0.992, 95% interval [0.61, 1.00] (n = 4 epochs)``, after the run's name in a study (an
+    unnamed single run has none); the interval of r (Fisher z) from 4 epochs on."""
+    name = f"{run}: " if run else ""
+    if r is None:
+        return f"{name}r undefined (n = {n} epochs)"
+    interval = ""
+    if n >= 4 and abs(r) < 1:
+        import numpy as np
+        from scipy import stats
+
+        half = stats.norm.ppf(0.975) / np.sqrt(n - 3)
+        low, high = np.tanh(np.arctanh(r) - half), np.tanh(np.arctanh(r) + half)
+        interval = f", 95% interval [{low:.2f}, {high:.2f}]"
+    return f"{name}r = {r:.3f}{interval} (n = {n} epochs)"
+
+
+def _spread_name(depth: int, layer_names: Sequence[str] | None) -> str:
+    """``std of forgetting over layers 2..12 (12: pre-logits)``."""
+    first, last = spread_layers(depth)
+    suffix = f" ({last}: {PRE_LOGITS})" if is_pre_logits(last, layer_names, depth) else ""
+    return f"std of forgetting over layers {first}..{last}{suffix}"
+
+
+def robustness_figure(table: pl.DataFrame, correlation: pl.DataFrame, depth: int, *,
+                      layer_names: Sequence[str] | None = None) -> "Figure":  # fmt: skip
+    """Left: forgetting spread (left axis, blue, solid) and corrupted accuracy (right axis, red,
+    dashed) across epochs, one marker per run; right: one against the other, a colour per run, with
+    Pearson r and its 95% interval. ``layer_names`` (a plan's) say whether the last layer of the
+    spread is the pre-logits (default: layer ``depth`` is)."""
+    import matplotlib.lines
     import matplotlib.ticker
 
     by_accuracy = table["corrupted_accuracy_mean"].is_not_null().any()
@@ -100,34 +134,58 @@ def robustness_figure(table: pl.DataFrame, correlation: pl.DataFrame, depth: int
         ("corrupted_accuracy_mean", "mean corrupted accuracy") if by_accuracy
         else ("corrupted_loss_mean", "mean corrupted loss")
     )  # fmt: skip
-    first, last = spread_layers(depth)
-    figure = new_figure(figsize=(12, 4.2))
+    spread_name = _spread_name(depth, layer_names)
+    figure = new_figure(figsize=(13, 4.4))
     over_epochs, scatter = figure.subplots(1, 2)
     accuracy_axis = over_epochs.twinx()
-    for index, (run, rows) in enumerate(table.sort("epoch").group_by("run", maintain_order=True)):
-        color = f"C{index}"
-        name = run[0] or "run"  # one run without {run}: ""
-        r = correlation.filter(pl.col("run") == run[0])["pearson_r" if by_accuracy else "pearson_r_loss"][0]
-        n = rows.height
-        label = f"{name}  r = {r:.3f} (n = {n} epochs)" if r is not None else f"{name}  r undefined (n = {n} epochs)"
+    grouped = list(table.sort("epoch").group_by("run", maintain_order=True))
+    several = len(grouped) > 1
+    spreads, scores, run_handles = {}, {}, []
+    for index, (run, rows) in enumerate(grouped):
+        run = run[0] or ""
+        marker = MARKERS[index % len(MARKERS)]
+        color = f"C{index % 10}" if several else "black"
+        r = correlation.filter(pl.col("run") == run)["pearson_r" if by_accuracy else "pearson_r_loss"][0]
+        label = _r_label(run, r, rows.height)
         epochs = rows["epoch"].to_numpy()
-        over_epochs.plot(epochs, rows["forgetting_std_across_layers"].to_numpy(), marker="o", ms=3, color=color, label=label)
-        accuracy_axis.plot(epochs, rows[score].to_numpy(), marker="s", ms=3, ls="--", color=color)
-        scatter.scatter(rows["forgetting_std_across_layers"].to_numpy(), rows[score].to_numpy(), color=color, label=label)
+        over_epochs.plot(epochs, rows["forgetting_std_across_layers"].to_numpy(), marker=marker, ms=4, color=SPREAD_COLOR,
+                         label=f"_spread {run}")  # fmt: skip
+        accuracy_axis.plot(epochs, rows[score].to_numpy(), marker=marker, ms=4, ls="--", color=SCORE_COLOR, label=f"_score {run}")
+        spreads[run or "the run"] = (epochs, rows["forgetting_std_across_layers"].cast(pl.Float64).to_numpy())
+        scores[run or "the run"] = (epochs, rows[score].cast(pl.Float64).to_numpy())
+        if several:
+            run_handles.append(matplotlib.lines.Line2D([], [], ls="none", marker=marker, color="grey", label=run))
+        scatter.scatter(rows["forgetting_std_across_layers"].to_numpy(), rows[score].to_numpy(), color=color,
+                        marker=marker, label=label)  # fmt: skip
         for epoch, x, y in rows.select("epoch", "forgetting_std_across_layers", score).iter_rows():
             scatter.annotate(str(epoch), (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    if several:
+        note_coinciding(over_epochs, {f"{name} (spread)": line for name, line in spreads.items()})
+        note_coinciding(accuracy_axis, {f"{name} ({score_label})": line for name, line in scores.items()}, height=0.07)
+        note_coinciding(scatter, {name: (spreads[name][1], scores[name][1]) for name in spreads})
     over_epochs.set_xlabel("checkpoint epoch")
     over_epochs.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    over_epochs.set_ylabel(f"std of forgetting over layers {first}..{last} (solid)")
-    accuracy_axis.set_ylabel(f"{score_label} (dashed)")
-    over_epochs.legend(fontsize=8)
+    over_epochs.set_ylabel(f"{spread_name}\n(left axis, solid)", color=SPREAD_COLOR)
+    accuracy_axis.set_ylabel(f"{score_label} (right axis, dashed)", color=SCORE_COLOR)
+    over_epochs.tick_params(axis="y", colors=SPREAD_COLOR)
+    accuracy_axis.tick_params(axis="y", colors=SCORE_COLOR)
+    accuracy_axis.spines["left"].set_color(SPREAD_COLOR)
+    accuracy_axis.spines["right"].set_color(SCORE_COLOR)
+    # on the twin axis, drawn last: a legend on the first axis lies under the right axis' lines
+    quantities = [
+        matplotlib.lines.Line2D([], [], color=SPREAD_COLOR, marker="o", ms=4, label="forgetting spread (left axis)"),
+        matplotlib.lines.Line2D([], [], color=SCORE_COLOR, marker="o", ms=4, ls="--", label=f"{score_label} (right axis)"),
+    ]
+    accuracy_axis.legend(handles=quantities + run_handles, fontsize=8, title="run (marker)" if several else None, framealpha=0.7)
+    over_epochs.set_title("over the checkpoint epochs (no interval: one value per epoch)", fontsize=10)
     over_epochs.grid(alpha=0.3)
-    scatter.set_xlabel(f"std of forgetting over layers {first}..{last}")
+    scatter.set_xlabel(spread_name)
     scatter.set_ylabel(score_label)
     scatter.set_title("robustness link (Pearson r over epochs)", fontsize=10)
+    scatter.legend(fontsize=8, framealpha=0.7)
     fewest = int(correlation["n_epochs"].min())
     if fewest < MIN_TRUSTED_EPOCHS:
         figure.suptitle(f"caution: r from {fewest} epoch{'s' if fewest != 1 else ''}; below {MIN_TRUSTED_EPOCHS} "
-                        "epochs a Pearson r says little", color="firebrick", fontsize=10)  # fmt: skip
+                        "epochs a Pearson r cannot reach p < 0.05 even at r = 0.9", color="firebrick", fontsize=10)  # fmt: skip
     scatter.grid(alpha=0.3)
     return figure
