@@ -127,6 +127,17 @@ def test_every_relative_link_of_the_readme_and_the_guide_lands_on_a_file_and_hea
     assert not broken, "\n".join(broken)
 
 
+def test_every_file_of_the_project_the_guide_names_exists() -> None:
+    """`tests/test_x.py`, `bench/x.py`, `cluster/...` in code spans: the tests a page says cover it, the
+    scripts it says to run."""
+    missing = []
+    for page in doc_pages():
+        for name in re.findall(r"`((?:tests|bench|cluster|docker|invariance|jobs)/[\w./-]+\.(?:py|yaml|md|json))`", page.read_text()):
+            if not (ROOT / name).is_file():
+                missing.append(f"{page.relative_to(ROOT)}: {name}")
+    assert not missing, "\n".join(missing)
+
+
 def test_the_slugs_are_githubs() -> None:
     assert slug("Adapters and another head: `finetuned_model`") == "adapters-and-another-head-finetuned_model"
     assert slug("2a. A Ray cluster on VMs: `ray up`") == "2a-a-ray-cluster-on-vms-ray-up"
