@@ -169,15 +169,21 @@ class DataConfig(_Strict):
 
 InversionOptimizer = Literal["reference", "adam"]
 # the step size each optimizer gets when `step_size` is not given (bench/bench_optimizers.py)
-DEFAULT_STEP_SIZE: dict[str, float] = {"reference": 0.5, "adam": 0.05}
+DEFAULT_STEP_SIZE: dict[str, float] = {"reference": 0.5, "adam": 0.1}
 
 
 class InversionConfig(_Strict):
     """The inversion: the reference normalized gradient descent on relative L2, or Adam.
 
     ``step_size`` defaults per ``optimizer`` (DEFAULT_STEP_SIZE): the reference's L2 step 0.5,
-    constant; Adam's learning rate, decayed to 0 over ``iterations`` on a cosine.
+    constant; Adam's learning rate, decayed to 0 over ``iterations`` on a cosine while its momentum
+    rises from 0.5 to 0.9 (core/inversion.py, adam_schedule).
     """
+
+    # Bump when a change to the Adam inversion alters its numbers for unchanged settings: it is
+    # hashed into adam configs only, so reference results (and their hashes) are untouched.
+    # 1: cosine learning rate, beta1 0.9; 2: beta1 rising from 0.5 to 0.9 as the rate falls
+    ADAM_SCHEDULE_VERSION: typing.ClassVar[int] = 2
 
     optimizer: InversionOptimizer = "reference"
     iterations: Int = Field(500, ge=1)
@@ -199,9 +205,13 @@ class InversionConfig(_Strict):
     def numbers_settings(self) -> dict[str, Any]:
         """The settings that change X' (not micro_batch, compile). ``optimizer: reference``, the
         default, is left out: its hash is the one from before the key existed, so results
-        cached by earlier versions stay valid."""
+        cached by earlier versions stay valid. Adam's carry ``adam_schedule`` (ADAM_SCHEDULE_VERSION),
+        left out of version 1 so that hashes of then stay as they were."""
         exclude = {"micro_batch", "compile"} | ({"optimizer"} if self.optimizer == "reference" else set())
-        return self.model_dump(mode="json", exclude=exclude)
+        settings = self.model_dump(mode="json", exclude=exclude)
+        if self.optimizer == "adam" and self.ADAM_SCHEDULE_VERSION > 1:
+            settings["adam_schedule"] = self.ADAM_SCHEDULE_VERSION
+        return settings
 
 
 class InterpolationConfig(_Strict):
