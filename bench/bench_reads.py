@@ -31,12 +31,13 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 from safetensors.torch import save_file
 
+from invariance.io.layout import StirUnit
 from invariance.config import ModelConfig, parse_config
 from invariance.core.models import build_network
 from invariance.core.shards import ShardContext
 from invariance.engine.execute import execute_in_process
 from invariance.engine.plan import make_plan
-from invariance.engine.steps import INVERSION_CACHE_BYTES, RunSpec, Workspace
+from invariance.core.workspace import INVERSION_CACHE_BYTES, RunSpec, Workspace
 from invariance.io.storage import Store
 from invariance.io.synthetic import make_shapes, to_parquet_bytes
 
@@ -177,7 +178,7 @@ def run_plan(folder: Path, epochs: int, cache: bool, samples: int, iterations: i
     tokens = (kwargs["img_size"] // kwargs["patch_size"]) ** 2 + 1
     features = 2 * samples * ((n_layers - 1) * tokens * kwargs["embed_dim"] + kwargs["embed_dim"]) * 4
     return ReadsResult(
-        epochs=epochs, cache=cache, units=summary.completed, shards=len(plan.stir) + len(plan.cka),
+        epochs=epochs, cache=cache, units=summary.completed, shards=len(plan.of_type(StirUnit)) + len(plan.units["cka"]),
         seconds=time.perf_counter() - began, bytes_read=dict(counts), context_bytes_held=held, features_bytes=features,
         rss_first_mb=memory.get(1, 0.0), rss_last_mb=memory.get(epochs, 0.0),
     )  # fmt: skip

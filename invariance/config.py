@@ -333,6 +333,11 @@ class RunConfig(_Strict):
     # not in the settings hash: each alpha is a unit of its own, kNN shards have their own hash
     interpolation: InterpolationConfig | None = None
     knn: KnnProbeConfig | None = None
+    # measures beyond those on in every run (STIR, CKA, subspace similarity) and the knn section:
+    # a built-in's name (``procrustes``) or a user's ``{function: "module:fn", name: ..., per: layer | pair}``,
+    # checked by invariance.measures when the run is planned. Not in the settings hash: each measure's
+    # shards have their own hash
+    measures: list[str | dict[str, Any]] = Field(default_factory=list)
     # a study's runs compared (the paper's Fig. 6) over each run's first N checkpoint epochs (the complete
     # ones among them); None: all.
     # Not in the settings hash: it only chooses what the comparison shows

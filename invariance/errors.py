@@ -24,3 +24,8 @@ class StorageError(InvarianceError):
 class NumericsError(InvarianceError):
     """A unit computed NaN or inf values (e.g. ``model.std`` of 0, diverged weights): nothing
     of it is written or marked done."""
+
+
+class MeasureError(InvarianceError):
+    """A measure's function (a user's ``measures: [{function: ...}]``) raised, or returned something
+    other than a finite number: nothing of its shard is written or marked done."""

@@ -51,7 +51,7 @@ def node_loss(folder: Path) -> dict:
         "removed_after_records": removed_at,
         "failures": result.execution.failures,
         "completed": result.execution.completed,
-        "expected_stir": len(result.plan.stir),
+        "expected_stir": len(result.plan.of_type(StirUnit)),
         "stir_files": len(shard_files),
         "unique_stir_files": len(set(shard_files)),
         "complete_epochs": result.reduced.complete_epochs,

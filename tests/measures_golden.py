@@ -25,6 +25,8 @@ KINDS = {
     "cka": ["epoch", "alpha", "model_a", "layer_a", "model_b", "layer_b"],
     "knn": ["model", "epoch", "alpha", "layer", "k"],
 }
+# written since measures are plug-ins (issue 26): compared with the CKA shards' old column
+NEW_KINDS = {"subspace": ["epoch", "alpha", "layer"]}
 TABLES = ["curves", "flow", "knn"]
 
 
@@ -47,7 +49,7 @@ def shard_rows(output: Path, kind: str) -> pl.DataFrame:
     if not files:
         return pl.DataFrame()
     frame = pl.concat([pl.read_parquet(f) for f in files], how="diagonal_relaxed")
-    return frame.sort(KINDS[kind], nulls_last=False)
+    return frame.sort({**KINDS, **NEW_KINDS}[kind], nulls_last=False)
 
 
 def run_golden(folder: Path) -> dict[str, pl.DataFrame]:
@@ -70,7 +72,7 @@ def run_golden(folder: Path) -> dict[str, pl.DataFrame]:
     plan.refresh(store)
     reduce_plan(plan, store, make_plots=False)
     output = Path(config.output)
-    found = {kind: shard_rows(output, kind) for kind in KINDS}
+    found = {kind: shard_rows(output, kind) for kind in [*KINDS, *NEW_KINDS]}
     found.update({f"reduced_{name}": pl.read_parquet(output / "reduced" / f"{name}.parquet") for name in TABLES})
     return found
 

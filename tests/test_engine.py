@@ -13,7 +13,7 @@ from invariance.engine.execute import SAME_ERROR_LIMIT, ExecuteSummary, execute_
 from invariance.engine.plan import make_plan
 from invariance.engine.steps import Workspace
 from invariance.errors import CheckpointError, ConfigError
-from invariance.io.layout import CkaUnit, InversionUnit, StirUnit
+from invariance.io.layout import InversionUnit, PointUnit, StirUnit
 from invariance.io.storage import Store
 from tests.helpers import GOLDEN_TOLERANCE, tiny_config, write_checkpoints, write_eval_parquet, open_in_process
 
@@ -32,13 +32,14 @@ def test_work_comes_in_submission_order_with_its_dependencies(tmp_path: Path) ->
     work = plan.work()
     kinds = [type(unit).__name__ for unit, _ in work]
     assert kinds[:3] == ["InversionUnit"] * 3  # layers 0..2, seed 0
-    first_checkpoint = [unit for unit, _ in work[3:10]]
+    first_checkpoint = [unit for unit, _ in work[3:11]]
     assert [str(u) for u in first_checkpoint[:3]] == [f"stir epoch=01 ft[{j}] seed 0" for j in range(3)]
-    assert isinstance(first_checkpoint[3], CkaUnit)
+    assert [u.measure for u in first_checkpoint[3:5]] == ["cka", "subspace"] and isinstance(first_checkpoint[3], PointUnit)
+    assert [str(u) for u in first_checkpoint[5:]] == [f"stir epoch=01 pt[{j}] seed 0" for j in range(3)]
     for unit, dependencies in work:
         expected = (InversionUnit(unit.ref_layer, unit.seed),) if isinstance(unit, StirUnit) and unit.ref_model == "pt" else ()
         assert dependencies == expected
-    assert len(work) == 3 + 2 * (6 + 1)
+    assert len(work) == 3 + 2 * (6 + 2)  # per checkpoint: 6 STIR, 1 CKA, 1 subspace shard
 
 
 def test_the_in_process_executor_gives_the_pinned_numbers(tmp_path: Path, torch_single_thread) -> None:
@@ -49,8 +50,8 @@ def test_the_in_process_executor_gives_the_pinned_numbers(tmp_path: Path, torch_
     assert (summary.completed, summary.failures) == (len(plan.work()), [])
     plan.refresh(store)
     assert plan.work() == []
-    stir = store.read_parquet([plan.data_key(u) for u in plan.stir])
-    cka = store.read_parquet([plan.data_key(u) for u in plan.cka])
+    stir = store.read_parquet([plan.data_key(u) for u in plan.of_type(StirUnit)])
+    cka = store.read_parquet([plan.data_key(u) for u in plan.units["cka"]])
     for frame, name, keys, tolerance in (
         (stir, "golden_stir.csv", ["epoch", "ref_model", "ref_layer", "target_model", "target_layer", "seed"], GOLDEN_TOLERANCE["stir"]),
         (cka, "golden_cka.csv", ["epoch", "model_a", "layer_a", "model_b", "layer_b"], GOLDEN_TOLERANCE["cka"]),
@@ -77,9 +78,10 @@ def test_a_unit_whose_dependency_failed_is_not_attempted(tmp_path: Path, monkeyp
 
     monkeypatch.setattr(execute_module, "run_unit", fake_run_unit)
     summary = execute_in_process(plan, spec, workspace=object())
-    assert [type(u).__name__ for u in calls] == ["InversionUnit", "StirUnit", "CkaUnit"]  # pt[0] not attempted
+    assert [str(u) for u in calls] == ["pt inversion layer 0 seed 0", "stir epoch=01 ft[0] seed 0", "cka epoch=01",
+                                       "subspace epoch=01"]  # pt[0] not attempted  # fmt: skip
     assert summary.failures[-1] == ("stir epoch=01 pt[0] seed 0", "not attempted: a unit it depends on failed")
-    assert summary.completed == 2 and not summary.stopped_early
+    assert summary.completed == 3 and not summary.stopped_early
 
 
 def test_the_same_error_on_the_first_units_stops_the_run_once(tmp_path: Path, monkeypatch, caplog) -> None:
@@ -118,16 +120,16 @@ def test_one_bad_checkpoint_first_in_line_does_not_stop_the_others(tmp_path: Pat
         return "ok"
 
     monkeypatch.setattr(execute_module, "run_unit", corrupt_first)
-    monkeypatch.setattr(type(plan), "work", lambda self: [(u, ()) for u in [*self.stir, *self.cka]])
+    monkeypatch.setattr(type(plan), "work", lambda self: [(u, ()) for u in [*self.of_type(StirUnit), *self.units["cka"]]])
     summary = execute_in_process(plan, spec, workspace=Workspace("cpu"))
     assert not summary.stopped_early
     assert summary.failures and all(bad in message for _, message in summary.failures)
-    assert summary.completed == len(plan.stir) + len(plan.cka) - len(summary.failures) > 0
+    assert summary.completed == len(plan.of_type(StirUnit)) + len(plan.units["cka"]) - len(summary.failures) > 0
     # the same message from two checkpoints, from the pretrained model's units, or from the one
     # checkpoint there is (nothing else queued: a systematic error) still stops
-    one_checkpoint = [u for u in plan.stir if u.checkpoint_url == bad]
-    for units, queued in (([plan.stir[0], plan.stir[0], next(u for u in plan.stir if u.checkpoint_url != bad)], plan.stir),
-                          ([InversionUnit(0, 0), InversionUnit(0, 1), InversionUnit(1, 0)], plan.stir),
+    one_checkpoint = [u for u in plan.of_type(StirUnit) if u.checkpoint_url == bad]
+    for units, queued in (([plan.of_type(StirUnit)[0], plan.of_type(StirUnit)[0], next(u for u in plan.of_type(StirUnit) if u.checkpoint_url != bad)], plan.of_type(StirUnit)),
+                          ([InversionUnit(0, 0), InversionUnit(0, 1), InversionUnit(1, 0)], plan.of_type(StirUnit)),
                           (one_checkpoint[:3], one_checkpoint)):  # fmt: skip
         guarded = ExecuteSummary()
         guarded.expect([(u, ()) for u in queued])

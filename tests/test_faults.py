@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 from invariance.config import parse_config
 from invariance.errors import StorageError
-from invariance.io.layout import MANIFESTS
+from invariance.io.layout import MANIFESTS, InversionUnit, StirUnit
 from invariance.io.storage import Store
 from jobs.cli import main as cli_main
 from jobs.run import reduce_only, run
@@ -82,13 +82,13 @@ def test_killed_driver_rerun_gives_the_rows_of_an_uninterrupted_run(workspace: P
 
     resumed = run(parse_config(raw), progress=False)
     assert resumed.execution.failures == []
-    assert resumed.execution.submitted < len(resumed.plan.stir) + len(resumed.plan.cka) + len(resumed.plan.inversions)
+    assert resumed.execution.submitted < len(resumed.plan.of_type(StirUnit)) + len(resumed.plan.units["cka"]) + len(resumed.plan.of_type(InversionUnit))
     assert interrupted_records >= 10
 
     reference = run(parse_config({**raw, "output": str(workspace / "reference")}), progress=False)
     assert reference.execution.failures == []
     got, want = _stir_table(workspace / "interrupted"), _stir_table(workspace / "reference")
-    assert got.height == want.height == len(reference.plan.stir) * 2 * 3
+    assert got.height == want.height == len(reference.plan.of_type(StirUnit)) * 2 * 3
     assert got.select("epoch", "ref_model", "ref_layer", "target_model", "target_layer", "seed").is_duplicated().sum() == 0
     torch.testing.assert_close(got["stir"].to_torch(), want["stir"].to_torch(), atol=1e-6, rtol=0)
     torch.testing.assert_close(got["stir_debiased"].to_torch(), want["stir_debiased"].to_torch(), atol=1e-6, rtol=0)

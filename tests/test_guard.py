@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from invariance.io.layout import InversionUnit, StirUnit
 from invariance.config import RunConfig
 from invariance.errors import StorageError
 from invariance.engine import lease as lease_module
@@ -222,7 +223,7 @@ def test_submission_id_follows_the_work_left(tmp_path: Path, capsys) -> None:
 
     # part of the work done (a run that failed half way): another id, so a scheduler retries;
     # a unit is done when its record and its data object exist
-    units = sorted([*plan.missing_inversions, *plan.missing_stir, *plan.missing_cka], key=plan.record_key)
+    units = sorted(plan.missing(), key=plan.record_key)
     for unit in units[: len(units) // 2]:
         store.put(plan.data_key(unit), b"data")
         store.put(plan.record_key(unit), b"{}")

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from invariance.io.layout import InversionUnit
 from invariance.config import DataConfig, ModelConfig
 from invariance.core.models import load_model
 from invariance.errors import CheckpointError, DataError
@@ -245,11 +246,11 @@ def test_replaced_pretrained_weights_or_eval_images_change_both_hashes(tmp_path)
     # the pretrained file replaced in place (same name, same size)
     save_file(tiny_state(7), str(tmp_path / "ckpt" / "pretrained.safetensors"))
     replaced = _plan(tmp_path)[2]
-    assert replaced.settings_hash != plan.settings_hash and replaced.inversion_hash != plan.inversion_hash
+    assert replaced.settings_hash != plan.settings_hash and replaced.hashes["inversion"] != plan.hashes["inversion"]
     # other eval images under the same data config: the cached pt inversions of the old ones are not reused
     write_eval_parquet(tmp_path / "data", n=30)
     more = _plan(tmp_path)[2]
-    assert more.inversion_hash != replaced.inversion_hash and more.settings_hash != replaced.settings_hash
+    assert more.hashes["inversion"] != replaced.hashes["inversion"] and more.settings_hash != replaced.settings_hash
 
 
 def test_a_checkpoint_replaced_under_its_epoch_is_computed_anew(tmp_path, torch_single_thread):
@@ -270,8 +271,8 @@ def test_a_checkpoint_replaced_under_its_epoch_is_computed_anew(tmp_path, torch_
     # retrained epoch 2: same file name, other weights
     save_file(perturbed(tiny_state(0), 0.3, seed=99), str(tmp_path / "ckpt" / "ft" / "epoch=02.safetensors"))
     _, _, again = _plan(tmp_path)
-    assert again.settings_hash == plan.settings_hash and again.inversion_hash == plan.inversion_hash
-    assert again.missing_inversions == [] and again.incomplete_epochs() == {2: len(again.layers) * 2 + 1}
+    assert again.settings_hash == plan.settings_hash and again.hashes["inversion"] == plan.hashes["inversion"]
+    assert again.missing_of_type(InversionUnit) == [] and again.incomplete_epochs() == {2: len(again.layers) * 2 + 1}
     assert execute_in_process(again, spec, Workspace("cpu")).failures == []
     again.refresh(store)
     second = reduce_plan(again, store, make_plots=False).curves

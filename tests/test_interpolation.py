@@ -17,7 +17,7 @@ from invariance.engine.plan import make_plan
 from invariance.engine.reduce import reduce_plan
 from invariance.engine.steps import Workspace
 from invariance.errors import ConfigError, DataError
-from invariance.io.layout import KNN_ALPHA_PLOT, KNN_LAYERS_PLOT, REDUCED_KNN, KnnUnit, interpolation_plot_key
+from invariance.io.layout import KNN_ALPHA_PLOT, KNN_LAYERS_PLOT, REDUCED_KNN, KnnUnit, StirUnit, interpolation_plot_key
 from invariance.io.storage import Store
 from tests.helpers import GOLDEN_TOLERANCE, TINY_MODEL, tiny_config, write_checkpoints, write_eval_parquet, open_in_process
 
@@ -47,10 +47,10 @@ def test_alpha_zero_measures_nothing_alpha_one_is_the_checkpoint_and_a_new_alpha
     store, plan, spec = open_in_process(config)
     # alpha 1 is the checkpoint itself: the same units under the same keys as without interpolation
     assert plan.settings_hash == plain_plan.settings_hash
-    plain_keys = {plain_plan.data_key(u) for u in [*plain_plan.stir, *plain_plan.cka]}
-    assert plain_keys <= {plan.data_key(u) for u in [*plan.stir, *plan.cka]}
-    assert {u.alpha for u in plan.stir if u.epoch == 1} == {1.0}  # epochs: last (2) gets the path
-    assert [u for u in plan.knn if u.model == "pt"] == [KnnUnit(-1, "pt")]
+    plain_keys = {plain_plan.data_key(u) for u in [*plain_plan.of_type(StirUnit), *plain_plan.units["cka"]]}
+    assert plain_keys <= {plan.data_key(u) for u in [*plan.of_type(StirUnit), *plan.units["cka"]]}
+    assert {u.alpha for u in plan.of_type(StirUnit) if u.epoch == 1} == {1.0}  # epochs: last (2) gets the path
+    assert [u for u in plan.units["knn"] if u.model == "pt"] == [KnnUnit(-1, "pt")]
     summary = execute_in_process(plan, spec, Workspace("cpu"))
     assert summary.failures == [] and summary.completed == len(plan.work())
     plan.refresh(store)
@@ -63,7 +63,7 @@ def test_alpha_zero_measures_nothing_alpha_one_is_the_checkpoint_and_a_new_alpha
         assert at_zero[metric].to_list() == [0.0] * len(plan.layers), metric
     assert curves.filter(pl.col("alpha") == 1.0)["forgetting_mean"].abs().max() > 1e-4  # the checkpoints moved
     # alpha 1 rows equal the pinned rows of the same run without interpolation
-    stir = store.read_parquet([plan.data_key(u) for u in plan.stir])
+    stir = store.read_parquet([plan.data_key(u) for u in plan.of_type(StirUnit)])
     assert {"run", "alpha"} <= set(stir.columns)
     plain_stir = stir.filter(pl.col("alpha") == 1.0)
     keys = ["epoch", "ref_model", "ref_layer", "target_model", "target_layer", "seed"]
@@ -85,12 +85,12 @@ def test_alpha_zero_measures_nothing_alpha_one_is_the_checkpoint_and_a_new_alpha
     for key in (KNN_LAYERS_PLOT, KNN_ALPHA_PLOT, interpolation_plot_key(2), "reports/index.html"):
         assert store.exists(key), key
     # status.json names the kNN table's settings: a table of other settings is visible as such
-    assert json.loads(store.get("reduced/status.json"))["knn_settings"] == plan.knn_hash == knn["settings"][0]
+    assert json.loads(store.get("reduced/status.json"))["knn_settings"] == plan.hashes["knn"] == knn["settings"][0]
     assert "Along the weight path" in store.get("reports/index.html").decode()
 
     # a point of the path missing one shard (its record gone, as after a failed unit): left out of the
     # tables, while the checkpoint's own rows (alpha 1) stay
-    lost = next(u for u in plan.stir if u.alpha == 0.0)
+    lost = next(u for u in plan.of_type(StirUnit) if u.alpha == 0.0)
     saved_record = store.get(plan.record_key(lost))
     store.fs.rm_file(store.path(plan.record_key(lost)))
     plan.refresh(store)
@@ -111,7 +111,7 @@ def test_alpha_zero_measures_nothing_alpha_one_is_the_checkpoint_and_a_new_alpha
     store, plan, spec = open_in_process(wider)
     work = [unit for unit, _ in plan.work()]
     assert work and {getattr(u, "alpha", None) for u in work} == {0.5}
-    assert len(work) == 2 * len(plan.layers) * len(wider.seeds) + 1 + 1  # STIR, CKA, kNN of epoch 2 at 0.5
+    assert len(work) == 2 * len(plan.layers) * len(wider.seeds) + 1 + 1 + 1  # STIR, CKA, subspace, kNN of epoch 2 at 0.5
     assert {(getattr(u, "model", "ft"), u.epoch) for u in work} == {("ft", 2)}
     assert execute_in_process(plan, spec, Workspace("cpu")).failures == []
     plan.refresh(store)
@@ -262,7 +262,7 @@ def test_a_knn_bank_replaced_in_place_is_planned_anew_and_a_missing_one_is_named
         update={"path": str(tmp_path / "bank")})})})  # fmt: skip
     store = Store(config.output)
     before = make_plan(config, store)
-    assert make_plan(config, store).knn_hash == before.knn_hash  # nothing changed: the same hash
+    assert make_plan(config, store).hashes["knn"] == before.hashes["knn"]  # nothing changed: the same hash
     bank_file = next((tmp_path / "bank").glob("*.parquet"))
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -270,10 +270,10 @@ def test_a_knn_bank_replaced_in_place_is_planned_anew_and_a_missing_one_is_named
     table = pq.read_table(bank_file)
     pq.write_table(table.take(list(range(table.num_rows))[::-1]), bank_file)  # other bytes, same name and count
     after = make_plan(config, store)
-    assert after.knn_hash != before.knn_hash
+    assert after.hashes["knn"] != before.hashes["knn"]
     assert after.settings_hash == before.settings_hash  # STIR and CKA shards are kept
     (tmp_path / "bank" / "extra.parquet").write_bytes(bank_file.read_bytes())  # a file added
-    assert make_plan(config, store).knn_hash not in (before.knn_hash, after.knn_hash)
+    assert make_plan(config, store).hashes["knn"] not in (before.hashes["knn"], after.hashes["knn"])
     # the eval images' labels rewritten in place, images untouched: the kNN queries' truth changed
     eval_file = next((tmp_path / "data").glob("*.parquet"))
     eval_table = pq.read_table(eval_file)
@@ -284,7 +284,7 @@ def test_a_knn_bank_replaced_in_place_is_planned_anew_and_a_missing_one_is_named
     pq.write_table(relabelled, eval_file)
     after_labels = make_plan(config, store)
     assert after_labels.settings_hash == before_labels.settings_hash  # the images are the same
-    assert after_labels.knn_hash != before_labels.knn_hash
+    assert after_labels.hashes["knn"] != before_labels.hashes["knn"]
     # the bank is resized as the eval images are: another size for it alone is refused
     sized = config.model_copy(update={"knn": config.knn.model_copy(update={"train": config.knn.train.model_copy(
         update={"image_size": 32})})})  # fmt: skip

@@ -9,6 +9,7 @@ import polars as pl
 import pytest
 import torch
 
+from invariance.io.layout import InversionUnit, StirUnit
 from invariance.config import parse_config
 from invariance.core.inversion import InversionResult
 from invariance.engine.execute import execute_in_process
@@ -58,8 +59,8 @@ def _run(tmp_path: Path, epochs: list[int], cache_bytes: int | None) -> tuple[di
     with reads.counting_reads() as counts:
         summary = execute_in_process(plan, spec, workspace)
     assert summary.failures == []
-    stir = store.read_parquet([plan.data_key(u) for u in plan.stir]).drop("version").sort(pl.all())
-    return dict(counts), stir, len(plan.inversions)
+    stir = store.read_parquet([plan.data_key(u) for u in plan.of_type(StirUnit)]).drop("version").sort(pl.all())
+    return dict(counts), stir, len(plan.of_type(InversionUnit))
 
 
 def test_a_worker_reads_each_pretrained_inversion_once_whatever_the_checkpoints(tmp_path: Path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+from invariance.io.layout import InversionUnit
 from invariance.config import parse_config
 from invariance.engine.plan import make_plan
 from invariance.io.storage import Store
@@ -24,7 +25,7 @@ def test_a_plan_of_one_checkpoint_says_so_in_the_singular(tmp_path: Path) -> Non
     describe_plan(make_plan(config, Store(config.output)), out=out)
     text = out.getvalue()
     assert ": 1 checkpoint (epoch 1)" in text and "1 checkpoints" not in text
-    assert "units (a unit: one pretrained inversion, or one STIR, CKA or kNN shard)" in text
+    assert "units (a unit: one pretrained inversion, or one shard of a measure)" in text
 
 
 def test_every_command_help_gives_its_exit_codes_and_finetune_names_a_reference_that_exists(capsys) -> None:
@@ -90,5 +91,5 @@ def test_the_plan_says_when_a_workers_x_cache_cannot_hold_every_pretrained_x(tmp
     (tmp_path / "small.json").write_text(json.dumps({**raw, "resources": {"inversion_cache_gb": 1e-6}}))
     plan_only(str(tmp_path / "small.json"), with_cost=False)
     out = capsys.readouterr().out
-    n_inversions = len(plan.inversions)
+    n_inversions = len(plan.of_type(InversionUnit))
     assert f"X' cache: the {n_inversions} pretrained X' take" in out and "resources.inversion_cache_gb" in out

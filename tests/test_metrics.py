@@ -287,18 +287,24 @@ def test_subspace_similarity_is_one_for_identical_models_and_drops_only_where_bl
     from invariance.core.shards import batched_features
     from invariance.core.subspace import subspace_similarity
 
-    same = metrics.curves(*identical_tables)
+    from invariance.measures.subspace import SUBSPACE_SCHEMA, Subspace, subspace_rows
+
+    def curve(finetuned: FeatureModel) -> pl.DataFrame:
+        """The subspace measure's rows of a checkpoint and the column they give the curves."""
+        context = ShardContext({"pt": pretrained, "ft": finetuned}, eval_images, LAYERS, "flatten", InversionConfig())
+        rows = rows_frame(({**CHECKPOINT, **row} for row in subspace_rows(context)), SUBSPACE_SCHEMA)
+        return Subspace().curve_columns({"subspace": rows}).sort("layer")
+
+    same = curve(copy.deepcopy(pretrained))
     assert same["subspace_similarity"].to_list() == pytest.approx([1.0] * len(LAYERS), abs=1e-9)
-    changed = metrics.curves(*changed_tables).sort("layer")
-    values = changed["subspace_similarity"].to_list()
-    assert values[:CHANGED_FROM] == pytest.approx([1.0] * CHANGED_FROM, abs=1e-9)
-    assert all(v < 0.999 for v in values[CHANGED_FROM:])
-    cka = changed_tables[1]
-    undefined = cka.filter((pl.col("layer_a") != pl.col("layer_b")) | (pl.col("model_a") == pl.col("model_b")))
-    assert undefined["subspace_similarity"].null_count() == undefined.height
-    # the shard's value is the core function on the layer's features (16 images, k = 10)
     finetuned = copy.deepcopy(pretrained)
     redraw_blocks(finetuned, range(CHANGED_FROM, finetuned.depth), seed=2)
+    values = curve(finetuned)["subspace_similarity"].to_list()
+    assert values[:CHANGED_FROM] == pytest.approx([1.0] * CHANGED_FROM, abs=1e-9)
+    assert all(v < 0.999 for v in values[CHANGED_FROM:])
+    cka = changed_tables[1]  # CKA shards leave the column to the subspace measure
+    assert cka["subspace_similarity"].null_count() == cka.height
+    # the shard's value is the core function on the layer's features (16 images, k = 10)
     layer = LAYERS[-1]
     direct = subspace_similarity(batched_features(finetuned, eval_images.images, [layer], "flatten")[layer],
                                  batched_features(pretrained, eval_images.images, [layer], "flatten")[layer])  # fmt: skip

@@ -3,7 +3,7 @@ all`, 12 blocks and the pre-logits = 13 layers) through `invariance run` on a lo
 cannot run offline swapped (a tiny width and image, local files, few iterations, 2 seeds).
 
 Two checkpoints, one of them surgical (blocks below SURGICAL_FROM identical to the pretrained
-model), STIR + CKA + subspace similarity + kNN, reduced. Every CKA shard failed at this shape
+model), STIR + CKA + subspace similarity + kNN + Procrustes, reduced. Every CKA shard failed at this shape
 (`subspace_similarity` inferred as Null from its first 100 rows), so no curve was ever reduced."""
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def test_every_unit_completes_and_both_checkpoints_reduce(paper_shape_run) -> No
     _, result = paper_shape_run
     assert result.execution.failures == []
     # pt inversions 13 x 2 seeds; per checkpoint 2 ref models x 13 x 2 STIR shards + 1 CKA; kNN: pt + 2
-    assert result.execution.completed == 26 + 2 * (52 + 1) + 3
+    assert result.execution.completed == 26 + 2 * (52 + 1 + 1 + 1) + 3  # per checkpoint: STIR, CKA, subspace, Procrustes
     assert result.reduced.complete_epochs == [1, 2]
 
 
@@ -75,6 +75,8 @@ def test_curves_flow_and_knn_cover_all_13_layers(paper_shape_run) -> None:
     assert curves.schema["subspace_similarity"] == pl.Float64
     flow = pl.read_parquet(out / "reduced" / "flow.parquet")
     assert flow.height == 2 * LAYERS * LAYERS
+    procrustes = pl.read_parquet(out / "reduced" / "procrustes.parquet")
+    assert procrustes.height == 2 * 4 * LAYERS * LAYERS and procrustes["procrustes"].is_finite().all()
     knn = pl.read_parquet(out / "reduced" / "knn.parquet")
     assert knn.group_by("model", "epoch").len().sort("epoch", nulls_last=False)["len"].to_list() == [LAYERS] * 3
 
@@ -92,3 +94,8 @@ def test_the_surgical_checkpoint_changes_nothing_below_its_first_changed_block(p
     above = curves.filter(pl.col("layer") >= SURGICAL_FROM)
     assert above["cka_divergence_mean"].max() > 1e-4
     assert (above["subspace_similarity"] < 1.0 - 1e-6).any()
+    # Procrustes: 0 between pt[i] and ft[i] below the first changed block, more than 0 above it
+    procrustes = pl.read_parquet(out / "reduced" / "procrustes.parquet").filter(
+        (pl.col("epoch") == 1) & (pl.col("model_a") == "pt") & (pl.col("model_b") == "ft") & (pl.col("layer_a") == pl.col("layer_b")))
+    assert procrustes.filter(pl.col("layer_a") < SURGICAL_FROM)["procrustes"].abs().max() < 1e-9
+    assert procrustes.filter(pl.col("layer_a") >= SURGICAL_FROM)["procrustes"].min() > 1e-6

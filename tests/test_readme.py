@@ -192,8 +192,9 @@ def test_the_readmes_own_run_plans_what_its_comment_says(tmp_path: Path, monkeyp
     assert raw["model"] == DEMO_MODEL
     demo = demo_config(Path("invariance-demo"))
     assert raw["data"]["n_samples"] == demo["data"]["n_samples"] and raw["seeds"] == demo["seeds"]
-    claim = re.search(r"# (\d+) checkpoints, (\d+) units: (\d+) pretrained inversions, (\d+) STIR and (\d+) CKA shards", commands)
-    n_checkpoints, n_units, n_inversions, n_stir, n_cka = map(int, claim.groups())
+    claim = re.search(r"# (\d+) checkpoints, (\d+) units: (\d+) pretrained inversions, (\d+) STIR, (\d+) CKA and (\d+) "
+                      r"subspace shards", commands)  # fmt: skip
+    n_checkpoints, n_units, n_inversions, n_stir, n_cka, n_subspace = map(int, claim.groups())
 
     _demo_shaped_folder(tmp_path, raw["model"], epochs=n_checkpoints, n_images=raw["data"]["n_samples"])
     (tmp_path / "my-analysis").mkdir()
@@ -206,8 +207,9 @@ def test_the_readmes_own_run_plans_what_its_comment_says(tmp_path: Path, monkeyp
     assert f"{n_checkpoints} checkpoints" in printed
     assert f"pretrained inversions: 0/{n_inversions} cached" in printed
     assert f"STIR shards: 0/{n_stir} done" in printed and f"CKA shards:  0/{n_cka} done" in printed
+    assert f"subspace shards: 0/{n_subspace} done" in printed
     assert f"to compute:  {n_units} units" in printed
-    assert n_units == n_inversions + n_stir + n_cka
+    assert n_units == n_inversions + n_stir + n_cka + n_subspace
     # `output: results` lands beside the config, where the commands open the report
     assert "my-analysis/results/reports/index.html" in commands
 

@@ -61,7 +61,7 @@ def test_a_rerun_with_nothing_to_compute_starts_no_ray(finished: Path, monkeypat
 
 def test_an_unreadable_shard_is_recomputed_by_the_same_run(finished: Path, capsys) -> None:
     config, _, plan, _ = run_module.open_run(str(finished))
-    shard = Path(config.output) / plan.data_key(next(u for u in plan.cka if u.epoch == 2))
+    shard = Path(config.output) / plan.data_key(next(u for u in plan.units["cka"] if u.epoch == 2))
     shard.write_bytes(b"PAR1 truncated")
     result = run_module.run(str(finished), progress=False)
     assert [str(u) for u in result.reduced.unreadable] == []  # the second reduce found them all readable

@@ -107,7 +107,7 @@ def test_the_settings_hash_does_not_depend_on_where_the_project_lies(tmp_path: P
     for root in (first, second):
         path = _relative_config(root, output=str(tmp_path / "shared-out"))
         _, _, plan, _ = open_run(str(path))
-        hashes.append((plan.settings_hash, plan.inversion_hash))
+        hashes.append((plan.settings_hash, plan.hashes["inversion"]))
     assert hashes[0] == hashes[1]
 
 

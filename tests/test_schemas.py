@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from invariance.config import ModelConfig, parse_config
 from invariance.core.models import build_network
 from invariance.engine.steps import Workspace, run_unit
+from invariance.measures.subspace import SUBSPACE_SCHEMA
 from invariance.io.schemas import CKA_SCHEMA, STIR_SCHEMA, conform, rows_frame
 from tests.helpers import open_in_process, perturbed, write_eval_parquet
 
@@ -36,17 +37,18 @@ def test_a_cka_shard_at_25_layers_is_written_with_its_declared_types(tmp_path: P
     })  # fmt: skip
     store, plan, spec = open_in_process(config)
     assert plan.layers == list(range(25))
-    (cka_unit,) = plan.cka
+    (cka_unit,) = plan.units["cka"]
     run_unit(spec, cka_unit, Workspace("cpu"))  # raised ComputeError: the first 625 rows' subspace is null
 
     shard = store.read_parquet([plan.data_key(cka_unit)])
     assert shard.schema == pl.Schema(CKA_SCHEMA)
     assert shard.height == 4 * 25 * 25
-    defined = shard.filter(pl.col("subspace_similarity").is_not_null())
-    # defined on ft[i] against pt[i] and pt[i] against ft[i], every layer, and nowhere else
-    assert defined.height == 2 * 25
-    assert (defined["layer_a"] == defined["layer_b"]).all() and (defined["model_a"] != defined["model_b"]).all()
-    assert defined["subspace_similarity"].is_between(0.0, 1.0 + 1e-9).all()
+    assert shard["subspace_similarity"].null_count() == shard.height  # the subspace measure's own shard holds it
+    (subspace_unit,) = plan.units["subspace"]
+    run_unit(spec, subspace_unit, Workspace("cpu"))
+    subspace = store.read_parquet([plan.data_key(subspace_unit)])
+    assert subspace.schema == pl.Schema(SUBSPACE_SCHEMA) and subspace["layer"].to_list() == list(range(25))
+    assert subspace["subspace_similarity"].is_between(0.0, 1.0 + 1e-9).all()
 
 
 def test_rows_of_all_null_leading_values_keep_their_declared_type() -> None:

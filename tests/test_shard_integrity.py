@@ -6,13 +6,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import polars as pl
 import pytest
 
 from invariance.config import parse_config
 from invariance.engine.execute import execute_in_process
 from invariance.engine.reduce import reduce_plan
 from invariance.engine.steps import Workspace
-from invariance.io.layout import MANIFESTS
+from invariance.io.layout import MANIFESTS, InversionUnit, StirUnit
 from invariance.io.synthetic import ShapesDataset, make_shapes, to_parquet_bytes
 from tests.helpers import tiny_config, write_checkpoints, write_eval_parquet, open_in_process
 
@@ -35,7 +36,7 @@ def test_a_record_whose_shard_file_was_deleted_is_recomputed(finished) -> None:
     tmp_path, store, spec = finished
     _, plan, _ = _open(tmp_path)
     assert plan.work() == []
-    lost = next(u for u in plan.stir if (u.epoch, u.ref_model, u.ref_layer, u.seed) == (2, "ft", 2, 0))
+    lost = next(u for u in plan.of_type(StirUnit) if (u.epoch, u.ref_model, u.ref_layer, u.seed) == (2, "ft", 2, 0))
     (tmp_path / "out" / plan.data_key(lost)).unlink()
     _, plan, spec = _open(tmp_path)
     assert [str(unit) for unit, _ in plan.work()] == ["stir epoch=02 ft[2] seed 0"]
@@ -49,7 +50,7 @@ def test_a_record_whose_shard_file_was_deleted_is_recomputed(finished) -> None:
 def test_an_unreadable_shard_is_missing_again_and_recomputed(finished) -> None:
     tmp_path, store, spec = finished
     _, plan, _ = _open(tmp_path)
-    cka = (tmp_path / "out" / plan.data_key(next(u for u in plan.cka if u.epoch == 1)))
+    cka = (tmp_path / "out" / plan.data_key(next(u for u in plan.units["cka"] if u.epoch == 1)))
     cka.write_bytes(cka.read_bytes()[:50])  # truncated
     result = reduce_plan(plan, store, make_plots=False)
     assert [str(u) for u in result.unreadable] == ["cka epoch=01"]
@@ -71,11 +72,16 @@ def test_non_finite_rows_are_never_written_nor_marked_done(tmp_path: Path, torch
     (tmp_path / "data" / "test-00000-of-00001.parquet").write_bytes(to_parquet_bytes(alike, "texture"))
     store, plan, spec = _open(tmp_path)
     summary = execute_in_process(plan, spec, Workspace("cpu"))
-    assert summary.completed == 2  # the two pt inversions: finite losses
+    # the two pt inversions (finite losses), and the subspace shard: finite features of no variance, its
+    # similarity undefined (null), as it is for fewer than k + 1 images
+    assert summary.completed == 3
     assert summary.failures and all("non-finite values (NaN or inf) in stir" in m or "in cka" in m
                                     for _, m in summary.failures)  # fmt: skip
     assert "FAILED stir epoch=01 ft[0] seed 0: non-finite values (NaN or inf) in stir (" in caplog.text
     assert not (tmp_path / "out" / "stir").exists() and not (tmp_path / "out" / "cka").exists()
+    subspace = pl.read_parquet(next((tmp_path / "out" / "subspace").rglob("*.parquet")))["subspace_similarity"]
+    assert subspace.len() == len(plan.layers) and subspace.null_count() == subspace.len()
     plan.refresh(store)
-    assert len(plan.missing_stir) == len(plan.stir)
-    assert not list((tmp_path / "out" / MANIFESTS).glob("settings=*"))
+    assert len(plan.missing_of_type(StirUnit)) == len(plan.of_type(StirUnit))
+    # no record of STIR or CKA (the subspace shard's record is under its own hash)
+    assert not list((tmp_path / "out" / MANIFESTS).glob(f"settings={plan.settings_hash}"))

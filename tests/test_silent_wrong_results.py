@@ -48,7 +48,7 @@ def test_editing_the_factory_code_changes_the_settings_hash(tmp_path: Path, monk
         textwrap.dedent(FACTORY_SOURCE).replace('pool="token"', 'pool="avg"'))  # fmt: skip
     sys.modules.pop("issue25_factory_a", None)  # a new process imports the edited file
     after = make_plan(parse_config(raw), Store(raw["output"]))
-    assert after.settings_hash != before.settings_hash and after.inversion_hash != before.inversion_hash
+    assert after.settings_hash != before.settings_hash and after.hashes["inversion"] != before.hashes["inversion"]
     # the same file again: the same hash (the fingerprint is of the source, not of the import)
     assert make_plan(parse_config(raw), Store(raw["output"])).settings_hash == after.settings_hash
     # finetuned_model.factory likewise
@@ -182,7 +182,7 @@ def test_a_bank_that_is_the_eval_images_is_refused(tmp_path: Path) -> None:
         make_plan(parse_config(single), Store(raw["output"]))
     assert not (tmp_path / "out").exists()
     train = {**raw, "knn": {"train": {**bank, "split": "train"}, "k": [3]}}
-    assert make_plan(parse_config(train), Store(raw["output"])).knn_hash
+    assert make_plan(parse_config(train), Store(raw["output"])).hashes["knn"]
     # image folders with split folders likewise
     _image_folder(tmp_path / "folders" / "test", {"a": [0, 1, 2], "b": [3, 4, 5]})
     _image_folder(tmp_path / "folders" / "train", {"a": [6, 7, 8], "b": [9, 10, 11]})

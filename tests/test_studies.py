@@ -19,7 +19,7 @@ from invariance.engine.steps import Workspace
 from invariance.errors import CheckpointError, ConfigError
 from invariance.io.checkpoints import discover_checkpoints
 from invariance.io.layout import (
-    REDUCED_CURVES, REDUCED_FLOW, REDUCED_ROBUSTNESS, REDUCED_STATUS, REPORT, RUNS_COMPARED_PLOT, CkaUnit, InversionUnit,
+    REDUCED_CURVES, REDUCED_FLOW, REDUCED_ROBUSTNESS, REDUCED_STATUS, REPORT, RUNS_COMPARED_PLOT, InversionUnit, PointUnit,
     StirUnit, dynamics_plot_key, finetune_metrics_key, flow_plot_key, layer_curves_plot_key,
 )  # fmt: skip
 from invariance.training.config import trial_name
@@ -69,12 +69,12 @@ def test_a_study_shares_the_pretrained_inversions_and_a_later_run_computes_only_
 
     assert plan.runs == {run: EPOCHS for run in sorted(RUNS)}
     per_checkpoint = 2 * len(plan.layers) * len(config.seeds)  # pt and ft references x layers x seeds
-    assert len(plan.inversions) == len(plan.layers) * len(config.seeds)  # one set, not one per run
-    assert len(plan.stir) == len(RUNS) * len(EPOCHS) * per_checkpoint and len(plan.cka) == len(RUNS) * len(EPOCHS)
+    assert len(plan.of_type(InversionUnit)) == len(plan.layers) * len(config.seeds)  # one set, not one per run
+    assert len(plan.of_type(StirUnit)) == len(RUNS) * len(EPOCHS) * per_checkpoint and len(plan.units["cka"]) == len(RUNS) * len(EPOCHS)
     # the run sits in every unit's keys, as a hive folder after settings= (encoded where it holds '=' or ',')
-    unit = next(u for u in plan.stir if u.run == "lr=0.01,optimizer=sgd")
+    unit = next(u for u in plan.of_type(StirUnit) if u.run == "lr=0.01,optimizer=sgd")
     assert plan.data_key(unit).startswith(f"stir/settings={plan.settings_hash}/run=lr%3D0.01%2Coptimizer%3Dsgd/epoch=")
-    assert {plan.data_key(u).split("/")[2] for u in plan.cka} == {f"run={r}" for r in RUNS[:2]} | {"run=lr%3D0.01%2Coptimizer%3Dsgd"}
+    assert {plan.data_key(u).split("/")[2] for u in plan.units["cka"]} == {f"run={r}" for r in RUNS[:2]} | {"run=lr%3D0.01%2Coptimizer%3Dsgd"}
     describe_plan(plan)
     printed = capsys.readouterr().out
     assert "3 runs (one set of pretrained inversions for all)" in printed
@@ -82,8 +82,8 @@ def test_a_study_shares_the_pretrained_inversions_and_a_later_run_computes_only_
 
     summary = execute_in_process(plan, spec, Workspace("cpu"))
     assert summary.failures == []
-    assert summary.completed == len(plan.inversions) + len(plan.stir) + len(plan.cka)
-    assert len(store.list("_cache/inversions")) == len(plan.inversions)
+    assert summary.completed == len(plan.of_type(InversionUnit)) + len(plan.of_type(StirUnit)) + len(plan.units["cka"]) + len(plan.units["subspace"])
+    assert len(store.list("_cache/inversions")) == len(plan.of_type(InversionUnit))
     plan.refresh(store)
     result = reduce_plan(plan, store)
     assert sorted(result.complete_checkpoints) == sorted((run, epoch) for run in RUNS for epoch in EPOCHS)
@@ -134,10 +134,10 @@ def test_a_study_shares_the_pretrained_inversions_and_a_later_run_computes_only_
     # a fourth run of the growing sweep: only its own shards are missing, no inversion
     write_run(tmp_path / "sweep", LATE_RUN, scale=0.2)
     store, later, spec = open_in_process(config)
-    assert later.settings_hash == plan.settings_hash and later.inversion_hash == plan.inversion_hash
-    assert later.missing_inversions == []
-    missing = [*later.missing_stir, *later.missing_cka]
-    assert {u.run for u in missing} == {LATE_RUN} and len(missing) == len(EPOCHS) * (per_checkpoint + 1)
+    assert later.settings_hash == plan.settings_hash and later.hashes["inversion"] == plan.hashes["inversion"]
+    assert later.missing_of_type(InversionUnit) == []
+    missing = [*later.missing_of_type(StirUnit), *later.missing("cka"), *later.missing("subspace")]
+    assert {u.run for u in missing} == {LATE_RUN} and len(missing) == len(EPOCHS) * (per_checkpoint + 2)
     # the report's "Runs and epochs": the new run's epochs listed as incomplete, with their missing shards
     listing = {row["run"]: row for row in runs_listing(later).iter_rows(named=True)}
     assert listing[RUNS[0]]["complete_epochs"] == EPOCHS and listing[RUNS[0]]["incomplete"] == []
@@ -202,7 +202,7 @@ def test_run_folder_patterns_match_the_sweep_and_bad_run_patterns_are_refused(tm
 def test_without_run_the_keys_and_units_are_as_before() -> None:
     unit = StirUnit(3, "pt", 1, 0, "epoch=03", "u", "abc")
     assert unit.data_key("h") == "stir/settings=h/epoch=3/pt_layer1_seed0_abc.parquet"
-    assert CkaUnit(3, "epoch=03", "u", "abc").record_key("h") == "_manifests/settings=h/cka/epoch=3_abc.json"
+    assert PointUnit("cka", 3, "epoch=03", "u", "abc").record_key("h") == "_manifests/settings=h/cka/epoch=3_abc.json"
     assert StirUnit(3, "pt", 1, 0, "epoch=03", "u", "abc", run="a").data_key("h") == \
         "stir/settings=h/run=a/epoch=3/pt_layer1_seed0_abc.parquet"  # fmt: skip
 

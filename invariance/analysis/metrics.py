@@ -189,11 +189,10 @@ def subspace_curve(cka: Frame) -> Frame:
     return same_layer.select(*CHECKPOINT_KEYS, pl.col("layer_a").alias("layer"), value.cast(pl.Float64).alias("subspace_similarity")).unique(keys)
 
 
-def curves(stir: Frame, cka: Frame) -> Frame:
-    """Per (checkpoint, epoch, layer): forgetting, learning (biased and debiased STIR) and
-    cka_divergence, each ``_mean``, ``_std`` and the 95% t-interval ``_ci_low``/``_ci_high`` over
-    seeds (CKA has no seed: std 0, a zero-width interval); ``subspace_similarity`` of ft[i] and
-    pt[i]; ``noise_floor`` of the layer (pt's own STIR spread), ``learning_noise_floor`` (ft's) and
+def stir_curves(stir: Frame) -> Frame:
+    """Per (checkpoint, epoch, layer): forgetting and learning (biased and debiased STIR), each
+    ``_mean``, ``_std`` and the 95% t-interval ``_ci_low``/``_ci_high`` over seeds, ``n_seeds``;
+    ``noise_floor`` of the layer (pt's own STIR spread), ``learning_noise_floor`` (ft's) and
     ``forgetting_above_noise`` / ``learning_above_noise``."""
     keys = [*CHECKPOINT_KEYS, "layer"]
     parts = [
@@ -202,7 +201,21 @@ def curves(stir: Frame, cka: Frame) -> Frame:
         _diagonal_curve(forgetting(stir, "stir_debiased"), "forgetting", "_debiased"),
         _diagonal_curve(learning(stir, "stir_debiased"), "learning", "_debiased"),
     ]
-    divergence = (
+    joined = parts[0]
+    for part in parts[1:]:
+        joined = joined.join(part, on=keys, how="left")
+    return (
+        joined.join(noise_floor(stir), on="layer", how="left")
+        .join(learning_noise_floor(stir), on=keys, how="left")
+        .with_columns(_above_noise("forgetting"), _above_noise("learning", "learning_noise_floor"))
+        .sort(keys)
+    )
+
+
+def cka_curves(cka: Frame) -> Frame:
+    """Per (checkpoint, epoch, layer): ``cka_divergence`` of ft[i] from pt[i] as ``_mean``, with
+    ``_std`` 0 and a zero-width interval (CKA has no seed)."""
+    return (
         cka_divergence(cka)
         .filter(pl.col("ft_layer") == pl.col("pt_layer"))
         .select(
@@ -214,15 +227,26 @@ def curves(stir: Frame, cka: Frame) -> Frame:
             pl.col("cka_divergence").alias("cka_divergence_ci_high"),
         )
     )
-    joined = parts[0]
-    for part in [*parts[1:], divergence, subspace_curve(cka)]:
-        joined = joined.join(part, on=keys, how="left")
+
+
+def curves(stir: Frame, cka: Frame) -> Frame:
+    """Per (checkpoint, epoch, layer): ``stir_curves`` (forgetting, learning, noise floors), then
+    ``cka_curves`` (CKA divergence) and ``subspace_similarity`` (the CKA shards' column, where
+    older shards hold it): the reduced curves of a run, as the reducer joins its measures'
+    columns."""
+    keys = [*CHECKPOINT_KEYS, "layer"]
     return (
-        joined.join(noise_floor(stir), on="layer", how="left")
-        .join(learning_noise_floor(stir), on=keys, how="left")
-        .with_columns(_above_noise("forgetting"), _above_noise("learning", "learning_noise_floor"))
-        .sort(keys)
+        stir_curves(stir).join(cka_curves(cka), on=keys, how="left").join(subspace_curve(cka), on=keys, how="left").sort(keys)
     )
+
+
+def plain(frame: Frame) -> Frame:
+    """The rows of the checkpoints themselves (alpha 1): what the per-epoch plots and the
+    robustness link read."""
+    names = frame.collect_schema().names() if isinstance(frame, pl.LazyFrame) else frame.columns
+    if "alpha" not in names or (isinstance(frame, pl.DataFrame) and frame.is_empty()):
+        return frame
+    return frame.filter(pl.col("alpha") == 1.0)
 
 
 def flow_table(stir: Frame) -> Frame:

@@ -17,6 +17,11 @@ from invariance.core.shards import batched_features
 from invariance.errors import DataError
 
 
+def knn_label_error(key: str, label_column: str, error: DataError) -> DataError:
+    """The error of a kNN input (``knn.train``, ``data``) without class labels, naming the key."""
+    return DataError(f"{key} (the kNN probe needs class labels; knn.label_column {label_column!r}): {error}")
+
+
 def align_labels(
     bank_labels: torch.Tensor,
     bank_classes: Sequence[str] | None,

@@ -1,4 +1,4 @@
-"""The unit of work: a STIR shard (ref model, ref layer, seed) and a CKA shard.
+"""The features of a shard's two models on X: a STIR shard (ref model, ref layer, seed) and a CKA shard.
 
 A STIR shard inverts r[j] once and evaluates BOTH models at ALL target layers on X and X',
 giving STIR(t[i] | r[j]) for t in {pt, ft} and every i, biased and debiased.
@@ -9,7 +9,6 @@ columns and their types are STIR_SCHEMA / CKA_SCHEMA (``invariance.io.schemas``;
 
 from __future__ import annotations
 
-import math
 from typing import Any, Literal, Sequence
 
 import torch
@@ -19,7 +18,6 @@ from invariance.config import InversionConfig, TokenPolicy
 from invariance.io.data import EvalImages
 from invariance.core.inversion import InversionResult, invert, start_noise
 from invariance.core.models import FeatureModel
-from invariance.core.subspace import DEFAULT_COMPONENTS, subspace_similarity
 
 ModelName = Literal["pt", "ft"]
 MODEL_NAMES: tuple[ModelName, ModelName] = ("pt", "ft")
@@ -134,26 +132,11 @@ class ShardContext:
                 )
         return rows
 
-    def subspace_similarities(self) -> dict[int, float | None]:
-        """{layer: SubspaceSim_k(ft[i](X), pt[i](X))} with k = DEFAULT_COMPONENTS (Ramasesh et al.);
-        None where undefined (fewer than k + 1 samples, or fewer than k directions of variance).
-        One layer at a time: two layers' features at most are held."""
-        similarities: dict[int, float | None] = {}
-        for layer in self.layers:
-            pt, ft = (batched_features(self.models[name], self.eval_images.images, [layer], self.token_policy)[layer]
-                      for name in MODEL_NAMES)  # fmt: skip
-            if self.n_samples <= DEFAULT_COMPONENTS:
-                similarities[layer] = None
-                continue
-            value = subspace_similarity(ft, pt, DEFAULT_COMPONENTS)
-            similarities[layer] = None if math.isnan(value) else value
-        return similarities
-
     def cka_rows(self) -> list[dict[str, Any]]:
         """CKA(a[i], b[j]) on X for a, b in {pt, ft} and all layer pairs; one Gram per layer.
-        ``subspace_similarity`` on the rows of ft[i] against pt[i] (and pt[i] against ft[i])."""
+        ``subspace_similarity`` is null: the subspace measure has its own shards since issue 26
+        (CKA shards of older releases hold it there)."""
         grams = {(name, debiased): self.clean_grams(name, debiased) for name in MODEL_NAMES for debiased in (False, True)}
-        subspace = self.subspace_similarities() if "ft" in self.models else {}
         rows = []
         for model_a in MODEL_NAMES:
             for model_b in MODEL_NAMES:
@@ -169,8 +152,7 @@ class ShardContext:
                                 "layer_b": layer_b,
                                 "cka": float(biased[a, b]),
                                 "cka_debiased": float(debiased[a, b]),
-                                "subspace_similarity": (subspace.get(layer_a) if model_a != model_b and layer_a == layer_b
-                                                        else None),  # fmt: skip
+                                "subspace_similarity": None,
                                 "n_samples": self.n_samples,
                             }
                         )

@@ -9,51 +9,61 @@ import posixpath
 from collections import Counter
 from dataclasses import dataclass, field
 
-from invariance.io.checkpoints import Checkpoint, discover_checkpoints, empty_weights_error, pattern_root, weights_fingerprint
-from invariance.config import RunConfig, knn_settings_hash, settings_hash
-from invariance.errors import CheckpointError, ConfigError, DataError
-from invariance.io.data import SplitSummary, check_labelled, describe_split, load_eval_images, source_fingerprint
-from invariance.io.storage import is_inside, open_filesystem, redact
-from invariance.io.layout import MANIFESTS, PLAIN_ALPHA, CkaUnit, InversionUnit, KnnUnit, StirUnit, Unit
+from invariance.config import RunConfig, settings_hash
 from invariance.core.interpolation import check_interpolable
 from invariance.core.models import FeatureModel, check_models, load_model
-from invariance.io.storage import Store
+from invariance.errors import CheckpointError, ConfigError
+from invariance.io.checkpoints import Checkpoint, discover_checkpoints, empty_weights_error, pattern_root, weights_fingerprint
+from invariance.io.data import load_eval_images
+from invariance.io.layout import MANIFESTS, PLAIN_ALPHA, Unit
+from invariance.io.storage import Store, is_inside, open_filesystem, redact
+from invariance.measures import Measure, active_measures, measure_of
+from invariance.measures.base import PlanSetup
 
-REF_MODELS = ("pt", "ft")
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class Plan:
-    """Every unit of work of a config and which of them are already complete."""
+    """Every unit of work of a config, by measure, and which of them are already complete."""
 
-    settings_hash: str
-    inversion_hash: str
+    settings_hash: str  # the run's: every setting that changes the numbers
     checkpoints: list[Checkpoint]
     layers: list[int]
     depth: int
     input_size: int
-    inversions: list[InversionUnit]
-    stir: list[StirUnit]
-    cka: list[CkaUnit]
+    measures: list[Measure]  # the run's measures, in the registry's order
+    units: dict[str, list[Unit]]  # {measure name: its units}
+    hashes: dict[str, str]  # {hash name: hash}: each measure's, and the ones a measure keys some units by
     done: set[str] = field(default_factory=set)
     layer_names: list[str] = field(default_factory=list)  # what each layer index is ("blocks.3", "pre-logits")
-    # what the numbers depend on beyond the config, in both hashes: {"pretrained": ..., "eval_images": ...}
+    # what the numbers depend on beyond the config, in the hashes: {"pretrained": ..., "eval_images": ...}
     fingerprints: dict[str, str] = field(default_factory=dict)
-    # kNN shards (``knn`` section): pt once, every checkpoint at every alpha of its path; their own hash
-    knn: list[KnnUnit] = field(default_factory=list)
-    knn_hash: str = ""
+
+    def all_units(self) -> list[Unit]:
+        """Every unit of every measure, measure by measure."""
+        return [unit for units in self.units.values() for unit in units]
+
+    def measure(self, unit: Unit) -> Measure:
+        """The measure computing ``unit``."""
+        return measure_of(self.measures, unit)
+
+    def measure_named(self, name: str) -> Measure:
+        """The run's measure called ``name``."""
+        return next(measure for measure in self.measures if measure.name == name)
 
     def refresh(self, store: Store) -> None:
         """Re-read what is done, e.g. after an execution: one listing of the completion records
         and one of each kind's data folder. A unit is done when its record AND its data object
         exist; a record whose data is gone (a deleted shard) leaves the unit missing, to recompute."""
         records = set(store.list(MANIFESTS))
-        units: list[Unit] = [*self.inversions, *self.stir, *self.cka, *self.knn]
-        recorded = [u for u in units if self.record_key(u) in records]
+        recorded = [u for u in self.all_units() if self.record_key(u) in records]
         present: set[str] = set()
-        for kind in {type(u) for u in recorded}:  # the folder all data keys of a kind share
-            present.update(store.list(posixpath.commonpath([self.data_key(u) for u in recorded if type(u) is kind])))
+        folders: dict[tuple[str, type], list[str]] = {}
+        for unit in recorded:  # the folder all data keys of a kind share
+            folders.setdefault((unit.measure, type(unit)), []).append(self.data_key(unit))
+        for keys in folders.values():
+            present.update(store.list(posixpath.commonpath(keys)))
         self.done = {self.record_key(u) for u in recorded if self.data_key(u) in present}
         lost = [u for u in recorded if self.data_key(u) not in present]
         if lost:
@@ -61,13 +71,11 @@ class Plan:
                         len(lost), store.url(self.data_key(lost[0])))  # fmt: skip
 
     def _hash_of(self, unit: Unit) -> str:
-        """The hash keying ``unit``: pt inversions and kNN shards have their own."""
-        if isinstance(unit, InversionUnit):
-            return self.inversion_hash
-        return self.knn_hash if isinstance(unit, KnnUnit) else self.settings_hash
+        """The hash keying ``unit``, as its measure says."""
+        return self.hashes[self.measure(unit).hash_name(unit)]
 
     def record_key(self, unit: Unit) -> str:
-        """Where ``unit``'s completion record goes (pt inversions: under their own settings)."""
+        """Where ``unit``'s completion record goes."""
         return unit.record_key(self._hash_of(unit))
 
     def data_key(self, unit: Unit) -> str:
@@ -77,55 +85,61 @@ class Plan:
     def is_done(self, unit: Unit) -> bool:
         return self.record_key(unit) in self.done
 
+    def of_type(self, kind: type) -> list[Unit]:
+        """Every unit of the class ``kind`` (a class of ``io.layout``)."""
+        return [unit for unit in self.all_units() if isinstance(unit, kind)]
+
+    def missing_of_type(self, kind: type) -> list[Unit]:
+        """The units of the class ``kind`` still to compute."""
+        return [unit for unit in self.of_type(kind) if not self.is_done(unit)]
+
+    def missing(self, measure: str | None = None) -> list[Unit]:
+        """The units still to compute (of one measure, by name; of all without)."""
+        units = self.units.get(measure, []) if measure is not None else self.all_units()
+        return [u for u in units if not self.is_done(u)]
+
     @property
     def missing_keys(self) -> list[str]:
         """The completion records still to be written, sorted."""
-        return sorted(self.record_key(u) for u in [*self.missing_inversions, *self.missing_stir, *self.missing_cka,
-                                                   *self.missing_knn])  # fmt: skip
-
-    @property
-    def missing_inversions(self) -> list[InversionUnit]:
-        return [u for u in self.inversions if not self.is_done(u)]
-
-    @property
-    def missing_stir(self) -> list[StirUnit]:
-        return [u for u in self.stir if not self.is_done(u)]
-
-    @property
-    def missing_cka(self) -> list[CkaUnit]:
-        return [u for u in self.cka if not self.is_done(u)]
-
-    @property
-    def missing_knn(self) -> list[KnnUnit]:
-        return [u for u in self.knn if not self.is_done(u)]
+        return sorted(self.record_key(u) for u in self.missing())
 
     def incomplete_epochs(self) -> dict[int, int]:
-        """{epoch: number of its shards (STIR + CKA) not yet complete} (a study: summed over its runs)."""
+        """{epoch: number of its gating shards not yet complete} (a study: summed over its runs)."""
         missing: dict[int, int] = {}
         for (_, epoch), count in self.incomplete_checkpoints().items():
             missing[epoch] = missing.get(epoch, 0) + count
         return missing
 
     def missing_per_point(self) -> Counter[tuple[str, int, float]]:
-        """{(run, epoch, alpha): its STIR + CKA shards not yet complete}, for every point (a
-        checkpoint at alpha 1, or a point of its weight path) with one missing."""
-        return Counter((u.run, u.epoch, u.alpha) for u in [*self.missing_stir, *self.missing_cka])
+        """{(run, epoch, alpha): its gating shards (STIR, CKA: the measures whose rows the curves
+        need) not yet complete}, for every point (a checkpoint at alpha 1, or a point of its weight
+        path) with one missing."""
+        counts: Counter[tuple[str, int, float]] = Counter()
+        for measure in self.measures:
+            if measure.gates_checkpoint:
+                counts.update(point for point in map(measure.point, self.missing(measure.name)) if point is not None)
+        return counts
 
     def incomplete_checkpoints(self) -> dict[tuple[str, int], int]:
-        """{(run, epoch): number of the checkpoint's own shards (STIR + CKA at alpha 1) not yet
+        """{(run, epoch): number of the checkpoint's own gating shards (at alpha 1) not yet
         complete}. A point of its weight path that is missing a shard leaves the checkpoint
         complete (``incomplete_points``): its own curves are reduced, that point is not."""
         return {(run, epoch): n for (run, epoch, alpha), n in self.missing_per_point().items() if alpha == PLAIN_ALPHA}
 
     def incomplete_points(self) -> set[tuple[str, int, float]]:
-        """(run, epoch, alpha) of every point with a STIR or CKA shard not yet complete."""
+        """(run, epoch, alpha) of every point with a gating shard not yet complete."""
         return set(self.missing_per_point())
 
     def incomplete_path_points(self) -> dict[str, int]:
-        """{"epoch 2 alpha 0.5" (a study: "run lr=0.1 epoch 2 alpha 0.5"): its missing STIR + CKA
+        """{"epoch 2 alpha 0.5" (a study: "run lr=0.1 epoch 2 alpha 0.5"): its missing gating
         shards} for the weight-path points (alpha < 1) left out of the tables until computed."""
         return {f"{f'run {run} ' if run else ''}epoch {epoch} alpha {alpha:g}": n
                 for (run, epoch, alpha), n in sorted(self.missing_per_point().items()) if alpha != PLAIN_ALPHA}
+
+    def incomplete_measures(self) -> dict[str, int]:
+        """{measure: its units not yet complete} for the measures that do not gate a checkpoint
+        (their rows are reduced as they come)."""
+        return {m.name: n for m in self.measures if not m.gates_checkpoint and (n := len(self.missing(m.name)))}
 
     @property
     def runs(self) -> dict[str, list[int]]:
@@ -143,111 +157,37 @@ class Plan:
     def work(self) -> list[tuple[Unit, tuple[Unit, ...]]]:
         """The missing units in submission order, each with the missing units it waits for.
 
-        Inversions first (pt-reference STIR shards read their X'); then checkpoint by
-        checkpoint, so that a worker's cached models and features serve consecutive units:
-        ft-reference shards, the CKA shard, the kNN shard, then the pt-reference shards, whose
-        inversions have had the longest to finish; each point of a weight path (alpha) after the
-        checkpoint itself. The pretrained kNN shard comes with the inversions.
+        Units of no checkpoint first (the pretrained inversions, which pt-reference STIR shards
+        read; the pretrained kNN shard), measure by measure; then checkpoint by checkpoint, so that
+        a worker's cached models and features serve consecutive units: each point (the checkpoint
+        at alpha 1, then its weight path from alpha near 1 down) with its units in the order of
+        their measures' priorities. Linear in the number of units.
         """
-        missing_inversions = set(self.missing_inversions)
-        order: list[tuple[Unit, tuple[Unit, ...]]] = [(unit, ()) for unit in self.missing_inversions]
-        missing_stir, missing_cka, missing_knn = self.missing_stir, self.missing_cka, self.missing_knn
-        order += [(u, ()) for u in missing_knn if u.model == "pt"]
+        missing = [(self.measure(unit), unit) for unit in self.missing()]
+        missing_set = {unit for _, unit in missing}
+        by_point: dict[tuple[str, int], dict[float, list[tuple[int, int, Measure, Unit]]]] = {}
+        first: list[tuple[Measure, Unit]] = []
+        for position, (measure, unit) in enumerate(missing):
+            point = measure.point(unit)
+            if point is None:
+                first.append((measure, unit))
+            else:
+                run, epoch, alpha = point
+                by_point.setdefault((run, epoch), {}).setdefault(alpha, []).append(
+                    (measure.priority(unit), position, measure, unit))
+        order: list[tuple[Unit, tuple[Unit, ...]]] = []
+
+        def add(measure: Measure, unit: Unit) -> None:
+            order.append((unit, tuple(u for u in measure.waits_for(unit) if u in missing_set)))
+
+        for measure, unit in first:
+            add(measure, unit)
         for checkpoint in self.checkpoints:
-            own = [u for u in [*missing_stir, *missing_cka, *missing_knn]
-                   if (u.run, u.epoch) == checkpoint.key and getattr(u, "model", "ft") == "ft"]  # fmt: skip
-            alphas = sorted({u.alpha for u in own}, key=lambda alpha: (alpha != PLAIN_ALPHA, -alpha))
-            for alpha in alphas:
-                stir = [u for u in own if isinstance(u, StirUnit) and u.alpha == alpha]
-                order += [(u, ()) for u in stir if u.ref_model == "ft"]
-                order += [(u, ()) for u in own if isinstance(u, CkaUnit) and u.alpha == alpha]
-                order += [(u, ()) for u in own if isinstance(u, KnnUnit) and u.alpha == alpha]
-                for unit in (u for u in stir if u.ref_model == "pt"):
-                    inversion = InversionUnit(unit.ref_layer, unit.seed)
-                    order.append((unit, (inversion,) if inversion in missing_inversions else ()))
+            points = by_point.get(checkpoint.key, {})
+            for alpha in sorted(points, key=lambda alpha: (alpha != PLAIN_ALPHA, -alpha)):
+                for _, _, measure, unit in sorted(points[alpha], key=lambda item: item[:2]):
+                    add(measure, unit)
         return order
-
-
-def knn_label_error(key: str, label_column: str, error: DataError) -> DataError:
-    """The error of a kNN input (``knn.train``, ``data``) without class labels, naming the key."""
-    return DataError(f"{key} (the kNN probe needs class labels; knn.label_column {label_column!r}): {error}")
-
-
-def check_knn_inputs(config: RunConfig, model: FeatureModel) -> str:
-    """Before any task, a ``knn`` section that cannot work: a bank missing, a bank or eval images
-    without class labels (from the files' schemas and folders, no image loaded), a
-    ``knn.token_policy`` the model cannot give, a ``knn.train.image_size`` the model is not fed.
-    Otherwise every kNN shard would fail, and stop the run's STIR shards too. Returns the
-    fingerprint of the bank's and the eval data's files (``source_fingerprint``: the eval labels
-    are the queries' truth, and the eval fingerprint holds the images only)."""
-    assert config.knn is not None
-    size = config.data.image_size or model.input_size
-    if config.knn.train.image_size not in (None, size):
-        raise ConfigError(f"knn.train.image_size: {config.knn.train.image_size}, but the model is fed "
-                          f"{size}x{size} images (data.image_size or its input size); leave it out: the bank is "
-                          "resized as the eval images are")  # fmt: skip
-    # the bank's files and the eval data's (their labels are the queries' truth): missing ones named
-    inputs = "|".join(source_fingerprint(data, config.storage_options, f"{key}.path")
-                      for key, data in (("knn.train", config.knn.train), ("data", config.data)))  # fmt: skip
-    summaries: dict[str, SplitSummary] = {}
-    for key, data in (("knn.train", config.knn.train), ("data", config.data)):
-        try:
-            check_labelled(data, config.knn.label_column, config.storage_options)
-            summaries[key] = describe_split(data, config.knn.label_column, config.storage_options)
-        except DataError as exc:
-            raise knn_label_error(key, config.knn.label_column, exc) from None
-    inputs += check_knn_bank(config, summaries["knn.train"], summaries["data"])
-    if config.knn.token_policy is not None:
-        try:
-            model.check(config.knn.token_policy, size)
-            if config.finetuned_model is not None:  # the checkpoints' module must give it too
-                load_model(config.finetuned_model, None, modules=config.layer_modules).check(config.knn.token_policy, size)
-        except ConfigError as exc:
-            message = str(exc)
-            raise ConfigError(f"knn.{message}" if message.startswith("token_policy:") else f"knn.token_policy: {message}") from None
-    return inputs
-
-
-def check_knn_bank(config: RunConfig, bank: SplitSummary, queries: SplitSummary) -> str:
-    """Before any task, a bank that would give wrong numbers or fail every kNN shard: the eval
-    images themselves (same files: every query finds its own copy), fewer images than
-    ``knn.train.n_samples``, labels of another kind than the eval labels (names vs integers).
-    Returns what of the label space enters the kNN hash: "" when the bank and the eval data
-    index their classes alike (as before), else a marker (class names matched by name since
-    issue 25: shards of such a pair computed before are recomputed)."""
-    assert config.knn is not None
-    train = config.knn.train
-    shared = set(bank.files) & set(queries.files)
-    if shared:
-        left_out = "split" not in train.model_fields_set
-        how = (f"knn.train.split is left out, so it is {train.split!r}, as data.split" if left_out
-               else f"knn.train.split {train.split!r} and data.split {config.data.split!r} name the same files")  # fmt: skip
-        found = f"splits found in {redact(train.path)}: {list(bank.splits)}" if bank.splits else \
-            f"{redact(train.path)} has no split folders or files"  # fmt: skip
-        raise ConfigError(f"knn.train.split: the kNN bank would be the eval images ({how}; {len(shared)} of the bank's "
-                          f"files are data's, e.g. {redact(sorted(shared)[0])}): every query would find its own copy "
-                          f"in the bank. Set knn.train.split to a split other than the eval images' ({found}), or "
-                          "knn.train.path to another dataset")  # fmt: skip
-    if train.n_samples > bank.count:
-        default = "" if "n_samples" in train.model_fields_set else " (the default: knn.train.n_samples is left out)"
-        raise DataError(f"knn.train.n_samples is {train.n_samples}{default} but {redact(train.path)} ({train.split}) "
-                        f"holds only {bank.count} images: set knn.train.n_samples to at most {bank.count}")  # fmt: skip
-    if (bank.classes is None) != (queries.classes is None):
-        named, numbered = ("knn.train", "data") if bank.classes is not None else ("data", "knn.train")
-        raise DataError(f"{named} labels its classes by name ({list((bank.classes or queries.classes or ())[:5])}...) "
-                        f"and {numbered} by integer: the kNN probe cannot tell which integer is which class; give "
-                        "both the same kind of labels (image folders, or Parquet columns of class names, or integer "
-                        "columns on both)")  # fmt: skip
-    if bank.classes is not None and queries.classes is not None:
-        unknown = sorted(set(queries.classes) - set(bank.classes))
-        if unknown:
-            log.warning("knn: the eval images have classes the bank (knn.train) lacks, never predicted: %s", unknown[:10])
-        return "" if bank.classes == queries.classes else "|labels-by-name"
-    if bank.integer_labels is not None and queries.integer_labels is not None:
-        unknown = sorted(set(queries.integer_labels) - set(bank.integer_labels))
-        if unknown:
-            log.warning("knn: the eval labels %s are not in the bank (knn.train): never predicted", unknown[:10])
-    return ""
 
 
 def check_output_location(config: RunConfig) -> None:
@@ -326,11 +266,12 @@ def check_path_shapes(config: RunConfig, pretrained: FeatureModel) -> None:
 
 
 def make_plan(config: RunConfig, store: Store, checkpoints: list[Checkpoint] | None = None) -> Plan:
-    """Discover checkpoints (unless given), enumerate the shards, read the completion records.
+    """Discover checkpoints (unless given), enumerate every measure's units, read the completion
+    records.
 
-    The settings hash and the inversion hash take the fingerprints of the pretrained weights
-    and of the eval images, the kNN hash the listings of the bank's and the eval data's files
-    (labels included); each unit takes its
+    The settings hash takes the fingerprints of the pretrained weights and of the eval images; each
+    measure's hashes build on it (STIR's inversion hash, the kNN hash with the listings of the
+    bank's and the eval data's files, a user function's with its source); each unit takes its
     checkpoint file's fingerprint: replacing any of them in place computes anew instead of
     reusing results of the old content."""
     check_output_location(config)
@@ -344,53 +285,31 @@ def make_plan(config: RunConfig, store: Store, checkpoints: list[Checkpoint] | N
     # before any task: a model, image size or finetuned model that cannot work fails every shard alike
     model = check_models(config.model, config.finetuned_model, config.layer_modules, config.token_policy,
                          config.data.image_size)  # fmt: skip
-    depth = model.depth
-    layers = config.resolve_layers(depth)
+    measures = active_measures(config)  # an entry of measures: that is not a measure fails here
+    layers = config.resolve_layers(model.depth)
     fingerprints = input_fingerprints(config, model.input_size)
-    stir = [
-        StirUnit(c.epoch, ref_model, layer, seed, c.name, c.url, c.fingerprint, run=c.run)
-        for c in checkpoints
-        for ref_model in REF_MODELS
-        for layer in layers
-        for seed in config.seeds
-    ]
-    cka = [CkaUnit(c.epoch, c.name, c.url, c.fingerprint, run=c.run) for c in checkpoints]
-    # points of the weight paths: alpha 1 is the checkpoint itself (the units above)
     check_path_shapes(config, model)
-    extra = config.interpolation.extra if config.interpolation else "keep"
-    path = [(c, alpha) for c in path_checkpoints(config, checkpoints)
-            for alpha in (config.interpolation.alphas if config.interpolation else []) if alpha != PLAIN_ALPHA]  # fmt: skip
-    stir += [
-        StirUnit(c.epoch, ref_model, layer, seed, c.name, c.url, c.fingerprint, alpha, extra, run=c.run)
-        for c, alpha in path
-        for ref_model in REF_MODELS
-        for layer in layers
-        for seed in config.seeds
-    ]
-    cka += [CkaUnit(c.epoch, c.name, c.url, c.fingerprint, alpha, extra, run=c.run) for c, alpha in path]
-    knn: list[KnnUnit] = []
-    if config.knn is not None:
-        knn = [KnnUnit(-1, "pt")]  # shared by every run of a study
-        knn += [KnnUnit(c.epoch, "ft", c.name, c.url, c.fingerprint, run=c.run) for c in checkpoints]
-        knn += [KnnUnit(c.epoch, "ft", c.name, c.url, c.fingerprint, alpha, extra, run=c.run) for c, alpha in path]
+    # every point: the checkpoints themselves (alpha 1), then the points of their weight paths
+    alphas = [alpha for alpha in (config.interpolation.alphas if config.interpolation else []) if alpha != PLAIN_ALPHA]
+    points = [(c, PLAIN_ALPHA) for c in checkpoints] + [(c, alpha) for c in path_checkpoints(config, checkpoints)
+                                                        for alpha in alphas]  # fmt: skip
     run_hash = settings_hash({**config.numbers_settings(), "fingerprints": fingerprints})
-    knn_hash = ""
-    if config.knn is not None:  # the bank's files by their listing: not loaded here (often thousands of images)
-        knn_hash = knn_settings_hash(run_hash, config, check_knn_inputs(config, model))
+    setup = PlanSetup(config, model, checkpoints, points, config.interpolation.extra if config.interpolation else "keep",
+                      layers, fingerprints, run_hash)  # fmt: skip
+    hashes: dict[str, str] = {}
+    for measure in measures:  # a measure's own checks (the kNN bank's labels, a user function's import) fail here
+        hashes.update(measure.hashes(setup))
     plan = Plan(
         settings_hash=run_hash,
-        inversion_hash=settings_hash({**config.inversion_settings(), "fingerprints": fingerprints}),
         checkpoints=checkpoints,
         layers=layers,
-        depth=depth,
+        depth=model.depth,
         input_size=model.input_size,
+        measures=measures,
+        units={measure.name: measure.units(setup) for measure in measures},
+        hashes=hashes,
         layer_names=model.layer_names(),
-        inversions=[InversionUnit(layer, seed) for layer in layers for seed in config.seeds],
-        stir=stir,
-        cka=cka,
         fingerprints=fingerprints,
-        knn=knn,
-        knn_hash=knn_hash,
     )
     plan.refresh(store)
     return plan

@@ -16,18 +16,19 @@ import polars as pl
 
 from invariance.analysis import metrics, plots, report, robustness, robustness_search
 from invariance.engine.plan import Plan
-from invariance.engine.reduce_paths import checkpoint_names, path_outputs, plain, run_title
+from invariance.engine.reduce_paths import checkpoint_names, path_outputs
 from invariance.errors import StorageError
 from invariance.io.checkpoints import Checkpoint, run_folders
 from invariance.io.layout import (
-    REDUCED_CURVES, REDUCED_FLOW, REDUCED_ROBUSTNESS, REDUCED_ROBUSTNESS_CORRELATION, REDUCED_ROBUSTNESS_EARLY,
-    REDUCED_KNN, REDUCED_ROBUSTNESS_SEARCH, REDUCED_STATUS, REPORT, ROBUSTNESS_PLOT, RUNS_COMPARED_PLOT, dynamics_plot_key,
-    flow_plot_key, layer_curves_plot_key,
+    REDUCED_CURVES, REDUCED_FLOW, REDUCED_KNN, REDUCED_ROBUSTNESS, REDUCED_ROBUSTNESS_CORRELATION, REDUCED_ROBUSTNESS_EARLY,
+    REDUCED_ROBUSTNESS_SEARCH, REDUCED_STATUS, REPORT, ROBUSTNESS_PLOT, RUNS_COMPARED_PLOT, Unit, dynamics_plot_key,
+    layer_curves_plot_key,
 )  # fmt: skip
-from invariance.io.layout import CkaUnit, StirUnit, Unit
 from invariance.io.run_metrics import read_run_metrics
-from invariance.io.schemas import CKA_SCHEMA, STIR_SCHEMA, Schema, conform
+from invariance.io.schemas import Schema, conform
 from invariance.io.storage import Store, parquet_bytes, redact
+from invariance.measures import Measure
+from invariance.measures.base import MeasureOutputs, ReduceContext, run_title
 
 log = logging.getLogger(__name__)
 
@@ -37,13 +38,12 @@ class ReduceResult:
     """The reduced tables and what they cover."""
 
     curves: pl.DataFrame
-    flow: pl.DataFrame
     complete_epochs: list[int]
     incomplete_epochs: dict[int, int]
     written: list[str] = field(default_factory=list)
     unreadable: list[Unit] = field(default_factory=list)  # shards found unreadable: missing again
-    knn: pl.DataFrame = field(default_factory=pl.DataFrame)  # reduced/knn.parquet (a knn section)
-    path_plots: dict[str, bytes] = field(default_factory=dict)  # report title -> PNG (weight paths, kNN)
+    tables: dict[str, pl.DataFrame] = field(default_factory=dict)  # storage key -> a measure's reduced table
+    path_plots: dict[str, bytes] = field(default_factory=dict)  # report title -> PNG (weight paths, measures)
     extra_tables: dict[str, pl.DataFrame] = field(default_factory=dict)  # report title -> table
     # (run, epoch) of each checkpoint: what tells a study's checkpoints apart (run "" without {run})
     complete_checkpoints: list[tuple[str, int]] = field(default_factory=list)
@@ -51,12 +51,25 @@ class ReduceResult:
     # weight-path points (alpha < 1) left out of the tables: {"epoch 2 alpha 0.5": missing shards}
     incomplete_path_points: dict[str, int] = field(default_factory=dict)
     runs_compared: pl.DataFrame = field(default_factory=pl.DataFrame)  # a study's Fig. 6 view, per run and epoch
+    report_fields: dict = field(default_factory=dict)  # what measures give the report (inversion quality, flow)
+
+    @property
+    def flow(self) -> pl.DataFrame:
+        """``reduced/flow.parquet`` as written by this reduce (empty without a complete checkpoint)."""
+        return self.tables.get(REDUCED_FLOW, pl.DataFrame())
+
+    @property
+    def knn(self) -> pl.DataFrame:
+        """``reduced/knn.parquet`` as written by this reduce (empty without a knn section)."""
+        return self.tables.get(REDUCED_KNN, pl.DataFrame())
 
 
 def _read_shards(plan: Plan, store: Store, units: list[Unit], schema: Schema) -> tuple[pl.DataFrame, list[Unit]]:
     """The rows of ``units``' shards, typed by ``schema`` (older shards lack run, alpha), and the
     units whose data object is not readable Parquet (a truncated or overwritten file): all read at
     once, one by one only to find the bad ones."""
+    if not units:
+        return pl.DataFrame(schema=dict(schema)), []
     keys = [plan.data_key(u) for u in units]
     try:
         return conform(store.read_parquet(keys, how="diagonal_relaxed"), schema), []
@@ -82,6 +95,54 @@ def _read_shards(plan: Plan, store: Store, units: list[Unit], schema: Schema) ->
         raise StorageError(f"Parquet files under {store.url('')} do not share one schema: {exc}") from exc
 
 
+def _wanted(plan: Plan, measure: Measure, unit: Unit, complete: set[tuple[str, int]],
+            partial: set[tuple[str, int, float]]) -> bool:  # fmt: skip
+    """Whether the reducer reads ``unit``'s rows: done, with rows, and (for a measure that gates its
+    checkpoint) of a complete checkpoint and a point with every gating shard."""
+    if not plan.is_done(unit) or not measure.has_rows(unit):
+        return False
+    point = measure.point(unit)
+    if not measure.gates_checkpoint or point is None:
+        return True
+    return (point[0], point[1]) in complete and point not in partial
+
+
+def _read_rows(plan: Plan, store: Store) -> tuple[dict[str, pl.DataFrame], list[Unit]]:
+    """{measure: its rows} as the reducer reads them, and the shards found unreadable (their
+    completion records removed: missing again, recomputed by the next run; their checkpoints,
+    or points, then count as incomplete). Each measure's rows are normalized (older shards) and
+    carry the plan's name of their checkpoint: rows written under another naming still group."""
+
+    def read() -> tuple[dict[str, pl.DataFrame], list[Unit]]:
+        incomplete = plan.incomplete_checkpoints()
+        complete = {c.key for c in plan.checkpoints if c.key not in incomplete}
+        partial = plan.incomplete_points()
+        frames, bad = {}, []
+        for measure in plan.measures:
+            units = [u for u in plan.units[measure.name] if _wanted(plan, measure, u, complete, partial)]
+            frames[measure.name], unreadable = _read_shards(plan, store, units, measure.schema)
+            bad += unreadable
+        return frames, bad
+
+    frames, unreadable = read()
+    if unreadable:
+        _forget(plan, store, unreadable)
+        frames, _ = read()  # the rest again, without the checkpoints and points that lost a shard
+    names = checkpoint_names(plan)
+    return {name: _named(plan.measure_named(name).normalize(frame), names) for name, frame in frames.items()}, unreadable
+
+
+def _named(frame: pl.DataFrame, names: pl.DataFrame) -> pl.DataFrame:
+    """``frame`` with the plan's name of each row's checkpoint (by run and epoch), where it has one."""
+    if frame.is_empty() or not {"run", "epoch", "checkpoint"} <= set(frame.columns):
+        return frame
+    return (
+        frame.join(names.rename({"checkpoint": "_plan_checkpoint"}), on=["run", "epoch"], how="left")
+        .with_columns(pl.col("_plan_checkpoint").fill_null(pl.col("checkpoint")).alias("checkpoint"))
+        .drop("_plan_checkpoint")
+    )
+
+
 def _forget(plan: Plan, store: Store, units: list[Unit]) -> None:
     """Remove the completion records of ``units`` (their data is unreadable): missing again."""
     for unit in units:
@@ -92,22 +153,6 @@ def _forget(plan: Plan, store: Store, units: list[Unit]) -> None:
         except Exception as exc:  # noqa: BLE001
             raise StorageError(f"cannot remove {store.url(plan.record_key(unit))}: {type(exc).__name__}: {exc}") from exc
         plan.done.discard(plan.record_key(unit))
-
-
-def _without_points(frame: pl.DataFrame, points: set[tuple[str, int, float]]) -> pl.DataFrame:
-    """The rows of ``frame`` whose (run, epoch, alpha) is not among ``points``."""
-    if frame.is_empty() or not points:
-        return frame
-    unwanted = pl.DataFrame(sorted(points), schema={"run": pl.String, "epoch": pl.Int64, "alpha": pl.Float64}, orient="row")
-    return frame.join(unwanted, on=["run", "epoch", "alpha"], how="anti")
-
-
-def _of_checkpoints(frame: pl.DataFrame, keys: list[tuple[str, int]]) -> pl.DataFrame:
-    """The rows of ``frame`` whose (run, epoch) is among ``keys``."""
-    if frame.is_empty():
-        return frame
-    wanted = pl.DataFrame(keys, schema={"run": pl.String, "epoch": pl.Int64}, orient="row")
-    return metrics.with_path_columns(frame).join(wanted, on=["run", "epoch"], how="semi")
 
 
 def reduce_plan(
@@ -125,70 +170,60 @@ def reduce_plan(
     next run recomputes it), its checkpoint (or point of a weight path) is incomplete, and
     ``result.unreadable`` lists it. A weight-path point with a shard missing is left out of the
     tables; its checkpoint's own rows are not."""
+    rows, unreadable = _read_rows(plan, store)
     incomplete = plan.incomplete_checkpoints()
     complete = [c.key for c in plan.checkpoints if c.key not in incomplete]
-    done, partial = set(complete), plan.incomplete_points()
-
-    def wanted(unit: StirUnit | CkaUnit) -> bool:
-        return (unit.run, unit.epoch) in done and (unit.run, unit.epoch, unit.alpha) not in partial
-
-    stir, bad_stir = _read_shards(plan, store, [u for u in plan.stir if wanted(u)], STIR_SCHEMA)
-    cka, bad_cka = _read_shards(plan, store, [u for u in plan.cka if wanted(u)], CKA_SCHEMA)
-    unreadable: list[Unit] = [*bad_stir, *bad_cka]
-    if unreadable:
-        _forget(plan, store, unreadable)
-        incomplete = plan.incomplete_checkpoints()
-        complete = [c.key for c in plan.checkpoints if c.key not in incomplete]
-        partial = plan.incomplete_points()
-        stir, cka = (_without_points(_of_checkpoints(frame, complete), partial) for frame in (stir, cka))
-    if complete:
-        # shards are keyed by run and epoch; the name is the plan's, so that rows written under another
-        # naming (an older release) still group with their checkpoint
-        names = checkpoint_names(plan)
-        stir, cka = (
-            (lambda frame: frame.drop("checkpoint").join(names, on=["run", "epoch"], how="left").select(frame.columns))(
-                metrics.with_path_columns(frame))
-            for frame in (stir, cka)
-        )  # fmt: skip
-        # the settings hash on every reduced row: a table left from other settings is visible
-        settings_column = pl.lit(plan.settings_hash).alias("settings")
-        curves = metrics.curves(stir, cka).with_columns(settings_column)
-        flow = metrics.flow_table(stir).with_columns(settings_column)
-    else:
-        curves, flow = pl.DataFrame(), pl.DataFrame()
+    keys = [*metrics.CHECKPOINT_KEYS, "layer"]
+    curves = pl.DataFrame()
+    if complete:  # each measure's per-layer columns, joined onto the first's rows (the gating measures' points)
+        parts = [part for measure in plan.measures if (part := measure.curve_columns(rows)) is not None]
+        if parts:
+            curves = parts[0]
+            for part in parts[1:]:
+                curves = curves.join(part, on=keys, how="left")
+            # the settings hash on every reduced row: a table left from other settings is visible
+            curves = curves.sort(keys).with_columns(pl.lit(plan.settings_hash).alias("settings"))
     complete_epochs = sorted({epoch for _, epoch in complete}) if plan.is_study else [epoch for _, epoch in complete]
-    result = ReduceResult(curves, flow, complete_epochs, plan.incomplete_epochs(), unreadable=unreadable,
+    result = ReduceResult(curves, complete_epochs, plan.incomplete_epochs(), unreadable=unreadable,
                           complete_checkpoints=complete, incomplete_checkpoints=incomplete,
                           incomplete_path_points=plan.incomplete_path_points())  # fmt: skip
     outputs: dict[str, bytes] = {}
     if complete:
         outputs[REDUCED_CURVES] = parquet_bytes(curves)
-        outputs[REDUCED_FLOW] = parquet_bytes(flow)
     if complete and make_plots:  # per checkpoint: its own rows (alpha 1); the weight paths have their plots
         for run in dict.fromkeys(run for run, _ in complete):  # one set of plots per run of a study
-            run_curves, run_flow = (plain(frame.filter(pl.col("run") == run)) for frame in (curves, flow))
+            run_curves = metrics.plain(curves.filter(pl.col("run") == run))
             outputs[layer_curves_plot_key(run)] = plots.layer_curves_png(run_curves, title=run_title(run).rstrip(": "))
             outputs[dynamics_plot_key(run)] = plots.dynamics_png(run_curves, title=run_title(run).rstrip(": "))
-            outputs.update({flow_plot_key(epoch, run): plots.flow_heatmap_png(run_flow, epoch)
-                            for done_run, epoch in complete if done_run == run})  # fmt: skip
-    paths = path_outputs(plan, store, curves, make_plots)
-    result.knn, result.path_plots, result.extra_tables = paths.knn, paths.plots, paths.tables
+    paths = path_outputs(curves, make_plots)
+    result.path_plots, result.extra_tables = paths.plots, paths.tables
     outputs.update(paths.files)
+    context = ReduceContext(plan, store, rows, curves, complete, make_plots)
+    measure_status: dict = {}
+    for measure in plan.measures:
+        reduced = measure.reduce(context)
+        result.tables.update(reduced.tables)
+        outputs.update({key: parquet_bytes(table) for key, table in reduced.tables.items()})
+        outputs.update(reduced.files)
+        result.path_plots.update(reduced.plots)
+        result.extra_tables.update(reduced.report_tables)
+        result.report_fields.update(reduced.report)
+        measure_status.update(reduced.status)
     # only what changed is written: a rerun with nothing new leaves every file as it was
     result.written += [key for key, data in outputs.items() if store.put_if_changed(key, data)]
     if compare_epochs is not None and not plan.is_study:
         log.warning("compare_epochs: %d ignored: it limits a study's runs compared, and these checkpoints are one "
                     "run (no {run} in checkpoints)", compare_epochs)  # fmt: skip
     if complete:  # finetuning runs with metrics/ beside their checkpoints: the robustness link
-        robustness_keys, table = _robustness(store, plain(curves), plan.checkpoints, plan.depth, make_plots)
+        robustness_keys, table = _robustness(store, metrics.plain(curves), plan.checkpoints, plan.depth, make_plots)
         result.written += robustness_keys
         if plan.is_study:
-            result.runs_compared = runs_compared(plain(curves), table, plan.depth, compare_epochs, plan.runs)
+            result.runs_compared = runs_compared(metrics.plain(curves), table, plan.depth, compare_epochs, plan.runs)
             if make_plots and not result.runs_compared.is_empty():
                 png = plots.runs_compared_png(result.runs_compared, robustness.spread_layers(plan.depth))
                 result.written += [RUNS_COMPARED_PLOT] if store.put_if_changed(RUNS_COMPARED_PLOT, png) else []
     if make_plots:
-        result.written += _write_report(store, plan, result, stir, outputs, settings or {})
+        result.written += _write_report(store, plan, result, outputs, settings or {})
     status = {
         "settings": plan.settings_hash,
         "complete_epochs": result.complete_epochs,
@@ -196,11 +231,9 @@ def reduce_plan(
     }
     if result.incomplete_path_points:  # left out of the tables until a rerun computes them
         status["incomplete_path_points"] = result.incomplete_path_points
-    if plan.knn_hash:  # reduced/knn.parquet is of these settings when its settings column equals this
-        status["knn_settings"] = plan.knn_hash
-    elif store.exists(REDUCED_KNN):
-        log.warning("%s is from an earlier run with a knn section (its settings column says which); this config "
-                    "has none: the table is left as it was, not of these settings", store.url(REDUCED_KNN))  # fmt: skip
+    status.update(measure_status)  # e.g. the hash the kNN table is of
+    if plan.incomplete_measures():  # measures that do not gate a checkpoint: their units still to compute
+        status["incomplete_measures"] = plan.incomplete_measures()
     if plan.is_study:  # a study: each run's epochs, which are complete, and the shards missing of the others
         status["runs"] = {
             run: {"epochs": epochs,
@@ -357,11 +390,10 @@ def _stored_table(store: Store, key: str) -> pl.DataFrame:
         return pl.DataFrame()
 
 
-def _write_report(
-    store: Store, plan: Plan, result: ReduceResult, stir: pl.DataFrame, outputs: dict[str, bytes], settings: dict
-) -> list[str]:
+def _write_report(store: Store, plan: Plan, result: ReduceResult, outputs: dict[str, bytes], settings: dict) -> list[str]:
     """``reports/index.html`` from this reduce's tables and plots; written only when it changed. A
-    study shows the runs compared first, then each run's curves, dynamics and last flow heatmap."""
+    study shows the runs compared first, then each run's curves and dynamics, then each measure's
+    figures (a study: each run's last)."""
     pngs: dict[str, bytes | None] = {}
     if plan.is_study and store.exists(RUNS_COMPARED_PLOT) and not result.runs_compared.is_empty():
         pngs["Runs compared: mean corrupted accuracy and the spread of forgetting across layers (the paper's Fig. 6)"] = (
@@ -370,9 +402,6 @@ def _write_report(
         title = run_title(run)
         pngs[f"{title}Forgetting, learning and CKA divergence per layer"] = outputs.get(layer_curves_plot_key(run))
         pngs[f"{title}Dynamics across checkpoint epochs"] = outputs.get(dynamics_plot_key(run))
-        if run:  # a single run shows every epoch's flow below; a study each run's last
-            last = max(epoch for done_run, epoch in result.complete_checkpoints if done_run == run)
-            pngs[f"{title}Invariance flow at epoch {last}"] = outputs.get(flow_plot_key(last, run))
     robustness_png = store.get(ROBUSTNESS_PLOT) if result.complete_epochs and store.exists(ROBUSTNESS_PLOT) else None
     if robustness_png is not None:
         pngs["Robustness link"] = robustness_png
@@ -389,16 +418,16 @@ def _write_report(
         complete_epochs=[epoch for _, epoch in result.complete_checkpoints],
         incomplete_epochs=result.incomplete_epochs,
         incomplete_path_points=result.incomplete_path_points,
-        curves=plain(result.curves),
-        inversion_quality=report.inversion_quality(plain(stir)) if result.complete_epochs else pl.DataFrame(),
+        curves=metrics.plain(result.curves),
+        inversion_quality=pl.DataFrame(),
         plots={title: png for title, png in pngs.items() if png is not None},
-        flow_plots={} if plan.is_study else {epoch: outputs[flow_plot_key(epoch)] for epoch in result.complete_epochs
-                                             if flow_plot_key(epoch) in outputs},  # fmt: skip
         robustness_correlation=_stored_table(store, REDUCED_ROBUSTNESS_CORRELATION) if result.complete_epochs else pl.DataFrame(),
         robustness_search=_stored_table(store, REDUCED_ROBUSTNESS_SEARCH) if result.complete_epochs else pl.DataFrame(),
         extra_tables=extra_tables,
         runs=runs_listing(plan),
     )
+    for name, value in result.report_fields.items():  # what the measures show (inversion quality, flow heatmaps)
+        setattr(inputs, name, value)
     return [REPORT] if store.put_if_changed(REPORT, report.render(inputs)) else []
 
 

@@ -4,6 +4,7 @@ Under a run's ``output`` (hive-style, one writer per key):
 
     stir/settings=<hash>/epoch=<e>/<ref_model>_layer<j>_seed<s>_<ckpt>.parquet   STIR shards
     cka/settings=<hash>/epoch=<e>/cka_<ckpt>.parquet                             CKA shards
+    <measure>/settings=<hash>/epoch=<e>/<measure>_<ckpt>.parquet   subspace, procrustes, a user's measure
     (<ckpt>: the checkpoint file's fingerprint; a file replaced under its epoch writes new shards)
     (a point of the weight path: ``_alpha<a>`` after <ckpt>, ``_alpha<a>_scale`` under extra: scale;
     alpha 1 is the checkpoint itself and keeps the plain key)
@@ -16,6 +17,7 @@ Under a run's ``output`` (hive-style, one writer per key):
     _manifests/leases/settings=<hash>.json                                the run lease
     _cache/inversions/<hash>/layer<j>_seed<s>.safetensors                 X' of pt[j], seed s
     reduced/curves.parquet, flow.parquet, knn.parquet, robustness*.parquet, status.json
+    reduced/<measure>.parquet (cka, procrustes, a user's), plots/<measure>/epoch=<e>.png
     plots/*.png, plots/flow/epoch=<e>.png, plots/interpolation/epoch=<e>.png
     plots/runs/<run>/{layer_curves,dynamics}.png, plots/runs/<run>/flow/epoch=<e>.png,
     plots/runs_compared.png                                               a study's plots
@@ -31,6 +33,7 @@ Completion records live outside the scanned data folders, so
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 from urllib.parse import quote
 
 MANIFESTS = "_manifests"
@@ -89,6 +92,8 @@ def alpha_suffix(alpha: float, extra: str = "keep") -> str:
 class StirUnit:
     """One STIR shard: (checkpoint, reference model, reference layer, seed)."""
 
+    measure: ClassVar[str] = "stir"
+
     epoch: int
     ref_model: str
     ref_layer: int
@@ -116,9 +121,16 @@ class StirUnit:
 
 
 @dataclass(frozen=True, order=True)
-class CkaUnit:
-    """One CKA shard: every layer pair of pt and ft on X, for one checkpoint."""
+class PointUnit:
+    """One shard of a measure at one point: a checkpoint, or a point of its weight path (alpha).
+    The keys of every measure with one shard per point (CKA, subspace similarity, Procrustes, a
+    user's function), named by the measure:
 
+        <measure>/settings=<hash>/[run=<name>/]epoch=<e>/<measure>[_<ckpt>][_alpha<a>].parquet
+        _manifests/settings=<hash>/<measure>/[run=<name>/]epoch=<e>[_<ckpt>][_alpha<a>].json
+    """
+
+    measure: str
     epoch: int
     checkpoint: str
     checkpoint_url: str
@@ -128,22 +140,26 @@ class CkaUnit:
     run: str = ""
 
     def __str__(self) -> str:
-        return f"cka {_run_label(self.run)}{self.checkpoint}" + (f" alpha {self.alpha:g}" if self.alpha != PLAIN_ALPHA else "")
+        at = f" alpha {self.alpha:g}" if self.alpha != PLAIN_ALPHA else ""
+        return f"{self.measure} {_run_label(self.run)}{self.checkpoint}{at}"
 
     def _suffix(self) -> str:
         return _fingerprint_suffix(self.checkpoint_fingerprint) + alpha_suffix(self.alpha, self.extra)
 
     def data_key(self, settings_hash: str) -> str:
-        return f"cka/settings={settings_hash}/{run_folder(self.run)}epoch={self.epoch}/cka{self._suffix()}.parquet"
+        return (f"{self.measure}/settings={settings_hash}/{run_folder(self.run)}epoch={self.epoch}/"
+                f"{self.measure}{self._suffix()}.parquet")  # fmt: skip
 
     def record_key(self, settings_hash: str) -> str:
-        return f"{MANIFESTS}/settings={settings_hash}/cka/{run_folder(self.run)}epoch={self.epoch}{self._suffix()}.json"
+        return f"{MANIFESTS}/settings={settings_hash}/{self.measure}/{run_folder(self.run)}epoch={self.epoch}{self._suffix()}.json"
 
 
 @dataclass(frozen=True, order=True)
 class KnnUnit:
     """One kNN shard: every run layer of one model, ``pt`` (once per run: empty checkpoint, epoch
     -1) or ``ft`` (a checkpoint at one alpha). Keyed by the kNN settings hash."""
+
+    measure: ClassVar[str] = "knn"
 
     epoch: int
     model: str  # pt | ft
@@ -173,7 +189,10 @@ class KnnUnit:
 
 @dataclass(frozen=True, order=True)
 class InversionUnit:
-    """One pretrained-model inversion X' of pt[layer] for a seed; reused by every checkpoint."""
+    """One pretrained-model inversion X' of pt[layer] for a seed; reused by every checkpoint (a
+    unit of the STIR measure)."""
+
+    measure: ClassVar[str] = "stir"
 
     ref_layer: int
     seed: int
@@ -193,7 +212,8 @@ class InversionUnit:
         return f"{MANIFESTS}/inversions/{inversion_hash}/layer{self.ref_layer}_seed{self.seed}.json"
 
 
-Unit = StirUnit | CkaUnit | InversionUnit | KnnUnit
+# every unit names its measure (``unit.measure``): the engine finds the measure that computes it
+Unit = StirUnit | PointUnit | InversionUnit | KnnUnit
 
 
 def flow_plot_key(epoch: int, run: str = "") -> str:
@@ -230,6 +250,18 @@ def knn_layers_plot_key(run: str = "") -> str:
 def knn_alpha_plot_key(run: str = "") -> str:
     """``plots/knn_alpha.png``; a study's run: ``plots/runs/<run>/knn_alpha.png``."""
     return f"{run_plots(run)}/knn_alpha.png"
+
+
+def reduced_table_key(measure: str) -> str:
+    """``reduced/<measure>.parquet``: the reduced table of a measure of its own (CKA's pairs,
+    Procrustes, a user's measure)."""
+    return f"reduced/{measure}.parquet"
+
+
+def measure_plot_key(measure: str, epoch: int, run: str = "") -> str:
+    """``plots/<measure>/epoch=<e>.png`` (a layer x layer heatmap); a study's run:
+    ``plots/runs/<run>/<measure>/epoch=<e>.png``."""
+    return f"{run_plots(run)}/{measure}/epoch={epoch}.png"
 
 
 def lease_key(settings_hash: str) -> str:
