@@ -23,7 +23,8 @@ from invariance.engine.lease import RunLease
 from invariance.core.models import describe_layers, load_model
 from invariance.engine.plan import Plan, check_output_location, make_plan
 from invariance.engine.reduce import ReduceResult, reduce_plan
-from invariance.io.layout import REPORT
+from invariance.io.layout import REPORT, InversionUnit
+from invariance.measures.stir import inversion_layers
 from invariance.engine.steps import RunSpec
 from invariance.io.storage import Store, redact, same_location
 from invariance.engine.execute import ExecuteSummary
@@ -170,19 +171,27 @@ def describe_runs(plan: Plan) -> str:
     return "\n".join(lines) + "\n"
 
 
+def unit_counts(plan: Plan) -> dict[tuple[str, str], list[int]]:
+    """{(kind of unit, word for done): [done, total]} in the order of the plan's measures."""
+    counts: dict[tuple[str, str], list[int]] = {}
+    for unit in plan.all_units():
+        count = counts.setdefault(plan.measure(unit).unit_kind(unit), [0, 0])
+        count[0] += plan.is_done(unit)
+        count[1] += 1
+    return counts
+
+
 def describe_plan(plan: Plan, out: TextIO | None = None) -> None:
-    n_missing = len(plan.missing_stir) + len(plan.missing_cka) + len(plan.missing_inversions) + len(plan.missing_knn)
-    knn_line = f"  kNN shards:  {len(plan.knn) - len(plan.missing_knn)}/{len(plan.knn)} done\n" if plan.knn else ""
+    n_missing = len(plan.missing())
+    lines = "".join(f"  {label + ':':<12} {done}/{total} {verb}\n" for (label, verb), (done, total) in unit_counts(plan).items())
     print(
         f"settings {plan.settings_hash}: {plural(len(plan.checkpoints), 'checkpoint')} "
         f"({epoch_span([c.epoch for c in plan.checkpoints])}), layers {plan.layers}\n"
         + (describe_runs(plan) if plan.is_study else "") +
         f"  layers of the model: {describe_layers(plan.layer_names)}\n"
-        f"  pretrained inversions: {len(plan.inversions) - len(plan.missing_inversions)}/{len(plan.inversions)} cached\n"
-        f"  STIR shards: {len(plan.stir) - len(plan.missing_stir)}/{len(plan.stir)} done\n"
-        f"  CKA shards:  {len(plan.cka) - len(plan.missing_cka)}/{len(plan.cka)} done\n"
-        + knn_line +
-        f"  to compute:  {plural(n_missing, 'unit')} (a unit: one pretrained inversion, or one STIR, CKA or kNN shard)",
+        f"  measures:    {', '.join(measure.name for measure in plan.measures)}\n"
+        + lines +
+        f"  to compute:  {plural(n_missing, 'unit')} (a unit: one pretrained inversion, or one shard of a measure)",
         file=out or sys.stdout,  # looked up when called: a redirected stdout is honoured
     )
 
@@ -192,11 +201,12 @@ def inversion_cache_note(config: RunConfig, plan: Plan) -> str | None:
     X' of the plan (float32 on the host): each checkpoint then reads the rest again."""
     size = config.data.image_size or plan.input_size
     each = config.data.n_samples * 3 * size * size * 4
-    total = each * len(plan.inversions)
+    inversions = [unit for unit in plan.all_units() if isinstance(unit, InversionUnit)]
+    total = each * len(inversions)
     held = config.resources.inversion_cache_gb * 1024**3
     if total <= held or len(plan.checkpoints) < 2:
         return None
-    return (f"  X' cache: the {len(plan.inversions)} pretrained X' take {total / 1024**3:.1f} GiB, a worker keeps "
+    return (f"  X' cache: the {len(inversions)} pretrained X' take {total / 1024**3:.1f} GiB, a worker keeps "
             f"{config.resources.inversion_cache_gb:g} GiB of them (resources.inversion_cache_gb): the rest are read "
             f"again for each checkpoint; set it to {math.ceil(total / 1024**3 * 1.05)} (host memory per worker) to "
             "read each once")
@@ -210,7 +220,7 @@ def estimate_cost(config: RunConfig, plan: Plan) -> tuple[float, int]:
                                config.data.image_size)  # the size the run feeds the model (a CNN at 32 px, not 224)
         for layer in plan.layers
     }
-    todo = [u.ref_layer for u in plan.missing_inversions] + [u.ref_layer for u in plan.missing_stir if u.ref_model == "ft"]
+    todo = inversion_layers(plan.missing())
     return sum(per_layer[layer] for layer in todo) / 1e12, len(todo)
 
 
