@@ -50,7 +50,9 @@ def demo_config(out: Path) -> dict:
         "layers": "all",
         "token_policy": "flatten",
         "seeds": [0, 1],
-        "inversion": {"iterations": 100, "step_size": 0.5, "micro_batch": 96},
+        # Adam (its default step size): the reference's step at 100 iterations left the middle blocks
+        # above the report's convergence threshold (mean loss 0.11-0.23); Adam's 100 steps cost the same
+        "inversion": {"optimizer": "adam", "iterations": 100, "micro_batch": 96},
         "resources": {"num_cpus": 1, "num_gpus": 0},
     }
 
