@@ -268,7 +268,7 @@ def run(config: RunConfig | str, progress: bool = True, num_cpus: int | None = N
                 plan.refresh(store)
             if lease.lost:  # the run that holds the lease now reduces; an older view must not overwrite it
                 print("lost the run lease: reduced/ is left to the run that holds it", file=sys.stderr)
-                reduced = ReduceResult(pl.DataFrame(), pl.DataFrame(), [], plan.incomplete_epochs())
+                reduced = ReduceResult(pl.DataFrame(), [], plan.incomplete_epochs())
                 break
             reduced = reduce_plan(plan, store, settings=config.numbers_settings(), compare_epochs=config.compare_epochs)
             if not reduced.unreadable or attempt or execution.stopped_early:
@@ -288,8 +288,13 @@ def run(config: RunConfig | str, progress: bool = True, num_cpus: int | None = N
 
 
 def print_incomplete(plan: Plan, reduced: ReduceResult) -> None:
-    """The checkpoints left incomplete, with their missing shards (a study's by run), and the
-    weight-path points left out of the tables."""
+    """The robustness search's summary (where finetuning metrics gave one), the checkpoints left
+    incomplete, with their missing shards (a study's by run), the weight-path points left out of
+    the tables and the measures' units still to compute."""
+    if reduced.robustness_summary:
+        print(reduced.robustness_summary)
+    if plan.incomplete_measures():
+        print(f"measures with units still to compute (reduced as they come): {plan.incomplete_measures()}")
     if reduced.incomplete_path_points:
         print(f"weight-path points left out until computed (point: missing shards): {reduced.incomplete_path_points}")
     if not reduced.incomplete_epochs:

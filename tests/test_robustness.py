@@ -95,7 +95,7 @@ def test_reduce_writes_tables_and_plot_only_for_runs_with_metrics(tmp_path) -> N
     checkpoints = [Checkpoint(e, f"epoch={e:02d}", str(run / f"epoch={e:02d}.safetensors")) for e in FORGETTING]
     write_metrics(run)
     out = Store(str(tmp_path / "out"))
-    written = reduce_module._reduce_robustness(out, curves(), checkpoints, depth=4, make_plots=True)
+    written = reduce_module._robustness(out, curves(), checkpoints, depth=4, make_plots=True)[0]
     assert written == ["reduced/robustness.parquet", "reduced/robustness_correlation.parquet",
                        "reduced/robustness_search.parquet", "reduced/robustness_early.parquet", "plots/robustness.png"]
     search = pl.read_parquet(tmp_path / "out" / "reduced" / "robustness_search.parquet")
@@ -105,7 +105,7 @@ def test_reduce_writes_tables_and_plot_only_for_runs_with_metrics(tmp_path) -> N
     assert (tmp_path / "out" / "plots" / "robustness.png").read_bytes()[:4] == b"\x89PNG"
 
     plain = [Checkpoint(e, f"epoch={e:02d}", str(other / f"epoch={e:02d}.safetensors")) for e in FORGETTING]
-    assert reduce_module._reduce_robustness(Store(str(tmp_path / "out2")), curves(), plain, 4, True) == []
+    assert reduce_module._robustness(Store(str(tmp_path / "out2")), curves(), plain, 4, True)[0] == []
     assert not (tmp_path / "out2").exists()
 
 
@@ -118,7 +118,7 @@ def test_an_unreadable_metrics_file_skips_its_run_and_says_so(tmp_path, caplog) 
     checkpoints = [Checkpoint(e, f"epoch={e:02d}", str(folder / f"epoch={e:02d}.safetensors"), run=folder.name)
                    for folder in (good, broken) for e in FORGETTING]  # fmt: skip
     study_curves = pl.concat([curves().with_columns(pl.lit(run).alias("run")) for run in ("good", "broken")])
-    written = reduce_module._reduce_robustness(Store(str(tmp_path / "out")), study_curves, checkpoints, 4, False)
+    written = reduce_module._robustness(Store(str(tmp_path / "out")), study_curves, checkpoints, 4, False)[0]
     assert "reduced/robustness.parquet" in written
     table = pl.read_parquet(tmp_path / "out" / "reduced" / "robustness.parquet")
     assert set(table["run"]) == {"good"}
@@ -131,7 +131,7 @@ def test_an_unreadable_metrics_file_skips_its_run_and_says_so(tmp_path, caplog) 
         checkpoints.append(Checkpoint(1, "epoch=01", str(folder / "epoch=01.safetensors"), run=name))
         study_curves = pl.concat([study_curves, curves().filter(pl.col("epoch") == 1).with_columns(pl.lit(name).alias("run"))])
     caplog.clear()
-    written = reduce_module._reduce_robustness(Store(str(tmp_path / "out3")), study_curves, checkpoints, 4, False)
+    written = reduce_module._robustness(Store(str(tmp_path / "out3")), study_curves, checkpoints, 4, False)[0]
     assert "reduced/robustness.parquet" in written
     assert set(pl.read_parquet(tmp_path / "out3" / "reduced" / "robustness.parquet")["run"]) == {"good"}
     assert "no 'epoch' column" in caplog.text and "lack the columns ['clean_accuracy'" in caplog.text
@@ -145,10 +145,10 @@ def test_a_metrics_copy_in_a_subfolder_does_not_change_the_correlation_n(tmp_pat
     run = tmp_path / "ckpt" / "run"
     write_metrics(run)
     checkpoints = [Checkpoint(e, f"epoch={e:02d}", str(run / f"epoch={e:02d}.safetensors")) for e in FORGETTING]
-    reduce_module._reduce_robustness(Store(str(tmp_path / "before")), curves(), checkpoints, depth=4, make_plots=False)
+    reduce_module._robustness(Store(str(tmp_path / "before")), curves(), checkpoints, depth=4, make_plots=False)[0]
     shutil.copytree(run / "metrics", run / "metrics" / "old")
     (run / "metrics" / "old" / "notes.parquet").write_bytes((run / "metrics" / "epoch=01.parquet").read_bytes())
-    reduce_module._reduce_robustness(Store(str(tmp_path / "after")), curves(), checkpoints, depth=4, make_plots=False)
+    reduce_module._robustness(Store(str(tmp_path / "after")), curves(), checkpoints, depth=4, make_plots=False)[0]
     for name in ("robustness_correlation", "robustness_search"):
         before, after = (pl.read_parquet(tmp_path / side / "reduced" / f"{name}.parquet") for side in ("before", "after"))
         assert after.equals(before), name
@@ -166,7 +166,7 @@ def test_two_metrics_files_of_one_epoch_are_refused_naming_both(tmp_path, caplog
     with pytest.raises(StorageError, match=r"epoch 3 .*epoch=03.parquet.*epoch=3.parquet"):
         read_run_metrics(str(run))
     checkpoints = [Checkpoint(e, f"epoch={e:02d}", str(run / f"epoch={e:02d}.safetensors")) for e in FORGETTING]
-    assert reduce_module._reduce_robustness(Store(str(tmp_path / "out")), curves(), checkpoints, 4, False) == []
+    assert reduce_module._robustness(Store(str(tmp_path / "out")), curves(), checkpoints, 4, False)[0] == []
     assert "robustness link skipped for" in caplog.text and "epoch=3.parquet" in caplog.text
 
 

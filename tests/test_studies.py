@@ -14,7 +14,8 @@ from safetensors.torch import save_file
 
 from invariance.config import parse_config
 from invariance.engine.execute import execute_in_process
-from invariance.engine.reduce import reduce_plan, runs_listing
+from invariance.engine.reduce import reduce_plan
+from invariance.engine.report_pages import runs_listing
 from invariance.engine.steps import Workspace
 from invariance.errors import CheckpointError, ConfigError
 from invariance.io.checkpoints import discover_checkpoints

@@ -14,21 +14,22 @@ from dataclasses import dataclass, field
 
 import polars as pl
 
-from invariance.analysis import metrics, plots, report, robustness, robustness_search
+from invariance.analysis import metrics, plots, robustness, robustness_search
 from invariance.engine.plan import Plan
 from invariance.engine.reduce_paths import checkpoint_names, path_outputs
+from invariance.engine.report_pages import write_report
 from invariance.errors import StorageError
 from invariance.io.checkpoints import Checkpoint, run_folders
 from invariance.io.layout import (
     REDUCED_CURVES, REDUCED_FLOW, REDUCED_KNN, REDUCED_ROBUSTNESS, REDUCED_ROBUSTNESS_CORRELATION, REDUCED_ROBUSTNESS_EARLY,
-    REDUCED_ROBUSTNESS_SEARCH, REDUCED_STATUS, REPORT, ROBUSTNESS_PLOT, RUNS_COMPARED_PLOT, Unit, dynamics_plot_key,
+    REDUCED_ROBUSTNESS_SEARCH, REDUCED_STATUS, ROBUSTNESS_PLOT, RUNS_COMPARED_PLOT, Unit, dynamics_plot_key,
     layer_curves_plot_key,
 )  # fmt: skip
 from invariance.io.run_metrics import read_run_metrics
 from invariance.io.schemas import Schema, conform
 from invariance.io.storage import Store, parquet_bytes, redact
 from invariance.measures import Measure
-from invariance.measures.base import MeasureOutputs, ReduceContext, run_title
+from invariance.measures.base import ReduceContext, run_title
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ class ReduceResult:
     incomplete_path_points: dict[str, int] = field(default_factory=dict)
     runs_compared: pl.DataFrame = field(default_factory=pl.DataFrame)  # a study's Fig. 6 view, per run and epoch
     report_fields: dict = field(default_factory=dict)  # what measures give the report (inversion quality, flow)
+    robustness_summary: str = ""  # the robustness search in a few lines (robustness_search.summary), for stdout
 
     @property
     def flow(self) -> pl.DataFrame:
@@ -193,9 +195,11 @@ def reduce_plan(
     if complete and make_plots:  # per checkpoint: its own rows (alpha 1); the weight paths have their plots
         for run in dict.fromkeys(run for run, _ in complete):  # one set of plots per run of a study
             run_curves = metrics.plain(curves.filter(pl.col("run") == run))
-            outputs[layer_curves_plot_key(run)] = plots.layer_curves_png(run_curves, title=run_title(run).rstrip(": "))
-            outputs[dynamics_plot_key(run)] = plots.dynamics_png(run_curves, title=run_title(run).rstrip(": "))
-    paths = path_outputs(curves, make_plots)
+            outputs[layer_curves_plot_key(run)] = plots.layer_curves_png(run_curves, title=run_title(run).rstrip(": "),
+                                                                         layer_names=plan.layer_names)  # fmt: skip
+            outputs[dynamics_plot_key(run)] = plots.dynamics_png(run_curves, title=run_title(run).rstrip(": "),
+                                                                 layer_names=plan.layer_names)  # fmt: skip
+    paths = path_outputs(curves, make_plots, plan.layer_names)
     result.path_plots, result.extra_tables = paths.plots, paths.tables
     outputs.update(paths.files)
     context = ReduceContext(plan, store, rows, curves, complete, make_plots)
@@ -215,7 +219,8 @@ def reduce_plan(
         log.warning("compare_epochs: %d ignored: it limits a study's runs compared, and these checkpoints are one "
                     "run (no {run} in checkpoints)", compare_epochs)  # fmt: skip
     if complete:  # finetuning runs with metrics/ beside their checkpoints: the robustness link
-        robustness_keys, table = _robustness(store, metrics.plain(curves), plan.checkpoints, plan.depth, make_plots)
+        robustness_keys, table, result.robustness_summary = _robustness(store, metrics.plain(curves), plan.checkpoints,
+                                                                        plan.depth, make_plots, plan.layer_names)  # fmt: skip
         result.written += robustness_keys
         if plan.is_study:
             result.runs_compared = runs_compared(metrics.plain(curves), table, plan.depth, compare_epochs, plan.runs)
@@ -223,7 +228,7 @@ def reduce_plan(
                 png = plots.runs_compared_png(result.runs_compared, robustness.spread_layers(plan.depth))
                 result.written += [RUNS_COMPARED_PLOT] if store.put_if_changed(RUNS_COMPARED_PLOT, png) else []
     if make_plots:
-        result.written += _write_report(store, plan, result, outputs, settings or {})
+        result.written += write_report(store, plan, result, outputs, settings or {})
     status = {
         "settings": plan.settings_hash,
         "complete_epochs": result.complete_epochs,
@@ -319,17 +324,12 @@ def _readable_run_metrics(sources: dict[str, tuple[str, str, list[int]]], storag
     return found
 
 
-def _reduce_robustness(
-    store: Store, curves: pl.DataFrame, checkpoints: list[Checkpoint], depth: int, make_plots: bool
-) -> list[str]:
-    """Write the robustness table, its correlation and plot for the runs with metrics; the keys written."""
-    return _robustness(store, curves, checkpoints, depth, make_plots)[0]
-
-
 def _robustness(
-    store: Store, curves: pl.DataFrame, checkpoints: list[Checkpoint], depth: int, make_plots: bool
-) -> tuple[list[str], pl.DataFrame]:
-    """``_reduce_robustness``: (the keys written, the robustness table)."""
+    store: Store, curves: pl.DataFrame, checkpoints: list[Checkpoint], depth: int, make_plots: bool,
+    layer_names: list[str] | None = None,
+) -> tuple[list[str], pl.DataFrame, str]:
+    """The robustness table, its correlation and plot, and the search over hypotheses, for the runs
+    with finetuning metrics: (the keys written, the robustness table, the search's summary)."""
     curves = metrics.with_path_columns(curves)
     sources = _run_sources(checkpoints)
     run_metrics = _readable_run_metrics(sources, store.storage_options)
@@ -342,33 +342,28 @@ def _robustness(
         tables = [robustness.robustness_table(run_curves[label], frame, depth, label) for label, frame in run_metrics.items()]
         table = pl.concat(tables) if tables else pl.DataFrame()
         if table.is_empty():
-            return [], table
+            return [], table, ""
         correlation = robustness.robustness_correlation(table)
         outputs = {REDUCED_ROBUSTNESS: parquet_bytes(table), REDUCED_ROBUSTNESS_CORRELATION: parquet_bytes(correlation)}
-        outputs.update(_robustness_search(run_curves, run_metrics))
+        search = _robustness_search(run_curves, run_metrics)
+        if not search.is_empty():
+            outputs[REDUCED_ROBUSTNESS_SEARCH] = parquet_bytes(search)
+            outputs[REDUCED_ROBUSTNESS_EARLY] = parquet_bytes(pl.concat([
+                robustness_search.early_epochs(run_curves[run], frame, run, robustness_search.strongest(search.filter(
+                    pl.col("run") == run), n=3)) for run, frame in run_metrics.items()]))  # fmt: skip
     except pl.exceptions.PolarsError as exc:  # metrics of an unexpected shape (a per-corruption column, types)
         log.warning("robustness link skipped: the finetuning metrics do not have the expected form (%s)", exc)
-        return [], pl.DataFrame()
+        return [], pl.DataFrame(), ""
     if make_plots:
-        outputs[ROBUSTNESS_PLOT] = robustness.robustness_png(table, correlation, depth)
-    return [key for key, data in outputs.items() if store.put_if_changed(key, data)], table
+        outputs[ROBUSTNESS_PLOT] = robustness.robustness_png(table, correlation, depth, layer_names=layer_names)
+    summary = robustness_search.summary(search, where=store.url(REDUCED_ROBUSTNESS_SEARCH)) if not search.is_empty() else ""
+    return [key for key, data in outputs.items() if store.put_if_changed(key, data)], table, summary
 
 
-def _robustness_search(run_curves: dict[str, pl.DataFrame], run_metrics: dict[str, pl.DataFrame]) -> dict[str, bytes]:
-    """The paper's search over hypotheses per run, its early-epoch view; the strongest logged."""
-    searches, early = [], []
-    for run, metrics in run_metrics.items():
-        table = robustness_search.search(run_curves[run], metrics, run)
-        searches.append(table)
-        early.append(robustness_search.early_epochs(run_curves[run], metrics, run, robustness_search.strongest(table, n=3)))
-    if not searches:
-        return {}
-    search = pl.concat(searches)
-    for row in robustness_search.strongest(search, n=5).iter_rows(named=True):
-        log.info("robustness search %s: %s of %s over %s: r = %.3f (n = %d epochs), Bonferroni p = %.3g of %d tested",
-                 row["run"], row["aggregation"], row["combination"], row["layer_set"], row["pearson_r"],
-                 row["n_epochs"], row["p_bonferroni"], row["n_hypotheses"])  # fmt: skip
-    return {REDUCED_ROBUSTNESS_SEARCH: parquet_bytes(search), REDUCED_ROBUSTNESS_EARLY: parquet_bytes(pl.concat(early))}
+def _robustness_search(run_curves: dict[str, pl.DataFrame], run_metrics: dict[str, pl.DataFrame]) -> pl.DataFrame:
+    """The paper's search over hypotheses, per run (empty without runs)."""
+    searches = [robustness_search.search(run_curves[run], metrics, run) for run, metrics in run_metrics.items()]
+    return pl.concat(searches) if searches else pl.DataFrame()
 
 
 def _stored_status(store: Store) -> dict | None:
@@ -379,67 +374,3 @@ def _stored_status(store: Store) -> dict | None:
         return None
     stored.pop("reduced_at", None)
     return stored
-
-
-def _stored_table(store: Store, key: str) -> pl.DataFrame:
-    """A reduced table written before, or an empty frame when there is none (or it is unreadable)."""
-    try:
-        return store.read_parquet([key]) if store.exists(key) else pl.DataFrame()
-    except StorageError as exc:
-        log.warning("report: %s left out (%s)", key, exc)
-        return pl.DataFrame()
-
-
-def _write_report(store: Store, plan: Plan, result: ReduceResult, outputs: dict[str, bytes], settings: dict) -> list[str]:
-    """``reports/index.html`` from this reduce's tables and plots; written only when it changed. A
-    study shows the runs compared first, then each run's curves and dynamics, then each measure's
-    figures (a study: each run's last)."""
-    pngs: dict[str, bytes | None] = {}
-    if plan.is_study and store.exists(RUNS_COMPARED_PLOT) and not result.runs_compared.is_empty():
-        pngs["Runs compared: mean corrupted accuracy and the spread of forgetting across layers (the paper's Fig. 6)"] = (
-            store.get(RUNS_COMPARED_PLOT))  # fmt: skip
-    for run in dict.fromkeys(run for run, _ in result.complete_checkpoints):
-        title = run_title(run)
-        pngs[f"{title}Forgetting, learning and CKA divergence per layer"] = outputs.get(layer_curves_plot_key(run))
-        pngs[f"{title}Dynamics across checkpoint epochs"] = outputs.get(dynamics_plot_key(run))
-    robustness_png = store.get(ROBUSTNESS_PLOT) if result.complete_epochs and store.exists(ROBUSTNESS_PLOT) else None
-    if robustness_png is not None:
-        pngs["Robustness link"] = robustness_png
-    pngs.update(result.path_plots)
-    extra_tables = dict(result.extra_tables)
-    if plan.is_study:
-        extra_tables = {"Runs compared per epoch (reduced/robustness.parquet where a run has metrics)": result.runs_compared,
-                        **extra_tables}  # fmt: skip
-    inputs = report.ReportInputs(
-        settings_hash=plan.settings_hash,
-        # URLs in the settings may carry user:password@: never written to an output
-        settings=json.loads(redact(json.dumps(settings))),
-        checkpoints=[(c.epoch, f"{c.run}/{c.name}" if c.run else c.name) for c in plan.checkpoints],
-        complete_epochs=[epoch for _, epoch in result.complete_checkpoints],
-        incomplete_epochs=result.incomplete_epochs,
-        incomplete_path_points=result.incomplete_path_points,
-        curves=metrics.plain(result.curves),
-        inversion_quality=pl.DataFrame(),
-        plots={title: png for title, png in pngs.items() if png is not None},
-        robustness_correlation=_stored_table(store, REDUCED_ROBUSTNESS_CORRELATION) if result.complete_epochs else pl.DataFrame(),
-        robustness_search=_stored_table(store, REDUCED_ROBUSTNESS_SEARCH) if result.complete_epochs else pl.DataFrame(),
-        extra_tables=extra_tables,
-        runs=runs_listing(plan),
-    )
-    for name, value in result.report_fields.items():  # what the measures show (inversion quality, flow heatmaps)
-        setattr(inputs, name, value)
-    return [REPORT] if store.put_if_changed(REPORT, report.render(inputs)) else []
-
-
-def runs_listing(plan: Plan) -> pl.DataFrame:
-    """Per run ("" without ``{run}``): its checkpoints, their epochs, the complete ones, and the
-    incomplete ones with how many of their shards (STIR + CKA) are missing ("3: 12 shards")."""
-    incomplete = plan.incomplete_checkpoints()
-    return pl.DataFrame(
-        [{"run": run, "checkpoints": len(epochs), "epochs": sorted(epochs),
-          "complete_epochs": sorted(e for e in epochs if (run, e) not in incomplete),
-          "incomplete": [f"{e}: {incomplete[run, e]} shards" for e in sorted(epochs) if (run, e) in incomplete]}
-         for run, epochs in plan.runs.items()],  # fmt: skip
-        schema={"run": pl.String, "checkpoints": pl.Int64, "epochs": pl.List(pl.Int64),
-                "complete_epochs": pl.List(pl.Int64), "incomplete": pl.List(pl.String)},  # fmt: skip
-    )

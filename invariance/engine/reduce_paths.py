@@ -35,7 +35,7 @@ def checkpoint_names(plan: Plan) -> pl.DataFrame:
     )  # fmt: skip
 
 
-def path_outputs(curves: pl.DataFrame, make_plots: bool) -> PathOutputs:
+def path_outputs(curves: pl.DataFrame, make_plots: bool, layer_names: list[str] | None = None) -> PathOutputs:
     """The table and the plots against alpha of the checkpoints with a weight path."""
     out = PathOutputs()
     # (run, epoch) of the checkpoints with a weight path
@@ -54,7 +54,7 @@ def path_outputs(curves: pl.DataFrame, make_plots: bool) -> PathOutputs:
     if not make_plots:
         return out
     for run, epoch in path_checkpoints:
-        png = plots.interpolation_png(curves.filter(pl.col("run") == run), epoch)
+        png = plots.interpolation_png(curves.filter(pl.col("run") == run), epoch, layer_names=layer_names)
         out.files[interpolation_plot_key(epoch, run)] = png
         out.plots[f"{run_title(run)}Along the weight path to epoch {epoch}: forgetting, learning and CKA divergence "
                   "against alpha"] = png  # fmt: skip

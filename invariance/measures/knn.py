@@ -111,10 +111,10 @@ class Knn(Measure):
         for run in dict.fromkeys(table.filter(pl.col("model") == "ft")["run"].to_list()):
             # each run's checkpoints beside the pretrained model's rows (shared by every run)
             rows = table.filter((pl.col("model") == "pt") | (pl.col("run") == run))
-            out.files[knn_layers_plot_key(run)] = out.plots[f"{run_title(run)}kNN top-1 per layer"] = plots.knn_layers_png(rows)
+            out.files[knn_layers_plot_key(run)] = out.plots[f"{run_title(run)}kNN top-1 per layer"] = plots.knn_layers_png(rows, layer_names=context.plan.layer_names)
             if not rows.filter(pl.col("alpha") != PLAIN_ALPHA).is_empty():
                 out.files[knn_alpha_plot_key(run)] = out.plots[f"{run_title(run)}kNN top-1 against alpha"] = \
-                    plots.knn_alpha_png(rows)  # fmt: skip
+                    plots.knn_alpha_png(rows, layer_names=context.plan.layer_names)  # fmt: skip
         return out
 
 

@@ -107,7 +107,7 @@ class Stir(Measure):
             run_flow = metrics.plain(flow.filter(pl.col("run") == run))
             epochs = [epoch for done_run, epoch in context.complete if done_run == run]
             for epoch in epochs:
-                out.files[flow_plot_key(epoch, run)] = plots.flow_heatmap_png(run_flow, epoch)
+                out.files[flow_plot_key(epoch, run)] = plots.flow_heatmap_png(run_flow, epoch, layer_names=plan.layer_names)
             if run:  # a study shows each run's last flow; a single run every epoch's (the report's grid)
                 out.plots[f"{run_title(run)}Invariance flow at epoch {max(epochs)}"] = out.files[flow_plot_key(max(epochs), run)]
         if not plan.is_study:
