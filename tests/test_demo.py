@@ -10,6 +10,9 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+from invariance.analysis import report
+from jobs.demo import demo_config
+
 
 def _demo(out: Path) -> subprocess.CompletedProcess:
     invariance = str(Path(sys.executable).with_name("invariance"))
@@ -29,6 +32,11 @@ def test_demo_runs_the_pipeline_and_a_second_call_reuses_it(tmp_path: Path) -> N
     assert curves["forgetting_mean"].is_not_null().all()
     assert {p.name for p in (results / "plots").glob("*.png")} >= {"layer_curves.png", "dynamics.png"}
     assert (out / "demo.yaml").exists() and (out / "checkpoints" / "finetune" / "epoch=01.safetensors").exists()
+    # the demo's inversions converge at every reference layer: its report has no such warning
+    page = (results / "reports" / "index.html").read_text()
+    assert "Inversion quality" in page and "did not converge" not in page
+    stir = pl.read_parquet(results / "stir" / "**" / "*.parquet", hive_partitioning=True)
+    assert stir["inv_loss_mean"].max() <= report.CONVERGED_LOSS
 
     written = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and "leases" not in p.parts}
     second = _demo(out)
@@ -36,3 +44,23 @@ def test_demo_runs_the_pipeline_and_a_second_call_reuses_it(tmp_path: Path) -> N
     assert "using the checkpoints already" in second.stdout and "computed 0/0 units" in second.stdout
     changed = [p for p, mtime in written.items() if p.stat().st_mtime_ns != mtime and p.name != "demo.yaml"]
     assert changed == []  # nothing retrained, recomputed or rewritten
+
+
+def test_the_demo_inverts_with_adam() -> None:
+    # the reference step at the demo's 100 iterations left four layers above CONVERGED_LOSS
+    assert demo_config(Path("/tmp/x"))["inversion"] == {"optimizer": "adam", "iterations": 100, "micro_batch": 96}
+
+
+def test_the_non_convergence_warning_names_the_keys_and_the_values_to_set() -> None:
+    quality = pl.DataFrame({"ref_model": ["pt", "pt", "ft"], "ref_layer": [0, 3, 3], "final_loss_mean": [0.05, 0.23, 0.18],
+                            "final_loss_worst": [0.1, 0.5, 0.4], "self_stir": [1.0, 0.98, 0.99], "iterations": [100] * 3}
+                           ).with_columns((pl.col("final_loss_mean") <= report.CONVERGED_LOSS).alias("converged"))  # fmt: skip
+    section = report._inversion_section(quality)
+    assert "did not converge at pt[3], ft[3]:" in section and "worst 0.23 after 100 iterations" in section
+    assert "<code>inversion.optimizer: adam</code>" in section
+    # 100 * (0.23 / 0.1) ** (1 / 0.4) = 802 -> rounded up to 850
+    assert "<code>inversion.iterations: 850</code>" in section
+    # just above the threshold: at least twice the iterations run
+    barely = quality.with_columns(pl.lit(0.11).alias("final_loss_mean"), pl.lit(False).alias("converged"))
+    assert "<code>inversion.iterations: 200</code>" in report._inversion_section(barely)
+    assert "did not converge" not in report._inversion_section(quality.filter(pl.col("converged")))

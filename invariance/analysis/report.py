@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +23,10 @@ from invariance.io.storage import redact
 # Relative L2 loss of X' at the reference layer above which an inversion counts as not converged:
 # then STIR(m[j] | m[j]) falls short of 1 and every STIR measured from it is a loose bound.
 CONVERGED_LOSS = 0.1
+# How fast Adam's mean loss falls with its iterations, loss ~ iterations**-ADAM_LOSS_EXPONENT: the
+# slowest layer of bench/bench_optimizers.py (a CNN's first, 0.226 at 25 steps, 0.122 at 125) gives
+# 0.38; the non-convergence warning sizes the iterations it asks for with 0.4 (about that).
+ADAM_LOSS_EXPONENT = 0.4
 # flow heatmaps embedded; with more epochs, evenly spaced ones (always the first and the last)
 MAX_FLOW_HEATMAPS = 12
 
@@ -102,17 +107,29 @@ def _chosen_flow_epochs(epochs: list[int]) -> list[int]:
 
 
 def _inversion_section(quality: pl.DataFrame) -> str:
+    """The inversions' quality table, with a warning naming the layers above CONVERGED_LOSS and the
+    settings that bring them below it: ``inversion.optimizer: adam`` at the same iterations (what
+    the reference step cannot reach in 4x its steps, Adam reaches in 1x: bench/RESULTS.md), and for
+    a run already on Adam ``inversion.iterations: N``, N from the worst mean loss observed."""
     if quality.is_empty():
         return "<h2>Inversion quality</h2><p class='muted'>no complete checkpoint yet</p>"
     failing = quality.filter(~pl.col("converged"))
     warning = ""
     if not failing.is_empty():
         where = ", ".join(f"{m}[{j}]" for m, j in failing.select("ref_model", "ref_layer").iter_rows())
+        worst = float(failing["final_loss_mean"].max())
+        iterations = int(quality["iterations"].max() or 1)
+        # loss ~ iterations**-ADAM_LOSS_EXPONENT: the iterations that take the worst layer to the
+        # threshold, rounded up to 50 and at least twice those run
+        needed = iterations * (worst / CONVERGED_LOSS) ** (1 / ADAM_LOSS_EXPONENT)
+        suggested = max(2 * iterations, 50 * math.ceil(needed / 50))
         warning = (
             f"<p class='warning'>&#9888; Inversions did not converge at {html.escape(where)}: their mean final "
-            f"relative loss is above {CONVERGED_LOSS}, so X' is not indistinguishable from X at that layer and "
-            "the STIR values measured from it are loose. Raise <code>inversion.iterations</code> (or use "
-            "<code>inversion.optimizer</code>) and rerun.</p>"
+            f"relative loss is above {CONVERGED_LOSS} (worst {worst:.3g} after {iterations} iterations), so X' is "
+            "not indistinguishable from X at that layer and the STIR values measured from it are loose. "
+            "Set <code>inversion.optimizer: adam</code> in the run config and rerun: at the same iterations "
+            "(the same cost) it ends below what the reference step reaches in four times as many. "
+            f"If it is set already, set <code>inversion.iterations: {suggested}</code>.</p>"
         )
     return (
         "<h2>Inversion quality</h2><p>Final relative L2 loss ||m[j](X') - m[j](X)|| / ||m[j](X)|| per "
