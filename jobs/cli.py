@@ -6,6 +6,7 @@ import argparse
 import logging
 import signal
 import sys
+import time
 
 from invariance import __version__
 from invariance.errors import ConfigError, InvarianceError
@@ -110,9 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
                                   epilog=EXIT_CODES[name], formatter_class=LineFormatter)  # fmt: skip
         sub.add_argument("config", help="run config YAML: a local path or any fsspec URL (s3://...)")
         if name == "run":
-            sub.add_argument("--no-progress", action="store_true", help="no progress bar")
+            sub.add_argument("--no-progress", action="store_true",
+                             help="no progress bar: a line per checkpoint whose units are all done, and one at least "
+                             "every minute (for logs: `ray job logs`, a CronJob's)")
         if name == "plan":
-            sub.add_argument("--no-cost", action="store_true", help="skip the FLOP estimate")
+            sub.add_argument("--no-cost", action="store_true", help="skip the FLOP count and the time estimate")
             sub.add_argument("--gpu", metavar="NAME",
                              help="the workers' CUDA device, as torch names it ('NVIDIA H100 80GB HBM3'): the GPU-hours "
                              "use its measured throughput (default: this machine's GPU)")
@@ -178,6 +181,7 @@ def setup_logging() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    started = time.time()  # before the command's imports (torch, Ray): the time to first task counts them
     args = build_parser().parse_args(argv)
     setup_logging()
     terminate_on_sigterm()
@@ -190,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "run":
             from jobs.run import run
 
-            result = run(args.config, progress=not args.no_progress)
+            result = run(args.config, progress=not args.no_progress, started=started)
             if result is not None and result.execution.failures:
                 return 1
         elif args.command == "plan":

@@ -17,7 +17,8 @@ from ray.exceptions import RayTaskError
 from tqdm import tqdm
 
 from invariance.config import ResourcesConfig
-from invariance.engine.execute import ExecuteSummary
+from invariance.core.cost import duration
+from invariance.engine.execute import PROGRESS_LINE_SECONDS, ExecuteSummary, ProgressLines
 from invariance.engine.plan import Plan
 from invariance.engine.steps import RunSpec, Workspace, run_unit
 from invariance.errors import ConfigError, StorageError
@@ -123,8 +124,12 @@ def check_resources(resources: ResourcesConfig, can_grow: bool, wait_seconds: fl
 
 
 def execute(plan: Plan, spec: RunSpec, progress: bool = True, lease_lost: Callable[[], bool] | None = None,
-            can_grow: bool = True) -> ExecuteSummary:  # fmt: skip
+            can_grow: bool = True, started: float | None = None) -> ExecuteSummary:  # fmt: skip
     """Run every missing unit of ``plan``; returns counts and failures (never raises for a unit).
+
+    ``progress``: a bar; without it (logs, `--no-progress`) a line per checkpoint whose units are
+    all done and one at least every minute otherwise. A line per checkpoint with the bar too.
+    ``started``: when the run began (time.time()): the time to its first task is printed from it.
 
     ``lease_lost``: polled between submissions and at least every WAIT_SECONDS; once true,
     nothing more is submitted (the run lease was taken over or could not be renewed) and what
@@ -147,11 +152,14 @@ def execute(plan: Plan, spec: RunSpec, progress: bool = True, lease_lost: Callab
     started = time.time()
     bar = tqdm(total=len(queue), desc="shards", unit="shard", disable=not progress or not queue,
                mininterval=1.0, dynamic_ncols=True)  # fmt: skip
+    # flushed at once: under `ray job submit` stdout is a pipe, and a line held in a buffer is no progress
+    write = bar.write if progress else lambda line: print(line, flush=True)
+    lines = ProgressLines(queue, write, interval=float("inf") if progress else PROGRESS_LINE_SECONDS)
     try:
         # Ctrl-C, SIGTERM: submit nothing more. The tasks in flight end with the driver (Ray stops a
         # job's workers when its driver exits); no ray.cancel: a cancel that races a task's reply
         # aborts the driver inside Ray (ray-project/ray#54527), exit 1 in place of 130/143
-        _submit_and_wait(queue, options, spec_ref, summary, bar, resources, lease_lost)
+        _submit_and_wait(queue, options, spec_ref, summary, bar, resources, lease_lost, lines, started)
     finally:
         bar.close()
     summary.seconds = time.time() - started
@@ -162,7 +170,8 @@ def execute(plan: Plan, spec: RunSpec, progress: bool = True, lease_lost: Callab
 
 def _submit_and_wait(
     queue: list, options: dict[str, Any], spec_ref: ray.ObjectRef, summary: ExecuteSummary, bar: tqdm,
-    resources: ResourcesConfig, lease_lost: Callable[[], bool] | None,
+    resources: ResourcesConfig, lease_lost: Callable[[], bool] | None, lines: ProgressLines,
+    started: float | None = None,
 ) -> None:  # fmt: skip
     in_flight: dict[ray.ObjectRef, Unit] = {}
     submitted: dict[Unit, ray.ObjectRef] = {}
@@ -181,10 +190,14 @@ def _submit_and_wait(
             in_flight[submitted[unit]] = unit
             position += 1
             summary.submitted += 1
+            if summary.submitted == 1 and started is not None:
+                summary.first_task_seconds = time.time() - started
+                lines.write(f"first task submitted {duration(summary.first_task_seconds)} after the start")
         if not in_flight:
             break
         # bounded, so that a lost lease is noticed even while every shard takes minutes
         ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=WAIT_SECONDS)
+        lines.tick()
         if not ready:
             continue
         unit = in_flight.pop(ready[0])
@@ -192,10 +205,12 @@ def _submit_and_wait(
             _, device = ray.get(ready[0])
             summary.completed += 1
             summary.ran_on(device)
+            lines.done(unit)
         except Exception as error:  # noqa: BLE001 - every failure is reported, none is lost
             was_stopped = summary.stopped_early
             message = summary.add_failure(unit, _root_cause(error))
             bar.write(redact(f"FAILED {unit}: {message.splitlines()[0] if message else ''}"))
+            lines.done(unit, failed=True)
             if summary.stopped_early and not was_stopped:
                 bar.write(f"stopping: {summary.stop_reason}")
         bar.update(1)

@@ -18,9 +18,9 @@ import ray
 
 from invariance.config import RunConfig, load_config, settings_hash
 from invariance.analysis.report import epoch_span
-from invariance.core.cost import inversion_flops
+from invariance.core.cost import cpu_throughput, duration, inversion_flops
 from invariance.engine.lease import RunLease
-from invariance.core.models import describe_layers, load_model
+from invariance.core.models import FeatureModel, describe_layers, load_model
 from invariance.engine.plan import Plan, check_output_location, make_plan
 from invariance.engine.reduce import ReduceResult, reduce_plan
 from invariance.io.layout import REPORT, InversionUnit
@@ -212,16 +212,53 @@ def inversion_cache_note(config: RunConfig, plan: Plan) -> str | None:
             "read each once")
 
 
-def estimate_cost(config: RunConfig, plan: Plan) -> tuple[float, int]:
-    """(inversion TFLOPs still to do, inversions still to do), measured on the model's layers."""
+def _inversion_flops_per_layer(config: RunConfig, plan: Plan) -> tuple[FeatureModel, dict[int, int]]:
+    """The model (random weights: only its shapes count) and {layer: FLOPs of one inversion there}."""
     model = load_model(config.model, None, modules=config.layer_modules)
     per_layer = {
         layer: inversion_flops(model, layer, config.data.n_samples, config.inversion.iterations, config.token_policy,
                                config.data.image_size)  # the size the run feeds the model (a CNN at 32 px, not 224)
         for layer in plan.layers
     }
+    return model, per_layer
+
+
+def estimate_cost(config: RunConfig, plan: Plan) -> tuple[float, int]:
+    """(inversion TFLOPs still to do, inversions still to do), measured on the model's layers."""
+    _, per_layer = _inversion_flops_per_layer(config, plan)
     todo = inversion_layers(plan.missing())
     return sum(per_layer[layer] for layer in todo) / 1e12, len(todo)
+
+
+def cpu_workload(config: RunConfig, layer: int) -> str:
+    """What the CPU throughput is timed on, as its cache key names it: the model and its input."""
+    model = settings_hash({"model": config.model.model_dump(mode="json"), "modules": config.layer_modules})[:10]
+    size = config.data.image_size or "default"
+    return (f"{config.model.arch} ({model}) at {size} px, layer {layer}, {config.token_policy}, "
+            f"batch {min(config.data.n_samples, CPU_TIMING_BATCH)}")  # fmt: skip
+
+
+CPU_TIMING_BATCH = 16  # images per timed step: the throughput of small batches is not a run's
+
+
+def cpu_time_estimate(config: RunConfig, model: FeatureModel, layer: int, tflop: float, inversions: int,
+                      cache: Path | None = None) -> str:  # fmt: skip
+    """The line `plan` prints for CPU workers: the wall time of ``tflop`` of inversions on this
+    machine's CPUs, at this CPU's throughput for the model (timed once, cached), as many tasks
+    at once as the local Ray runs (CPUs / resources.num_cpus, at most one per inversion)."""
+    threads = max(1, int(config.resources.num_cpus))
+    measured = cpu_throughput(model, layer, cpu_workload(config, layer), threads=threads,
+                              batch=min(config.data.n_samples, CPU_TIMING_BATCH), token_policy=config.token_policy,
+                              image_size=config.data.image_size, cache=cache)  # fmt: skip
+    cpus = os.cpu_count() or 1
+    at_once = max(1, min(inversions, int(cpus // config.resources.num_cpus)))
+    task_seconds = tflop * 1e3 / measured.gflops
+    where = ("on this machine" if not os.environ.get("RAY_ADDRESS")
+             else "if the workers' CPUs are like this machine's (RAY_ADDRESS is set: a cluster runs more at once)")
+    return (f"  time, an estimate: ~{duration(task_seconds / at_once)} of inversions on CPU {where} "
+            f"({at_once} task{'s' if at_once > 1 else ''} at once on {cpus} CPUs, resources.num_cpus "
+            f"{config.resources.num_cpus:g}; {duration(task_seconds)} of one task at {measured.gflops:.3g} GFLOP/s, "
+            f"{measured.describe()})")
 
 
 @dataclass
@@ -236,17 +273,23 @@ def _merge(total: ExecuteSummary, part: ExecuteSummary) -> None:
     total.completed += part.completed
     total.failures += part.failures
     total.seconds += part.seconds
+    if total.first_task_seconds is None:
+        total.first_task_seconds = part.first_task_seconds
     if part.stopped_early:
         total.stop(part.stop_reason)
 
 
-def run(config: RunConfig | str, progress: bool = True, num_cpus: int | None = None) -> RunResult | None:
+def run(config: RunConfig | str, progress: bool = True, num_cpus: int | None = None,
+        started: float | None = None) -> RunResult | None:  # fmt: skip
     """`invariance run`: compute every missing shard, then reduce. Idempotent.
 
     Returns None, computing nothing, when another run of the same settings holds the lease.
     With nothing to compute, Ray is not started: plan, reduce (if anything changed), done. A
-    shard the reduce finds unreadable is missing again and recomputed once, here.
+    shard the reduce finds unreadable is missing again and recomputed once, here. ``started``:
+    when the command began (time.time(); default: now): the time to the first task and the
+    whole run's are printed from it.
     """
+    started = time.time() if started is None else started
     config, store, plan, spec = open_run(config, computes=True)
     describe_plan(plan)
     if plan.missing_keys and (note := inversion_cache_note(config, plan)):
@@ -264,7 +307,8 @@ def run(config: RunConfig | str, progress: bool = True, num_cpus: int | None = N
             if plan.missing_keys:
                 connect_ray(num_cpus)
                 _merge(execution, execute(plan, spec, progress=progress, lease_lost=lambda: lease.lost,
-                                          can_grow=bool(os.environ.get("RAY_ADDRESS"))))  # fmt: skip
+                                          can_grow=bool(os.environ.get("RAY_ADDRESS")),
+                                          started=started if execution.first_task_seconds is None else None))  # fmt: skip
                 plan.refresh(store)
             if lease.lost:  # the run that holds the lease now reduces; an older view must not overwrite it
                 print("lost the run lease: reduced/ is left to the run that holds it", file=sys.stderr)
@@ -281,6 +325,11 @@ def run(config: RunConfig | str, progress: bool = True, num_cpus: int | None = N
         f"{len(execution.failures)} failed; reduced {plural(len(reduced.complete_checkpoints or reduced.complete_epochs), 'complete checkpoint')} "
         f"-> {store.url('reduced/')}; report: {store.url(REPORT)}"
     )
+    if execution.first_task_seconds is not None:
+        when = f" (the first task submitted {execution.first_task_seconds:.1f} s after the start)"
+    else:
+        when = "" if execution.submitted else " (no task submitted: nothing to compute)"
+    print(f"done in {time.time() - started:.1f} s{when}")
     print_incomplete(plan, reduced)
     for unit, message in execution.failures[:20]:
         print(f"  failed {unit}: {redact(message)}", file=sys.stderr)
@@ -395,6 +444,7 @@ def local_gpu_name() -> str | None:
 # (package data: installed copies and the image read the figures the repository recorded)
 THROUGHPUT_TABLE = Path(__file__).resolve().parent.parent / "invariance" / "core" / "throughput.json"
 GUESSED_TFLOPS = 200.0  # achieved bf16 on an A100/H100-class GPU, not measured
+GUESSED_GPU = "an A100/H100-class GPU in bf16, not measured"
 
 
 def inversion_throughput(device_name: str | None, table: Path = THROUGHPUT_TABLE) -> tuple[float, str]:
@@ -413,22 +463,40 @@ def inversion_throughput(device_name: str | None, table: Path = THROUGHPUT_TABLE
     return GUESSED_TFLOPS, f"a guess: no throughput measured {where} in {table.name}{known}"
 
 
+def gpu_time_estimate(tflop: float, gpu: str | None) -> str:
+    """The wall time of ``tflop`` of inversions on one GPU (``gpu``: as torch names it): at the
+    throughput throughput.json records for it, else GUESSED_TFLOPS, said to be a guess."""
+    throughput, source = inversion_throughput(gpu)
+    seconds = tflop / throughput
+    assumed = gpu or GUESSED_GPU
+    return (f"~{duration(seconds)} of inversions on one GPU ({seconds / 3600:.2g} GPU-hours at {throughput:g} TFLOP/s, "
+            f"{source}; the GPU assumed: {assumed})")
+
+
 def plan_only(config: RunConfig | str, with_cost: bool = True, gpu: str | None = None) -> Plan:
-    """`invariance plan`: what is done, what is missing, and a rough cost (GPU-hours on ``gpu``,
-    the workers' CUDA device name, else this machine's)."""
+    """`invariance plan`: what is done, what is missing, and an estimate of the cost: inversion
+    FLOPs and their wall time, on GPUs (resources.num_gpus > 0 or ``gpu`` named: the workers'
+    CUDA device, else this machine's) at a recorded or assumed throughput, on CPUs at this CPU's
+    throughput (timed once, cached)."""
     config, _, plan, _ = open_run(config)
     describe_plan(plan)
     if note := inversion_cache_note(config, plan):
         print(note)
     if with_cost:
-        started = time.time()
-        tflops, inversions = estimate_cost(config, plan)
-        throughput, source = inversion_throughput(gpu or local_gpu_name())
-        print(
-            f"  cost: {inversions} inversions, {tflops:,.1f} TFLOP "
-            f"(~{tflops / throughput / 3600:.2f} GPU-hours at {throughput:g} TFLOP/s, {source}; "
-            f"measured in {time.time() - started:.1f}s)"
-        )
+        began = time.time()
+        model, per_layer = _inversion_flops_per_layer(config, plan)
+        todo = inversion_layers(plan.missing())
+        tflop = sum(per_layer[layer] for layer in todo) / 1e12
+        flop = f"{tflop:,.1f} TFLOP" if tflop >= 1 else f"{tflop * 1e3:,.2f} GFLOP"
+        print(f"  cost: {plural(len(todo), 'inversion')}, {flop} (the inversions only: evaluations "
+              f"and the other measures add less; counted in {time.time() - began:.1f}s)")  # fmt: skip
+        if not todo:
+            return plan
+        if config.resources.num_gpus > 0 or gpu:
+            print(f"  time, an estimate: {gpu_time_estimate(tflop, gpu or local_gpu_name())}")
+        else:  # CPU workers (Ray gives a task without num_gpus no GPU, even on a machine with one)
+            print(cpu_time_estimate(config, model, max(todo), tflop, len(todo)))
+            print(f"  on GPUs (resources.num_gpus > 0): {gpu_time_estimate(tflop, local_gpu_name())}")
     return plan
 
 

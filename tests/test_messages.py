@@ -93,3 +93,87 @@ def test_the_plan_says_when_a_workers_x_cache_cannot_hold_every_pretrained_x(tmp
     out = capsys.readouterr().out
     n_inversions = len(plan.of_type(InversionUnit))
     assert f"X' cache: the {n_inversions} pretrained X' take" in out and "resources.inversion_cache_gb" in out
+
+
+def _plan_config(tmp_path: Path, **overrides) -> Path:
+    import json
+
+    write_checkpoints(tmp_path / "ckpt", epochs=[1, 2])
+    write_eval_parquet(tmp_path / "data")
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(tiny_config(tmp_path, str(tmp_path / "out"), **overrides)))
+    return path
+
+
+def test_the_plan_estimates_the_wall_time_on_cpu_naming_the_cpu_and_saying_it_is_an_estimate(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """CPU work (resources.num_gpus 0) is priced at this CPU's inversion throughput for the model,
+    read from the cache (timed once per CPU, torch, threads and model), not as GPU-hours."""
+    import json
+    import os
+
+    import pytest
+
+    import invariance.core.cost as cost
+    from invariance.config import load_config
+    from jobs.run import cpu_workload, estimate_cost, plan_only
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(cost, "cpu_name", lambda: "Test CPU 9000")
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+
+    def no_timing(*args, **kwargs):
+        raise AssertionError("timed although the cache holds this CPU's figure")
+
+    monkeypatch.setattr(cost, "time_inversion_steps", no_timing)
+    path = _plan_config(tmp_path)
+    config = load_config(str(path))
+    key = cost.cpu_throughput_key(cpu_workload(config, 2), threads=1)
+    cache = tmp_path / "cache" / "invariance" / "cpu_throughput.json"
+    cache.parent.mkdir(parents=True)
+    cache.write_text(json.dumps({"entries": {key: {"gflops": 0.5, "measured": "2026-12-01"}}}))
+    plan_only(str(path))
+    out = capsys.readouterr().out
+    (estimate,) = [line for line in out.splitlines() if line.startswith("  time, an estimate:")]
+    tflop, n_inversions = estimate_cost(config, make_plan(config, Store(config.output)))
+    # 3 layers x 2 seeds pretrained + 2 checkpoints x 3 layers x 2 seeds ft-reference: 4 at once on 4 CPUs
+    assert n_inversions == 6 + 12 and f"  cost: 18 inversions, {tflop * 1e3:,.2f} GFLOP (the inversions only" in out
+    assert "of inversions on CPU on this machine (4 tasks at once on 4 CPUs, resources.num_cpus 1;" in estimate
+    assert "at 0.5 GFLOP/s, measured on Test CPU 9000 (1 thread per task, torch " in estimate
+    assert f"2026-12-01; cached in {cache})" in estimate
+    assert estimate.startswith(f"  time, an estimate: ~{cost.duration(tflop * 1e3 / 0.5 / 4)} of inversions")
+    assert "GPU-hours" not in estimate and "on GPUs (resources.num_gpus > 0): ~" in out
+    # GPU workers: the GPU-hours, naming the GPU assumed
+    capsys.readouterr()
+    plan_only(str(_plan_config(tmp_path / "gpu", resources={"num_cpus": 1, "num_gpus": 1})))
+    out = capsys.readouterr().out
+    (estimate,) = [line for line in out.splitlines() if line.startswith("  time, an estimate:")]
+    assert "GPU-hours at 200 TFLOP/s, a guess" in estimate
+    assert estimate.endswith("the GPU assumed: an A100/H100-class GPU in bf16, not measured)")
+    assert "on CPU" not in out
+    with pytest.raises(AssertionError):  # a CPU, torch or thread count without a figure is timed
+        cost.cpu_throughput(None, 0, "another model", threads=1)
+
+
+def test_a_cpu_throughput_is_timed_once_then_read_from_the_cache(tmp_path: Path, monkeypatch) -> None:
+    import json
+
+    import invariance.core.cost as cost
+
+    timings = []
+    monkeypatch.setattr(cost, "time_inversion_steps", lambda *args, **kwargs: timings.append(args) or 12.5)
+    cache = tmp_path / "nested" / "cpu_throughput.json"
+    first = cost.cpu_throughput("model", 3, "vit (abc) at 32 px", threads=2, cache=cache)
+    second = cost.cpu_throughput("model", 3, "vit (abc) at 32 px", threads=2, cache=cache)
+    assert len(timings) == 1 and first.gflops == second.gflops == 12.5
+    assert not first.cached and second.cached and "measured now" in first.describe()
+    assert second.describe().startswith(f"measured on {cost.cpu_name()} (2 threads per task, torch ")
+    (key,) = json.loads(cache.read_text())["entries"]
+    assert key == f"{cost.cpu_name()} | torch {__import__('torch').__version__} | 2 threads | vit (abc) at 32 px"
+    cost.cpu_throughput("model", 3, "vit (abc) at 32 px", threads=1, cache=cache)  # another thread count
+    assert len(timings) == 2
+    cache.write_text("not json")  # a damaged cache is measured again and rewritten
+    assert cost.cpu_throughput("model", 3, "vit (abc) at 32 px", threads=2, cache=cache).gflops == 12.5
+    assert len(timings) == 3 and len(json.loads(cache.read_text())["entries"]) == 1

@@ -9,10 +9,14 @@ steps in the calling process (tests, notebooks, a debugger).
 from __future__ import annotations
 
 import logging
+import math
+import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
+from invariance.core.cost import duration
 from invariance.engine.plan import Plan
 from invariance.engine.steps import RunSpec, Workspace, run_unit
 from invariance.errors import ConfigError, DataError, InvarianceError, StorageError
@@ -50,6 +54,8 @@ class ExecuteSummary:
     failed_checkpoints: list[str] = field(default_factory=list)
     # how many checkpoints have units in this execution (the executor sets it from the queue)
     checkpoints_queued: int = 0
+    # seconds from the run's start to its first unit submitted (None: none submitted, or no start given)
+    first_task_seconds: float | None = None
 
     def expect(self, queue: list[tuple[Unit, tuple[Unit, ...]]]) -> None:
         """Note what the execution will run (before it starts): how many checkpoints have units."""
@@ -84,41 +90,135 @@ class ExecuteSummary:
         return message
 
 
+# without a progress bar, a line at least this often while units run (seconds)
+PROGRESS_LINE_SECONDS = 60.0
+
+
+def _group(unit: Unit) -> tuple[str, str]:
+    """(checkpoint URL, words for it): the checkpoint a unit belongs to (its weight-path points
+    included), ``("", "pretrained model")`` for the units of no checkpoint."""
+    if not unit.checkpoint_url:
+        return "", "pretrained model"
+    run = getattr(unit, "run", "")
+    return unit.checkpoint_url, f"checkpoint {f'{run}/' if run else ''}{getattr(unit, 'checkpoint', unit.checkpoint_url)}"
+
+
+class ProgressLines:
+    """Progress as lines, for a log without a progress bar (`--no-progress`, `ray job logs`): one
+    when every unit of a checkpoint in this execution has finished (``checkpoint epoch=03 complete
+    (12/40 units, 3 m 10 s)``), and, while none does, one at least every ``interval`` seconds
+    (``tick`` is called often enough: by the executor's loop or ``ticking``). Thread-safe."""
+
+    def __init__(self, queue: list[tuple[Unit, tuple[Unit, ...]]], write: Callable[[str], None],
+                 interval: float = PROGRESS_LINE_SECONDS, clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
+        self.write, self.interval, self.clock = write, interval, clock
+        self.left: Counter[str] = Counter()
+        self.labels: dict[str, str] = {}
+        self.failed: Counter[str] = Counter()
+        for unit, _ in queue:
+            key, label = _group(unit)
+            self.left[key] += 1
+            self.labels[key] = label
+        self.total, self.finished = len(queue), 0
+        self.started = self.last_line = clock()
+        self._lock = threading.Lock()
+
+    def _say(self, line: str) -> None:
+        self.last_line = self.clock()
+        self.write(line)
+
+    def _counts(self) -> str:
+        failed = sum(self.failed.values())
+        return f"{self.finished}/{self.total} units" + (f", {failed} failed" if failed else "") + \
+            f", {duration(self.clock() - self.started)}"  # fmt: skip
+
+    def done(self, unit: Unit, failed: bool = False) -> None:
+        """``unit`` finished (or failed, or was not attempted): a line if it was its checkpoint's last."""
+        key, _ = _group(unit)
+        with self._lock:
+            self.finished += 1
+            self.left[key] -= 1
+            self.failed[key] += failed
+            if self.left[key] == 0:
+                state = "complete" if not self.failed[key] else f"finished with {self.failed[key]} failed units"
+                self._say(f"{self.labels[key]} {state} ({self._counts()})")
+
+    def tick(self) -> None:
+        """A line when none came for ``interval`` seconds: the counts, and what is being worked on."""
+        with self._lock:
+            if self.finished >= self.total or self.clock() - self.last_line < self.interval:
+                return
+            working = next((self.labels[key] for key, left in self.left.items() if left > 0), "")
+            self._say(f"{self._counts()}; working on the {working}")
+
+    def ticking(self, every: float = 5.0) -> "_Ticker":
+        """A context in which a thread calls ``tick`` every ``every`` seconds (a loop that waits on
+        long units cannot)."""
+        return _Ticker(self, every)
+
+
+class _Ticker:
+    def __init__(self, lines: ProgressLines, every: float) -> None:
+        self.lines, self.every, self.stopped = lines, every, threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="progress-lines", daemon=True)
+
+    def _loop(self) -> None:
+        while not self.stopped.wait(self.every):
+            self.lines.tick()
+
+    def __enter__(self) -> ProgressLines:
+        if math.isfinite(self.lines.interval):
+            self.thread.start()
+        return self.lines
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopped.set()
+        if self.thread.is_alive():
+            self.thread.join()
+
+
 def execute_in_process(
-    plan: Plan, spec: RunSpec, workspace: Workspace | None = None, lease_lost: Callable[[], bool] | None = None
+    plan: Plan, spec: RunSpec, workspace: Workspace | None = None, lease_lost: Callable[[], bool] | None = None,
+    progress: Callable[[str], None] | None = log.info,
 ) -> ExecuteSummary:
     """Run every missing unit of ``plan`` here, one after the other, in submission order.
 
     A unit whose dependency failed is not attempted (it is counted as failed). Never raises
-    for a unit; ``lease_lost`` is polled before each unit, as the Ray executor does."""
+    for a unit; ``lease_lost`` is polled before each unit, as the Ray executor does.
+    ``progress`` gets ProgressLines' lines (a checkpoint complete, else one a minute); None: no lines."""
     workspace = workspace or Workspace()
     summary = ExecuteSummary()
     started = time.time()
     failed: set[Unit] = set()
     queue = plan.work()
     summary.expect(queue)
-    for unit, dependencies in queue:
-        if lease_lost is not None and lease_lost():
-            summary.stop("lost the run lease (another run took it over, or it could not be renewed)")
-        if summary.stopped_early:
-            break
-        summary.submitted += 1
-        if failed.intersection(dependencies):
-            failed.add(unit)
-            summary.failures.append((str(unit), "not attempted: a unit it depends on failed"))
-            summary.failed_checkpoints.append(unit.checkpoint_url)
-            continue
-        try:
-            run_unit(spec, unit, workspace)
-            summary.completed += 1
-            summary.ran_on(workspace.device.type)
-        except Exception as error:  # noqa: BLE001 - every failure is reported, none is lost
-            failed.add(unit)
-            message = summary.add_failure(unit, error)
-            # one redacted string, not the unit: a handler that fails prints a record's arguments
-            # raw ("--- Logging error ---"), and a unit's repr holds its checkpoint URL
-            log.error("FAILED %s", redact(f"{unit}: {message.splitlines()[0] if message else ''}"))
+    lines = ProgressLines(queue, progress or (lambda line: None), interval=math.inf if progress is None else PROGRESS_LINE_SECONDS)
+    with lines.ticking():
+        for unit, dependencies in queue:
+            if lease_lost is not None and lease_lost():
+                summary.stop("lost the run lease (another run took it over, or it could not be renewed)")
             if summary.stopped_early:
-                log.error("stopping: %s", summary.stop_reason)
+                break
+            summary.submitted += 1
+            if failed.intersection(dependencies):
+                failed.add(unit)
+                summary.failures.append((str(unit), "not attempted: a unit it depends on failed"))
+                summary.failed_checkpoints.append(unit.checkpoint_url)
+                lines.done(unit, failed=True)
+                continue
+            try:
+                run_unit(spec, unit, workspace)
+                summary.completed += 1
+                summary.ran_on(workspace.device.type)
+                lines.done(unit)
+            except Exception as error:  # noqa: BLE001 - every failure is reported, none is lost
+                failed.add(unit)
+                message = summary.add_failure(unit, error)
+                lines.done(unit, failed=True)
+                # one redacted string, not the unit: a handler that fails prints a record's arguments
+                # raw ("--- Logging error ---"), and a unit's repr holds its checkpoint URL
+                log.error("FAILED %s", redact(f"{unit}: {message.splitlines()[0] if message else ''}"))
+                if summary.stopped_early:
+                    log.error("stopping: %s", summary.stop_reason)
     summary.seconds = time.time() - started
     return summary
