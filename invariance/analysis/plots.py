@@ -18,9 +18,11 @@ from typing import Any, Sequence
 import matplotlib
 import matplotlib.cm
 import matplotlib.colors
+import matplotlib.gridspec
 import matplotlib.lines
 import matplotlib.patches
 import matplotlib.ticker
+import matplotlib.transforms
 import numpy as np
 import polars as pl
 from matplotlib.figure import Figure
@@ -273,14 +275,25 @@ def layer_curves_figure(curves: pl.DataFrame, title: str = "", *, layer_names: S
 
 
 def dynamics_figure(curves: pl.DataFrame, title: str = "", *, layer_names: Sequence[str] | None = None,
-                    depth: int | None = None) -> Figure:  # fmt: skip
+                    depth: int | None = None, run_metrics: pl.DataFrame | None = None) -> Figure:  # fmt: skip
     """Each metric across checkpoint epochs, one line (colour and marker) per layer, with its 95%
     interval over seeds shaded; every panel on a linear axis (a symmetric-log one put 0 and 1e-3
-    side by side as if neighbours)."""
+    side by side as if neighbours). ``run_metrics`` (the finetuning run's metrics per epoch, as
+    ``io.run_metrics`` reads them): a fourth panel with the clean and the corrupted test accuracy
+    per epoch, and the linear-probing epochs (``stage`` lp: only the head trains) shaded on every
+    panel, the stage named at the top."""
     layers = sorted(curves["layer"].unique().to_list())
     colors, cmap, norm = _discrete_colors(layers, "turbo")
-    figure = new_figure(figsize=(16, 4.4))
+    accuracy = _accuracy_columns(run_metrics)
+    figure = new_figure(figsize=(21 if accuracy else 16, 4.4))
     panels = _metric_axes(figure, "checkpoint epoch", curves)
+    axes = [axis for axis, _ in panels]
+    if accuracy:  # the metric panels take three of four columns; accuracy the fourth
+        grid = matplotlib.gridspec.GridSpec(1, 4, figure=figure)
+        for position, axis in enumerate(axes):
+            axis.set_subplotspec(grid[0, position])
+        axes.append(figure.add_subplot(grid[0, 3]))
+        _draw_accuracy(axes[-1], run_metrics, accuracy)
     names = {layer: _layer_name(layer, layer_names, depth) for layer in layers}
     for axis, metric in panels:
         drawn = {}
@@ -290,12 +303,64 @@ def dynamics_figure(curves: pl.DataFrame, title: str = "", *, layer_names: Seque
             drawn[names[layer]] = (rows["epoch"].to_numpy(), rows[f"{metric}_mean"].cast(pl.Float64).to_numpy())
         note_coinciding(axis, drawn)
         axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    _discrete_key(figure, [axis for axis, _ in panels], layers, colors, cmap, norm, "layer",
-                  band=_band_name(curves), names=names,
-                  notes=_uncertainty_notes(curves, ("forgetting", "learning")))  # fmt: skip
+    notes = _uncertainty_notes(curves, ("forgetting", "learning"))
+    if _mark_stages(axes, run_metrics):
+        notes.append(matplotlib.patches.Patch(color=STAGE_COLOR, label=STAGE_LABEL))
+    _discrete_key(figure, axes, layers, colors, cmap, norm, "layer", band=_band_name(curves), names=names, notes=notes)
     if title:
         figure.suptitle(title)
     return figure
+
+
+# the linear-probing stage (lp_ft's first epochs, linear_probe): shaded on the dynamics' panels
+STAGE_COLOR = "#d8d8d8"
+STAGE_LABEL = "grey span: LP stage (only the head trains)"
+ACCURACY_LINES = (("clean_accuracy", "clean", "-"), ("corrupted_accuracy", "corrupted (mean)", "--"))
+
+
+def _accuracy_columns(run_metrics: pl.DataFrame | None) -> list[str]:
+    """The accuracy columns of ``run_metrics`` with a value (none: no accuracy panel)."""
+    if run_metrics is None or run_metrics.is_empty() or "epoch" not in run_metrics.columns:
+        return []
+    return [c for c, _, _ in ACCURACY_LINES if c in run_metrics.columns and run_metrics[c].drop_nulls().len() > 0]
+
+
+def _draw_accuracy(axis: Any, run_metrics: pl.DataFrame, columns: list[str]) -> None:
+    """Clean and corrupted test accuracy per finetuning epoch (the run's own metrics, one value each)."""
+    rows = run_metrics.sort("epoch")
+    for column, label, style in ACCURACY_LINES:
+        if column in columns:
+            kept = rows.filter(pl.col(column).is_not_null())
+            axis.plot(kept["epoch"].to_numpy(), kept[column].cast(pl.Float64).to_numpy(), color="black", ls=style,
+                      marker="o" if style == "-" else "s", ms=3.5, label=label)  # fmt: skip
+    axis.set_xlabel("finetuning epoch")
+    axis.set_ylabel("test accuracy")
+    axis.set_title("accuracy of the finetuned model\n(its run's metrics; one value per epoch)", fontsize=9)
+    axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8, loc="best")
+
+
+def _mark_stages(axes: list[Any], run_metrics: pl.DataFrame | None) -> bool:
+    """Shade the epochs of the LP stage on every panel and name both stages at the top of the
+    first; True when there is an LP stage to mark."""
+    if run_metrics is None or "stage" not in run_metrics.columns or "epoch" not in run_metrics.columns:
+        return False
+    stages = run_metrics.filter(pl.col("stage").is_not_null()).sort("epoch")
+    lp = stages.filter(pl.col("stage") == "lp")["epoch"].to_list()
+    if not lp:
+        return False
+    low, high = min(lp) - 0.5, max(lp) + 0.5
+    ft = stages.filter(pl.col("stage") == "ft")["epoch"].to_list()
+    for axis in axes:
+        axis.axvspan(low, high, color=STAGE_COLOR, alpha=0.6, lw=0, zorder=0, label="_stage lp")
+    first = axes[0]
+    transform = matplotlib.transforms.blended_transform_factory(first.transData, first.transAxes)
+    first.text((low + high) / 2, 0.98, "LP", transform=transform, ha="center", va="top", fontsize=8, color="dimgrey")
+    if ft:
+        first.text((min(ft) + max(ft)) / 2, 0.98, "FT", transform=transform, ha="center", va="top", fontsize=8,
+                   color="dimgrey")  # fmt: skip
+    return True
 
 
 def flow_color_limit(flow: pl.DataFrame) -> float:
@@ -367,8 +432,9 @@ def layer_curves_png(curves: pl.DataFrame, title: str = "", **names: Any) -> byt
     return png_bytes(layer_curves_figure(curves, title, **names))
 
 
-def dynamics_png(curves: pl.DataFrame, title: str = "", **names: Any) -> bytes:
-    return png_bytes(dynamics_figure(curves, title, **names))
+def dynamics_png(curves: pl.DataFrame, title: str = "", *, run_metrics: pl.DataFrame | None = None, **names: Any) -> bytes:
+    """``dynamics_figure`` as PNG (``run_metrics``: with the accuracy panel and the stages marked)."""
+    return png_bytes(dynamics_figure(curves, title, run_metrics=run_metrics, **names))
 
 
 def flow_heatmap_png(flow: pl.DataFrame, epoch: int, **names: Any) -> bytes:
