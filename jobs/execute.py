@@ -124,12 +124,12 @@ def check_resources(resources: ResourcesConfig, can_grow: bool, wait_seconds: fl
 
 
 def execute(plan: Plan, spec: RunSpec, progress: bool = True, lease_lost: Callable[[], bool] | None = None,
-            can_grow: bool = True, started: float | None = None) -> ExecuteSummary:  # fmt: skip
+            can_grow: bool = True, run_started: float | None = None) -> ExecuteSummary:  # fmt: skip
     """Run every missing unit of ``plan``; returns counts and failures (never raises for a unit).
 
     ``progress``: a bar; without it (logs, `--no-progress`) a line per checkpoint whose units are
     all done and one at least every minute otherwise. A line per checkpoint with the bar too.
-    ``started``: when the run began (time.time()): the time to its first task is printed from it.
+    ``run_started``: when the run began (time.time()): the time to its first task is printed from it.
 
     ``lease_lost``: polled between submissions and at least every WAIT_SECONDS; once true,
     nothing more is submitted (the run lease was taken over or could not be renewed) and what
@@ -159,7 +159,7 @@ def execute(plan: Plan, spec: RunSpec, progress: bool = True, lease_lost: Callab
         # Ctrl-C, SIGTERM: submit nothing more. The tasks in flight end with the driver (Ray stops a
         # job's workers when its driver exits); no ray.cancel: a cancel that races a task's reply
         # aborts the driver inside Ray (ray-project/ray#54527), exit 1 in place of 130/143
-        _submit_and_wait(queue, options, spec_ref, summary, bar, resources, lease_lost, lines, started)
+        _submit_and_wait(queue, options, spec_ref, summary, bar, resources, lease_lost, lines, run_started)
     finally:
         bar.close()
     summary.seconds = time.time() - started
@@ -171,7 +171,7 @@ def execute(plan: Plan, spec: RunSpec, progress: bool = True, lease_lost: Callab
 def _submit_and_wait(
     queue: list, options: dict[str, Any], spec_ref: ray.ObjectRef, summary: ExecuteSummary, bar: tqdm,
     resources: ResourcesConfig, lease_lost: Callable[[], bool] | None, lines: ProgressLines,
-    started: float | None = None,
+    run_started: float | None = None,
 ) -> None:  # fmt: skip
     in_flight: dict[ray.ObjectRef, Unit] = {}
     submitted: dict[Unit, ray.ObjectRef] = {}
@@ -190,8 +190,8 @@ def _submit_and_wait(
             in_flight[submitted[unit]] = unit
             position += 1
             summary.submitted += 1
-            if summary.submitted == 1 and started is not None:
-                summary.first_task_seconds = time.time() - started
+            if summary.submitted == 1 and run_started is not None:
+                summary.first_task_seconds = time.time() - run_started
                 lines.write(f"first task submitted {duration(summary.first_task_seconds)} after the start")
         if not in_flight:
             break

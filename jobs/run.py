@@ -230,10 +230,11 @@ def estimate_cost(config: RunConfig, plan: Plan) -> tuple[float, int]:
     return sum(per_layer[layer] for layer in todo) / 1e12, len(todo)
 
 
-def cpu_workload(config: RunConfig, layer: int) -> str:
-    """What the CPU throughput is timed on, as its cache key names it: the model and its input."""
+def cpu_workload(config: RunConfig, layer: int, input_size: int) -> str:
+    """What the CPU throughput is timed on, as its cache key names it: the model and its input
+    (``data.image_size``, else the model's ``input_size``)."""
     model = settings_hash({"model": config.model.model_dump(mode="json"), "modules": config.layer_modules})[:10]
-    size = config.data.image_size or "default"
+    size = config.data.image_size or input_size
     return (f"{config.model.arch} ({model}) at {size} px, layer {layer}, {config.token_policy}, "
             f"batch {min(config.data.n_samples, CPU_TIMING_BATCH)}")  # fmt: skip
 
@@ -247,7 +248,7 @@ def cpu_time_estimate(config: RunConfig, model: FeatureModel, layer: int, tflop:
     machine's CPUs, at this CPU's throughput for the model (timed once, cached), as many tasks
     at once as the local Ray runs (CPUs / resources.num_cpus, at most one per inversion)."""
     threads = max(1, int(config.resources.num_cpus))
-    measured = cpu_throughput(model, layer, cpu_workload(config, layer), threads=threads,
+    measured = cpu_throughput(model, layer, cpu_workload(config, layer, model.input_size), threads=threads,
                               batch=min(config.data.n_samples, CPU_TIMING_BATCH), token_policy=config.token_policy,
                               image_size=config.data.image_size, cache=cache)  # fmt: skip
     cpus = os.cpu_count() or 1
@@ -308,7 +309,7 @@ def run(config: RunConfig | str, progress: bool = True, num_cpus: int | None = N
                 connect_ray(num_cpus)
                 _merge(execution, execute(plan, spec, progress=progress, lease_lost=lambda: lease.lost,
                                           can_grow=bool(os.environ.get("RAY_ADDRESS")),
-                                          started=started if execution.first_task_seconds is None else None))  # fmt: skip
+                                          run_started=started if execution.first_task_seconds is None else None))  # fmt: skip
                 plan.refresh(store)
             if lease.lost:  # the run that holds the lease now reduces; an older view must not overwrite it
                 print("lost the run lease: reduced/ is left to the run that holds it", file=sys.stderr)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -28,20 +31,38 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory, local_ray: None):
     write_checkpoints(tmp / "ckpt", epochs=[1, 2, 3])
     write_eval_parquet(tmp / "data")
     raw = tiny_config(tmp, str(tmp / "out"))
-    first = run(parse_config(raw), progress=False)
-    return tmp, raw, first
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):  # what `invariance run --no-progress` shows in a log
+        first = run(parse_config(raw), progress=False, started=time.time() - 100)
+    print(printed.getvalue())
+    return tmp, raw, first, printed.getvalue()
 
 
 def test_first_run_computes_every_unit(finished_run) -> None:
-    _, _, first = finished_run
-    # 3 layers x 2 seeds pt inversions, 3 ckpts x 2 refs x 3 layers x 2 seeds STIR, 3 CKA
+    _, _, first, _ = finished_run
+    # 3 layers x 2 seeds pt inversions, 3 ckpts x 2 refs x 3 layers x 2 seeds STIR, 3 CKA, 3 subspace
     assert first.execution.failures == []
-    assert first.execution.completed == 6 + 36 + 3
+    assert first.execution.completed == 6 + 36 + 3 + 3
     assert first.reduced.complete_epochs == [1, 2, 3]
 
 
+def test_without_a_bar_the_log_says_when_each_checkpoint_is_complete_and_when_the_first_task_started(finished_run) -> None:
+    """`--no-progress` (a log): a line as each checkpoint's units are all done, the time from the
+    command's start to its first task, and the whole run's time."""
+    _, _, first, printed = finished_run
+    lines = printed.splitlines()
+    complete = [line.split(" (")[0] for line in lines if " complete (" in line]
+    assert sorted(complete) == ["checkpoint epoch=01 complete", "checkpoint epoch=02 complete",
+                                "checkpoint epoch=03 complete", "pretrained model complete"]  # fmt: skip
+    assert f"({first.execution.completed}/{first.execution.completed} units, " in [line for line in lines if " complete (" in line][-1]
+    (started,) = [line for line in lines if line.startswith("first task submitted ")]
+    assert started.endswith("after the start") and first.execution.first_task_seconds >= 100  # started 100 s before
+    assert f"(the first task submitted {first.execution.first_task_seconds:.1f} s after the start)" in printed
+    assert "done in 1" in printed and "shard/s" not in printed and "%|" not in printed  # no bar
+
+
 def test_outputs_follow_the_layout(finished_run) -> None:
-    tmp, _, _ = finished_run
+    tmp, _, _, _ = finished_run
     out = tmp / "out"
     stir = pl.scan_parquet(str(out / "stir" / "**" / "*.parquet"), hive_partitioning=True).collect()
     assert stir.height == 36 * 2 * 3  # each shard: 2 target models x 3 layers
@@ -63,7 +84,7 @@ def test_outputs_follow_the_layout(finished_run) -> None:
 
 
 def test_values_equal_the_library_called_directly(finished_run) -> None:
-    tmp, raw, _ = finished_run
+    tmp, raw, _, _ = finished_run
     config = parse_config(raw)
     pt = load_model(config.model, config.pretrained)
     ft = load_model(config.model, str(tmp / "ckpt" / "ft" / "epoch=02.safetensors"))
@@ -82,12 +103,15 @@ def test_values_equal_the_library_called_directly(finished_run) -> None:
 
 
 def test_rerun_computes_nothing_and_new_checkpoint_only_its_shards(finished_run) -> None:
-    tmp, raw, _ = finished_run
+    tmp, raw, _, _ = finished_run
     out = tmp / "out"
     before = {p: p.stat().st_mtime_ns for p in (out / "stir").rglob("*.parquet")}
     every_file = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and "leases" not in p.parts}
-    again = run(parse_config(raw), progress=False)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        again = run(parse_config(raw), progress=False)
     assert again.execution.submitted == 0
+    assert "(no task submitted: nothing to compute)" in printed.getvalue() and again.execution.first_task_seconds is None
     assert {p: p.stat().st_mtime_ns for p in (out / "stir").rglob("*.parquet")} == before
     # idempotent: a finished config's rerun changes nothing, reduced tables and plots included
     assert again.reduced.written == [] and again.reduced.complete_epochs == [1, 2, 3]
@@ -95,8 +119,8 @@ def test_rerun_computes_nothing_and_new_checkpoint_only_its_shards(finished_run)
 
     write_epoch(tmp / "ckpt", None, 4)
     fourth = run(parse_config(raw), progress=False)
-    # only epoch 4's 12 STIR shards and 1 CKA shard; the pt inversions come from the cache
-    assert fourth.execution.submitted == 12 + 1
+    # only epoch 4's 12 STIR shards, 1 CKA and 1 subspace shard; the pt inversions come from the cache
+    assert fourth.execution.submitted == 12 + 1 + 1
     assert fourth.execution.failures == []
     assert fourth.reduced.complete_epochs == [1, 2, 3, 4]
     assert {p: p.stat().st_mtime_ns for p in (out / "stir").rglob("*.parquet") if p in before} == before
@@ -108,7 +132,7 @@ def test_a_lost_lease_stops_submissions(finished_run) -> None:
     from jobs.execute import execute
     from jobs.run import open_run
 
-    tmp, raw, _ = finished_run
+    tmp, raw, _, _ = finished_run
     fresh = {**raw, "output": str(tmp / "out-lost")}
     _, _, plan, spec = open_run(parse_config(fresh))
     polls = []

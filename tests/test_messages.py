@@ -130,7 +130,7 @@ def test_the_plan_estimates_the_wall_time_on_cpu_naming_the_cpu_and_saying_it_is
     monkeypatch.setattr(cost, "time_inversion_steps", no_timing)
     path = _plan_config(tmp_path)
     config = load_config(str(path))
-    key = cost.cpu_throughput_key(cpu_workload(config, 2), threads=1)
+    key = cost.cpu_throughput_key(cpu_workload(config, 2, 16), threads=1)
     cache = tmp_path / "cache" / "invariance" / "cpu_throughput.json"
     cache.parent.mkdir(parents=True)
     cache.write_text(json.dumps({"entries": {key: {"gflops": 0.5, "measured": "2026-12-01"}}}))

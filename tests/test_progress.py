@@ -65,12 +65,12 @@ def test_a_study_names_the_run_of_a_checkpoint():
     lines: list[str] = []
     progress = ProgressLines(queue, lines.append, clock=Clock())
     progress.done(queue[1][0])
-    assert lines == ["checkpoint lr=0.01/epoch=01 complete (1/2 units, 0.0 s)"]
+    assert lines == ["checkpoint lr=0.01/epoch=01 complete (1/2 units, 0 s)"]
 
 
 def test_durations_read_as_a_person_says_them():
     assert [duration(s) for s in (0.04, 9.94, 42, 190, 3599, 3600 + 125, 5 * 86400)] == \
-        ["0.0 s", "9.9 s", "42 s", "3 m 10 s", "59 m 59 s", "1 h 02 m", "5.0 days"]  # fmt: skip
+        ["0.04 s", "9.9 s", "42 s", "3 m 10 s", "59 m 59 s", "1 h 02 m", "5.0 days"]  # fmt: skip
 
 
 def test_the_ticker_writes_while_a_long_unit_runs():

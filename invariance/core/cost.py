@@ -80,6 +80,7 @@ class CpuThroughput:
     path: Path
 
     def describe(self) -> str:
+        # a figure timed while the machine was busy stays low: deleting the file times it again
         how = f"cached in {self.path}" if self.cached else f"measured now, cached in {self.path}"
         return (f"measured on {self.cpu} ({plural_threads(self.threads)}, torch {self.torch_version}, "
                 f"{self.measured}; {how})")  # fmt: skip
@@ -158,6 +159,8 @@ def cpu_throughput(
 
 def duration(seconds: float) -> str:
     """``42 s``, ``3 m 10 s``, ``2 h 05 m``, ``3.5 days``: a person's reading of a time span."""
+    if seconds < 1:
+        return f"{seconds:.2g} s"
     if seconds < 60:
         return f"{seconds:.0f} s" if seconds >= 10 else f"{seconds:.1f} s"
     if seconds < 3600:
