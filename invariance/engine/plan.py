@@ -4,6 +4,7 @@ no computation of results."""
 
 from __future__ import annotations
 
+import json
 import logging
 import posixpath
 from collections import Counter
@@ -14,7 +15,7 @@ from invariance.core.interpolation import check_interpolable
 from invariance.core.models import FeatureModel, check_models, load_model
 from invariance.errors import CheckpointError, ConfigError
 from invariance.io.checkpoints import Checkpoint, discover_checkpoints, empty_weights_error, pattern_root, weights_fingerprint
-from invariance.io.data import load_eval_images
+from invariance.io.data import load_eval_images, source_fingerprint
 from invariance.io.layout import MANIFESTS, PLAIN_ALPHA, Unit
 from invariance.io.storage import Store, is_inside, open_filesystem, redact
 from invariance.measures import Measure, active_measures, measure_of
@@ -39,6 +40,20 @@ class Plan:
     layer_names: list[str] = field(default_factory=list)  # what each layer index is ("blocks.3", "pre-logits")
     # what the numbers depend on beyond the config, in the hashes: {"pretrained": ..., "eval_images": ...}
     fingerprints: dict[str, str] = field(default_factory=dict)
+    # (key, verdict) of the checks this plan made (``checks_key``), to keep once the run writes its
+    # output (planning writes nothing); None when the plan read a kept verdict
+    checks: tuple[str, dict] | None = None
+
+    def keep_checks(self, store: Store) -> None:
+        """Keep the verdict of this plan's checks, so that a later plan of the same inputs builds no
+        model and reads no image (the reduce calls it)."""
+        if self.checks is not None:
+            key, verdict = self.checks
+            try:
+                store.put(key, json.dumps(verdict, indent=1, sort_keys=True).encode())
+            except Exception as exc:  # noqa: BLE001 - the next plan checks again
+                log.warning("the plan's checks were not kept at %s: %s", store.url(key), exc)
+            self.checks = None
 
     def all_units(self) -> list[Unit]:
         """Every unit of every measure, measure by measure."""
@@ -265,6 +280,43 @@ def check_path_shapes(config: RunConfig, pretrained: FeatureModel) -> None:
                        config.interpolation.extra, where=f"finetuned_model {finetuned.name}")  # fmt: skip
 
 
+def checks_key(config: RunConfig) -> str:
+    """Where the verdict of the plan's checks of these inputs is kept: ``_manifests/checks/<hash>.json``,
+    the hash of every setting that changes them (the config's, its measures, the kNN section) and
+    of the identity of the inputs found without reading them (the pretrained weights' fingerprint,
+    the listings of the eval data's and the bank's files) and of this package's code. A new
+    checkpoint reuses it: the checks build no model and read no image; anything else that changes
+    makes a new one."""
+    listing = {"pretrained": weights_fingerprint(config.pretrained, config.storage_options) if config.pretrained != "timm"
+               else "timm", "data": source_fingerprint(config.data, config.storage_options, "data.path")}  # fmt: skip
+    if config.knn is not None:
+        listing["knn"] = source_fingerprint(config.knn.train, config.storage_options, "knn.train.path")
+    settings = {"numbers": config.numbers_settings(), "knn": config.knn.numbers_settings() if config.knn else None,
+                "measures": config.measures, "inputs": listing, "code": package_fingerprint()}  # fmt: skip
+    return f"{MANIFESTS}/checks/{settings_hash(settings)}.json"
+
+
+def package_fingerprint() -> str:
+    """A hash of this package's source files: a new release checks its inputs anew."""
+    import hashlib
+    from pathlib import Path
+
+    import invariance
+
+    digest = hashlib.sha256()
+    for path in sorted(Path(invariance.__file__).parent.rglob("*.py")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _read_verdict(store: Store, key: str) -> dict | None:
+    try:
+        verdict = json.loads(store.get(key))
+    except (FileNotFoundError, ValueError):
+        return None
+    return verdict if {"depth", "input_size", "layer_names", "fingerprints", "checked"} <= set(verdict) else None
+
+
 def make_plan(config: RunConfig, store: Store, checkpoints: list[Checkpoint] | None = None) -> Plan:
     """Discover checkpoints (unless given), enumerate every measure's units, read the completion
     records.
@@ -282,20 +334,27 @@ def make_plan(config: RunConfig, store: Store, checkpoints: list[Checkpoint] | N
             f"checkpoints: the pattern {redact(config.checkpoints)!r} matches no file; check the folder "
             "and that {epoch} stands where the epoch number is in the file names"
         )
-    # before any task: a model, image size or finetuned model that cannot work fails every shard alike
-    model = check_models(config.model, config.finetuned_model, config.layer_modules, config.token_policy,
-                         config.data.image_size)  # fmt: skip
     measures = active_measures(config)  # an entry of measures: that is not a measure fails here
-    layers = config.resolve_layers(model.depth)
-    fingerprints = input_fingerprints(config, model.input_size)
-    check_path_shapes(config, model)
+    verdict_key = checks_key(config)
+    verdict = _read_verdict(store, verdict_key)
+    model: FeatureModel | None = None
+    if verdict is None:
+        # before any task: a model, image size or finetuned model that cannot work fails every shard alike
+        model = check_models(config.model, config.finetuned_model, config.layer_modules, config.token_policy,
+                             config.data.image_size)  # fmt: skip
+        fingerprints = input_fingerprints(config, model.input_size)
+        check_path_shapes(config, model)
+        verdict = {"depth": model.depth, "input_size": model.input_size, "layer_names": model.layer_names(),
+                   "fingerprints": fingerprints, "checked": {}}  # fmt: skip
+    fingerprints = verdict["fingerprints"]
+    layers = config.resolve_layers(verdict["depth"])
     # every point: the checkpoints themselves (alpha 1), then the points of their weight paths
     alphas = [alpha for alpha in (config.interpolation.alphas if config.interpolation else []) if alpha != PLAIN_ALPHA]
     points = [(c, PLAIN_ALPHA) for c in checkpoints] + [(c, alpha) for c in path_checkpoints(config, checkpoints)
                                                         for alpha in alphas]  # fmt: skip
     run_hash = settings_hash({**config.numbers_settings(), "fingerprints": fingerprints})
     setup = PlanSetup(config, model, checkpoints, points, config.interpolation.extra if config.interpolation else "keep",
-                      layers, fingerprints, run_hash)  # fmt: skip
+                      layers, fingerprints, run_hash, checked=verdict["checked"])  # fmt: skip
     hashes: dict[str, str] = {}
     for measure in measures:  # a measure's own checks (the kNN bank's labels, a user function's import) fail here
         hashes.update(measure.hashes(setup))
@@ -303,13 +362,15 @@ def make_plan(config: RunConfig, store: Store, checkpoints: list[Checkpoint] | N
         settings_hash=run_hash,
         checkpoints=checkpoints,
         layers=layers,
-        depth=model.depth,
-        input_size=model.input_size,
+        depth=verdict["depth"],
+        input_size=verdict["input_size"],
         measures=measures,
         units={measure.name: measure.units(setup) for measure in measures},
         hashes=hashes,
-        layer_names=model.layer_names(),
+        layer_names=verdict["layer_names"],
         fingerprints=fingerprints,
     )
+    if model is not None:  # checked now: kept by the reduce, the next plan of the same inputs reads it instead
+        plan.checks = (verdict_key, {**verdict, "checked": setup.checked})
     plan.refresh(store)
     return plan

@@ -6,10 +6,12 @@ incomplete rather than averaged over what happens to be there.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import polars as pl
@@ -22,14 +24,14 @@ from invariance.errors import StorageError
 from invariance.io.checkpoints import Checkpoint, run_folders
 from invariance.io.layout import (
     REDUCED_CURVES, REDUCED_FLOW, REDUCED_KNN, REDUCED_ROBUSTNESS, REDUCED_ROBUSTNESS_CORRELATION, REDUCED_ROBUSTNESS_EARLY,
-    REDUCED_ROBUSTNESS_SEARCH, REDUCED_STATUS, ROBUSTNESS_PLOT, RUNS_COMPARED_PLOT, Unit, dynamics_plot_key,
+    REDUCED_INDEX, REDUCED_ROBUSTNESS_SEARCH, REDUCED_STATUS, ROBUSTNESS_PLOT, PLOTS, RUNS_COMPARED_PLOT, Unit, dynamics_plot_key,
     layer_curves_plot_key,
 )  # fmt: skip
-from invariance.io.run_metrics import read_run_metrics
+from invariance.io.run_metrics import metrics_fingerprint, read_run_metrics
 from invariance.io.schemas import Schema, conform
 from invariance.io.storage import Store, parquet_bytes, redact
 from invariance.measures import Measure
-from invariance.measures.base import ReduceContext, run_title
+from invariance.measures.base import Figure, ReduceContext, run_title
 
 log = logging.getLogger(__name__)
 
@@ -109,11 +111,16 @@ def _wanted(plan: Plan, measure: Measure, unit: Unit, complete: set[tuple[str, i
     return (point[0], point[1]) in complete and point not in partial
 
 
-def _read_rows(plan: Plan, store: Store) -> tuple[dict[str, pl.DataFrame], list[Unit]]:
-    """{measure: its rows} as the reducer reads them, and the shards found unreadable (their
-    completion records removed: missing again, recomputed by the next run; their checkpoints,
-    or points, then count as incomplete). Each measure's rows are normalized (older shards) and
-    carry the plan's name of their checkpoint: rows written under another naming still group."""
+def _read_rows(plan: Plan, store: Store, partitions: set[str]) -> tuple[dict[str, pl.DataFrame], list[Unit]]:
+    """{measure: its rows of ``partitions``} as the reducer reads them, and the shards found
+    unreadable (their completion records removed: missing again, recomputed by the next run; their
+    checkpoints, or points, then count as incomplete). Each measure's rows are normalized (older
+    shards) and carry the plan's name of their checkpoint: rows written under another naming still
+    group."""
+
+    def in_partitions(measure: Measure, unit: Unit) -> bool:
+        point = measure.point(unit)
+        return (partition_key(point[0], point[1]) if point else partition_key("", None)) in partitions
 
     def read() -> tuple[dict[str, pl.DataFrame], list[Unit]]:
         incomplete = plan.incomplete_checkpoints()
@@ -121,7 +128,8 @@ def _read_rows(plan: Plan, store: Store) -> tuple[dict[str, pl.DataFrame], list[
         partial = plan.incomplete_points()
         frames, bad = {}, []
         for measure in plan.measures:
-            units = [u for u in plan.units[measure.name] if _wanted(plan, measure, u, complete, partial)]
+            units = [u for u in plan.units[measure.name]
+                     if _wanted(plan, measure, u, complete, partial) and in_partitions(measure, u)]  # fmt: skip
             frames[measure.name], unreadable = _read_shards(plan, store, units, measure.schema)
             bad += unreadable
         return frames, bad
@@ -157,12 +165,133 @@ def _forget(plan: Plan, store: Store, units: list[Unit]) -> None:
         plan.done.discard(plan.record_key(unit))
 
 
+# the reducer's and the figures' code: a change to any of these rebuilds every table and figure once
+_CODE_MODULES = ("invariance.analysis.metrics", "invariance.analysis.plots", "invariance.analysis.robustness",
+                 "invariance.engine.reduce", "invariance.engine.reduce_paths")  # fmt: skip
+
+
+def code_version() -> str:
+    """A hash of the source of the reducer, the metrics, the figures and every measure module."""
+    import importlib
+    import inspect
+
+    import invariance.measures as measures_package
+
+    digest = hashlib.sha256(f"polars {pl.__version__}".encode())  # row hashes are stable within a Polars version
+    names = [*_CODE_MODULES, *sorted(f"invariance.measures.{m}" for m in _measure_modules(measures_package))]
+    for name in names:
+        digest.update(inspect.getsource(importlib.import_module(name)).encode())
+    return digest.hexdigest()[:16]
+
+
+def _measure_modules(package: object) -> list[str]:
+    import pkgutil
+
+    return [info.name for info in pkgutil.iter_modules(package.__path__)]  # type: ignore[attr-defined]
+
+
+def partition_key(run: str | None, epoch: int | None) -> str:
+    """``run<TAB>epoch`` of a partition (a checkpoint); ``<TAB>`` for rows of no checkpoint."""
+    return f"{run or ''}\t{'' if epoch is None else epoch}"
+
+
+_PARTITION = pl.concat_str([pl.col("run").fill_null(""), pl.lit("\t"), pl.col("epoch").cast(pl.String).fill_null("")])
+
+
+def _partitions(plan: Plan) -> dict[str, str]:
+    """{partition: a hash of what the reducer reads of it}: the completion records of its units
+    that are read (done, and of gating measures only once the checkpoint is complete) and the
+    plan's name of the checkpoint. A partition whose hash is unchanged since the last reduce is
+    not read again."""
+    incomplete = plan.incomplete_checkpoints()
+    complete = {c.key for c in plan.checkpoints if c.key not in incomplete}
+    partial = plan.incomplete_points()
+    names = {c.key: c.name for c in plan.checkpoints}
+    members: dict[str, list[str]] = {}
+    for measure in plan.measures:
+        for unit in plan.units[measure.name]:
+            if _wanted(plan, measure, unit, complete, partial):
+                point = measure.point(unit)
+                key = partition_key(point[0], point[1]) if point else partition_key("", None)
+                members.setdefault(key, []).append(plan.record_key(unit))
+    hashes = {}
+    for key, records in members.items():
+        run, _, epoch = key.partition("\t")
+        name = names.get((run, int(epoch)), "") if epoch else ""
+        hashes[key] = hashlib.sha256("\n".join([name, *sorted(records)]).encode()).hexdigest()[:16]
+    return hashes
+
+
+def _frame_hash(frame: pl.DataFrame, *extra: str) -> str:
+    """A hash of ``frame``'s rows (in order), columns and types, and of ``extra``."""
+    digest = hashlib.sha256("|".join([*extra, *(f"{name}:{dtype}" for name, dtype in frame.schema.items())]).encode())
+    if frame.height:
+        digest.update(frame.hash_rows(seed=0).to_numpy().tobytes())  # stable within a Polars version: in code_version
+    return digest.hexdigest()[:16]
+
+
+def _merge(old: pl.DataFrame | None, new: pl.DataFrame | None, dirty: set[str]) -> pl.DataFrame:
+    """``old``'s rows of the partitions not in ``dirty``, then ``new``'s rows."""
+    frames = []
+    if old is not None and not old.is_empty():
+        frames.append(old.filter(~_PARTITION.is_in(sorted(dirty))) if dirty else old)
+    if new is not None and not new.is_empty():
+        frames.append(new)
+    frames = [frame for frame in frames if not frame.is_empty()]
+    return pl.concat(frames, how="diagonal_relaxed") if frames else pl.DataFrame()
+
+
+class _Pngs(Mapping):
+    """{name: PNG bytes} of figures by their keys: drawn in this reduce, or read back from the store
+    only when the report asks for one."""
+
+    def __init__(self, store: Store, drawn: dict[str, bytes], keys: dict) -> None:
+        self.store, self.drawn, self.keys = store, drawn, dict(keys)
+
+    def __getitem__(self, name: object) -> bytes:
+        key = self.keys[name]
+        if key not in self.drawn:
+            self.drawn[key] = self.store.get(key)
+        return self.drawn[key]
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self.keys)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def _read_index(store: Store) -> dict:
+    """``reduced/index.json``, what the last reduce read and wrote, or {} (none, unreadable)."""
+    try:
+        return json.loads(store.get(REDUCED_INDEX))
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
+def _stored(store: Store, key: str) -> pl.DataFrame | None:
+    try:
+        return pl.read_parquet(io.BytesIO(store.get(key)))
+    except FileNotFoundError:
+        return None
+    except Exception as exc:  # noqa: BLE001 - an unreadable table is rebuilt
+        log.warning("%s unreadable (%s): rebuilt from the shards", store.url(key), type(exc).__name__)
+        return None
+
+
 def reduce_plan(
     plan: Plan, store: Store, make_plots: bool = True, settings: dict | None = None, compare_epochs: int | None = None
 ) -> ReduceResult:
     """Build ``reduced/``, ``plots/`` and (with ``make_plots``) ``reports/index.html`` from the
     complete checkpoints of ``plan``; ``settings`` (the config's numbers settings) are shown in the
     report; ``compare_epochs`` (the config's): a study's runs compared over each run's first N epochs.
+
+    Incremental: ``reduced/index.json`` records, per checkpoint, a hash of the shards the last reduce
+    read, and per table and figure a hash of its content. Only the shards of checkpoints whose hash
+    changed are read; their rows replace theirs in the stored tables; a figure is drawn only when
+    the rows it draws (and the figures' code) changed; nothing unchanged is written. Without an
+    index (older outputs), with other settings or another version of this code, everything is
+    rebuilt once.
 
     A checkpoint is (run, epoch): a study (``{run}`` in ``checkpoints``) reduces every run's
     complete checkpoints into the same tables (``run`` column), with plots per run under
@@ -172,63 +301,105 @@ def reduce_plan(
     next run recomputes it), its checkpoint (or point of a weight path) is incomplete, and
     ``result.unreadable`` lists it. A weight-path point with a shard missing is left out of the
     tables; its checkpoint's own rows are not."""
-    rows, unreadable = _read_rows(plan, store)
+    code = code_version()
+    index = _read_index(store)
+    fresh = index.get("code") == code and index.get("settings") == plan.settings_hash and index.get("hashes") == plan.hashes
+    stored_files: dict[str, str] = index.get("files", {}) if fresh else {}
+    before: dict[str, str] = index.get("partitions", {}) if fresh else {}
+    partitions = _partitions(plan)
+    changed = {key for key, value in partitions.items() if before.get(key) != value}
+    rows, unreadable = _read_rows(plan, store, changed)
+    if unreadable:  # their checkpoints lost a shard: read again what is left of them
+        partitions = _partitions(plan)
+        changed = {key for key, value in partitions.items() if before.get(key) != value}
+    dirty = changed | (set(before) - set(partitions))
     incomplete = plan.incomplete_checkpoints()
     complete = [c.key for c in plan.checkpoints if c.key not in incomplete]
     keys = [*metrics.CHECKPOINT_KEYS, "layer"]
-    curves = pl.DataFrame()
-    if complete:  # each measure's per-layer columns, joined onto the first's rows (the gating measures' points)
-        parts = [part for measure in plan.measures if (part := measure.curve_columns(rows)) is not None]
-        if parts:
-            curves = parts[0]
-            for part in parts[1:]:
-                curves = curves.join(part, on=keys, how="left")
-            # the settings hash on every reduced row: a table left from other settings is visible
-            curves = curves.sort(keys).with_columns(pl.lit(plan.settings_hash).alias("settings"))
+    # the changed checkpoints' per-layer columns, each measure's joined onto the first's rows
+    new_curves = None
+    parts = [part for measure in plan.measures if (part := measure.curve_columns(rows)) is not None]
+    if parts and not parts[0].is_empty():
+        new_curves = parts[0]
+        for part in parts[1:]:
+            new_curves = new_curves.join(part, on=keys, how="left")
+        # the settings hash on every reduced row: a table left from other settings is visible
+        new_curves = new_curves.with_columns(pl.lit(plan.settings_hash).alias("settings"))
+    # the tables as the last reduce wrote them (a constant number of reads, whatever the history)
+    old = {key: _stored(store, key) for key in stored_files if key.startswith("reduced/") and key.endswith(".parquet")}
+    curves = _merge(old.get(REDUCED_CURVES), new_curves, dirty)
+    curves = curves.sort(keys) if not curves.is_empty() else curves
+    context = ReduceContext(plan, store, rows, curves, complete, make_plots)
+    tables: dict[str, pl.DataFrame] = {}
+    order: dict[str, Measure] = {}
+    for measure in plan.measures:
+        for key, table in measure.tables(context).items():
+            tables[key], order[key] = table, measure
+    for key in sorted(set(tables) | (set(old) - {REDUCED_CURVES})):
+        merged = _merge(old.get(key), tables.get(key), dirty)  # the stored rows stay in order: new rows need ordering
+        tables[key] = order[key].order_table(key, merged) if key in order and not merged.is_empty() else merged
+    context.tables = tables
     complete_epochs = sorted({epoch for _, epoch in complete}) if plan.is_study else [epoch for _, epoch in complete]
     result = ReduceResult(curves, complete_epochs, plan.incomplete_epochs(), unreadable=unreadable,
                           complete_checkpoints=complete, incomplete_checkpoints=incomplete,
                           incomplete_path_points=plan.incomplete_path_points())  # fmt: skip
-    outputs: dict[str, bytes] = {}
-    if complete:
-        outputs[REDUCED_CURVES] = parquet_bytes(curves)
+    result.tables = {key: table for key, table in tables.items() if not table.is_empty()}
+    files: dict[str, str] = {}  # key -> content hash, for the index
+
+    def write_table(key: str, table: pl.DataFrame) -> None:
+        digest = _frame_hash(table)
+        files[key] = digest
+        if stored_files.get(key) != digest or not fresh:
+            if store.put_if_changed(key, parquet_bytes(table)):
+                result.written.append(key)
+
+    if complete and not curves.is_empty():
+        write_table(REDUCED_CURVES, curves)
+    for key, table in result.tables.items():
+        write_table(key, table)
+    figures: list[Figure] = []
     if complete and make_plots:  # per checkpoint: its own rows (alpha 1); the weight paths have their plots
         for run in dict.fromkeys(run for run, _ in complete):  # one set of plots per run of a study
             run_curves = metrics.plain(curves.filter(pl.col("run") == run))
-            outputs[layer_curves_plot_key(run)] = plots.layer_curves_png(run_curves, title=run_title(run).rstrip(": "),
-                                                                         layer_names=plan.layer_names)  # fmt: skip
-            outputs[dynamics_plot_key(run)] = plots.dynamics_png(run_curves, title=run_title(run).rstrip(": "),
-                                                                 layer_names=plan.layer_names)  # fmt: skip
+            title = run_title(run).rstrip(": ")
+            figures.append(Figure(layer_curves_plot_key(run), run_curves, lambda c=run_curves, t=title: plots.layer_curves_png(
+                c, title=t, layer_names=plan.layer_names)))  # fmt: skip
+            figures.append(Figure(dynamics_plot_key(run), run_curves, lambda c=run_curves, t=title: plots.dynamics_png(
+                c, title=t, layer_names=plan.layer_names)))  # fmt: skip
     paths = path_outputs(curves, make_plots, plan.layer_names)
-    result.path_plots, result.extra_tables = paths.plots, paths.tables
-    outputs.update(paths.files)
-    context = ReduceContext(plan, store, rows, curves, complete, make_plots)
+    figures += paths.figures
+    result.extra_tables = paths.tables
     measure_status: dict = {}
     for measure in plan.measures:
         reduced = measure.reduce(context)
-        result.tables.update(reduced.tables)
-        outputs.update({key: parquet_bytes(table) for key, table in reduced.tables.items()})
-        outputs.update(reduced.files)
-        result.path_plots.update(reduced.plots)
+        figures += reduced.figures
         result.extra_tables.update(reduced.report_tables)
         result.report_fields.update(reduced.report)
         measure_status.update(reduced.status)
-    # only what changed is written: a rerun with nothing new leaves every file as it was
-    result.written += [key for key, data in outputs.items() if store.put_if_changed(key, data)]
+    drawn = _draw(store, figures, stored_files, files, code, result)
+    titled = {figure.title: figure.key for figure in figures if figure.title}
+    result.path_plots = _Pngs(store, drawn, titled)  # type: ignore[assignment]
+    if isinstance(result.report_fields.get("flow_plots"), dict):  # {epoch: key}: bytes only when the report asks
+        result.report_fields["flow_plots"] = _Pngs(store, drawn, result.report_fields["flow_plots"])
+    outputs = _Pngs(store, drawn, {figure.key: figure.key for figure in figures})
     if compare_epochs is not None and not plan.is_study:
         log.warning("compare_epochs: %d ignored: it limits a study's runs compared, and these checkpoints are one "
                     "run (no {run} in checkpoints)", compare_epochs)  # fmt: skip
-    if complete:  # finetuning runs with metrics/ beside their checkpoints: the robustness link
+    metrics_seen = _metrics_fingerprints(plan, store) if complete else {}
+    if complete and (not fresh or dirty or metrics_seen != index.get("metrics")):
+        # finetuning runs with metrics/ beside their checkpoints: the robustness link
         robustness_keys, table, result.robustness_summary = _robustness(store, metrics.plain(curves), plan.checkpoints,
                                                                         plan.depth, make_plots, plan.layer_names)  # fmt: skip
         result.written += robustness_keys
-        if plan.is_study:
-            result.runs_compared = runs_compared(metrics.plain(curves), table, plan.depth, compare_epochs, plan.runs)
-            if make_plots and not result.runs_compared.is_empty():
-                png = plots.runs_compared_png(result.runs_compared, robustness.spread_layers(plan.depth))
-                result.written += [RUNS_COMPARED_PLOT] if store.put_if_changed(RUNS_COMPARED_PLOT, png) else []
-    if make_plots:
-        result.written += write_report(store, plan, result, outputs, settings or {})
+    else:
+        table = _stored(store, REDUCED_ROBUSTNESS) if complete and index.get("robustness") else None
+        table = table if table is not None else pl.DataFrame()
+    if complete and plan.is_study:
+        result.runs_compared = runs_compared(metrics.plain(curves), table, plan.depth, compare_epochs, plan.runs)
+        if make_plots and not result.runs_compared.is_empty():
+            compared = result.runs_compared
+            drawn.update(_draw(store, [Figure(RUNS_COMPARED_PLOT, compared, lambda: plots.runs_compared_png(
+                compared, robustness.spread_layers(plan.depth)))], stored_files, files, code, result))  # fmt: skip
     status = {
         "settings": plan.settings_hash,
         "complete_epochs": result.complete_epochs,
@@ -247,11 +418,44 @@ def reduce_plan(
                                         if missing_run == run}}  # fmt: skip
             for run, epochs in plan.runs.items()
         }
-    if result.written or _stored_status(store) != status:
+    status_changed = _stored_status(store) != status
+    if make_plots:  # rewritten only when its bytes change (the settings shown may change alone)
+        result.written += write_report(store, plan, result, outputs, settings or {})
+    if result.written or status_changed:
         stamped = {**status, "reduced_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         store.put(REDUCED_STATUS, json.dumps(stamped, indent=1).encode())
         result.written.append(REDUCED_STATUS)
+    new_index = {"code": code, "settings": plan.settings_hash, "hashes": plan.hashes, "partitions": partitions,
+                 "files": files, "metrics": metrics_seen, "robustness": bool(result.written and
+                 REDUCED_ROBUSTNESS in result.written) or bool(index.get("robustness") and fresh),
+                 "report": make_plots or bool(index.get("report") and fresh)}  # fmt: skip
+    if new_index != index:
+        store.put(REDUCED_INDEX, json.dumps(new_index, indent=1, sort_keys=True).encode())
+    plan.keep_checks(store)
     return result
+
+
+def _draw(store: Store, figures: list[Figure], stored: dict[str, str], files: dict[str, str], code: str,
+          result: ReduceResult) -> dict[str, bytes]:  # fmt: skip
+    """Draw and write the figures whose rows (or code) changed since they were drawn, or whose file
+    is gone; record every figure's hash in ``files``. Returns {key: PNG} of those drawn."""
+    present = set(store.list(PLOTS)) if figures else set()
+    drawn = {}
+    for figure in figures:
+        digest = _frame_hash(figure.rows, figure.extra, code)
+        files[figure.key] = digest
+        if stored.get(figure.key) == digest and figure.key in present:
+            continue
+        drawn[figure.key] = figure.render()
+        if store.put_if_changed(figure.key, drawn[figure.key]):
+            result.written.append(figure.key)
+    return drawn
+
+
+def _metrics_fingerprints(plan: Plan, store: Store) -> dict[str, str]:
+    """{run: a fingerprint of its finetuning metrics' listing} (one listing per run): the robustness
+    link is recomputed when a run's metrics change, not read on every reduce."""
+    return {label: metrics_fingerprint(folder, store.storage_options) for label, (_, folder, _) in _run_sources(plan.checkpoints).items()}
 
 
 def runs_compared(

@@ -11,7 +11,7 @@ import polars as pl
 from invariance.analysis import metrics, plots
 from invariance.engine.plan import Plan
 from invariance.io.layout import PLAIN_ALPHA, interpolation_plot_key
-from invariance.measures.base import run_title
+from invariance.measures.base import Figure, run_title
 
 log = logging.getLogger(__name__)
 
@@ -20,8 +20,7 @@ log = logging.getLogger(__name__)
 class PathOutputs:
     """What the reducer writes and the report shows for weight paths."""
 
-    files: dict[str, bytes] = field(default_factory=dict)  # key -> bytes
-    plots: dict[str, bytes] = field(default_factory=dict)  # report title -> PNG
+    figures: list[Figure] = field(default_factory=list)  # drawn when their rows change
     tables: dict[str, pl.DataFrame] = field(default_factory=dict)  # report title -> table
 
 
@@ -54,8 +53,10 @@ def path_outputs(curves: pl.DataFrame, make_plots: bool, layer_names: list[str] 
     if not make_plots:
         return out
     for run, epoch in path_checkpoints:
-        png = plots.interpolation_png(curves.filter(pl.col("run") == run), epoch, layer_names=layer_names)
-        out.files[interpolation_plot_key(epoch, run)] = png
-        out.plots[f"{run_title(run)}Along the weight path to epoch {epoch}: forgetting, learning and CKA divergence "
-                  "against alpha"] = png  # fmt: skip
+        rows = curves.filter(pl.col("run") == run)
+        out.figures.append(Figure(
+            interpolation_plot_key(epoch, run), rows.filter(pl.col("epoch") == epoch),
+            lambda rows=rows, epoch=epoch: plots.interpolation_png(rows, epoch, layer_names=layer_names),
+            title=f"{run_title(run)}Along the weight path to epoch {epoch}: forgetting, learning and CKA divergence against alpha",
+        ))  # fmt: skip
     return out

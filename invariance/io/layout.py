@@ -41,6 +41,8 @@ REDUCED_CURVES = "reduced/curves.parquet"
 REDUCED_FLOW = "reduced/flow.parquet"
 REDUCED_KNN = "reduced/knn.parquet"
 REDUCED_STATUS = "reduced/status.json"
+# what the last reduce read (a hash per checkpoint of its shards) and wrote (a hash per table and figure)
+REDUCED_INDEX = "reduced/index.json"
 REDUCED_ROBUSTNESS = "reduced/robustness.parquet"
 REDUCED_ROBUSTNESS_CORRELATION = "reduced/robustness_correlation.parquet"
 REDUCED_ROBUSTNESS_SEARCH = "reduced/robustness_search.parquet"

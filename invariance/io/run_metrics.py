@@ -42,3 +42,20 @@ def read_run_metrics(output: str, storage_options: dict[str, Any] | None = None)
     if "epoch" not in frame.columns:
         raise StorageError(f"{store.url(FINETUNE_METRICS)}: not finetuning metrics (no 'epoch' column; columns: {frame.columns})")
     return frame.sort("epoch")
+
+
+def metrics_fingerprint(output: str, storage_options: dict[str, Any] | None = None) -> str:
+    """A hash of the listing of the run's ``metrics/`` folder (names, sizes, modification times or
+    ETags: one listing, no file read): it changes when a metrics file is added or rewritten."""
+    import hashlib
+
+    store = Store(output, dict(storage_options or {}))
+    try:
+        found = store.fs.find(store.path(FINETUNE_METRICS), detail=True)
+    except FileNotFoundError:
+        return ""
+    except Exception as exc:  # noqa: BLE001
+        raise StorageError(f"cannot list {store.url(FINETUNE_METRICS)}: {type(exc).__name__}: {exc}") from exc
+    entries = sorted(f"{name}|{info.get('size')}|{info.get('ETag') or info.get('mtime') or info.get('LastModified')}"
+                     for name, info in found.items())  # fmt: skip
+    return hashlib.sha256("\n".join(entries).encode()).hexdigest()[:16] if entries else ""

@@ -26,7 +26,7 @@ import json
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterable
+from typing import Any, Callable, ClassVar, Iterable
 
 import polars as pl
 
@@ -49,7 +49,7 @@ class PlanSetup:
     """What a measure plans its units from (``engine.plan.make_plan`` builds it once per plan)."""
 
     config: RunConfig
-    model: FeatureModel  # the pretrained model as checked before any task (depth, input size)
+    model: FeatureModel | None  # the pretrained model as checked before any task; None: checked before (``checked``)
     checkpoints: list[Checkpoint]
     # every point: (checkpoint, alpha), the checkpoints themselves (alpha 1) first, then the points
     # of their weight paths (``interpolation``)
@@ -58,6 +58,9 @@ class PlanSetup:
     layers: list[int]
     fingerprints: dict[str, str]  # {"pretrained": ..., "eval_images": ...}
     run_hash: str  # the settings hash of the run (every setting that changes STIR and CKA)
+    # what measures' checks found ({"knn": the bank's fingerprint}), kept with the plan's verdict on
+    # these inputs: a later plan of the same inputs reads it instead of checking again (``model`` None)
+    checked: dict[str, Any] = field(default_factory=dict)
 
     def extra_at(self, alpha: float) -> str:
         """``interpolation.extra`` of a point of a weight path; "keep" for a checkpoint itself (alpha
@@ -67,8 +70,14 @@ class PlanSetup:
 
 @dataclass
 class ReduceContext:
-    """What a measure reduces from: every measure's rows (by measure name; a checkpoint's rows once
-    all its gating shards are complete), the joined per-layer curves, the complete checkpoints."""
+    """What a measure reduces from.
+
+    The reduce is incremental: a *partition* is one checkpoint (run, epoch), or (run "", epoch
+    None) for the rows of no checkpoint (the pretrained kNN shard). ``rows``: every measure's rows
+    of the partitions whose shards changed since the last reduce (a checkpoint's rows of gating
+    measures once all its gating shards are complete), which ``Measure.tables`` turns into table
+    rows; ``tables`` and ``curves``: the whole tables after the engine merged those rows into the
+    stored ones, which ``Measure.reduce`` draws and reports from."""
 
     plan: Any  # engine.plan.Plan
     store: Store
@@ -76,16 +85,28 @@ class ReduceContext:
     curves: pl.DataFrame
     complete: list[tuple[str, int]]  # (run, epoch) of the complete checkpoints
     make_plots: bool
+    tables: dict[str, pl.DataFrame] = field(default_factory=dict)  # storage key -> the whole reduced table
+
+
+@dataclass
+class Figure:
+    """A figure to draw, drawn only when what it draws changed: ``rows`` (and ``extra``, e.g. a
+    colour range shared with other figures) are hashed with the plotting code's version; the
+    reducer calls ``render`` only when that hash differs from the one recorded for ``key``."""
+
+    key: str  # where the PNG goes
+    rows: pl.DataFrame
+    render: Callable[[], bytes]
+    title: str | None = None  # the report's title, for a figure the report shows
+    extra: str = ""
 
 
 @dataclass
 class MeasureOutputs:
-    """What a measure's reduce gives: tables and files to write, what the report shows, what
+    """What a measure's reduce gives: figures to draw, what the report shows, what
     ``reduced/status.json`` says."""
 
-    tables: dict[str, pl.DataFrame] = field(default_factory=dict)  # storage key -> table (written as Parquet)
-    files: dict[str, bytes] = field(default_factory=dict)  # storage key -> bytes (figures)
-    plots: dict[str, bytes] = field(default_factory=dict)  # report title -> PNG
+    figures: list[Figure] = field(default_factory=list)
     report_tables: dict[str, pl.DataFrame] = field(default_factory=dict)  # report title -> table
     report: dict[str, Any] = field(default_factory=dict)  # fields of analysis.report.ReportInputs
     status: dict[str, Any] = field(default_factory=dict)  # entries of reduced/status.json
@@ -171,8 +192,19 @@ class Measure:
         """Per (run, checkpoint, epoch, alpha, layer): the columns it adds to ``reduced/curves.parquet``."""
         return None
 
+    def tables(self, context: ReduceContext) -> dict[str, pl.DataFrame]:
+        """{storage key: the rows of its reduced table} from ``context.rows`` (the changed
+        partitions): each row carries ``run`` and ``epoch`` (its partition); the engine merges them
+        into the stored table and orders it with ``order_table``."""
+        return {}
+
+    def order_table(self, key: str, table: pl.DataFrame) -> pl.DataFrame:
+        """The merged table ``key`` in its order (a table reduced at once or epoch by epoch is the same)."""
+        return table.sort("run", "epoch", "alpha", *[c for c in table.columns if c.endswith(("_a", "_b", "layer"))],
+                          nulls_last=False)  # fmt: skip
+
     def reduce(self, context: ReduceContext) -> MeasureOutputs:
-        """Its tables, figures and report sections from its rows."""
+        """Its figures and report sections from the whole tables (``context.tables``)."""
         return MeasureOutputs()
 
 

@@ -16,7 +16,7 @@ from invariance.core.workspace import RunSpec, Workspace
 from invariance.io.layout import Unit, reduced_table_key
 from invariance.io.schemas import CKA_SCHEMA
 from invariance.measures.base import Measure, MeasureOutputs, PlanSetup, ReduceContext, register_measure, write_shard
-from invariance.measures.pairwise import heatmap_outputs, pair_table
+from invariance.measures.pairwise import heatmap_figures, pair_table
 
 
 @register_measure
@@ -46,11 +46,11 @@ class Cka(Measure):
     def curve_columns(self, rows: dict[str, pl.DataFrame]) -> pl.DataFrame | None:
         return metrics.cka_curves(rows[self.name])
 
+    def tables(self, context: ReduceContext) -> dict[str, pl.DataFrame]:
+        return {reduced_table_key(self.name): pair_table(context.rows[self.name], ["cka", "cka_debiased"],
+                                                         context.plan.hashes[self.name])}  # fmt: skip
+
     def reduce(self, context: ReduceContext) -> MeasureOutputs:
-        rows = context.rows[self.name]
-        if not context.complete or rows.is_empty():
-            return MeasureOutputs()
-        out = heatmap_outputs(context, self.name, rows, "cka", "linear CKA on the eval images",
-                              "CKA between pretrained and finetuned layers", low=0.0, high=1.0)  # fmt: skip
-        out.tables[reduced_table_key(self.name)] = pair_table(rows, ["cka", "cka_debiased"], context.plan.settings_hash)
-        return out
+        table = context.tables.get(reduced_table_key(self.name), pl.DataFrame())
+        return MeasureOutputs(figures=heatmap_figures(context, self.name, table, "cka", "linear CKA on the eval images",
+                                                      "CKA between pretrained and finetuned layers", low=0.0, high=1.0))  # fmt: skip

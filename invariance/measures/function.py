@@ -20,6 +20,7 @@ import time
 from typing import Any, Callable, Literal
 
 import numpy as np
+import polars as pl
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from invariance.config import factory_fingerprint
@@ -30,7 +31,7 @@ from invariance.measures.base import (
     FUNCTION_ENTRY, MEASURES, NAME_PATTERN, Measure, MeasureOutputs, PlanSetup, ReduceContext, check_finite_features,
     write_shard,
 )  # fmt: skip
-from invariance.measures.pairwise import heatmap_outputs, pair_schema, pair_table
+from invariance.measures.pairwise import heatmap_figures, pair_schema, pair_table
 
 
 class FunctionEntry(BaseModel):
@@ -128,15 +129,14 @@ class FunctionMeasure(Measure):
         started = time.time()
         return write_shard(spec, self, unit, self.rows(spec, unit, workspace), started, function=self.function)
 
+    def tables(self, context: ReduceContext) -> dict[str, pl.DataFrame]:
+        return {reduced_table_key(self.name): pair_table(context.rows[self.name], [self.name], context.plan.hashes[self.name])}
+
     def reduce(self, context: ReduceContext) -> MeasureOutputs:
-        rows = context.rows[self.name]
-        if rows.is_empty():
-            return MeasureOutputs()
         what = f"{self.name} between pretrained and finetuned layers" if self.per == "pair" else \
             f"{self.name} of pretrained and finetuned layer i"  # fmt: skip
-        out = heatmap_outputs(context, self.name, rows, self.name, f"{self.name} ({self.function})", what)
-        out.tables[reduced_table_key(self.name)] = pair_table(rows, [self.name], context.plan.hashes[self.name])
-        return out
+        table = context.tables.get(reduced_table_key(self.name), pl.DataFrame())
+        return MeasureOutputs(figures=heatmap_figures(context, self.name, table, self.name, f"{self.name} ({self.function})", what))
 
 
 FUNCTION_ENTRY["function"] = FunctionMeasure

@@ -25,7 +25,9 @@ from invariance.io.data import SplitSummary, check_labelled, describe_split, sou
 from invariance.io.layout import PLAIN_ALPHA, REDUCED_KNN, KnnUnit, Unit, knn_alpha_plot_key, knn_layers_plot_key
 from invariance.io.schemas import KNN_SCHEMA
 from invariance.io.storage import redact
-from invariance.measures.base import Measure, MeasureOutputs, PlanSetup, ReduceContext, register_measure, run_title, write_shard
+from invariance.measures.base import (
+    Figure, Measure, MeasureOutputs, PlanSetup, ReduceContext, register_measure, run_title, write_shard,
+)  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +46,10 @@ class Knn(Measure):
     def hashes(self, setup: PlanSetup) -> dict[str, str]:
         """The kNN hash: the run's settings, the knn section and the listings of the bank's and the
         eval data's files (not loaded here: often thousands of images), after checking them."""
-        return {self.name: knn_settings_hash(setup.run_hash, setup.config, check_knn_inputs(setup.config, setup.model))}
+        if "knn" not in setup.checked:  # checked before with the same inputs: the verdict holds the fingerprint
+            assert setup.model is not None
+            setup.checked["knn"] = check_knn_inputs(setup.config, setup.model)
+        return {self.name: knn_settings_hash(setup.run_hash, setup.config, setup.checked["knn"])}
 
     def units(self, setup: PlanSetup) -> list[Unit]:
         units: list[Unit] = [KnnUnit(-1, "pt")]  # shared by every run of a study
@@ -94,13 +99,19 @@ class Knn(Measure):
         """The pretrained model's rows keep epoch and alpha null (not on a weight path)."""
         return frame.with_columns(pl.col("run").fill_null(""))
 
+    def tables(self, context: ReduceContext) -> dict[str, pl.DataFrame]:
+        table = knn_table(context.rows[self.name], context.plan.hashes[self.name])
+        return {REDUCED_KNN: table} if not table.is_empty() else {}
+
+    def order_table(self, key: str, table: pl.DataFrame) -> pl.DataFrame:
+        return table.sort("model", "run", "epoch", "alpha", "layer", "k", descending=[True, False, False, False, False, False],
+                          nulls_last=False)  # fmt: skip
+
     def reduce(self, context: ReduceContext) -> MeasureOutputs:
-        knn_hash = context.plan.hashes[self.name]
-        out = MeasureOutputs(status={"knn_settings": knn_hash})  # reduced/knn.parquet is of these settings
-        table = knn_table(context.rows[self.name], knn_hash)
+        out = MeasureOutputs(status={"knn_settings": context.plan.hashes[self.name]})  # reduced/knn.parquet is of these settings
+        table = context.tables.get(REDUCED_KNN, pl.DataFrame())
         if table.is_empty():
             return out
-        out.tables[REDUCED_KNN] = table
         k = table["k"].min() if 20 not in table["k"].to_list() else 20
         out.report_tables[f"kNN accuracy per layer (k = {k}; pt: the pretrained model)"] = (
             table.filter(pl.col("k") == k).select("run", "checkpoint", "model", "epoch", "alpha", "layer", "top1", "top5",
@@ -108,13 +119,15 @@ class Knn(Measure):
         )
         if not context.make_plots:
             return out
+        names = context.plan.layer_names
         for run in dict.fromkeys(table.filter(pl.col("model") == "ft")["run"].to_list()):
             # each run's checkpoints beside the pretrained model's rows (shared by every run)
             rows = table.filter((pl.col("model") == "pt") | (pl.col("run") == run))
-            out.files[knn_layers_plot_key(run)] = out.plots[f"{run_title(run)}kNN top-1 per layer"] = plots.knn_layers_png(rows, layer_names=context.plan.layer_names)
+            out.figures.append(Figure(knn_layers_plot_key(run), rows, lambda rows=rows: plots.knn_layers_png(rows, layer_names=names),
+                                      title=f"{run_title(run)}kNN top-1 per layer"))  # fmt: skip
             if not rows.filter(pl.col("alpha") != PLAIN_ALPHA).is_empty():
-                out.files[knn_alpha_plot_key(run)] = out.plots[f"{run_title(run)}kNN top-1 against alpha"] = \
-                    plots.knn_alpha_png(rows, layer_names=context.plan.layer_names)  # fmt: skip
+                out.figures.append(Figure(knn_alpha_plot_key(run), rows, lambda rows=rows: plots.knn_alpha_png(rows, layer_names=names),
+                                          title=f"{run_title(run)}kNN top-1 against alpha"))  # fmt: skip
         return out
 
 

@@ -15,7 +15,7 @@ from matplotlib.figure import Figure
 from invariance.analysis import metrics, plots
 from invariance.io.layout import measure_plot_key
 from invariance.io.schemas import POINT_SCHEMA, PROVENANCE_SCHEMA
-from invariance.measures.base import MeasureOutputs, ReduceContext, run_title
+from invariance.measures.base import Figure, ReduceContext, run_title
 
 PAIR_COLUMNS = ["model_a", "layer_a", "model_b", "layer_b"]
 
@@ -88,28 +88,24 @@ def plots_rectangle(x: int, y: int) -> Any:
     return Rectangle((x - 0.5, y - 0.5), 1, 1, fill=False, edgecolor="black", linewidth=1.2)
 
 
-def heatmap_outputs(
-    context: ReduceContext, measure: str, rows: pl.DataFrame, value: str, label: str, what: str, **style: Any
-) -> MeasureOutputs:
+def heatmap_figures(context: ReduceContext, measure: str, table: pl.DataFrame, value: str, label: str, what: str,
+                    **style: Any) -> list[Figure]:  # fmt: skip
     """A heatmap per complete checkpoint (its own rows, alpha 1) into ``plots/``; the report shows
     each run's last one, titled ``what`` (e.g. "CKA between pretrained and finetuned layers")."""
-    out = MeasureOutputs()
-    if not context.make_plots or rows.is_empty():
-        return out
-    own = metrics.plain(rows)
+    if not context.make_plots or table.is_empty():
+        return []
     names = context.plan.layer_names
+    complete = set(context.complete)
+    figures = []
+    by_point = {key: rows for key, rows in metrics.plain(table).partition_by(["run", "epoch"], as_dict=True).items()}
     for run in dict.fromkeys(run for run, _ in context.complete):
-        epochs = [epoch for done_run, epoch in context.complete if done_run == run]
-        drawn = []
-        for epoch in epochs:
-            point = own.filter((pl.col("run") == run) & (pl.col("epoch") == epoch))
-            if point.is_empty():
-                continue  # a measure that is not gating: this checkpoint's shard is still to compute
+        drawn = sorted(epoch for (done_run, epoch) in by_point if done_run == run and (run, epoch) in complete)
+        for epoch in drawn:  # a measure that is not gating: a checkpoint's shard may still be to compute
+            rows = by_point[run, epoch]
             title = f"{run_title(run)}{what}, epoch {epoch}"
-            out.files[measure_plot_key(measure, epoch, run)] = plots.png_bytes(
-                heatmap_figure(point, value, title, label, layer_names=names, **style))
-            drawn.append(epoch)
-        if drawn:
-            out.plots[f"{run_title(run)}{what} at epoch {max(drawn)} (diagonal outlined)"] = \
-                out.files[measure_plot_key(measure, max(drawn), run)]  # fmt: skip
-    return out
+            figures.append(Figure(
+                measure_plot_key(measure, epoch, run), rows,
+                lambda rows=rows, title=title: plots.png_bytes(heatmap_figure(rows, value, title, label, layer_names=names, **style)),
+                title=f"{run_title(run)}{what} at epoch {epoch} (diagonal outlined)" if epoch == drawn[-1] else None,
+            ))  # fmt: skip
+    return figures

@@ -18,13 +18,14 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import polars as pl
 import torch
 
 from invariance.core.shards import MODEL_NAMES
 from invariance.core.workspace import RunSpec, Workspace
 from invariance.io.layout import Unit, reduced_table_key
 from invariance.measures.base import Measure, MeasureOutputs, ReduceContext, check_finite_features, register_measure, write_shard
-from invariance.measures.pairwise import heatmap_outputs, pair_schema, pair_table
+from invariance.measures.pairwise import heatmap_figures, pair_schema, pair_table
 
 
 def procrustes_basis(features: torch.Tensor) -> torch.Tensor:
@@ -87,12 +88,12 @@ class Procrustes(Measure):
         started = time.time()
         return write_shard(spec, self, unit, self.rows(spec, unit, workspace), started)
 
+    def tables(self, context: ReduceContext) -> dict[str, pl.DataFrame]:
+        return {reduced_table_key(self.name): pair_table(context.rows[self.name], ["procrustes"], context.plan.hashes[self.name])}
+
     def reduce(self, context: ReduceContext) -> MeasureOutputs:
-        rows = context.rows[self.name]
-        if rows.is_empty():
-            return MeasureOutputs()
-        out = heatmap_outputs(context, self.name, rows, "procrustes", "Procrustes distance (0: same up to rotation)",
-                              "Procrustes distance between pretrained and finetuned layers", low=0.0, cmap="magma_r")  # fmt: skip
-        out.tables[reduced_table_key(self.name)] = pair_table(rows, ["procrustes"], context.plan.hashes[self.name])
-        return out
+        table = context.tables.get(reduced_table_key(self.name), pl.DataFrame())
+        return MeasureOutputs(figures=heatmap_figures(
+            context, self.name, table, "procrustes", "Procrustes distance (0: same up to rotation)",
+            "Procrustes distance between pretrained and finetuned layers", low=0.0, cmap="magma_r"))  # fmt: skip
 

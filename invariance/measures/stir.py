@@ -18,10 +18,11 @@ import polars as pl
 from invariance.analysis import metrics, plots, report
 from invariance.config import settings_hash
 from invariance.core.workspace import RunSpec, Workspace, save_inversion
-from invariance.io.layout import REDUCED_FLOW, InversionUnit, StirUnit, Unit, flow_plot_key
+from invariance.io.layout import REDUCED_FLOW, InversionUnit, StirUnit, Unit, flow_plot_key, reduced_table_key
 from invariance.io.schemas import STIR_SCHEMA
 from invariance.measures.base import (
-    Measure, MeasureOutputs, PlanSetup, ReduceContext, check_finite, record_bytes, register_measure, run_title, write_shard,
+    Figure, Measure, MeasureOutputs, PlanSetup, ReduceContext, check_finite, record_bytes, register_measure, run_title,
+    write_shard,
 )  # fmt: skip
 
 REF_MODELS = ("pt", "ft")
@@ -91,28 +92,83 @@ class Stir(Measure):
     def curve_columns(self, rows: dict[str, pl.DataFrame]) -> pl.DataFrame | None:
         return metrics.stir_curves(rows[self.name])
 
-    def reduce(self, context: ReduceContext) -> MeasureOutputs:
-        """The flow table and heatmaps (each complete checkpoint's own rows), the inversions' quality."""
-        out = MeasureOutputs()
+    def tables(self, context: ReduceContext) -> dict[str, pl.DataFrame]:
+        """The flow matrices and the inversions' quality of the changed checkpoints."""
         stir = context.rows[self.name]
-        if not context.complete:
+        if stir.is_empty():
+            return {}
+        flow = metrics.flow_table(stir).with_columns(pl.lit(context.plan.settings_hash).alias("settings"))
+        return {REDUCED_FLOW: flow, INVERSIONS_TABLE: inversion_stats(stir)}
+
+    def order_table(self, key: str, table: pl.DataFrame) -> pl.DataFrame:
+        if key == REDUCED_FLOW:
+            return table.sort([*metrics.CHECKPOINT_KEYS, "pt_layer", "ft_layer"])
+        return table.sort([*metrics.CHECKPOINT_KEYS, "ref_model", "ref_layer"])
+
+    def reduce(self, context: ReduceContext) -> MeasureOutputs:
+        """The flow heatmaps (each complete checkpoint's own rows, one colour range per run), the
+        inversions' quality for the report."""
+        out = MeasureOutputs()
+        flow = context.tables.get(REDUCED_FLOW, pl.DataFrame())
+        if not context.complete or flow.is_empty():
             return out
         plan = context.plan
-        flow = metrics.flow_table(stir).with_columns(pl.lit(plan.settings_hash).alias("settings"))
-        out.tables[REDUCED_FLOW] = flow
-        out.report["inversion_quality"] = report.inversion_quality(metrics.plain(stir))
+        out.report["inversion_quality"] = inversion_quality(context.tables[INVERSIONS_TABLE])
         if not context.make_plots:
             return out
+        keys: dict[int, str] = {}
         for run in dict.fromkeys(run for run, _ in context.complete):
             run_flow = metrics.plain(flow.filter(pl.col("run") == run))
-            epochs = [epoch for done_run, epoch in context.complete if done_run == run]
+            limit = f"{plots.flow_color_limit(run_flow)!r}"  # shared by the run's epochs: in every heatmap's hash
+            epochs = sorted(epoch for done_run, epoch in context.complete if done_run == run)
             for epoch in epochs:
-                out.files[flow_plot_key(epoch, run)] = plots.flow_heatmap_png(run_flow, epoch, layer_names=plan.layer_names)
-            if run:  # a study shows each run's last flow; a single run every epoch's (the report's grid)
-                out.plots[f"{run_title(run)}Invariance flow at epoch {max(epochs)}"] = out.files[flow_plot_key(max(epochs), run)]
+                rows = run_flow.filter(pl.col("epoch") == epoch)
+                key = flow_plot_key(epoch, run)
+                # a study shows each run's last flow; a single run every epoch's (the report's grid)
+                title = f"{run_title(run)}Invariance flow at epoch {epoch}" if run and epoch == epochs[-1] else None
+                out.figures.append(Figure(key, rows, lambda run_flow=run_flow, epoch=epoch: plots.flow_heatmap_png(
+                    run_flow, epoch, layer_names=plan.layer_names), title=title, extra=limit))  # fmt: skip
+                keys[epoch] = key
         if not plan.is_study:
-            out.report["flow_plots"] = {epoch: out.files[flow_plot_key(epoch)] for _, epoch in context.complete}
+            out.report["flow_plots"] = keys  # figure keys: the engine hands the report their bytes
         return out
+
+
+# the inversions' quality per checkpoint: what the report's table aggregates over every checkpoint
+INVERSIONS_TABLE = reduced_table_key("inversions")
+
+
+def inversion_stats(stir: pl.DataFrame) -> pl.DataFrame:
+    """Per (checkpoint point, ref_model, ref_layer): the sums and extremes of its STIR shards'
+    inversion diagnostics, from which ``inversion_quality`` aggregates any set of checkpoints."""
+    own = (pl.col("target_model") == pl.col("ref_model")) & (pl.col("target_layer") == pl.col("ref_layer"))
+    return stir.group_by(*metrics.CHECKPOINT_KEYS, "ref_model", "ref_layer").agg(
+        pl.col("inv_loss_mean").sum().alias("loss_sum"),
+        pl.len().alias("rows"),
+        pl.col("inv_loss_max").max().alias("loss_worst"),
+        pl.col("stir").filter(own).sum().alias("self_stir_sum"),
+        own.sum().alias("self_rows"),
+        pl.col("inv_iterations").max().alias("iterations"),
+    )
+
+
+def inversion_quality(stats: pl.DataFrame) -> pl.DataFrame:
+    """Per (ref_model, ref_layer): the final relative loss of its inversions (mean and worst over
+    seeds and checkpoints), STIR(r[j] | r[j]) (1 when X' is indistinguishable at the layer it was
+    made for), and ``converged`` (mean loss at most report.CONVERGED_LOSS)."""
+    if stats.is_empty():
+        return pl.DataFrame()
+    return (
+        stats.group_by("ref_model", "ref_layer")
+        .agg(
+            (pl.col("loss_sum").sum() / pl.col("rows").sum()).alias("final_loss_mean"),
+            pl.col("loss_worst").max().alias("final_loss_worst"),
+            (pl.col("self_stir_sum").sum() / pl.col("self_rows").sum()).alias("self_stir"),
+            pl.col("iterations").max().alias("iterations"),
+        )
+        .with_columns((pl.col("final_loss_mean") <= report.CONVERGED_LOSS).alias("converged"))
+        .sort("ref_model", "ref_layer", descending=[True, False])
+    )
 
 
 def run_inversion(spec: RunSpec, unit: InversionUnit, workspace: Workspace) -> str:
