@@ -139,7 +139,7 @@ def adam_beta1(step: int, config: InversionConfig) -> float:
     large early steps overshoot and the momentum carries them on, so at 25 steps Adam was 10x
     above the reference's 100-step loss on a ViT's early blocks; with 0.5 while the rate is high
     it is below. 0.9 as the rate decays keeps the deep convergence of long budgets. This is the
-    momentum half of a one-cycle policy; its learning-rate warm-up measured slower at every budget.
+    momentum half of a one-cycle policy; its learning-rate warm-up did not help short budgets.
     """
     return ADAM_BETA1_END + (ADAM_BETA1_START - ADAM_BETA1_END) * _cosine_fall(step, config.iterations)
 
