@@ -102,7 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, summary in (
         ("run", "compute every missing shard on Ray, then reduce (idempotent; reruns compute only new checkpoints)"),
-        ("plan", "show what is done, what is missing and a rough cost; computes nothing"),
+        ("plan", "show what is done, what is missing and an estimate of its cost: inversion FLOPs and wall time "
+                 "(on CPU at this CPU's throughput, timed once and cached; on GPUs at a recorded or assumed one); "
+                 "computes nothing"),
         ("reduce", "rebuild reduced/curves.parquet, reduced/flow.parquet and plots/ from complete shards"),
         ("report", "rebuild reports/index.html, the page a person opens (with the reduced tables and plots it shows)"),
     ):
@@ -117,8 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "plan":
             sub.add_argument("--no-cost", action="store_true", help="skip the FLOP count and the time estimate")
             sub.add_argument("--gpu", metavar="NAME",
-                             help="the workers' CUDA device, as torch names it ('NVIDIA H100 80GB HBM3'): the GPU-hours "
-                             "use its measured throughput (default: this machine's GPU)")
+                             help="the workers' CUDA device, as torch names it ('NVIDIA H100 80GB HBM3'): the estimate is in "
+                             "GPU-hours at its measured throughput. Without it: GPU-hours when resources.num_gpus > 0 "
+                             "(at this machine's GPU's figure, else an assumed one), else the wall time on this "
+                             "machine's CPUs")
             sub.add_argument("--submission-id", action="store_true",
                              help="print only a Ray job submission id for the work left (for `ray job submit "
                              f"--submission-id`: a duplicate is refused); exit {NOTHING_TO_SUBMIT} printing nothing on "
