@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from tests.test_cluster_configs import CLUSTER, documents_of_kind, load_documents
-from tests.test_deploy_manifests import _pod_templates
+from tests.test_deploy_manifests import _pod_templates, _submitter_templates
 
 LAUNCHER = CLUSTER / "ray-cluster.aws.yaml"
 # EC2 instance types the launcher names: (vCPUs, GiB of memory)
@@ -39,9 +39,25 @@ def test_every_kuberay_cluster_uses_token_auth(where: str, spec: dict[str, Any])
             assert not names & {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN"}, f"{where}: {container['name']} wires the token by hand"
 
 
-@pytest.mark.parametrize("where,template", _pod_templates(), ids=lambda v: v if isinstance(v, str) else "")
+def _fallback_pod() -> tuple[str, dict[str, Any]]:
+    (cron,) = [doc for doc in load_documents(CLUSTER / "kuberay" / "cronjob-fallback.yaml") if doc["kind"] == "CronJob"]
+    return "cronjob-fallback.yaml pod", cron["spec"]["jobTemplate"]["spec"]["template"]
+
+
+@pytest.mark.parametrize("where,template", [*_pod_templates(), *_submitter_templates(), _fallback_pod()],
+                         ids=lambda v: v if isinstance(v, str) else "")  # fmt: skip
 def test_every_pod_can_pull_a_private_image(where: str, template: dict[str, Any]) -> None:
     assert template["spec"].get("imagePullSecrets"), f"{where}: no imagePullSecrets"
+
+
+@pytest.mark.parametrize("where,template", _submitter_templates(), ids=lambda v: v if isinstance(v, str) else "")
+def test_a_submitter_of_our_own_takes_the_token_from_kuberay(where: str, template: dict[str, Any]) -> None:
+    """KubeRay adds RAY_AUTH_MODE and RAY_AUTH_TOKEN (from the cluster's Secret) to a submitter pod
+    it is given as well; wiring them by hand would point at a Secret that does not exist yet."""
+    for container in template["spec"]["containers"]:
+        names = {item["name"] for item in container.get("env") or []}
+        assert not names & {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN"}, f"{where}: {container['name']} wires the token by hand"
+        assert "--address" in container["args"][0] and "RAY_DASHBOARD_ADDRESS" in container["args"][0]
 
 
 def kubelet_allocatable(vcpus: int, gib: int) -> tuple[float, float]:

@@ -9,7 +9,9 @@ from __future__ import annotations
 import copy
 import gzip
 import hashlib
+import json
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -168,6 +170,57 @@ def _pod_templates() -> list[tuple[str, dict[str, Any]]]:
     return found
 
 
+def _submitter_templates() -> list[tuple[str, dict[str, Any]]]:
+    """The submitter pods the manifests give KubeRay (raycronjob.yaml's gate)."""
+    found = []
+    for kind in ("RayJob", "RayCronJob"):
+        for path, doc in documents_of_kind(kind):
+            spec = doc["spec"].get("jobTemplate", doc["spec"])
+            if "submitterPodTemplate" in spec:
+                found.append((f"{path.name} submitter", spec["submitterPodTemplate"]))
+    return found
+
+
+def test_the_raycronjob_gates_in_its_submitter() -> None:
+    """KubeRay creates a tick's cluster before its submitter, so the RayCronJob's gate is the
+    submitter: it must run the image of the cluster (same Ray, same package), in K8sJobMode (the
+    only mode that takes a submitter pod), and its GPU group must start from 0 so that a tick with
+    nothing new starts no GPU node. The gated command itself: tests/test_scheduled_ticks.py."""
+    template = one_document(KUBERAY / "raycronjob.yaml", "RayCronJob")["spec"]["jobTemplate"]
+    assert template["submissionMode"] == "K8sJobMode"
+    (submitter,) = [t for where, t in _submitter_templates() if where.startswith("raycronjob.yaml")]
+    (container,) = submitter["spec"]["containers"]
+    head = template["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert container["image"] == head["image"]
+    assert container.get("command"), "without a command of its own KubeRay submits the entrypoint ungated"
+    env = {item["name"]: item.get("value") for item in container["env"]}
+    assert json.loads(env["RUNTIME_ENV_JSON"]) == yaml.safe_load(template["runtimeEnvYAML"])
+    assert shlex.split(template["entrypoint"]) == ["invariance", "run", env["INVARIANCE_CONFIG"]]
+    for group in template["rayClusterSpec"]["workerGroupSpecs"]:
+        assert group.get("replicas", 0) == 0 == group.get("minReplicas", 0), f"{group['groupName']}: a no-op tick starts a worker"
+    # the cluster of a no-op tick goes soon; a failed one stays for its dashboard
+    ttl = {(r["condition"].get("jobStatus"), r["policy"]): r["condition"]["ttlSeconds"] for r in template["deletionStrategy"]["deletionRules"]}
+    assert ttl["SUCCEEDED", "DeleteCluster"] <= 60 < ttl["FAILED", "DeleteCluster"]
+
+
+def test_the_cronjob_fallback_gates_before_any_rayjob() -> None:
+    """An init container plans first; the kubectl container reads its answer before it creates."""
+    pod = one_document(KUBERAY / "cronjob-fallback.yaml", "CronJob")["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    (gate,) = pod["initContainers"]
+    (main,) = pod["containers"]
+    gate_file = {e["name"]: e.get("value") for e in gate["env"]}["GATE_FILE"]
+    assert {e["name"]: e.get("value") for e in main["env"]}["GATE_FILE"] == gate_file
+    mounts = {m["mountPath"]: m for m in gate["volumeMounts"]}
+    folder = str(Path(gate_file).parent)
+    assert folder in mounts and not mounts[folder].get("readOnly")
+    volume = mounts[folder]["name"]
+    assert any(m["name"] == volume and m["mountPath"] == folder for m in main["volumeMounts"])
+    assert "emptyDir" in {v["name"]: v for v in pod["volumes"]}[volume]
+    script = main["args"][0]
+    assert script.index('[ ! -s "$GATE_FILE" ]') < script.index("kubectl create"), "the gate is read before the RayJob"
+    assert pod.get("imagePullSecrets"), "the gate runs the private image"
+
+
 def test_every_ray_pod_mounts_shared_memory() -> None:
     """Ray's object store lives in /dev/shm: a pod without a memory volume there gets 64 MiB."""
     templates = _pod_templates()
@@ -199,7 +252,7 @@ def test_kubernetes_kinds_validate_strictly(kubernetes: str, tmp_path: Path) -> 
     plain = [p for p in sorted(KUBERAY.glob("*.yaml")) if not {d.get("kind") for d in load_documents(p)} & {"RayJob", "RayCronJob"}]
     assert KUBERAY / "cronjob-fallback.yaml" in plain
     pods = []
-    for index, (where, template) in enumerate(_pod_templates()):
+    for index, (where, template) in enumerate(_pod_templates() + _submitter_templates()):
         metadata = {"name": f"pod-{index}", **(template.get("metadata") or {})}
         pods.append({"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": template["spec"]})
     pods_file = tmp_path / "pod-templates.yaml"
