@@ -56,6 +56,7 @@ class ReduceResult:
     runs_compared: pl.DataFrame = field(default_factory=pl.DataFrame)  # a study's Fig. 6 view, per run and epoch
     report_fields: dict = field(default_factory=dict)  # what measures give the report (inversion quality, flow)
     robustness_summary: str = ""  # the robustness search in a few lines (robustness_search.summary), for stdout
+    figure_keys: dict[str, str] = field(default_factory=dict)  # report title -> the figure's storage key
 
     @property
     def flow(self) -> pl.DataFrame:
@@ -254,6 +255,9 @@ class _Pngs(Mapping):
             self.drawn[key] = self.store.get(key)
         return self.drawn[key]
 
+    def __contains__(self, name: object) -> bool:  # without reading the figure
+        return name in self.keys
+
     def __iter__(self):  # type: ignore[no-untyped-def]
         return iter(self.keys)
 
@@ -358,14 +362,19 @@ def reduce_plan(
     for key, table in result.tables.items():
         write_table(key, table)
     figures: list[Figure] = []
+    metrics_seen = _metrics_fingerprints(plan, store) if complete else {}
+    sources = _run_sources(plan.checkpoints)
     if complete and make_plots:  # per checkpoint: its own rows (alpha 1); the weight paths have their plots
         for run in dict.fromkeys(run for run, _ in complete):  # one set of plots per run of a study
             run_curves = metrics.plain(curves.filter(pl.col("run") == run))
             title = run_title(run).rstrip(": ")
             figures.append(Figure(layer_curves_plot_key(run), run_curves, lambda c=run_curves, t=title: plots.layer_curves_png(
                 c, title=t, layer_names=plan.layer_names)))  # fmt: skip
-            figures.append(Figure(dynamics_plot_key(run), run_curves, lambda c=run_curves, t=title: plots.dynamics_png(
-                c, title=t, layer_names=plan.layer_names)))  # fmt: skip
+            # with the run's clean and corrupted accuracy and its stages, read when drawn: drawn again
+            # when the curves or the metrics' listing change
+            figures.append(Figure(dynamics_plot_key(run), run_curves, lambda c=run_curves, t=title, f=sources[run][1]: (
+                plots.dynamics_png(c, title=t, layer_names=plan.layer_names, run_metrics=_run_metrics_or_none(f, store))),
+                extra=metrics_seen.get(run, "")))  # fmt: skip
     paths = path_outputs(curves, make_plots, plan.layer_names)
     figures += paths.figures
     result.extra_tables = paths.tables
@@ -379,13 +388,13 @@ def reduce_plan(
     drawn = _draw(store, figures, stored_files, files, code, result)
     titled = {figure.title: figure.key for figure in figures if figure.title}
     result.path_plots = _Pngs(store, drawn, titled)  # type: ignore[assignment]
+    result.figure_keys = titled
     if isinstance(result.report_fields.get("flow_plots"), dict):  # {epoch: key}: bytes only when the report asks
         result.report_fields["flow_plots"] = _Pngs(store, drawn, result.report_fields["flow_plots"])
     outputs = _Pngs(store, drawn, {figure.key: figure.key for figure in figures})
     if compare_epochs is not None and not plan.is_study:
         log.warning("compare_epochs: %d ignored: it limits a study's runs compared, and these checkpoints are one "
                     "run (no {run} in checkpoints)", compare_epochs)  # fmt: skip
-    metrics_seen = _metrics_fingerprints(plan, store) if complete else {}
     if complete and (not fresh or dirty or metrics_seen != index.get("metrics")):
         # finetuning runs with metrics/ beside their checkpoints: the robustness link
         robustness_keys, table, result.robustness_summary = _robustness(store, metrics.plain(curves), plan.checkpoints,
@@ -450,6 +459,16 @@ def _draw(store: Store, figures: list[Figure], stored: dict[str, str], files: di
         if store.put_if_changed(figure.key, drawn[figure.key]):
             result.written.append(figure.key)
     return drawn
+
+
+def _run_metrics_or_none(folder: str, store: Store) -> pl.DataFrame | None:
+    """The finetuning metrics of the run at ``folder`` for its dynamics figure, or None (none, or
+    unreadable: logged; the robustness link names the problem)."""
+    try:
+        return read_run_metrics(folder, store.storage_options)
+    except StorageError as exc:
+        log.warning("dynamics drawn without the finetuning metrics of %s: %s", redact(folder), redact(str(exc)))
+        return None
 
 
 def _metrics_fingerprints(plan: Plan, store: Store) -> dict[str, str]:

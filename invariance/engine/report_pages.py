@@ -20,16 +20,14 @@ from urllib.parse import quote
 
 import polars as pl
 
-from invariance.analysis import metrics, plots, report
+from invariance.analysis import metrics, report
 from invariance.analysis.report import Figure, Table
 from invariance.engine.plan import Plan
 from invariance.errors import StorageError
-from invariance.io.checkpoints import run_folders
 from invariance.io.layout import (
-    PLAIN_ALPHA, PLOTS, REDUCED_ROBUSTNESS_CORRELATION, REDUCED_ROBUSTNESS_SEARCH, REPORT, ROBUSTNESS_PLOT,
+    PLAIN_ALPHA, PLOTS, REDUCED_ROBUSTNESS, REDUCED_ROBUSTNESS_CORRELATION, REDUCED_ROBUSTNESS_SEARCH, REPORT, ROBUSTNESS_PLOT,
     RUNS_COMPARED_PLOT, dynamics_plot_key, knn_alpha_plot_key, knn_layers_plot_key, layer_curves_plot_key, run_plots,
 )  # fmt: skip
-from invariance.io.run_metrics import read_run_metrics
 from invariance.io.storage import Store, redact
 from invariance.measures.base import run_title
 
@@ -111,10 +109,8 @@ def _href(key: str, depth: int) -> str:
 def _measure_titles(result: "ReduceResult", outputs: dict[str, bytes]) -> dict[str, str]:
     """{folder: what its heatmaps show} from the measures' report titles ("Procrustes distance
     between ... at epoch 2 (diagonal outlined)"), matched to the files they were drawn to."""
-    keys = {id(data): key for key, data in outputs.items()}
     titles = {}
-    for title, png in result.path_plots.items():
-        key = keys.get(id(png), "")
+    for title, key in result.figure_keys.items():  # no figure read: a title and its file's key
         folder = key.split("/")[-2] if key.endswith(".png") and "/epoch=" in key else ""
         what = re.sub(r"^run .*?: ", "", title) if title.startswith("run ") else title
         what = re.sub(r" at epoch \d+.*$", "", what)
@@ -130,22 +126,14 @@ def _folder_order(plan: Plan, folders: list[str]) -> list[str]:
     return sorted(folders, key=lambda f: (ranked.index(f) if f in ranked else len(ranked), f))
 
 
-def _run_metrics(plan: Plan, storage_options: dict) -> dict[str, pl.DataFrame]:
-    """{run: its finetuning metrics (metrics/epoch=NN.parquet beside its checkpoints)}, for the runs that have them."""
-    found = {}
-    for run in plan.runs:
-        checkpoints = [c for c in plan.checkpoints if c.run == run]
-        if not checkpoints:
-            continue
-        folder = run_folders(checkpoints[:1])[0]
-        try:
-            frame = read_run_metrics(folder, storage_options)
-        except (StorageError, pl.exceptions.PolarsError) as exc:
-            log.warning("report: the finetuning metrics of %s left out (%s)", redact(folder), redact(str(exc)))
-            continue
-        if frame is not None and not frame.is_empty():
-            found[run] = frame
-    return found
+def _run_metrics(store: Store) -> dict[str, pl.DataFrame]:
+    """{run: epoch, clean_accuracy, corrupted_accuracy} of the runs with finetuning metrics, from the
+    robustness link's table (``reduced/robustness.parquet``): one read, whatever the history."""
+    table = _stored_table(store, REDUCED_ROBUSTNESS)
+    if table.is_empty() or not {"run", "epoch", "clean_accuracy", "corrupted_accuracy_mean"} <= set(table.columns):
+        return {}
+    return {run: rows.select("epoch", "clean_accuracy", pl.col("corrupted_accuracy_mean").alias("corrupted_accuracy"))
+            for (run,), rows in table.partition_by("run", as_dict=True).items()}  # fmt: skip
 
 
 def _per_epoch_figures(plan: Plan, files: _Files, run: str, depth: int, titles: dict[str, str],
@@ -175,13 +163,8 @@ def _run_figures(plan: Plan, result: "ReduceResult", files: _Files, run: str, de
     stages), flow and the layer x layer heatmaps per checkpoint, the weight path, kNN."""
     title = run_title(run)
     figures = _embedded(files, layer_curves_plot_key(run), f"{title}{LAYER_CURVES_TITLE}", "layer_curves")
-    run_curves = metrics.plain(result.curves.filter(pl.col("run") == run)) if not result.curves.is_empty() else result.curves
-    if run_metrics is not None and not run_curves.is_empty():
-        # the reducer's plots/dynamics.png has no accuracy: the page draws it with the run's metrics
-        png = plots.dynamics_png(run_curves, title=title.rstrip(": "), layer_names=plan.layer_names, run_metrics=run_metrics)
-        figures.append(Figure(f"{title}{DYNAMICS_TITLE}", "dynamics", png=png))
-    else:
-        figures += _embedded(files, dynamics_plot_key(run), f"{title}{DYNAMICS_TITLE}", "dynamics")
+    # the reducer draws plots/dynamics.png with the run's accuracy and stages
+    figures += _embedded(files, dynamics_plot_key(run), f"{title}{DYNAMICS_TITLE}", "dynamics")
     complete = [epoch for done_run, epoch in result.complete_checkpoints if done_run == run]
     figures += _per_epoch_figures(plan, files, run, depth, titles, complete)
     figures += _embedded(files, knn_layers_plot_key(run), f"{title}kNN top-1 per layer", "knn_layers")
@@ -318,7 +301,7 @@ def write_report(store: Store, plan: Plan, result: "ReduceResult", outputs: dict
     and figures; each written only when it changed. The keys written."""
     files = _Files(store, outputs)
     titles = _measure_titles(result, outputs)
-    run_metrics = _run_metrics(plan, store.storage_options) if result.complete_checkpoints else {}
+    run_metrics = _run_metrics(store) if result.complete_checkpoints else {}
     robustness = _embedded(files, ROBUSTNESS_PLOT, "Robustness link: forgetting spread and corrupted accuracy",
                            "robustness") if result.complete_epochs else []  # fmt: skip
     pages: dict[str, bytes] = {}
