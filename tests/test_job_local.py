@@ -79,7 +79,8 @@ def test_outputs_follow_the_layout(finished_run) -> None:
     (settings,) = stir["settings"].unique().to_list()
     assert curves["settings"].unique().to_list() == flow["settings"].unique().to_list() == [settings]
     plots = {p.relative_to(out / "plots").as_posix() for p in (out / "plots").rglob("*.png")}
-    assert plots == {"layer_curves.png", "dynamics.png", "flow/epoch=1.png", "flow/epoch=2.png", "flow/epoch=3.png"}
+    assert plots == {"layer_curves.png", "dynamics.png", "flow/epoch=1.png", "flow/epoch=2.png", "flow/epoch=3.png",
+                     "cka/epoch=1.png", "cka/epoch=2.png", "cka/epoch=3.png"}  # cka/: the pt x ft layer heatmaps
     assert not list(out.rglob(".*.tmp"))
 
 
