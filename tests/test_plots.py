@@ -42,7 +42,7 @@ def test_flow_heatmaps_of_a_run_share_one_colour_range_and_mark_the_diagonal() -
         outlined = [p for p in figure.axes[0].patches if isinstance(p, matplotlib.patches.Rectangle)]
         assert len(outlined) == 3  # the diagonal cells
         assert figure.axes[0].get_xlabel() and figure.axes[0].get_ylabel()
-    assert limits[0] == limits[1] == (-0.4, 0.4)
+    assert limits[0] == limits[1] == (-0.5, 0.5)  # max |flow| 0.4, rounded up to 1, 2 or 5 x 10^k
 
 
 def test_flow_title_names_the_epoch_once() -> None:

@@ -118,8 +118,10 @@ def test_a_flow_heatmap_is_drawn_again_when_its_runs_colour_range_changes(tmp_pa
     """Every epoch's heatmap of a run shares one colour range: a new epoch that widens it redraws them."""
     rows = pl.DataFrame({"run": [""] * 2, "checkpoint": ["a", "a"], "epoch": [1, 1], "alpha": [1.0, 1.0],
                          "pt_layer": [0, 0], "ft_layer": [0, 1], "flow": [0.0, 0.1]})  # fmt: skip
-    wider = pl.concat([rows, rows.with_columns(pl.lit(2, dtype=pl.Int64).alias("epoch"), pl.Series("flow", [0.0, 0.5]))])
+    wider = pl.concat([rows, rows.with_columns(pl.lit(2, dtype=pl.Int64).alias("epoch"), pl.Series("flow", [0.0, 0.7]))])
     assert plots.flow_color_limit(rows) != plots.flow_color_limit(wider)
+    a_little_more = rows.with_columns(pl.Series("flow", [0.0, 0.15]))  # within the same step (0.2): no redraw
+    assert plots.flow_color_limit(a_little_more) == plots.flow_color_limit(rows.with_columns(pl.Series("flow", [0.0, 0.12])))
     first = reduce_module._frame_hash(rows, repr(plots.flow_color_limit(rows)))
     assert first != reduce_module._frame_hash(rows, repr(plots.flow_color_limit(wider)))
     assert first == reduce_module._frame_hash(rows.clone(), repr(plots.flow_color_limit(rows)))

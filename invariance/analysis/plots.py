@@ -12,6 +12,7 @@ lines that coincide are named in a note, since one hides the other.
 
 from __future__ import annotations
 
+import math
 import io
 from typing import Any, Sequence
 
@@ -365,10 +366,15 @@ def _mark_stages(axes: list[Any], run_metrics: pl.DataFrame | None) -> bool:
 
 def flow_color_limit(flow: pl.DataFrame) -> float:
     """The colour range of every flow heatmap of a table: ±max |flow| over all its epochs, so that
-    heatmaps of different epochs compare."""
+    heatmaps of different epochs compare, rounded up to 1, 2 or 5 x 10^k: a new epoch changes it
+    (and redraws the run's older heatmaps) only when it crosses such a step, not at every rerun."""
     values = flow["flow"].cast(pl.Float64).to_numpy() if len(flow) else np.array([])
     finite = np.abs(values[np.isfinite(values)])
-    return float(finite.max()) if len(finite) and finite.max() > 0 else 1.0
+    if not len(finite) or finite.max() <= 0:
+        return 1.0
+    largest = float(finite.max())
+    scale = 10.0 ** math.floor(math.log10(largest))
+    return next(step * scale for step in (1.0, 2.0, 5.0, 10.0) if step * scale >= largest * (1 - 1e-12))
 
 
 def checkpoint_title(checkpoint: str, epoch: int) -> str:
