@@ -8,6 +8,11 @@ import os
 # processes they spawn) stays on 127.0.0.1: without this Ray swaps it for the machine's outward
 # address and listens on every interface. Set before anything imports ray.
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+# the plan's CPU throughput cache (~/.cache/invariance/cpu_throughput.json): the tests' own, never the user's
+if "INVARIANCE_TESTS_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["INVARIANCE_TESTS_CACHE"] = os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="invariance-tests-cache-")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
