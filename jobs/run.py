@@ -22,7 +22,7 @@ from invariance.core.cost import cpu_throughput, duration, inversion_flops
 from invariance.engine.lease import RunLease
 from invariance.core.models import FeatureModel, describe_layers, load_model
 from invariance.engine.plan import Plan, check_output_location, make_plan
-from invariance.engine.reduce import ReduceResult, reduce_plan
+from invariance.engine.reduce import ReduceResult, reduce_is_stale, reduce_plan
 from invariance.io.layout import REPORT, InversionUnit
 from invariance.measures.stir import inversion_layers
 from invariance.engine.steps import RunSpec
@@ -371,7 +371,13 @@ def next_submission(config: RunConfig | str) -> tuple[str | None, str]:
     _, store, plan, _ = open_run(config)
     missing = len(plan.missing_keys)
     if not missing:
-        return None, "nothing to compute: every shard of every checkpoint is done"
+        stale = reduce_is_stale(plan, store)  # every shard done, but a run stopped before its reduce
+        if stale is None:
+            return None, "nothing to compute: every shard of every checkpoint is done"
+        holder = RunLease(store, plan.settings_hash).current()
+        if holder is not None:
+            return None, f"a run of these settings is in progress: {holder.describe()}"
+        return f"invariance-{plan.settings_hash}-reduce-{stale[:10]}", "every shard is done, but reduced/ is not up to date"
     holder = RunLease(store, plan.settings_hash).current()
     if holder is not None:
         return None, f"a run of these settings is in progress: {holder.describe()}"

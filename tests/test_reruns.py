@@ -149,3 +149,18 @@ def test_a_plan_of_inputs_checked_before_builds_no_model_and_reads_no_image(tmp_
     write_eval_parquet(tmp_path / "data", n=20)  # other eval images: checked again, new hashes
     other = make_plan(config, store)
     assert built[:1] == ["check_models"] and other.settings_hash != first.settings_hash
+
+
+def test_a_schedule_submits_a_reduce_that_never_finished(tmp_path: Path, torch_single_thread) -> None:
+    """Every shard done but the run stopped before its reduce: the next tick has work (the reduce),
+    under an id of its own; after the reduce, nothing."""
+    from jobs.run import next_submission
+
+    write_checkpoints(tmp_path / "ckpt", epochs=[1])
+    write_eval_parquet(tmp_path / "data")
+    config = parse_config(tiny_config(tmp_path, str(tmp_path / "out"), seeds=[0]))
+    store, plan = _compute(config)  # computed, not reduced
+    identifier, why = next_submission(config)
+    assert identifier is not None and "-reduce-" in identifier and "not up to date" in why
+    reduce_plan(plan, store, make_plots=False)
+    assert next_submission(config) == (None, "nothing to compute: every shard of every checkpoint is done")

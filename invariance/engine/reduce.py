@@ -223,6 +223,19 @@ def _partitions(plan: Plan) -> dict[str, str]:
     return hashes
 
 
+def reduce_is_stale(plan: Plan, store: Store) -> str | None:
+    """None when ``reduced/`` is of every shard ``plan`` finds done (its index names each
+    checkpoint's shards, the settings and this code), else a hash of what a reduce would read:
+    every shard done but a run that stopped before its reduce, or a new release. One read."""
+    index = _read_index(store)
+    partitions = _partitions(plan)
+    current = (index.get("partitions") == partitions and index.get("code") == code_version()
+               and index.get("settings") == plan.settings_hash and index.get("hashes") == plan.hashes)  # fmt: skip
+    if current or not partitions:
+        return None
+    return hashlib.sha256(json.dumps(partitions, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def _frame_hash(frame: pl.DataFrame, *extra: str) -> str:
     """A hash of ``frame``'s rows (in order), columns and types, and of ``extra``."""
     digest = hashlib.sha256("|".join([*extra, *(f"{name}:{dtype}" for name, dtype in frame.schema.items())]).encode())
