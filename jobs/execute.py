@@ -110,7 +110,8 @@ def check_resources(resources: ResourcesConfig, can_grow: bool, wait_seconds: fl
         raise ConfigError(f"{asked}, but {largest} on this local Ray: no task could ever start; "
                           "lower resources.num_cpus / num_gpus")  # fmt: skip
     log.warning("waiting up to %.0f s for a node that fits %s (%s now; an autoscaler may add one; "
-                "stop with Ctrl-C or `ray job stop`)", wait_seconds, asked, largest)  # fmt: skip
+                "stop with Ctrl-C or `ray job stop`; or lower resources.num_cpus / resources.num_gpus to what a node "
+                "has)", wait_seconds, asked, largest)  # fmt: skip
     deadline = time.monotonic() + wait_seconds
     while time.monotonic() < deadline:
         time.sleep(min(poll_seconds, max(0.0, deadline - time.monotonic())))

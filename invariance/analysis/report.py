@@ -520,11 +520,12 @@ def render(inputs: ReportInputs) -> bytes:
     incomplete = ""
     if inputs.incomplete_epochs:
         listed = ", ".join(f"epoch {e}: {n} shard{'s' if n != 1 else ''}" for e, n in sorted(inputs.incomplete_epochs.items()))
-        incomplete = f"<p class='warning'>Incomplete (missing shards): {html.escape(listed)}</p>"
+        incomplete = (f"<p class='warning'>Incomplete (missing shards): {html.escape(listed)}. Rerun "
+                      "<code>invariance run CONFIG</code> to compute them.</p>")  # fmt: skip
     if inputs.incomplete_path_points:
         listed = ", ".join(f"{point}: {n} shard{'s' if n != 1 else ''}" for point, n in inputs.incomplete_path_points.items())
         incomplete += (f"<p class='warning'>Weight-path points left out until computed (missing shards): "
-                       f"{html.escape(listed)}</p>")  # fmt: skip
+                       f"{html.escape(listed)}. Rerun <code>invariance run CONFIG</code> to compute them.</p>")  # fmt: skip
     links = " &middot; ".join(f"<a href='{html.escape(url)}'>{html.escape(label)}</a>" for label, url in inputs.links)
     figures = list(inputs.figures)
     figures += [Figure(title, "other", png=png) for title, png in inputs.plots.items()]

@@ -265,7 +265,8 @@ def path_checkpoints(config: RunConfig, checkpoints: list[Checkpoint]) -> list[C
     found = [c for c in checkpoints if c.epoch in epochs]
     absent = sorted(set(epochs) - {c.epoch for c in checkpoints})
     if absent:
-        log.warning("interpolation.epochs: no checkpoint of epochs %s yet; their paths come when a rerun finds them", absent)
+        log.warning("interpolation.epochs: no checkpoint of epochs %s yet; their paths come when a rerun finds them (to "
+                    "leave them out: interpolation.epochs: %s)", absent, sorted(c.epoch for c in found))  # fmt: skip
     return found
 
 

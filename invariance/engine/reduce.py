@@ -407,7 +407,7 @@ def reduce_plan(
     outputs = _Pngs(store, drawn, {figure.key: figure.key for figure in figures})
     if compare_epochs is not None and not plan.is_study:
         log.warning("compare_epochs: %d ignored: it limits a study's runs compared, and these checkpoints are one "
-                    "run (no {run} in checkpoints)", compare_epochs)  # fmt: skip
+                    "run (no {run} in checkpoints): remove compare_epochs from the config", compare_epochs)  # fmt: skip
     if complete and (not fresh or dirty or metrics_seen != index.get("metrics")):
         # finetuning runs with metrics/ beside their checkpoints: the robustness link
         robustness_keys, table, result.robustness_summary = _robustness(store, metrics.plain(curves), plan.checkpoints,
@@ -554,7 +554,9 @@ def _readable_run_metrics(sources: dict[str, tuple[str, str, list[int]]], storag
             continue
         missing = [column for column in ROBUSTNESS_METRICS if column not in run_metrics.columns]
         if missing:
-            log.warning("robustness link skipped for %s: its finetuning metrics lack the columns %s", redact(folder), missing)
+            log.warning("robustness link skipped for %s: its finetuning metrics (metrics/epoch=NN.parquet) lack the columns "
+                        "%s; write them with invariance finetune, or give each file the columns %s", redact(folder), missing,
+                        list(ROBUSTNESS_METRICS))  # fmt: skip
             continue
         found[label] = run_metrics
     return found
@@ -588,7 +590,8 @@ def _robustness(
                 robustness_search.early_epochs(run_curves[run], frame, run, robustness_search.strongest(search.filter(
                     pl.col("run") == run), n=3)) for run, frame in run_metrics.items()]))  # fmt: skip
     except pl.exceptions.PolarsError as exc:  # metrics of an unexpected shape (a per-corruption column, types)
-        log.warning("robustness link skipped: the finetuning metrics do not have the expected form (%s)", exc)
+        log.warning("robustness link skipped: the finetuning metrics do not have the expected form (%s); each "
+                    "metrics/epoch=NN.parquet needs one row with the numeric columns %s", exc, list(ROBUSTNESS_METRICS))  # fmt: skip
         return [], pl.DataFrame(), ""
     if make_plots:
         outputs[ROBUSTNESS_PLOT] = robustness.robustness_png(table, correlation, depth, layer_names=layer_names)
