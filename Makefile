@@ -58,6 +58,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_throughput.py
 	$(BIN)/python bench/bench_reads.py
 	$(BIN)/python bench/bench_feature_api.py
+	$(BIN)/python bench/bench_reruns.py
 
 clean:
 	rm -rf $(VENV) invariance-demo .pytest_cache
