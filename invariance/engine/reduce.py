@@ -321,6 +321,13 @@ def reduce_plan(
     code = code_version()
     index = _read_index(store)
     fresh = index.get("code") == code and index.get("settings") == plan.settings_hash and index.get("hashes") == plan.hashes
+    # the tables as the last reduce wrote them (a constant number of reads, whatever the history); one
+    # missing or unreadable (deleted by hand, a partial copy): everything is rebuilt from the shards
+    old = {key: _stored(store, key) for key in index.get("files", {})
+           if key.startswith("reduced/") and key.endswith(".parquet")} if fresh else {}  # fmt: skip
+    if any(table is None for table in old.values()):
+        log.info("%s: a reduced table is gone or unreadable; rebuilding every table from the shards", store.url(REDUCED_INDEX))
+        fresh, old = False, {}
     stored_files: dict[str, str] = index.get("files", {}) if fresh else {}
     before: dict[str, str] = index.get("partitions", {}) if fresh else {}
     partitions = _partitions(plan)
@@ -342,8 +349,6 @@ def reduce_plan(
             new_curves = new_curves.join(part, on=keys, how="left")
         # the settings hash on every reduced row: a table left from other settings is visible
         new_curves = new_curves.with_columns(pl.lit(plan.settings_hash).alias("settings"))
-    # the tables as the last reduce wrote them (a constant number of reads, whatever the history)
-    old = {key: _stored(store, key) for key in stored_files if key.startswith("reduced/") and key.endswith(".parquet")}
     curves = _merge(old.get(REDUCED_CURVES), new_curves, dirty)
     curves = curves.sort(keys) if not curves.is_empty() else curves
     context = ReduceContext(plan, store, rows, curves, complete, make_plots)
