@@ -106,7 +106,23 @@ def load_run_config(config: RunConfig | str) -> tuple[RunConfig, ResolvedPaths]:
     config file's folder when ``config`` is a path or URL, else the working directory."""
     if isinstance(config, RunConfig):
         return resolve_paths(config)
-    return resolve_paths(load_config(config), config_folder(str(config)))
+    folder = config_folder(str(config))
+    importable(folder)
+    return resolve_paths(load_config(config), folder)
+
+
+def importable(folder: str) -> None:
+    """Make the Python modules beside a local config importable (a ``measures: [{function:
+    "lab_measures:rsa"}]``, a ``model.factory``): its folder goes first on this process's path and
+    on PYTHONPATH, which a local Ray's workers inherit. On a cluster, ``ray job submit --working-dir``
+    puts the submitted folder on every worker's path."""
+    if "://" in folder and not folder.startswith("file://"):
+        return
+    path = os.path.abspath(folder.removeprefix("file://"))
+    if not os.path.isdir(path) or path in sys.path:
+        return
+    sys.path.insert(0, path)
+    os.environ["PYTHONPATH"] = os.pathsep.join([path, *filter(None, [os.environ.get("PYTHONPATH", "")])])
 
 
 def check_cluster_output(config: RunConfig, paths: ResolvedPaths) -> None:

@@ -229,3 +229,27 @@ def test_a_users_measure_runs_on_ray_like_the_builtins(tmp_path: Path, local_ray
     assert rsa.filter(pl.col("epoch") == 1)["rsa"].is_finite().all()
     assert (tmp_path / "out" / "plots" / "rsa" / "epoch=2.png").exists()
     assert pl.read_parquet(tmp_path / "out" / "reduced" / "procrustes.parquet").height == 2 * 4 * len(result.plan.layers) ** 2
+
+
+def test_a_measure_module_beside_the_config_is_importable(tmp_path: Path, monkeypatch) -> None:
+    """`invariance plan my-analysis/run.yaml` with lab_measures.py beside run.yaml (README's example)."""
+    import sys
+
+    import yaml
+
+    from jobs.run import open_run
+    from tests.helpers import tiny_config, write_checkpoints, write_eval_parquet
+
+    write_checkpoints(tmp_path / "ckpt", epochs=[1])
+    write_eval_parquet(tmp_path / "data")
+    folder = tmp_path / "my-analysis"
+    folder.mkdir()
+    (folder / "beside_config_measures.py").write_text("def rsa(a, b):\n    return 0.5\n")
+    raw = tiny_config(tmp_path, str(tmp_path / "out"), seeds=[0], measures=[{"function": "beside_config_measures:rsa"}])
+    (folder / "run.yaml").write_text(yaml.safe_dump(raw))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setenv("PYTHONPATH", "")
+    monkeypatch.chdir(tmp_path)
+    _, _, plan, _ = open_run("my-analysis/run.yaml")
+    assert [m.name for m in plan.measures][-1] == "rsa" and plan.missing("rsa")
+    assert str(folder) in __import__("os").environ["PYTHONPATH"].split(":")
