@@ -281,17 +281,21 @@ def check_path_shapes(config: RunConfig, pretrained: FeatureModel) -> None:
                        config.interpolation.extra, where=f"finetuned_model {finetuned.name}")  # fmt: skip
 
 
-def checks_key(config: RunConfig) -> str:
+def checks_key(config: RunConfig) -> str | None:
     """Where the verdict of the plan's checks of these inputs is kept: ``_manifests/checks/<hash>.json``,
     the hash of every setting that changes them (the config's, its measures, the kNN section) and
     of the identity of the inputs found without reading them (the pretrained weights' fingerprint,
     the listings of the eval data's and the bank's files) and of this package's code. A new
     checkpoint reuses it: the checks build no model and read no image; anything else that changes
-    makes a new one."""
-    listing = {"pretrained": weights_fingerprint(config.pretrained, config.storage_options) if config.pretrained != "timm"
-               else "timm", "data": source_fingerprint(config.data, config.storage_options, "data.path")}  # fmt: skip
-    if config.knn is not None:
-        listing["knn"] = source_fingerprint(config.knn.train, config.storage_options, "knn.train.path")
+    makes a new one. None when an input cannot be listed: the checks themselves name what is wrong."""
+    try:
+        listing = {"pretrained": weights_fingerprint(config.pretrained, config.storage_options)
+                   if config.pretrained != "timm" else "timm",
+                   "data": source_fingerprint(config.data, config.storage_options, "data.path")}  # fmt: skip
+        if config.knn is not None:
+            listing["knn"] = source_fingerprint(config.knn.train, config.storage_options, "knn.train.path")
+    except Exception:  # noqa: BLE001 - a missing or unreadable input: check_models / input_fingerprints say which
+        return None
     settings = {"numbers": config.numbers_settings(), "knn": config.knn.numbers_settings() if config.knn else None,
                 "measures": config.measures, "inputs": listing, "code": package_fingerprint()}  # fmt: skip
     return f"{MANIFESTS}/checks/{settings_hash(settings)}.json"
@@ -337,7 +341,7 @@ def make_plan(config: RunConfig, store: Store, checkpoints: list[Checkpoint] | N
         )
     measures = active_measures(config)  # an entry of measures: that is not a measure fails here
     verdict_key = checks_key(config)
-    verdict = _read_verdict(store, verdict_key)
+    verdict = _read_verdict(store, verdict_key) if verdict_key is not None else None
     model: FeatureModel | None = None
     if verdict is None:
         # before any task: a model, image size or finetuned model that cannot work fails every shard alike
@@ -371,7 +375,7 @@ def make_plan(config: RunConfig, store: Store, checkpoints: list[Checkpoint] | N
         layer_names=verdict["layer_names"],
         fingerprints=fingerprints,
     )
-    if model is not None:  # checked now: kept by the reduce, the next plan of the same inputs reads it instead
+    if model is not None and verdict_key is not None:  # checked now: kept by the reduce, the next plan reads it instead
         plan.checks = (verdict_key, {**verdict, "checked": setup.checked})
     plan.refresh(store)
     return plan
