@@ -244,3 +244,19 @@ def test_robustness_of_a_study_names_runs_and_what_hides_what() -> None:
     assert {t.get_text() for t in twin.get_legend().get_texts()} >= {"lr=0.1", "lr=0.01"}
     notes = [t.get_text() for axis in figure.axes for t in axis.texts if t.get_text().startswith("on top")]
     assert len(notes) == 3  # the two runs' identical spread, accuracy and scatter
+
+
+def test_layer_curves_of_many_epochs_draw_a_dozen_evenly_spaced_and_say_so() -> None:
+    """500 epochs: 500 lines were unreadable and took 90 s to draw on every rerun (bench_reruns)."""
+    import polars as pl
+
+    from invariance.analysis import plots
+
+    rows = [{"run": "", "checkpoint": f"e{e}", "epoch": e, "alpha": 1.0, "layer": layer, "n_seeds": 1,
+             **{f"{m}_{s}": 0.01 * e for m in ("forgetting", "learning", "cka_divergence") for s in ("mean", "ci_low", "ci_high")},
+             **{f"{m}_std": None for m in ("forgetting", "learning", "cka_divergence")}}
+            for e in range(1, 501) for layer in range(3)]  # fmt: skip
+    figure = plots.layer_curves_figure(pl.DataFrame(rows, infer_schema_length=None), title="run a")
+    drawn = {text.get_text() for text in figure.legends[0].get_texts() if text.get_text().startswith("epoch")}
+    assert len(drawn) == plots.CURVE_EPOCHS and {"epoch 1", "epoch 500"} <= drawn
+    assert "12 of 500 epochs drawn" in figure._suptitle.get_text()

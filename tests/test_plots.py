@@ -59,13 +59,14 @@ def test_layer_curves_label_every_axis_name_the_band_and_key_epochs_discretely()
     assert labels == ["epoch 1", "epoch 2", "epoch 3", "shaded: 95% interval over 3 seeds (t)"]
 
 
-def test_many_epochs_get_a_discrete_colour_bar_with_one_tick_each() -> None:
+def test_many_epochs_draw_a_dozen_evenly_spaced_each_in_the_key() -> None:
     epochs = list(range(1, 21))
     figure = plots.layer_curves_figure(curves(epochs))
-    colorbar_axes = [axis for axis in figure.axes if axis.get_label() == "<colorbar>"]
-    assert len(colorbar_axes) == 1
-    ticks = [text.get_text() for text in colorbar_axes[0].get_yticklabels()]
-    assert ticks == [str(e) for e in epochs]
+    drawn = plots.evenly_spaced(epochs, plots.CURVE_EPOCHS)
+    assert len(drawn) == 12 and drawn[0] == 1 and drawn[-1] == 20
+    key = [text.get_text() for text in figure.legends[0].get_texts()]
+    assert [t for t in key if t.startswith("epoch")] == [f"epoch {e}" for e in drawn]
+    assert figure._suptitle.get_text() == "12 of 20 epochs drawn (all in reduced/curves.parquet)"
 
 
 def test_dynamics_tell_layers_apart_by_marker_on_linear_axes_alike() -> None:

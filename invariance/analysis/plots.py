@@ -248,12 +248,30 @@ def _metric_axes(figure: Figure, xlabel: str, frame: pl.DataFrame | None = None)
     return panels
 
 
+# the epochs a layer-curves figure draws at most, evenly spaced
+CURVE_EPOCHS = 12
+
+
+def evenly_spaced(values: list[int], limit: int) -> list[int]:
+    """At most ``limit`` of ``values`` (sorted), evenly spaced, always the first and the last."""
+    if len(values) <= limit:
+        return list(values)
+    positions = sorted({round(k * (len(values) - 1) / (limit - 1)) for k in range(limit)})
+    return [values[p] for p in positions]
+
+
 def layer_curves_figure(curves: pl.DataFrame, title: str = "", *, layer_names: Sequence[str] | None = None,
                         depth: int | None = None) -> Figure:  # fmt: skip
     """Per-layer curves, one line (colour and marker) per checkpoint epoch: the mean over seeds, its
     95% interval over seeds shaded, hollow markers where not above the noise floor. ``layer_names``
-    (a plan's, by layer index) or ``depth`` name the pre-logits layer."""
-    epochs = sorted(curves["epoch"].unique().to_list())
+    (a plan's, by layer index) or ``depth`` name the pre-logits layer. With more than
+    CURVE_EPOCHS epochs, that many evenly spaced ones are drawn (always the first and the last: 500
+    lines are unreadable and took 90 s to draw), and the title says so."""
+    every = sorted(curves["epoch"].unique().to_list())
+    epochs = evenly_spaced(every, CURVE_EPOCHS)
+    if len(epochs) < len(every):
+        curves = curves.filter(pl.col("epoch").is_in(epochs))
+        title = f"{title + ': ' if title else ''}{len(epochs)} of {len(every)} epochs drawn (all in reduced/curves.parquet)"
     colors, cmap, norm = _discrete_colors(epochs, "viridis")
     layers = sorted(curves["layer"].unique().to_list())
     figure = new_figure(figsize=(16, 4.4))
