@@ -11,6 +11,7 @@ import threading
 import time
 from pathlib import Path
 
+from invariance.io.layout import StirUnit
 from tests.helpers import tiny_config, write_checkpoints, write_eval_parquet
 
 

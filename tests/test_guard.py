@@ -190,7 +190,7 @@ def test_scheduled_duplicate_submission_computes_nothing(tmp_path: Path, ray_hea
     assert not list((tmp_path / "out" / "stir").rglob("*.parquet"))
 
     first = ray_job_submit(ray_head, job_dir, entrypoint)
-    assert "computed 17/17 units" in first.stdout + first.stderr
+    assert "computed 19/19 units" in first.stdout + first.stderr  # 3 pt inversions + 2 x (2 x 3 STIR, 1 CKA, 1 subspace)
     assert not list((tmp_path / "out" / "_manifests" / "leases").glob("*.json"))  # released at the end
     rerun = ray_job_submit(ray_head, job_dir, entrypoint)
     assert "computed 0/0 units" in rerun.stdout + rerun.stderr

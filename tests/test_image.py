@@ -112,7 +112,7 @@ def test_a_tiny_config_runs_inside_the_image_without_network(built, job_folder: 
     config = write_job(job_folder, str(job_folder / "out"))
     result = engine.run("run", "--rm", "--network", "none", "--shm-size=1g", "-v", f"{job_folder}:{job_folder}",
                         IMAGE, "invariance", "run", str(config), "--no-progress", timeout=900)  # fmt: skip
-    assert "computed 17/17 units" in result.stdout, result.stdout[-3000:]
+    assert "computed 19/19 units" in result.stdout, result.stdout[-3000:]
     assert_same_tables(job_folder / "out", in_process_tables(job_folder))
 
 
@@ -148,7 +148,7 @@ def test_a_two_node_cluster_from_the_image_runs_a_job_submitted_from_the_host(bu
                 break
             time.sleep(3)
         assert result.returncode == 0 and "succeeded" in log, log[-4000:]
-        assert "computed 17/17 units" in log, log[-4000:]
+        assert "computed 19/19 units" in log, log[-4000:]
         # the head has no CPU for tasks (num-cpus 0): every unit ran in the worker container
         assert_same_tables(job_folder / "out", in_process_tables(job_folder))
         refused = subprocess.run([ray_cli, "job", "list"], env={**env, "RAY_AUTH_TOKEN": "wrong" * 8},

@@ -25,7 +25,7 @@ def test_ray_job_submit_runs_the_config(tmp_path: Path, ray_head) -> None:
     assert "succeeded" in log, log[-4000:]
     curves = pl.read_parquet(tmp_path / "out" / "reduced" / "curves.parquet")
     assert sorted(curves["epoch"].unique()) == [1, 2]
-    assert "computed 17/17 units" in log, log[-4000:]  # 3 pt inversions + 2 x 2 x 3 STIR + 2 CKA
+    assert "computed 19/19 units" in log, log[-4000:]  # 3 pt inversions + 2 x 2 x 3 STIR + 2 CKA + 2 subspace
 
 
 def _submit(head, config: Path) -> subprocess.CompletedProcess:
