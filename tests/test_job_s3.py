@@ -44,7 +44,7 @@ def test_run_writes_to_s3_and_polars_reads_it(tmp_path, local_ray, s3_server) ->
             blob = fs.cat_file(key)
             for secret in TEST_CREDENTIALS.values():
                 assert secret.encode() not in blob, key
-    record = json.loads(fs.cat_file(next(k for k in keys if "/_manifests/" in k and k.endswith(".json"))))
+    record = json.loads(fs.cat_file(next(k for k in keys if "/_manifests/settings=" in k and k.endswith(".json"))))
     assert "data" in record and "rows" in record
 
     again = run(parse_config(raw), progress=False)
