@@ -149,6 +149,18 @@ def peak_memory() -> Iterator[dict[str, float]]:
         out.update(rss_mib=before / 1024, peak_mib=max(after - before, 0) / 1024, method=method)
 
 
+def pin_code_fingerprints() -> None:
+    """The reducer's ``code_version`` and the plan's ``package_fingerprint`` hash the source files as
+    they are on disk when called: an edit of the working tree while the bench runs (other processes
+    share it) would rebuild everything at the rerun. Both are taken once, at the start, as a deployed
+    tick's code is fixed."""
+    import invariance.engine.plan as plan_module
+
+    version, fingerprint = reduce_module.code_version(), plan_module.package_fingerprint()
+    reduce_module.code_version = lambda: version
+    plan_module.package_fingerprint = lambda: fingerprint
+
+
 # --- the inputs and the history ------------------------------------------------------------------
 
 
@@ -376,6 +388,7 @@ class S3:
 def run_bench(sizes: Sequence[int], study: tuple[int, int] | None, stores: Sequence[str], root: Path,
               log=print) -> tuple[list[HistoryResult], list[RerunResult]]:  # fmt: skip
     cases = [Case(n) for n in sizes] + ([Case(study[1], study[0])] if study else [])
+    pin_code_fingerprints()
     write_inputs(root)
     s3 = S3() if "s3" in stores else None
     histories, reruns = [], []

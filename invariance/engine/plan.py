@@ -4,6 +4,7 @@ no computation of results."""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import posixpath
@@ -301,8 +302,10 @@ def checks_key(config: RunConfig) -> str | None:
     return f"{MANIFESTS}/checks/{settings_hash(settings)}.json"
 
 
+@functools.lru_cache(maxsize=1)
 def package_fingerprint() -> str:
-    """A hash of this package's source files: a new release checks its inputs anew."""
+    """A hash of this package's source files, as this process first read them: a new release checks
+    its inputs anew."""
     import hashlib
     from pathlib import Path
 

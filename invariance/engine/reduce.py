@@ -6,6 +6,7 @@ incomplete rather than averaged over what happens to be there.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -171,8 +172,10 @@ _CODE_MODULES = ("invariance.analysis.metrics", "invariance.analysis.plots", "in
                  "invariance.engine.reduce", "invariance.engine.reduce_paths")  # fmt: skip
 
 
+@functools.lru_cache(maxsize=1)
 def code_version() -> str:
-    """A hash of the source of the reducer, the metrics, the figures and every measure module."""
+    """A hash of the source of the reducer, the metrics, the figures and every measure module, as
+    this process first read them (the code it runs, not a later edit on disk)."""
     import importlib
     import inspect
 
