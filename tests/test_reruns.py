@@ -56,8 +56,8 @@ class Counter:
         monkeypatch.setattr(Store, "get", counted_get)
         draw = reduce_module._draw
 
-        def counted_draw(store, figures, stored, files, code, result):
-            drawn = draw(store, figures, stored, files, code, result)
+        def counted_draw(store, figures, stored, files, code, result, partitions=None):
+            drawn = draw(store, figures, stored, files, code, result, partitions)
             self.drawn += list(drawn)
             return drawn
 

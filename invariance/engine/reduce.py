@@ -32,7 +32,7 @@ from invariance.io.run_metrics import metrics_fingerprint, read_run_metrics
 from invariance.io.schemas import Schema, conform
 from invariance.io.storage import Store, parquet_bytes, redact
 from invariance.measures import Measure
-from invariance.measures.base import Figure, ReduceContext, run_title
+from invariance.measures.base import Figure, ReduceContext, partition_key, run_title
 
 log = logging.getLogger(__name__)
 
@@ -192,11 +192,6 @@ def _measure_modules(package: object) -> list[str]:
     import pkgutil
 
     return [info.name for info in pkgutil.iter_modules(package.__path__)]  # type: ignore[attr-defined]
-
-
-def partition_key(run: str | None, epoch: int | None) -> str:
-    """``run<TAB>epoch`` of a partition (a checkpoint); ``<TAB>`` for rows of no checkpoint."""
-    return f"{run or ''}\t{'' if epoch is None else epoch}"
 
 
 _PARTITION = pl.concat_str([pl.col("run").fill_null(""), pl.lit("\t"), pl.col("epoch").cast(pl.String).fill_null("")])
@@ -406,7 +401,7 @@ def reduce_plan(
         result.extra_tables.update(reduced.report_tables)
         result.report_fields.update(reduced.report)
         measure_status.update(reduced.status)
-    drawn = _draw(store, figures, stored_files, files, code, result)
+    drawn = _draw(store, figures, stored_files, files, code, result, partitions)
     titled = {figure.title: figure.key for figure in figures if figure.title}
     result.path_plots = _Pngs(store, drawn, titled)  # type: ignore[assignment]
     result.figure_keys = titled
@@ -466,13 +461,18 @@ def reduce_plan(
 
 
 def _draw(store: Store, figures: list[Figure], stored: dict[str, str], files: dict[str, str], code: str,
-          result: ReduceResult) -> dict[str, bytes]:  # fmt: skip
+          result: ReduceResult, partitions: dict[str, str] | None = None) -> dict[str, bytes]:  # fmt: skip
     """Draw and write the figures whose rows (or code) changed since they were drawn, or whose file
-    is gone; record every figure's hash in ``files``. Returns {key: PNG} of those drawn."""
+    is gone; record every figure's hash in ``files``. A figure of one checkpoint (``partition``) is
+    keyed by its checkpoint's shard hash instead of its rows (its rows derive from those shards
+    alone): no hash over the rows of every old epoch. Returns {key: PNG} of those drawn."""
     present = set(store.list(PLOTS)) if figures else set()
     drawn = {}
     for figure in figures:
-        digest = _frame_hash(figure.rows, figure.extra, code)
+        if figure.partition and partitions and figure.partition in partitions:
+            digest = hashlib.sha256("|".join([partitions[figure.partition], figure.extra, code]).encode()).hexdigest()[:16]
+        else:
+            digest = _frame_hash(figure.rows, figure.extra, code)
         files[figure.key] = digest
         if stored.get(figure.key) == digest and figure.key in present:
             continue

@@ -99,6 +99,9 @@ class Figure:
     render: Callable[[], bytes]
     title: str | None = None  # the report's title, for a figure the report shows
     extra: str = ""
+    # the checkpoint whose shards alone its rows derive from (``partition_key``): then keyed by that
+    # checkpoint's shard hash (with ``extra``), its rows not hashed
+    partition: str = ""
 
 
 @dataclass
@@ -336,6 +339,11 @@ def write_shard(spec: RunSpec, measure: Measure, unit: Any, rows: list[dict[str,
               "alpha": unit.alpha, **({"run": unit.run} if unit.run else {})}  # fmt: skip
     spec.store.put(record_key, record_bytes(data_key, len(rows), started, **fields, **record_fields))
     return record_key
+
+
+def partition_key(run: str | None, epoch: int | None) -> str:
+    """``run<TAB>epoch`` of a partition of the reduce (a checkpoint); ``<TAB>`` for rows of no checkpoint."""
+    return f"{run or ''}\t{'' if epoch is None else epoch}"
 
 
 def run_title(run: str) -> str:

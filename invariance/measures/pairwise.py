@@ -15,7 +15,7 @@ from matplotlib.figure import Figure
 from invariance.analysis import metrics, plots
 from invariance.io.layout import measure_plot_key
 from invariance.io.schemas import POINT_SCHEMA, PROVENANCE_SCHEMA
-from invariance.measures.base import Figure, ReduceContext, run_title
+from invariance.measures.base import Figure, ReduceContext, partition_key, run_title
 
 PAIR_COLUMNS = ["model_a", "layer_a", "model_b", "layer_b"]
 
@@ -107,5 +107,6 @@ def heatmap_figures(context: ReduceContext, measure: str, table: pl.DataFrame, v
                 measure_plot_key(measure, epoch, run), rows,
                 lambda rows=rows, title=title: plots.png_bytes(heatmap_figure(rows, value, title, label, layer_names=names, **style)),
                 title=f"{run_title(run)}{what} at epoch {epoch} (diagonal outlined)" if epoch == drawn[-1] else None,
+                extra=repr(sorted(style.items())), partition=partition_key(run, epoch),
             ))  # fmt: skip
     return figures

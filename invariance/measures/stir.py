@@ -21,8 +21,8 @@ from invariance.core.workspace import RunSpec, Workspace, save_inversion
 from invariance.io.layout import REDUCED_FLOW, InversionUnit, StirUnit, Unit, flow_plot_key, reduced_table_key
 from invariance.io.schemas import STIR_SCHEMA
 from invariance.measures.base import (
-    Figure, Measure, MeasureOutputs, PlanSetup, ReduceContext, check_finite, record_bytes, register_measure, run_title,
-    write_shard,
+    Figure, Measure, MeasureOutputs, PlanSetup, ReduceContext, check_finite, partition_key, record_bytes, register_measure,
+    run_title, write_shard,
 )  # fmt: skip
 
 REF_MODELS = ("pt", "ft")
@@ -128,7 +128,8 @@ class Stir(Measure):
                 # a study shows each run's last flow; a single run every epoch's (the report's grid)
                 title = f"{run_title(run)}Invariance flow at epoch {epoch}" if run and epoch == epochs[-1] else None
                 out.figures.append(Figure(key, rows, lambda run_flow=run_flow, epoch=epoch: plots.flow_heatmap_png(
-                    run_flow, epoch, layer_names=plan.layer_names), title=title, extra=limit))  # fmt: skip
+                    run_flow, epoch, layer_names=plan.layer_names), title=title, extra=limit,
+                    partition=partition_key(run, epoch)))  # fmt: skip
                 keys[epoch] = key
         if not plan.is_study:
             out.report["flow_plots"] = keys  # figure keys: the engine hands the report their bytes
