@@ -107,22 +107,33 @@ def load_run_config(config: RunConfig | str) -> tuple[RunConfig, ResolvedPaths]:
     if isinstance(config, RunConfig):
         return resolve_paths(config)
     folder = config_folder(str(config))
-    importable(folder)
-    return resolve_paths(load_config(config), folder)
+    loaded = load_config(config)
+    importable(folder, loaded)
+    return resolve_paths(loaded, folder)
 
 
-def importable(folder: str) -> None:
-    """Make the Python modules beside a local config importable (a ``measures: [{function:
-    "lab_measures:rsa"}]``, a ``model.factory``): its folder goes first on this process's path and
-    on PYTHONPATH, which a local Ray's workers inherit. On a cluster, ``ray job submit --working-dir``
-    puts the submitted folder on every worker's path."""
+def importable(folder: str, config: RunConfig) -> None:
+    """Make the user's modules beside a local config importable: a module the config names (a
+    ``measures: [{function: "lab_measures:rsa"}]``, a ``model.factory``) that is not importable
+    otherwise and lies in the config's folder. The folder is appended to this process's path and to
+    PYTHONPATH, which a local Ray's workers inherit; nothing else of the folder is made importable
+    (a folder is not put before installed packages for its own sake). On a cluster,
+    ``ray job submit --working-dir`` puts the submitted folder on every worker's path."""
+    import importlib.util
+
     if "://" in folder and not folder.startswith("file://"):
         return
     path = os.path.abspath(folder.removeprefix("file://"))
-    if not os.path.isdir(path) or path in sys.path:
+    specs = [entry["function"] for entry in config.measures if isinstance(entry, dict) and isinstance(entry.get("function"), str)]
+    specs += [model.factory for model in (config.model, config.finetuned_model) if model is not None and model.factory]
+    wanted = {spec.partition(":")[0].split(".")[0] for spec in specs}
+    beside = {name for name in wanted if os.path.isfile(os.path.join(path, f"{name}.py"))
+              or os.path.isdir(os.path.join(path, name))}  # fmt: skip
+    missing = {name for name in beside if importlib.util.find_spec(name) is None}
+    if not missing or path in sys.path:
         return
-    sys.path.insert(0, path)
-    os.environ["PYTHONPATH"] = os.pathsep.join([path, *filter(None, [os.environ.get("PYTHONPATH", "")])])
+    sys.path.append(path)
+    os.environ["PYTHONPATH"] = os.pathsep.join([*filter(None, [os.environ.get("PYTHONPATH", "")]), path])
 
 
 def check_cluster_output(config: RunConfig, paths: ResolvedPaths) -> None:
