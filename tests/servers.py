@@ -161,7 +161,7 @@ def ray_job_submit(head: RayHead, working_dir: Path, entrypoint: list[str], time
     ray_cli = str(Path(sys.executable).with_name("ray"))
     env = {**head.env, "RAY_ADDRESS": head.dashboard_url}
     command = [ray_cli, "job", "submit", "--working-dir", str(working_dir), "--", *entrypoint]
-    deadline = time.time() + 120
+    deadline = time.time() + 300  # on a busy 2-core box the agent took more than 120 s once
     while True:
         result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
         if "No available agent" not in result.stdout + result.stderr or time.time() > deadline:
