@@ -99,10 +99,13 @@ def test_inversions_that_did_not_converge_are_flagged(reduced_run) -> None:
 
 
 def test_inversion_quality_flags_only_the_layers_above_the_threshold() -> None:
-    rows = [{"ref_model": m, "ref_layer": j, "target_model": m, "target_layer": j, "seed": s, "stir": 0.99,
+    from invariance.measures.stir import inversion_quality, inversion_stats
+
+    rows = [{"run": "", "checkpoint": "epoch=01", "epoch": 1, "alpha": 1.0, "ref_model": m, "ref_layer": j,
+             "target_model": m, "target_layer": j, "seed": s, "stir": 0.99,
              "inv_loss_mean": loss, "inv_loss_max": loss * 2, "inv_iterations": 500}
             for m, j, loss in (("pt", 0, 0.02), ("pt", 1, 0.3), ("ft", 0, 0.05)) for s in (0, 1)]  # fmt: skip
-    quality = report.inversion_quality(pl.DataFrame(rows))
+    quality = inversion_quality(inversion_stats(pl.DataFrame(rows)))
     assert quality.select("ref_model", "ref_layer", "converged").rows() == [("pt", 0, True), ("pt", 1, False), ("ft", 0, True)]
     page = report.render(report.ReportInputs("abc", {}, [(1, "epoch=01")], [1], {}, pl.DataFrame(), quality)).decode()
     assert "did not converge at pt[1]:" in page

@@ -254,26 +254,6 @@ class ReportInputs:
     study: bool = False  # a study's index: curves of several runs, side by side
 
 
-def inversion_quality(stir: pl.DataFrame) -> pl.DataFrame:
-    """Per (ref_model, ref_layer): the final relative loss of its inversions (mean and worst over
-    seeds and checkpoints), STIR(r[j] | r[j]) (1 when X' is indistinguishable at the layer it was
-    made for), and ``converged`` (mean loss at most CONVERGED_LOSS)."""
-    if stir.is_empty():
-        return pl.DataFrame()
-    own = (pl.col("target_model") == pl.col("ref_model")) & (pl.col("target_layer") == pl.col("ref_layer"))
-    return (
-        stir.group_by("ref_model", "ref_layer")
-        .agg(
-            pl.col("inv_loss_mean").mean().alias("final_loss_mean"),
-            pl.col("inv_loss_max").max().alias("final_loss_worst"),
-            pl.col("stir").filter(own).mean().alias("self_stir"),
-            pl.col("inv_iterations").max().alias("iterations"),
-        )
-        .with_columns((pl.col("final_loss_mean") <= CONVERGED_LOSS).alias("converged"))
-        .sort("ref_model", "ref_layer", descending=[True, False])
-    )
-
-
 def _ranges(values: list[int]) -> str:
     """``1-4, 7, 9-12``: sorted integers with their consecutive runs joined."""
     values = sorted(set(values))
