@@ -310,6 +310,16 @@ class ResourcesConfig(_Strict):
     inversion_cache_gb: float = Field(2.0, ge=0, allow_inf_nan=False)
 
 
+class CompactionConfig(_Strict):
+    """What a run does with the shards of a folder (a measure's run and epoch) once all are complete."""
+
+    # one Parquet file per folder, a row group per shard: a reduce, a recipe and a listing open one
+    # file per epoch instead of one per shard
+    enabled: bool = True
+    # keep the raw shards under _raw/ (outside the folders Polars scans) instead of removing them
+    keep_raw: bool = False
+
+
 class RunConfig(_Strict):
     """One run: a pretrained model, its finetuning checkpoints, and what to measure."""
 
@@ -330,6 +340,8 @@ class RunConfig(_Strict):
     seeds: list[Int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
     inversion: InversionConfig = Field(default_factory=InversionConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    # not in the settings hash: where rows are stored, never what they are
+    compaction: CompactionConfig = Field(default_factory=CompactionConfig)
     # not in the settings hash: each alpha is a unit of its own, kNN shards have their own hash
     interpolation: InterpolationConfig | None = None
     knn: KnnProbeConfig | None = None

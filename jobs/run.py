@@ -19,6 +19,7 @@ import ray
 from invariance.config import RunConfig, load_config, settings_hash
 from invariance.analysis.report import epoch_span
 from invariance.core.cost import cpu_throughput, duration, inversion_flops
+from invariance.engine.compact import compact
 from invariance.engine.lease import RunLease
 from invariance.core.models import FeatureModel, describe_layers, load_model
 from invariance.engine.plan import Plan, check_output_location, make_plan
@@ -342,6 +343,10 @@ def run(config: RunConfig | str, progress: bool = True, num_cpus: int | None = N
                 print("lost the run lease: reduced/ is left to the run that holds it", file=sys.stderr)
                 reduced = ReduceResult(pl.DataFrame(), [], plan.incomplete_epochs())
                 break
+            if config.compaction.enabled:  # under the lease: one compaction of a prefix at a time
+                compacted = compact(plan, store, keep_raw=config.compaction.keep_raw, progress=print)
+                if compacted.groups or compacted.removed:
+                    print(compacted.describe())
             reduced = reduce_plan(plan, store, settings=config.numbers_settings(), compare_epochs=config.compare_epochs)
             if not reduced.unreadable or attempt or execution.stopped_early:
                 break

@@ -231,7 +231,8 @@ def test_readme_forgetting_example_runs_and_shows_zero_then_growth() -> None:
 
 def test_readme_names_only_real_commands_and_config_keys() -> None:
     from invariance.config import (
-        DataConfig, InterpolationConfig, InversionConfig, KnnProbeConfig, ModelConfig, ResourcesConfig, RunConfig,
+        CompactionConfig, DataConfig, InterpolationConfig, InversionConfig, KnnProbeConfig, ModelConfig, ResourcesConfig,
+        RunConfig,
     )  # fmt: skip
     from jobs.cli import build_parser
 
@@ -240,7 +241,7 @@ def test_readme_names_only_real_commands_and_config_keys() -> None:
         for command in re.findall(r"`invariance (\w+)", page.read_text()):
             assert command in subcommands, f"{page.relative_to(ROOT)}: invariance {command}"
     sections = {"model": ModelConfig, "data": DataConfig, "inversion": InversionConfig, "resources": ResourcesConfig,
-                "interpolation": InterpolationConfig, "knn": KnnProbeConfig}  # fmt: skip
+                "interpolation": InterpolationConfig, "knn": KnnProbeConfig, "compaction": CompactionConfig}  # fmt: skip
     _, reference = doc_section("Config reference")
     documented = set(re.findall(r"^\| `([a-z0-9_.]+)`", reference, flags=re.M))
     for row in re.findall(r"^\| `([a-z0-9_.]+)`(?:, `([a-z0-9_.]+)`)?", reference, flags=re.M):

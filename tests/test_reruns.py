@@ -36,23 +36,23 @@ def _compute(config) -> tuple:
 
 
 class Counter:
-    """Counts the shard reads (Store.read_parquet / Store.get of shard keys) and figures drawn."""
+    """Counts the shard reads (Store.get_many / Store.get of shard keys) and figures drawn."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.shards: list[str] = []
         self.drawn: list[str] = []
-        read_parquet, get = Store.read_parquet, Store.get
+        get_many, get = Store.get_many, Store.get
 
-        def counted_read(store, keys, how="vertical"):
+        def counted_read(store, keys):
             self.shards += [k for k in keys if not k.startswith("reduced/")]
-            return read_parquet(store, keys, how)
+            return get_many(store, keys)
 
         def counted_get(store, key):
             if key.endswith(".parquet") and not key.startswith("reduced/"):
                 self.shards.append(key)
             return get(store, key)
 
-        monkeypatch.setattr(Store, "read_parquet", counted_read)
+        monkeypatch.setattr(Store, "get_many", counted_read)
         monkeypatch.setattr(Store, "get", counted_get)
         draw = reduce_module._draw
 

@@ -17,7 +17,8 @@ from invariance.core.models import FeatureModel, check_models, load_model
 from invariance.errors import CheckpointError, ConfigError
 from invariance.io.checkpoints import Checkpoint, discover_checkpoints, empty_weights_error, pattern_root, weights_fingerprint
 from invariance.io.data import load_eval_images, source_fingerprint
-from invariance.io.layout import MANIFESTS, PLAIN_ALPHA, Unit
+from invariance.io.layout import MANIFESTS, PLAIN_ALPHA, Unit, compacted_key, is_compacted
+from invariance.io.compacted import compacted_members
 from invariance.io.storage import Store, is_inside, open_filesystem, redact
 from invariance.measures import Measure, active_measures, measure_of
 from invariance.measures.base import PlanSetup
@@ -44,6 +45,10 @@ class Plan:
     # (key, verdict) of the checks this plan made (``checks_key``), to keep once the run writes its
     # output (planning writes nothing); None when the plan read a kept verdict
     checks: tuple[str, dict] | None = None
+    # the data keys the last refresh listed (raw shards, compacted files), and {shard key: the
+    # compacted file holding it}
+    present: set[str] = field(default_factory=set)
+    holder: dict[str, str] = field(default_factory=dict)
 
     def keep_checks(self, store: Store) -> None:
         """Keep the verdict of this plan's checks, so that a later plan of the same inputs builds no
@@ -70,21 +75,58 @@ class Plan:
 
     def refresh(self, store: Store) -> None:
         """Re-read what is done, e.g. after an execution: one listing of the completion records
-        and one of each kind's data folder. A unit is done when its record AND its data object
-        exist; a record whose data is gone (a deleted shard) leaves the unit missing, to recompute."""
+        and one of each kind's data folder. A unit is done when its record AND its data exist: its
+        raw shard, or a compacted file of its folder that holds it (``folder_units``: the file whose
+        name is the hash of the folder's planned shards holds them all, known without a read; other
+        compacted files of a folder are opened, their footer only, when a recorded shard is found
+        nowhere else). A record whose data is gone (a deleted shard) leaves the unit missing."""
         records = set(store.list(MANIFESTS))
         recorded = [u for u in self.all_units() if self.record_key(u) in records]
         present: set[str] = set()
         folders: dict[tuple[str, type], list[str]] = {}
-        for unit in recorded:  # the folder all data keys of a kind share
-            folders.setdefault((unit.measure, type(unit)), []).append(self.data_key(unit))
+        for unit in recorded:  # the folder all data folders of a kind share
+            folders.setdefault((unit.measure, type(unit)), []).append(posixpath.dirname(self.data_key(unit)))
         for keys in folders.values():
             present.update(store.list(posixpath.commonpath(keys)))
-        self.done = {self.record_key(u) for u in recorded if self.data_key(u) in present}
-        lost = [u for u in recorded if self.data_key(u) not in present]
+        self.present = present
+        self.holder = {}
+        for folder, units in self.folder_units().items():
+            compacted = compacted_key(folder, [posixpath.basename(self.data_key(u)) for u in units])
+            if compacted in present:
+                self.holder.update((self.data_key(u), compacted) for u in units)
+        unseen = {self.data_key(u) for u in recorded if not self.has_data(self.data_key(u))}
+        if unseen:
+            compacted: dict[str, list[str]] = {}
+            for key in sorted(filter(is_compacted, present)):
+                compacted.setdefault(posixpath.dirname(key), []).append(key)
+            for folder in sorted({posixpath.dirname(key) for key in unseen}):
+                for key in compacted.get(folder, []):
+                    for name in compacted_members(store, key):
+                        self.holder.setdefault(f"{folder}/{name}", key)
+        self.done = {self.record_key(u) for u in recorded if self.has_data(self.data_key(u))}
+        lost = [u for u in recorded if not self.has_data(self.data_key(u))]
         if lost:
             log.warning("%d completion records without their data (e.g. %s): recomputing them",
                         len(lost), store.url(self.data_key(lost[0])))  # fmt: skip
+
+    def has_data(self, data_key: str) -> bool:
+        """Whether the shard ``data_key`` is stored, raw or in a compacted file (as last refreshed)."""
+        return data_key in self.present or data_key in self.holder
+
+    def source(self, unit: Unit) -> str:
+        """Where ``unit``'s rows are read: the compacted file that holds them, else its raw shard."""
+        key = self.data_key(unit)
+        return self.holder.get(key, key)
+
+    def folder_units(self) -> dict[str, list[Unit]]:
+        """{data folder: its planned Parquet shards} for every folder of two or more: what
+        compaction makes one file of, once all are done (a measure's run and epoch)."""
+        by_folder: dict[str, list[Unit]] = {}
+        for unit in self.all_units():
+            key = self.data_key(unit)
+            if key.endswith(".parquet"):
+                by_folder.setdefault(posixpath.dirname(key), []).append(unit)
+        return {folder: units for folder, units in by_folder.items() if len(units) > 1}
 
     def _hash_of(self, unit: Unit) -> str:
         """The hash keying ``unit``, as its measure says."""

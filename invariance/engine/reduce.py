@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import logging
+import posixpath
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -23,10 +24,11 @@ from invariance.engine.reduce_paths import checkpoint_names, path_outputs
 from invariance.engine.report_pages import write_report
 from invariance.errors import StorageError
 from invariance.io.checkpoints import Checkpoint, run_folders
+from invariance.io.compacted import member_rows
 from invariance.io.layout import (
     REDUCED_CURVES, REDUCED_FLOW, REDUCED_KNN, REDUCED_ROBUSTNESS, REDUCED_ROBUSTNESS_CORRELATION, REDUCED_ROBUSTNESS_EARLY,
     REDUCED_INDEX, REDUCED_ROBUSTNESS_SEARCH, REDUCED_STATUS, ROBUSTNESS_PLOT, PLOTS, RUNS_COMPARED_PLOT, Unit, dynamics_plot_key,
-    layer_curves_plot_key,
+    is_compacted, layer_curves_plot_key,
 )  # fmt: skip
 from invariance.io.run_metrics import metrics_fingerprint, read_run_metrics
 from invariance.io.schemas import Schema, conform
@@ -73,32 +75,49 @@ class ReduceResult:
 def _read_shards(plan: Plan, store: Store, units: list[Unit], schema: Schema) -> tuple[pl.DataFrame, list[Unit]]:
     """The rows of ``units``' shards, typed by ``schema`` (older shards lack run, alpha), and the
     units whose data object is not readable Parquet (a truncated or overwritten file): all read at
-    once, one by one only to find the bad ones."""
+    once, one by one only to find the bad ones. A shard a compacted file holds is read from it
+    (each file once, only the rows of the shards asked for)."""
     if not units:
         return pl.DataFrame(schema=dict(schema)), []
-    keys = [plan.data_key(u) for u in units]
+    by_source: dict[str, list[Unit]] = {}
+    for unit in units:
+        by_source.setdefault(plan.source(unit), []).append(unit)
     try:
-        return conform(store.read_parquet(keys, how="diagonal_relaxed"), schema), []
-    except StorageError:
+        blobs = store.get_many(list(by_source))
+        frames = [_source_rows(plan, store, key, blobs[key], members) for key, members in by_source.items()]
+        return conform(pl.concat(frames, how="diagonal_relaxed"), schema), []
+    except Exception:  # noqa: BLE001 - an unreadable object (or store): found one by one below
         pass
     frames, unreadable = [], []
-    for unit, key in zip(units, keys):
+    for key, members in by_source.items():
         try:
             data = store.get(key)  # a StorageError here (unreachable store) is not the shard's fault
         except FileNotFoundError:  # deleted since the plan listed it: missing, recomputed next run
-            log.warning("%s: gone since the plan listed it; its shard is recomputed by the next run", store.url(key))
-            unreadable.append(unit)
+            log.warning("%s: gone since the plan listed it; its shards are recomputed by the next run", store.url(key))
+            unreadable += members
             continue
         try:
-            frames.append(pl.read_parquet(io.BytesIO(data)))
+            frames.append(_source_rows(plan, store, key, data, members))
         except Exception as exc:  # noqa: BLE001 - polars raises several types for a bad file
-            log.warning("%s: not a readable Parquet file (%s: %s); its shard is recomputed by the next run",
+            log.warning("%s: not a readable Parquet file (%s: %s); its shards are recomputed by the next run",
                         store.url(key), type(exc).__name__, exc)  # fmt: skip
-            unreadable.append(unit)
+            unreadable += members
+            if is_compacted(key):  # its name would count its shards as done again: gone with their records
+                store.remove([key])
     try:
         return (conform(pl.concat(frames, how="diagonal_relaxed"), schema) if frames else pl.DataFrame()), unreadable
     except pl.exceptions.PolarsError as exc:
         raise StorageError(f"Parquet files under {store.url('')} do not share one schema: {exc}") from exc
+
+
+def _source_rows(plan: Plan, store: Store, key: str, data: bytes, units: list[Unit]) -> pl.DataFrame:
+    """The rows of ``units`` in the object ``key`` (``data``): a raw shard's, or theirs of a compacted file."""
+    if not is_compacted(key):
+        return pl.read_parquet(io.BytesIO(data))
+    try:
+        return member_rows(data, {posixpath.basename(plan.data_key(unit)) for unit in units}, store.url(key))
+    except StorageError as exc:
+        raise ValueError(str(exc)) from exc  # a bad file, not an unreachable store
 
 
 def _wanted(plan: Plan, measure: Measure, unit: Unit, complete: set[tuple[str, int]],

@@ -12,6 +12,8 @@ Under a run's ``output`` (hive-style, one writer per key):
     STIR, CKA and checkpoint kNN keys and their records; without ``{run}`` the keys are as above)
     knn/settings=<knn hash>/epoch=<e>/knn_<ckpt>.parquet                     kNN shards of a checkpoint
     knn/settings=<knn hash>/pretrained.parquet                              kNN shard of pt (one per run)
+    <data folder>/compacted-<members hash>.parquet    the shards of a complete folder, compacted (a row group each)
+    _raw/<shard key>                                  raw shards kept after compaction (``compaction.keep_raw``)
     _manifests/settings=<hash>/...                                        completion records
     _manifests/inversions/<hash>/layer<j>_seed<s>.json                    cached pt inversions
     _manifests/leases/settings=<hash>.json                                the run lease
@@ -32,6 +34,8 @@ Completion records live outside the scanned data folders, so
 
 from __future__ import annotations
 
+import hashlib
+import posixpath
 from dataclasses import dataclass
 from typing import ClassVar
 from urllib.parse import quote
@@ -216,6 +220,31 @@ class InversionUnit:
 
 # every unit names its measure (``unit.measure``): the engine finds the measure that computes it
 Unit = StirUnit | PointUnit | InversionUnit | KnnUnit
+
+
+COMPACTED_PREFIX = "compacted-"
+RAW_ARCHIVE = "_raw"
+# the Parquet key-value metadata of a compacted file: JSON [[shard file name, rows], ...] in row order
+COMPACTED_MEMBERS = "invariance.members"
+
+
+def compacted_key(folder: str, member_names: list[str]) -> str:
+    """``<folder>/compacted-<hash>.parquet``: the one file the shards ``member_names`` (file names in
+    ``folder``) are compacted into; the name is a hash of the sorted names, so the plan knows without
+    a read whether a folder's file holds exactly the shards it plans there."""
+    digest = hashlib.sha256("\n".join(sorted(member_names)).encode()).hexdigest()[:16]
+    return f"{folder}/{COMPACTED_PREFIX}{digest}.parquet"
+
+
+def is_compacted(key: str) -> bool:
+    """Whether ``key`` is a compacted file (not a raw shard)."""
+    return posixpath.basename(key).startswith(COMPACTED_PREFIX) and key.endswith(".parquet")
+
+
+def raw_archive_key(key: str) -> str:
+    """Where a raw shard is kept after compaction with ``compaction.keep_raw``: outside the data
+    folders that ``scan_parquet`` reads, so no row is read twice."""
+    return f"{RAW_ARCHIVE}/{key}"
 
 
 def flow_plot_key(epoch: int, run: str = "") -> str:

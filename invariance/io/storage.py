@@ -362,14 +362,11 @@ class Store:
 
         if not keys:
             return pl.DataFrame()
-        try:
-            blobs = self.fs.cat([self.path(key) for key in keys])
-        except Exception as exc:  # noqa: BLE001
-            raise StorageError(f"cannot read Parquet under {self.url('')}: {type(exc).__name__}: {redact(str(exc))}") from exc
+        blobs = self.get_many(keys)
         frames = []
         for key in keys:
             try:
-                frames.append(pl.read_parquet(io.BytesIO(blobs.pop(self.path(key)))))
+                frames.append(pl.read_parquet(io.BytesIO(blobs.pop(key))))
             except Exception as exc:  # noqa: BLE001
                 raise StorageError(f"{self.url(key)}: not a readable Parquet file ({type(exc).__name__}: {redact(str(exc))}); "
                                    "delete it and its completion record under _manifests/ to recompute it") from exc  # fmt: skip
@@ -377,6 +374,47 @@ class Store:
             return pl.concat(frames, how=how)
         except Exception as exc:  # noqa: BLE001
             raise StorageError(f"Parquet files under {self.url('')} do not share one schema: {redact(str(exc))}") from exc
+
+    def get_many(self, keys: list[str]) -> dict[str, bytes]:
+        """{key: its bytes} of ``keys``, fetched concurrently where the filesystem can (one request
+        each on S3, in parallel). A StorageError when one cannot be read."""
+        if not keys:
+            return {}
+        try:
+            blobs = self.fs.cat([self.path(key) for key in keys], on_error="raise")
+        except Exception as exc:  # noqa: BLE001
+            raise StorageError(f"cannot read under {self.url('')}: {type(exc).__name__}: {redact(str(exc))}") from exc
+        if len(keys) == 1 and isinstance(blobs, bytes):  # fsspec returns the bytes of a single path
+            return {keys[0]: blobs}
+        return {key: blobs[self.path(key)] for key in keys}
+
+    def remove(self, keys: list[str]) -> None:
+        """Delete ``keys`` (batched where the filesystem can: one request per 1,000 keys on S3);
+        keys already gone are fine."""
+        paths = [self.path(key) for key in keys]
+        if not paths:
+            return
+        try:
+            self.fs.rm(paths)
+        except FileNotFoundError:
+            for path in paths:  # some were gone: remove the rest one by one
+                try:
+                    self.fs.rm_file(path)
+                except FileNotFoundError:
+                    pass
+        except Exception as exc:  # noqa: BLE001
+            raise StorageError(f"cannot remove {len(keys)} objects under {self.url('')}: {type(exc).__name__}: "
+                               f"{redact(str(exc))}") from exc  # fmt: skip
+
+    def copy(self, source: str, target: str) -> None:
+        """Copy the object ``source`` to ``target`` inside the store (server-side where it can)."""
+        try:
+            if isinstance(self.fs, LocalFileSystem):
+                os.makedirs(os.path.dirname(self.path(target)), exist_ok=True)
+            self.fs.copy(self.path(source), self.path(target))
+        except Exception as exc:  # noqa: BLE001
+            raise StorageError(f"cannot copy {self.url(source)} to {self.url(target)}: {type(exc).__name__}: "
+                               f"{redact(str(exc))}") from exc  # fmt: skip
 
     def get(self, key: str) -> bytes:
         try:

@@ -1,0 +1,155 @@
+"""Compaction: once every planned shard of a data folder (a measure's settings, run and epoch) is
+complete, its shards become one write-once Parquet file in that folder (``compacted-<hash>.parquet``,
+a row group per shard, ``invariance.io.compacted``), and the raw shards are removed, or kept under
+``_raw/`` (``compaction.keep_raw``). Completion records stay: a unit is done when its record exists
+and a raw shard or a compacted file holds its rows (``Plan.refresh``).
+
+Safe to stop anywhere, and to repeat: the compacted file is written in one put before any raw shard
+is removed, so a crash leaves every row in a raw shard or in the file (the reducer reads the file
+then, ignoring raw shards it holds); the next compaction removes what is left. Two compactions of
+one folder write the same key with the same rows. A run compacts under its lease.
+"""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import polars as pl
+
+from invariance.engine.plan import Plan
+from invariance.errors import StorageError
+from invariance.io.compacted import compacted_bytes, compacted_members, member_rows
+from invariance.io.layout import compacted_key, is_compacted, raw_archive_key
+from invariance.io.storage import Store
+
+log = logging.getLogger(__name__)
+FOLDER_BATCH = 32  # folders whose shards are fetched at once (their bytes held until written)
+
+
+@dataclass
+class CompactionSummary:
+    """What a compaction did: folders compacted, raw shards they held, bytes before and after."""
+
+    groups: int = 0
+    shards: int = 0
+    bytes_before: int = 0
+    bytes_after: int = 0
+    removed: int = 0  # raw shards (and superseded compacted files) removed, left over by earlier ones included
+    seconds: float = 0.0
+
+    def describe(self) -> str:
+        if not self.groups and not self.removed:
+            return "compaction: nothing new to compact"
+        size = f" ({self.bytes_before / 1e6:.1f} MB -> {self.bytes_after / 1e6:.1f} MB)" if self.groups else ""
+        return (f"compaction: {self.shards} shards of {self.groups} folders into {self.groups} files{size}, "
+                f"{self.removed} raw files removed, in {self.seconds:.1f} s")  # fmt: skip
+
+
+@dataclass
+class _Folder:
+    folder: str
+    target: str  # the compacted file's key
+    names: list[str]  # its shards' file names, in row order
+    sources: dict[str, str]  # {shard file name: the key its rows are read from}
+    leftovers: list[str]  # raw shards and superseded compacted files to remove once the target exists
+
+
+def _pending(plan: Plan, store: Store) -> list[_Folder]:
+    """Every folder whose planned shards are all done and that is not yet one file holding them:
+    its target, where each shard's rows are read, what to remove afterwards. Shards that a
+    folder's older compacted file holds beyond the plan's (a weight-path point no longer
+    configured) are carried into the new file: no row is lost, none is left in two files."""
+    compacted: dict[str, list[str]] = {}
+    for key in filter(is_compacted, plan.present):
+        compacted.setdefault(posixpath.dirname(key), []).append(key)
+    pending = []
+    for folder, units in sorted(plan.folder_units().items()):
+        if not all(plan.is_done(unit) for unit in units):
+            continue
+        sources = {posixpath.basename(plan.data_key(unit)): plan.source(unit) for unit in units}
+        raw = sorted(plan.data_key(unit) for unit in units if plan.data_key(unit) in plan.present)
+        files = sorted(compacted.get(folder, []))
+        if not raw and len(files) == 1 and set(sources.values()) == {files[0]}:
+            continue  # one compacted file holds them all
+        for key in files:
+            for name in compacted_members(store, key):
+                sources.setdefault(name, key)
+        names = sorted(sources)
+        target = compacted_key(folder, names)
+        pending.append(_Folder(folder, target, names, sources, raw + [key for key in files if key != target]))
+    return pending
+
+
+def compact(plan: Plan, store: Store, keep_raw: bool = False, progress: Callable[[str], None] | None = None) -> CompactionSummary:
+    """Compact every complete folder of ``plan`` (refreshed) that is not one file yet; remove (or
+    with ``keep_raw`` move under ``_raw/``) the raw shards of folders compacted now or by a
+    compaction that stopped halfway. Returns what it did; ``plan`` is refreshed after."""
+    started = time.monotonic()
+    summary = CompactionSummary()
+    pending = _pending(plan, store)
+    last_report = started
+    for begin in range(0, len(pending), FOLDER_BATCH):
+        batch = pending[begin : begin + FOLDER_BATCH]
+        to_write = [folder for folder in batch if folder.target not in plan.present]
+        blobs = _read_sources(store, to_write)
+        for folder in batch:
+            if folder.target not in plan.present:
+                data = _compacted(folder, blobs, store)
+                store.put(folder.target, data)
+                plan.present.add(folder.target)
+                summary.groups += 1
+                summary.shards += len(folder.names)
+                summary.bytes_before += sum(len(blobs[key]) for key in set(folder.sources.values()) if key in blobs)
+                summary.bytes_after += len(data)
+            _retire(store, folder, keep_raw, plan)
+            summary.removed += len(folder.leftovers)
+        now = time.monotonic()
+        if progress is not None and now - last_report > 30:
+            progress(f"compaction: {begin + len(batch)}/{len(pending)} folders")
+            last_report = now
+    if pending:
+        plan.refresh(store)
+    summary.seconds = time.monotonic() - started
+    return summary
+
+
+def _read_sources(store: Store, folders: list[_Folder]) -> dict[str, bytes]:
+    """{key: bytes} of every raw shard and compacted file the folders' rows are read from."""
+    keys = sorted({key for folder in folders for key in folder.sources.values()})
+    return store.get_many(keys)
+
+
+def _compacted(folder: _Folder, blobs: dict[str, bytes], store: Store) -> bytes:
+    """The compacted file of ``folder``: each shard's rows in name order, as its source holds them."""
+    shards = []
+    for name in folder.names:
+        key = folder.sources[name]
+        where = store.url(key)
+        try:
+            if is_compacted(key):
+                rows = member_rows(blobs[key], {name}, where)
+            else:
+                rows = pl.read_parquet(blobs[key])
+        except StorageError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - polars raises several types for a bad file
+            raise StorageError(f"{where}: not a readable Parquet file ({type(exc).__name__}: {exc}); nothing of "
+                               f"{store.url(folder.folder)} was compacted. Delete it and its completion record under "
+                               "_manifests/ to recompute it") from exc  # fmt: skip
+        shards.append((name, rows))
+    return compacted_bytes(shards)
+
+
+def _retire(store: Store, folder: _Folder, keep_raw: bool, plan: Plan) -> None:
+    """Remove what ``folder``'s compacted file now holds: its raw shards (kept under ``_raw/`` with
+    ``keep_raw``) and the older compacted files it carried."""
+    if keep_raw:
+        for key in folder.leftovers:
+            if not is_compacted(key):
+                store.copy(key, raw_archive_key(key))
+    store.remove(folder.leftovers)
+    plan.present.difference_update(folder.leftovers)
