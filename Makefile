@@ -59,6 +59,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_reads.py
 	$(BIN)/python bench/bench_feature_api.py
 	$(BIN)/python bench/bench_reruns.py
+	$(BIN)/python bench/bench_storage.py
 
 clean:
 	rm -rf $(VENV) invariance-demo .pytest_cache

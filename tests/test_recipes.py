@@ -7,9 +7,12 @@ epoch alone mixes runs and weight-path points. Each recipe says what it does wit
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
+from urllib.parse import unquote
 
 import polars as pl
 import pytest
@@ -20,6 +23,8 @@ from invariance.engine.execute import execute_in_process
 from invariance.engine.reduce import reduce_plan
 from invariance.engine.steps import Workspace
 from tests.helpers import open_in_process, tiny_config, tiny_state, write_eval_parquet
+from tests.s3_counting import CountingProxy
+from tests.servers import s3_server  # noqa: F401 - a fixture
 from tests.test_readme import doc_section, python_blocks
 from tests.test_studies import EPOCHS, RUNS as STUDY_RUNS, write_run
 
@@ -80,6 +85,13 @@ def _reduce(config) -> None:
     reduce_plan(plan, store, make_plots=False)
 
 
+def study_config(tmp: Path, output: Path) -> Any:
+    """The study's run config, its output at ``output`` (a copy of it keeps its keys)."""
+    return parse_config(tiny_config(tmp, str(output), checkpoints=str(tmp / "sweep" / "{run}" / "epoch={epoch}.safetensors"),
+                                    inversion={"iterations": 8, "step_size": 0.5},
+                                    interpolation={"alphas": [0.0, 0.5, 1.0], "epochs": "last"}))  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def study_with_paths(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("recipes")
@@ -88,9 +100,7 @@ def study_with_paths(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_eval_parquet(tmp / "data")
     for run, scale in RUNS.items():
         write_run(tmp / "sweep", run, scale)
-    _reduce(parse_config(tiny_config(tmp, str(tmp / "out"), checkpoints=str(tmp / "sweep" / "{run}" / "epoch={epoch}.safetensors"),
-                                     inversion={"iterations": 8, "step_size": 0.5},
-                                     interpolation={"alphas": [0.0, 0.5, 1.0], "epochs": "last"})))  # fmt: skip
+    _reduce(study_config(tmp, tmp / "out"))
     return tmp / "out"
 
 
@@ -114,6 +124,7 @@ def test_every_recipe_says_what_it_does_with_run_and_alpha() -> None:
         said = prose.split("**Filters on:**", 1)
         assert len(said) == 2, f"recipe {title!r}: no '**Filters on:**' line"
         assert "`run`" in said[1] and "alpha" in said[1], f"recipe {title!r}: says nothing of run or alpha"
+        assert "**Opens:**" in prose, f"recipe {title!r}: does not say which files it opens"
 
 
 def test_every_recipe_runs_on_a_study_with_interpolation(study_with_paths: Path, torch_single_thread, capsys) -> None:
@@ -165,3 +176,144 @@ def test_every_recipe_runs_on_the_demo_itself(tmp_path: Path, capsys) -> None:
     assert demo.returncode == 0, demo.stderr[-3000:]
     curves = pl.read_parquet(tmp_path / "demo" / "results" / "reduced" / "curves.parquet")
     check_single_run(run_recipes(tmp_path / "demo" / "results", capsys), [1, 2], curves["layer"].n_unique())
+
+
+# --- what the raw-shard recipes open, and compaction -------------------------------------------
+
+RECIPE_ONE = "Raw STIR rows of one checkpoint"
+RECIPE_ALL = "Raw STIR rows, lazily"
+
+
+class _PolarsWithOptions:
+    """``polars`` whose scan_parquet / read_parquet get a bucket's ``storage_options``, as the
+    recipes' prose tells a user of a bucket to pass them."""
+
+    def __init__(self, options: dict) -> None:
+        self._options = options
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(pl, name)
+
+    def scan_parquet(self, *args: Any, **kwargs: Any) -> pl.LazyFrame:
+        return pl.scan_parquet(*args, storage_options=self._options, **kwargs)
+
+    def read_parquet(self, *args: Any, **kwargs: Any) -> pl.DataFrame:
+        return pl.read_parquet(*args, storage_options=self._options, **kwargs)
+
+
+def run_recipe_on_bucket(title: str, out: str, options: dict, capsys) -> dict:
+    code = dict((t, c) for t, _, c in recipes())[title]
+    scope: dict = {"pl": _PolarsWithOptions(options), "out": out}
+    exec(compile(code, f"recipes.md ({title})", "exec"), scope)  # noqa: S102 - the guide's own code
+    capsys.readouterr()
+    return scope
+
+
+def opened(proxy: CountingProxy, bucket: str, prefix: str) -> set[str]:
+    """The keys under ``prefix`` that the proxy saw read (GET), decoded."""
+    start = f"/{bucket}/{prefix}/"
+    return {unquote(path)[len(start):] for kind, path in proxy.keys if kind == "GET" and unquote(path).startswith(start)}
+
+
+def compacted_copy(study: Path, target: Path) -> Path:
+    """A copy of the study's output, compacted (every complete folder one file)."""
+    from invariance.engine.compact import compact
+
+    shutil.copytree(study, target)
+    store, plan, _ = open_in_process(study_config(study.parent, target))
+    summary = compact(plan, store)
+    assert summary.groups > 0 and summary.shards > summary.groups
+    return target
+
+
+@pytest.fixture(scope="module")
+def compacted_study(study_with_paths: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pytest.importorskip("invariance.engine.compact")
+    return compacted_copy(study_with_paths, tmp_path_factory.mktemp("recipes_compacted") / "out")
+
+
+def test_a_filter_on_partition_columns_prunes_files_locally(study_with_paths: Path) -> None:
+    """Locally, a filter on the hive columns (folders) keeps Polars to their files: the scan's plan
+    lists only the files of that run and epoch."""
+    stir = sorted((study_with_paths / "stir").rglob("*.parquet"))
+    run = sorted(RUNS)[0]
+    query = (pl.scan_parquet(f"{study_with_paths}/stir/**/*.parquet", hive_partitioning=True)
+               .filter((pl.col("run") == run) & (pl.col("epoch") == EPOCHS[0])))  # fmt: skip
+    plan = query.explain()
+    # "Parquet SCAN [<first file>, ... <n> other sources]": the files left after pruning
+    listed = re.search(r"Parquet SCAN \[([^,\]]+)(?:, \.\.\. (\d+) other sources)?\]", plan)
+    assert listed, plan
+    in_folder = [p for p in stir if p.parent.name == f"epoch={EPOCHS[0]}" and unquote(p.parent.parent.name) == f"run={run}"]
+    assert listed.group(1) in map(str, in_folder), plan
+    assert 1 + int(listed.group(2) or 0) == len(in_folder) < len(stir), plan
+
+
+def test_the_one_checkpoint_recipe_opens_only_its_folder(study_with_paths: Path, s3_server, tmp_path: Path, capsys) -> None:  # noqa: F811
+    """On a bucket (moto behind the counting proxy), the one-checkpoint recipe reads the reduced
+    curves and the files of its one folder, nothing else; after compaction one file of that folder."""
+    import fsspec
+
+    bucket = "recipes"
+    s3_server.make_bucket(bucket)
+    proxy = CountingProxy(s3_server)
+    fs = fsspec.filesystem("s3", skip_instance_cache=True, **s3_server.fsspec_options())
+    outputs = {"raw": study_with_paths}
+    if _compaction_landed():
+        outputs["compacted"] = compacted_copy(study_with_paths, tmp_path / "compacted")
+    try:
+        results = {}
+        for name, folder in outputs.items():
+            files = [p for p in folder.rglob("*") if p.is_file()]
+            fs.put([str(p) for p in files], [f"{bucket}/{name}/{p.relative_to(folder).as_posix()}" for p in files])
+            options = proxy.server().polars_options()
+            proxy.reset()
+            scope = run_recipe_on_bucket(RECIPE_ONE, f"s3://{bucket}/{name}", options, capsys)
+            read = opened(proxy, bucket, name)
+            settings, run, epoch = scope["settings"], scope["run"], scope["epoch"]
+            folder_key = f"stir/settings={settings}/run={run}/epoch={epoch}/"
+            in_folder = {p.relative_to(folder).as_posix() for p in files
+                         if unquote(p.relative_to(folder).as_posix()).startswith(folder_key)}  # fmt: skip
+            assert in_folder and {unquote(k) for k in in_folder} | {"reduced/curves.parquet"} == read, (name, read)
+            assert proxy.counts["LIST"] == 1, proxy.counts  # one folder's listing
+            results[name] = (scope["one"], len(in_folder))
+        one = results["raw"][0]
+        assert one.height == 2 * len(LAYERS) and set(one["seeds"]) == {2}
+        if "compacted" in results:
+            assert results["compacted"][1] == 1 < results["raw"][1]
+            compare = results["compacted"][0].join(one, on=["target_model", "target_layer"], suffix="_raw")
+            assert compare.height == one.height
+            assert (compare["stir"] - compare["stir_raw"]).abs().max() < 1e-12
+    finally:
+        proxy.close()
+
+
+def _compaction_landed() -> bool:
+    try:
+        import invariance.engine.compact  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def test_every_recipe_gives_the_same_results_after_compaction(study_with_paths: Path, compacted_study: Path,
+                                                               torch_single_thread, capsys) -> None:  # fmt: skip
+    """Compaction changes the files, not the rows: every recipe prints the same on the raw output
+    and on its compacted copy (the raw-shard recipes' frames equal to 1e-12)."""
+    raw_files = list((study_with_paths / "stir").rglob("*.parquet"))
+    compacted_files = list((compacted_study / "stir").rglob("*.parquet"))
+    assert len(compacted_files) < len(raw_files)
+    assert all(p.name.startswith("compacted-") for p in compacted_files)
+    raw = run_recipes(study_with_paths, capsys)
+    compacted = run_recipes(compacted_study, capsys)
+    for title, (scope, printed) in raw.items():
+        if title in (RECIPE_ALL, RECIPE_ONE):
+            name = "kept" if title == RECIPE_ALL else "one"
+            left, right = scope[name], compacted[title][0][name]
+            assert left.columns == right.columns and left.height == right.height, title
+            keys = [c for c, t in left.schema.items() if not t.is_float()]
+            joined = left.join(right, on=keys, suffix="_compacted", nulls_equal=True)
+            assert joined.height == left.height, title
+            for column in (c for c, t in left.schema.items() if t.is_float()):
+                assert (joined[column] - joined[f"{column}_compacted"]).abs().max() < 1e-12, (title, column)
+        else:
+            assert printed == compacted[title][1], title
