@@ -344,7 +344,8 @@ def run(config: RunConfig | str, progress: bool = True, num_cpus: int | None = N
                 reduced = ReduceResult(pl.DataFrame(), [], plan.incomplete_epochs())
                 break
             if config.compaction.enabled:  # under the lease: one compaction of a prefix at a time
-                compacted = compact(plan, store, keep_raw=config.compaction.keep_raw, progress=print)
+                compacted = compact(plan, store, keep_raw=config.compaction.keep_raw, progress=print,
+                                    stop=lambda: lease.lost)  # fmt: skip
                 if compacted.groups or compacted.removed:
                     print(compacted.describe())
             reduced = reduce_plan(plan, store, settings=config.numbers_settings(), compare_epochs=config.compare_epochs)

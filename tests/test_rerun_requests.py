@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from invariance.config import parse_config
+from invariance.engine.compact import compact
 from invariance.engine.execute import execute_in_process
 from invariance.engine.plan import make_plan
 from invariance.engine.reduce import reduce_plan
@@ -22,12 +23,13 @@ pytestmark = pytest.mark.slow
 
 
 def _tick(config) -> None:
-    """One scheduled tick in process: plan, compute what is new, reduce."""
+    """One scheduled tick in process, as ``invariance run`` does it: plan, compute what is new, compact, reduce."""
     store = Store(config.output, config.storage_options)
     plan = make_plan(config, store)
     if plan.missing_keys:
         execute_in_process(plan, RunSpec.from_plan(config, store, plan), Workspace("cpu"))
         plan.refresh(store)
+    compact(plan, store)
     reduce_plan(plan, store, settings=config.numbers_settings())
 
 

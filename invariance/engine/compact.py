@@ -84,18 +84,27 @@ def _pending(plan: Plan, store: Store) -> list[_Folder]:
     return pending
 
 
-def compact(plan: Plan, store: Store, keep_raw: bool = False, progress: Callable[[str], None] | None = None) -> CompactionSummary:
+def compact(plan: Plan, store: Store, keep_raw: bool = False, progress: Callable[[str], None] | None = None,
+            stop: Callable[[], bool] | None = None) -> CompactionSummary:  # fmt: skip
     """Compact every complete folder of ``plan`` (refreshed) that is not one file yet; remove (or
     with ``keep_raw`` move under ``_raw/``) the raw shards of folders compacted now or by a
-    compaction that stopped halfway. Returns what it did; ``plan`` is refreshed after."""
+    compaction that stopped halfway. Stops between batches of folders when ``stop()`` (the run
+    lost its lease). Returns what it did; ``plan`` knows where each shard is now, without a listing."""
     started = time.monotonic()
     summary = CompactionSummary()
     pending = _pending(plan, store)
     last_report = started
     for begin in range(0, len(pending), FOLDER_BATCH):
+        if stop is not None and stop():
+            log.warning("compaction stopped after %d of %d folders: the run lost its lease", begin, len(pending))
+            break
         batch = pending[begin : begin + FOLDER_BATCH]
-        to_write = [folder for folder in batch if folder.target not in plan.present]
-        blobs = _read_sources(store, to_write)
+        try:
+            blobs = _read_sources(store, [folder for folder in batch if folder.target not in plan.present])
+        except StorageError:  # a shard gone since the listing: another compaction of these folders ran meanwhile
+            plan.refresh(store)
+            batch = [folder for folder in _pending(plan, store) if folder.folder in {f.folder for f in batch}]
+            blobs = _read_sources(store, [folder for folder in batch if folder.target not in plan.present])
         for folder in batch:
             if folder.target not in plan.present:
                 data = _compacted(folder, blobs, store)
@@ -111,8 +120,6 @@ def compact(plan: Plan, store: Store, keep_raw: bool = False, progress: Callable
         if progress is not None and now - last_report > 30:
             progress(f"compaction: {begin + len(batch)}/{len(pending)} folders")
             last_report = now
-    if pending:
-        plan.refresh(store)
     summary.seconds = time.monotonic() - started
     return summary
 
@@ -153,3 +160,4 @@ def _retire(store: Store, folder: _Folder, keep_raw: bool, plan: Plan) -> None:
                 store.copy(key, raw_archive_key(key))
     store.remove(folder.leftovers)
     plan.present.difference_update(folder.leftovers)
+    plan.holder.update((f"{folder.folder}/{name}", folder.target) for name in folder.names)
