@@ -19,7 +19,7 @@ import ray
 from invariance.config import RunConfig, load_config, settings_hash
 from invariance.analysis.report import epoch_span
 from invariance.core.cost import cpu_throughput, duration, inversion_flops
-from invariance.engine.compact import compact
+from invariance.engine.compact import compact, compaction_pending
 from invariance.engine.lease import RunLease
 from invariance.core.models import FeatureModel, describe_layers, load_model
 from invariance.engine.plan import Plan, check_output_location, make_plan
@@ -401,16 +401,20 @@ def submission_id(plan: Plan) -> str:
 def next_submission(config: RunConfig | str) -> tuple[str | None, str]:
     """For a scheduler: (submission id, why) when there is work to submit, else (None, why not):
     nothing is missing, or a run of these settings holds the lease."""
-    _, store, plan, _ = open_run(config)
+    config, store, plan, _ = open_run(config)
     missing = len(plan.missing_keys)
     if not missing:
         stale = reduce_is_stale(plan, store)  # every shard done, but a run stopped before its reduce
-        if stale is None:
+        uncompacted = compaction_pending(plan) if config.compaction.enabled else []  # an older output's
+        if stale is None and not uncompacted:
             return None, "nothing to compute: every shard of every checkpoint is done"
         holder = RunLease(store, plan.settings_hash).current()
         if holder is not None:
             return None, f"a run of these settings is in progress: {holder.describe()}"
-        return f"invariance-{plan.settings_hash}-reduce-{stale[:10]}", "every shard is done, but reduced/ is not up to date"
+        if stale is not None:
+            return f"invariance-{plan.settings_hash}-reduce-{stale[:10]}", "every shard is done, but reduced/ is not up to date"
+        return (f"invariance-{plan.settings_hash}-compact-{settings_hash({'folders': uncompacted})[:10]}",
+                f"every shard is done; {plural(len(uncompacted), 'folder')} of complete shards to compact")  # fmt: skip
     holder = RunLease(store, plan.settings_hash).current()
     if holder is not None:
         return None, f"a run of these settings is in progress: {holder.describe()}"

@@ -239,6 +239,7 @@ def test_submission_id_follows_the_work_left(tmp_path: Path, capsys, monkeypatch
     assert identifier is not None and "-reduce-" in identifier and "not up to date" in why
     # the shards here are stand-ins (b"data", not Parquet: a reduce would forget them): take reduced/ as current
     monkeypatch.setattr(run_module, "reduce_is_stale", lambda plan, store: None)
+    monkeypatch.setattr(run_module, "compaction_pending", lambda plan: [])  # nor compact them
     assert run_module.next_submission(config(seeds=[0]))[0] is None
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(tiny_config(tmp_path, str(tmp_path / "out"), seeds=[0])))

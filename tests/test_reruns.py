@@ -13,6 +13,8 @@ from polars.testing import assert_frame_equal
 from invariance.analysis import plots
 from invariance.config import parse_config
 from invariance.engine import reduce as reduce_module
+from invariance.engine.compact import compact
+from invariance.engine.plan import make_plan
 from invariance.engine.execute import execute_in_process
 from invariance.engine.reduce import reduce_plan
 from invariance.engine.steps import Workspace
@@ -163,4 +165,8 @@ def test_a_schedule_submits_a_reduce_that_never_finished(tmp_path: Path, torch_s
     identifier, why = next_submission(config)
     assert identifier is not None and "-reduce-" in identifier and "not up to date" in why
     reduce_plan(plan, store, make_plots=False)
+    # an output of raw shards (a run before compaction existed): the next tick compacts it
+    identifier, why = next_submission(config)
+    assert identifier is not None and "-compact-" in identifier and "to compact" in why
+    compact(make_plan(config, store), store)
     assert next_submission(config) == (None, "nothing to compute: every shard of every checkpoint is done")

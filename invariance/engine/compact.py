@@ -23,7 +23,7 @@ import polars as pl
 from invariance.engine.plan import Plan
 from invariance.errors import StorageError
 from invariance.io.compacted import compacted_bytes, compacted_members, member_rows
-from invariance.io.layout import compacted_key, is_compacted, raw_archive_key
+from invariance.io.layout import Unit, compacted_key, is_compacted, raw_archive_key
 from invariance.io.storage import Store
 
 log = logging.getLogger(__name__)
@@ -63,18 +63,10 @@ def _pending(plan: Plan, store: Store) -> list[_Folder]:
     its target, where each shard's rows are read, what to remove afterwards. Shards that a
     folder's older compacted file holds beyond the plan's (a weight-path point no longer
     configured) are carried into the new file: no row is lost, none is left in two files."""
-    compacted: dict[str, list[str]] = {}
-    for key in filter(is_compacted, plan.present):
-        compacted.setdefault(posixpath.dirname(key), []).append(key)
     pending = []
-    for folder, units in sorted(plan.folder_units().items()):
-        if not all(plan.is_done(unit) for unit in units):
-            continue
+    for folder, units, files in _unsettled(plan):
         sources = {posixpath.basename(plan.data_key(unit)): plan.source(unit) for unit in units}
         raw = sorted(plan.data_key(unit) for unit in units if plan.data_key(unit) in plan.present)
-        files = sorted(compacted.get(folder, []))
-        if not raw and len(files) == 1 and set(sources.values()) == {files[0]}:
-            continue  # one compacted file holds them all
         for key in files:
             for name in compacted_members(store, key):
                 sources.setdefault(name, key)
@@ -82,6 +74,30 @@ def _pending(plan: Plan, store: Store) -> list[_Folder]:
         target = compacted_key(folder, names)
         pending.append(_Folder(folder, target, names, sources, raw + [key for key in files if key != target]))
     return pending
+
+
+def _unsettled(plan: Plan) -> list[tuple[str, list[Unit], list[str]]]:
+    """(folder, its planned shards, its compacted files) of every folder whose planned shards are
+    all done but not held by one compacted file alone (raw shards, or several files). No I/O."""
+    compacted: dict[str, list[str]] = {}
+    for key in filter(is_compacted, plan.present):
+        compacted.setdefault(posixpath.dirname(key), []).append(key)
+    unsettled = []
+    for folder, units in sorted(plan.folder_units().items()):
+        if not all(plan.is_done(unit) for unit in units):
+            continue
+        files = sorted(compacted.get(folder, []))
+        raw = any(plan.data_key(unit) in plan.present for unit in units)
+        if not raw and len(files) == 1 and {plan.source(unit) for unit in units} == {files[0]}:
+            continue  # one compacted file holds them all
+        unsettled.append((folder, units, files))
+    return unsettled
+
+
+def compaction_pending(plan: Plan) -> list[str]:
+    """The folders (data folders of complete shards) a compaction would write or clean up, from the
+    plan's last listing: no read. A scheduler submits a run for them (an older output's first tick)."""
+    return [folder for folder, _, _ in _unsettled(plan)]
 
 
 def compact(plan: Plan, store: Store, keep_raw: bool = False, progress: Callable[[str], None] | None = None,
