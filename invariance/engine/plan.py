@@ -49,6 +49,10 @@ class Plan:
     # compacted file holding it}
     present: set[str] = field(default_factory=set)
     holder: dict[str, str] = field(default_factory=dict)
+    # {unit: its record key}, {unit: its data key}: asked for on every check of every unit (is_done,
+    # missing, the reducer's partitions), computed once per unit (the hashes are fixed once planned)
+    _record_keys: dict[Unit, str] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _data_keys: dict[Unit, str] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def keep_checks(self, store: Store) -> None:
         """Keep the verdict of this plan's checks, so that a later plan of the same inputs builds no
@@ -134,11 +138,17 @@ class Plan:
 
     def record_key(self, unit: Unit) -> str:
         """Where ``unit``'s completion record goes."""
-        return unit.record_key(self._hash_of(unit))
+        key = self._record_keys.get(unit)
+        if key is None:
+            key = self._record_keys[unit] = unit.record_key(self._hash_of(unit))
+        return key
 
     def data_key(self, unit: Unit) -> str:
         """Where ``unit``'s data goes."""
-        return unit.data_key(self._hash_of(unit))
+        key = self._data_keys.get(unit)
+        if key is None:
+            key = self._data_keys[unit] = unit.data_key(self._hash_of(unit))
+        return key
 
     def is_done(self, unit: Unit) -> bool:
         return self.record_key(unit) in self.done

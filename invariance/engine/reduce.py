@@ -491,7 +491,7 @@ def _draw(store: Store, figures: list[Figure], stored: dict[str, str], files: di
         if figure.partition and partitions and figure.partition in partitions:
             digest = hashlib.sha256("|".join([partitions[figure.partition], figure.extra, code]).encode()).hexdigest()[:16]
         else:
-            digest = _frame_hash(figure.rows, figure.extra, code)
+            digest = _frame_hash(figure.rows() if callable(figure.rows) else figure.rows, figure.extra, code)
         files[figure.key] = digest
         if stored.get(figure.key) == digest and figure.key in present:
             continue

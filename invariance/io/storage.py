@@ -177,8 +177,8 @@ class RedactingFormatter(logging.Formatter):
 
 def is_temporary(key: str) -> bool:
     """Whether ``key`` is an unfinished local write (left behind only by a hard crash)."""
-    name = os.path.basename(key)
-    return name.startswith(".") and name.endswith(TEMPORARY_SUFFIX)
+    # the suffix first: a listing of thousands of keys asks for the name of none of them
+    return key.endswith(TEMPORARY_SUFFIX) and os.path.basename(key).startswith(".")
 
 
 # schemes whose filesystems read no userinfo: ``s3://KEY:SECRET@bucket`` names a bucket
@@ -276,6 +276,34 @@ def parquet_bytes(frame: "pl.DataFrame") -> bytes:
     buffer = io.BytesIO()
     frame.write_parquet(buffer)
     return buffer.getvalue()
+
+
+def _local_files(path: str) -> list[str]:
+    """Every file below the local folder ``path`` (``path`` itself when it is a file), as fsspec's
+    ``find`` lists them (folders left out, linked folders followed, unreadable ones skipped), from
+    the folders' entries alone: fsspec stats each file, the most of a rerun's listing of thousands
+    of completion records."""
+    if os.path.isfile(path):
+        return [path]
+    found: list[str] = []
+    folders, seen = [path], {os.path.realpath(path)}
+    while folders:
+        try:
+            entries = os.scandir(folders.pop())
+        except OSError:  # gone, not a folder, unreadable: nothing below it, as fsspec's walk
+            continue
+        with entries:
+            for entry in entries:
+                if not entry.is_dir():
+                    found.append(entry.path)
+                    continue
+                if entry.is_symlink():  # a linked folder once: a link to a folder above it would loop
+                    real = os.path.realpath(entry.path)
+                    if real in seen:
+                        continue
+                    seen.add(real)
+                folders.append(entry.path)
+    return found
 
 
 @dataclass
@@ -434,8 +462,11 @@ class Store:
         """Keys of every object below ``prefix`` (recursive), relative to the root; one listing."""
         base = self.path(prefix)
         try:
-            self.fs.invalidate_cache()
-            found = self.fs.find(base)
+            if isinstance(self.fs, LocalFileSystem):  # thousands of records: no stat per file
+                found = _local_files(base)
+            else:
+                self.fs.invalidate_cache()
+                found = self.fs.find(base)
         except FileNotFoundError:
             return []
         except Exception as exc:  # noqa: BLE001

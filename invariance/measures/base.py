@@ -92,10 +92,12 @@ class ReduceContext:
 class Figure:
     """A figure to draw, drawn only when what it draws changed: ``rows`` (and ``extra``, e.g. a
     colour range shared with other figures) are hashed with the plotting code's version; the
-    reducer calls ``render`` only when that hash differs from the one recorded for ``key``."""
+    reducer calls ``render`` only when that hash differs from the one recorded for ``key``.
+    ``rows`` may be a function giving them: called only when they are hashed (a figure keyed by
+    its ``partition`` never is), so that a figure per epoch costs nothing while its epoch is unchanged."""
 
     key: str  # where the PNG goes
-    rows: pl.DataFrame
+    rows: pl.DataFrame | Callable[[], pl.DataFrame]
     render: Callable[[], bytes]
     title: str | None = None  # the report's title, for a figure the report shows
     extra: str = ""

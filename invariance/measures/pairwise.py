@@ -5,6 +5,7 @@ heatmap of pt against ft per checkpoint (``plots/<measure>/epoch=<e>.png``; a st
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import matplotlib.colors
@@ -97,15 +98,20 @@ def heatmap_figures(context: ReduceContext, measure: str, table: pl.DataFrame, v
     names = context.plan.layer_names
     complete = set(context.complete)
     figures = []
-    by_point = {key: rows for key, rows in metrics.plain(table).partition_by(["run", "epoch"], as_dict=True).items()}
+    plain = metrics.plain(table)
+    points = set(plain.select("run", "epoch").unique().iter_rows())
+
+    def point_rows(run: str, epoch: int) -> pl.DataFrame:  # built only to hash or draw: not per unchanged epoch
+        return plain.filter((pl.col("run") == run) & (pl.col("epoch") == epoch))
+
     for run in dict.fromkeys(run for run, _ in context.complete):
-        drawn = sorted(epoch for (done_run, epoch) in by_point if done_run == run and (run, epoch) in complete)
+        drawn = sorted(epoch for (done_run, epoch) in points if done_run == run and (run, epoch) in complete)
         for epoch in drawn:  # a measure that is not gating: a checkpoint's shard may still be to compute
-            rows = by_point[run, epoch]
+            rows = functools.partial(point_rows, run, epoch)
             title = f"{run_title(run)}{what}, epoch {epoch}"
             figures.append(Figure(
                 measure_plot_key(measure, epoch, run), rows,
-                lambda rows=rows, title=title: plots.png_bytes(heatmap_figure(rows, value, title, label, layer_names=names, **style)),
+                lambda rows=rows, title=title: plots.png_bytes(heatmap_figure(rows(), value, title, label, layer_names=names, **style)),
                 title=f"{run_title(run)}{what} at epoch {epoch} (diagonal outlined)" if epoch == drawn[-1] else None,
                 extra=repr(sorted(style.items())), partition=partition_key(run, epoch),
             ))  # fmt: skip

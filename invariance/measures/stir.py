@@ -121,9 +121,9 @@ class Stir(Measure):
             run_flow = metrics.plain(flow.filter(pl.col("run") == run))
             limit = f"{plots.flow_color_limit(run_flow)!r}"  # shared by the run's epochs: in every heatmap's hash
             epochs = sorted(epoch for done_run, epoch in context.complete if done_run == run)
-            by_epoch = {key[0]: rows for key, rows in run_flow.partition_by("epoch", as_dict=True).items()}  # one pass
             for epoch in epochs:
-                rows = by_epoch.get(epoch, run_flow.clear())
+                # the epoch's rows only if hashed: keyed by its partition, an unchanged epoch costs nothing
+                rows = lambda run_flow=run_flow, epoch=epoch: run_flow.filter(pl.col("epoch") == epoch)  # noqa: E731
                 key = flow_plot_key(epoch, run)
                 # a study shows each run's last flow; a single run every epoch's (the report's grid)
                 title = f"{run_title(run)}Invariance flow at epoch {epoch}" if run and epoch == epochs[-1] else None
