@@ -51,7 +51,7 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # tests.servers, tests.s3_counting, tests.helpers
@@ -486,10 +486,31 @@ def measure_store(root: Path, shape: Shape, store_name: str, output: str, option
 # --- the bench -----------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def bench_patches() -> Iterator[None]:
+    """The bench's stand-ins (pinned code fingerprints, the in-process executor, stub figures),
+    undone on the way out: a test that runs the bench in its process leaves the library as it was."""
+    import invariance.engine.plan as plan_module
+
+    saved = [(module, name, getattr(module, name)) for module, name in (
+        (reduce_module, "code_version"), (reduce_module, "_draw"), (plan_module, "package_fingerprint"),
+        (run_module, "connect_ray"), (run_module, "execute"))]  # fmt: skip
+    try:
+        pin_code_fingerprints()
+        in_process_executor()
+        stub_figures()
+        yield
+    finally:
+        for module, name, value in saved:
+            setattr(module, name, value)
+
+
 def run_bench(shape: Shape, stores: Sequence[str], root: Path, log: Callable[[str], None]) -> dict:
-    pin_code_fingerprints()
-    in_process_executor()
-    stub_figures()
+    with bench_patches():
+        return _run_bench(shape, stores, root, log)
+
+
+def _run_bench(shape: Shape, stores: Sequence[str], root: Path, log: Callable[[str], None]) -> dict:
     local_out = root / "out"
     history = build_history(root, shape, local_out, log)
     history["inventory"] = inventory(local_listing(local_out))

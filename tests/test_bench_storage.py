@@ -65,3 +65,18 @@ def test_bench_storage_at_a_tiny_scale(tmp_path: Path, capsys) -> None:
     for title in (storage.RECIPE_ALL, storage.RECIPE_ONE):
         assert digests[f"before {title}"] == digests[f"after {title}"], title
     assert all("same result" in line for line in results["verdicts"] if "recipe" in line)
+
+
+def test_the_bench_leaves_the_library_as_it_was(tmp_path: Path) -> None:
+    """Its stand-ins (an in-process executor, stub figures, pinned fingerprints) are undone: a later
+    test's `invariance run` in this process starts Ray and draws real figures."""
+    import invariance.engine.plan as plan_module
+    import invariance.engine.reduce as reduce_module
+    import jobs.run as run_module
+
+    before = (run_module.connect_ray, run_module.execute, reduce_module._draw, reduce_module.code_version,
+              plan_module.package_fingerprint)  # fmt: skip
+    with storage.bench_patches():
+        assert run_module.execute is not before[1]
+    assert (run_module.connect_ray, run_module.execute, reduce_module._draw, reduce_module.code_version,
+            plan_module.package_fingerprint) == before  # fmt: skip
