@@ -204,9 +204,10 @@ def build_history(root: Path, shape: Shape, output: Path, log: Callable[[str], N
 
 
 def kind_of(key: str) -> str:
-    """shards | compacted | records | other (reduced/, plots/, reports/, _cache/, leases, ...)."""
+    """shards | compacted | records (a shard's, a compacted file's) | other (reduced/, plots/, reports/,
+    _cache/, leases, ...)."""
     if key.startswith(f"{MANIFESTS}/"):
-        return "records" if key.startswith(f"{MANIFESTS}/settings=") else "other"
+        return "records" if key.startswith((f"{MANIFESTS}/settings=", f"{MANIFESTS}/compacted/")) else "other"
     if re.match(r"[^/_][^/]*/settings=", key) and key.endswith(".parquet"):
         return "compacted" if key.rsplit("/", 1)[-1].startswith("compacted-") else "shards"
     return "other"

@@ -5,6 +5,7 @@ writes a compacted shard again, and on outputs of older releases."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -107,6 +108,13 @@ def test_a_complete_folder_becomes_one_file_with_a_row_group_per_shard(computed:
     # each folder of two or more shards is one compacted file; a folder of one shard is as it was
     assert sorted(str(Path(f).parent) for f in after_files if is_compacted(f)) == sorted(groups)
     assert len(after_files) == len(before_files) - summary.shards + summary.groups
+    # the shards' completion records move into one record per compacted file: the listing shrinks with them
+    records = sorted(str(p.relative_to(folder / "out")) for p in (folder / "out" / "_manifests").rglob("*.json"))
+    compaction_records = [r for r in records if r.startswith("_manifests/compacted/")]
+    assert len(compaction_records) == len(groups)
+    assert not [u for units in groups.values() for u in units if (folder / "out" / plan.record_key(u)).exists()]
+    kept = json.loads((folder / "out" / compaction_records[0]).read_text())
+    assert len(kept["records"]) == len(kept["shards"]) and all("rows" in r for r in kept["records"].values())
     stir_file = next(f for f in after_files if f.startswith("stir/") and is_compacted(f))
     metadata = pq.ParquetFile(folder / "out" / stir_file).metadata
     members = compacted_members(store, stir_file)

@@ -12,6 +12,7 @@ one folder write the same key with the same rows. A run compacts under its lease
 
 from __future__ import annotations
 
+import json
 import logging
 import posixpath
 import time
@@ -23,7 +24,7 @@ import polars as pl
 from invariance.engine.plan import Plan
 from invariance.errors import StorageError
 from invariance.io.compacted import compacted_bytes, compacted_members, member_rows
-from invariance.io.layout import Unit, compacted_key, is_compacted, raw_archive_key
+from invariance.io.layout import Unit, compacted_key, compaction_record_key, is_compacted, raw_archive_key
 from invariance.io.storage import Store
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ class CompactionSummary:
     shards: int = 0
     bytes_before: int = 0
     bytes_after: int = 0
-    removed: int = 0  # raw shards (and superseded compacted files) removed, left over by earlier ones included
+    removed: int = 0  # raw shards and superseded compacted files (and their records) removed, earlier ones' leftovers included
     seconds: float = 0.0
 
     def describe(self) -> str:
@@ -56,6 +57,7 @@ class _Folder:
     names: list[str]  # its shards' file names, in row order
     sources: dict[str, str]  # {shard file name: the key its rows are read from}
     leftovers: list[str]  # raw shards and superseded compacted files to remove once the target exists
+    records: list[str]  # the planned shards' completion records: kept in the target's record, then removed
 
 
 def _pending(plan: Plan, store: Store) -> list[_Folder]:
@@ -72,7 +74,10 @@ def _pending(plan: Plan, store: Store) -> list[_Folder]:
                 sources.setdefault(name, key)
         names = sorted(sources)
         target = compacted_key(folder, names)
-        pending.append(_Folder(folder, target, names, sources, raw + [key for key in files if key != target]))
+        records = sorted(plan.record_key(unit) for unit in units if plan.record_key(unit) in plan.records)
+        superseded = [key for key in files if key != target]
+        superseded += [compaction_record_key(key) for key in superseded]
+        pending.append(_Folder(folder, target, names, sources, raw + superseded, records))
     return pending
 
 
@@ -87,9 +92,9 @@ def _unsettled(plan: Plan) -> list[tuple[str, list[Unit], list[str]]]:
         if not all(plan.is_done(unit) for unit in units):
             continue
         files = sorted(compacted.get(folder, []))
-        raw = any(plan.data_key(unit) in plan.present for unit in units)
+        raw = any(plan.data_key(unit) in plan.present or plan.record_key(unit) in plan.records for unit in units)
         if not raw and len(files) == 1 and {plan.source(unit) for unit in units} == {files[0]}:
-            continue  # one compacted file holds them all
+            continue  # one compacted file (with its record) holds them all, and no raw shard or record is left
         unsettled.append((folder, units, files))
     return unsettled
 
@@ -116,11 +121,11 @@ def compact(plan: Plan, store: Store, keep_raw: bool = False, progress: Callable
             break
         batch = pending[begin : begin + FOLDER_BATCH]
         try:
-            blobs = _read_sources(store, [folder for folder in batch if folder.target not in plan.present])
+            blobs = _read_sources(store, batch, plan)
         except StorageError:  # a shard gone since the listing: another compaction of these folders ran meanwhile
             plan.refresh(store)
             batch = [folder for folder in _pending(plan, store) if folder.folder in {f.folder for f in batch}]
-            blobs = _read_sources(store, [folder for folder in batch if folder.target not in plan.present])
+            blobs = _read_sources(store, batch, plan)
         for folder in batch:
             if folder.target not in plan.present:
                 data = _compacted(folder, blobs, store)
@@ -130,6 +135,10 @@ def compact(plan: Plan, store: Store, keep_raw: bool = False, progress: Callable
                 summary.shards += len(folder.names)
                 summary.bytes_before += sum(len(blobs[key]) for key in set(folder.sources.values()) if key in blobs)
                 summary.bytes_after += len(data)
+            record = compaction_record_key(folder.target)
+            if record not in plan.records:  # written once its file is: the file counts from now on
+                store.put(record, _record(folder, blobs))
+                plan.records.add(record)
             _retire(store, folder, keep_raw, plan)
             summary.removed += len(folder.leftovers)
         now = time.monotonic()
@@ -140,10 +149,23 @@ def compact(plan: Plan, store: Store, keep_raw: bool = False, progress: Callable
     return summary
 
 
-def _read_sources(store: Store, folders: list[_Folder]) -> dict[str, bytes]:
-    """{key: bytes} of every raw shard and compacted file the folders' rows are read from."""
-    keys = sorted({key for folder in folders for key in folder.sources.values()})
-    return store.get_many(keys)
+def _read_sources(store: Store, folders: list[_Folder], plan: Plan) -> dict[str, bytes]:
+    """{key: bytes} of every raw shard and compacted file the folders still to write read their rows
+    from, and of the completion records the folders' records keep."""
+    keys = {key for folder in folders if folder.target not in plan.present for key in folder.sources.values()}
+    keys |= {key for folder in folders if compaction_record_key(folder.target) not in plan.records for key in folder.records}
+    return store.get_many(sorted(keys))
+
+
+def _record(folder: _Folder, blobs: dict[str, bytes]) -> bytes:
+    """The compacted file's completion record: its key, its shards, and their own records as written."""
+    shards = {}
+    for key in folder.records:
+        try:
+            shards[posixpath.basename(key)] = json.loads(blobs[key])
+        except ValueError:  # a record is not read to decide anything: kept as text
+            shards[posixpath.basename(key)] = blobs[key].decode(errors="replace")
+    return json.dumps({"compacted": folder.target, "shards": folder.names, "records": shards}, indent=1).encode()
 
 
 def _compacted(folder: _Folder, blobs: dict[str, bytes], store: Store) -> bytes:
@@ -177,3 +199,5 @@ def _retire(store: Store, folder: _Folder, keep_raw: bool, plan: Plan) -> None:
     store.remove(folder.leftovers)
     plan.present.difference_update(folder.leftovers)
     plan.holder.update((f"{folder.folder}/{name}", folder.target) for name in folder.names)
+    store.remove(folder.records)  # last: until here every shard is done by its raw file and record too
+    plan.records.difference_update(folder.records)

@@ -17,7 +17,9 @@ from invariance.core.models import FeatureModel, check_models, load_model
 from invariance.errors import CheckpointError, ConfigError
 from invariance.io.checkpoints import Checkpoint, discover_checkpoints, empty_weights_error, pattern_root, weights_fingerprint
 from invariance.io.data import load_eval_images, source_fingerprint
-from invariance.io.layout import MANIFESTS, PLAIN_ALPHA, Unit, compacted_key, is_compacted
+from invariance.io.layout import (
+    COMPACTED_RECORDS, MANIFESTS, PLAIN_ALPHA, Unit, compacted_key, compaction_record_key, is_compacted,
+)  # fmt: skip
 from invariance.io.compacted import compacted_members
 from invariance.io.storage import Store, is_inside, open_filesystem, redact
 from invariance.measures import Measure, active_measures, measure_of
@@ -49,6 +51,7 @@ class Plan:
     # compacted file holding it}
     present: set[str] = field(default_factory=set)
     holder: dict[str, str] = field(default_factory=dict)
+    records: set[str] = field(default_factory=set)  # the keys under _manifests/ the last refresh listed
     # {unit: its record key}, {unit: its data key}: asked for on every check of every unit (is_done,
     # missing, the reducer's partitions), computed once per unit (the hashes are fixed once planned)
     _record_keys: dict[Unit, str] = field(default_factory=dict, init=False, repr=False, compare=False)
@@ -79,35 +82,40 @@ class Plan:
 
     def refresh(self, store: Store) -> None:
         """Re-read what is done, e.g. after an execution: one listing of the completion records
-        and one of each kind's data folder. A unit is done when its record AND its data exist: its
-        raw shard, or a compacted file of its folder that holds it (``folder_units``: the file whose
-        name is the hash of the folder's planned shards holds them all, known without a read; other
-        compacted files of a folder are opened, their footer only, when a recorded shard is found
-        nowhere else). A record whose data is gone (a deleted shard) leaves the unit missing."""
+        and one of each kind's data folder. A unit is done when its record and its raw shard exist,
+        or when a compacted file with its record holds it (the records of the shards it holds are
+        removed then: ``invariance.engine.compact``). The file whose name is the hash of a folder's
+        planned shards holds them all, known without a read; another compacted file of a folder
+        (shards beyond the plan's) is opened, its footer only, while a planned shard of its folder
+        is held by none. A record whose data is gone (a deleted shard) leaves the unit missing."""
         records = set(store.list(MANIFESTS))
-        recorded = [u for u in self.all_units() if self.record_key(u) in records]
+        compacted_records = {key for key in records if key.startswith(COMPACTED_RECORDS)}
+        folder_units = self.folder_units(smallest=1)  # a folder of one planned shard may hold a compacted file too
         present: set[str] = set()
         folders: dict[tuple[str, type], list[str]] = {}
-        for unit in recorded:  # the folder all data folders of a kind share
-            folders.setdefault((unit.measure, type(unit)), []).append(posixpath.dirname(self.data_key(unit)))
+        for unit in self.all_units():  # the folder all data folders of a kind share
+            key = self.data_key(unit)
+            if self.record_key(unit) in records or posixpath.dirname(key) in folder_units:
+                folders.setdefault((unit.measure, type(unit)), []).append(posixpath.dirname(key))
         for keys in folders.values():
             present.update(store.list(posixpath.commonpath(keys)))
-        self.present = present
-        self.holder = {}
-        for folder, units in self.folder_units().items():
-            compacted = compacted_key(folder, [posixpath.basename(self.data_key(u)) for u in units])
-            if compacted in present:
-                self.holder.update((self.data_key(u), compacted) for u in units)
-        unseen = {self.data_key(u) for u in recorded if not self.has_data(self.data_key(u))}
-        if unseen:
-            compacted: dict[str, list[str]] = {}
-            for key in sorted(filter(is_compacted, present)):
-                compacted.setdefault(posixpath.dirname(key), []).append(key)
-            for folder in sorted({posixpath.dirname(key) for key in unseen}):
-                for key in compacted.get(folder, []):
+        self.records, self.present, self.holder = records, present, {}
+        files: dict[str, list[str]] = {}
+        for key in sorted(filter(is_compacted, present)):
+            if compaction_record_key(key) in compacted_records:  # a file without its record: not yet
+                files.setdefault(posixpath.dirname(key), []).append(key)
+        for folder, units in folder_units.items():
+            keys = [self.data_key(u) for u in units]
+            compacted = compacted_key(folder, [posixpath.basename(key) for key in keys])
+            if compacted in files.get(folder, []):
+                self.holder.update((key, compacted) for key in keys)
+            elif files.get(folder):
+                for key in files[folder]:
                     for name in compacted_members(store, key):
                         self.holder.setdefault(f"{folder}/{name}", key)
-        self.done = {self.record_key(u) for u in recorded if self.has_data(self.data_key(u))}
+        recorded = [u for u in self.all_units() if self.record_key(u) in records]
+        self.done = {self.record_key(u) for u in recorded if self.data_key(u) in present}
+        self.done.update(self.record_key(u) for units in folder_units.values() for u in units if self.data_key(u) in self.holder)
         lost = [u for u in recorded if not self.has_data(self.data_key(u))]
         if lost:
             log.warning("%d completion records without their data (e.g. %s): recomputing them",
@@ -122,15 +130,15 @@ class Plan:
         key = self.data_key(unit)
         return self.holder.get(key, key)
 
-    def folder_units(self) -> dict[str, list[Unit]]:
-        """{data folder: its planned Parquet shards} for every folder of two or more: what
-        compaction makes one file of, once all are done (a measure's run and epoch)."""
+    def folder_units(self, smallest: int = 2) -> dict[str, list[Unit]]:
+        """{data folder: its planned Parquet shards} for every folder of ``smallest`` or more (two:
+        what compaction makes one file of, once all are done; a measure's run and epoch)."""
         by_folder: dict[str, list[Unit]] = {}
         for unit in self.all_units():
             key = self.data_key(unit)
             if key.endswith(".parquet"):
                 by_folder.setdefault(posixpath.dirname(key), []).append(unit)
-        return {folder: units for folder, units in by_folder.items() if len(units) > 1}
+        return {folder: units for folder, units in by_folder.items() if len(units) >= smallest}
 
     def _hash_of(self, unit: Unit) -> str:
         """The hash keying ``unit``, as its measure says."""

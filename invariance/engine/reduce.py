@@ -28,7 +28,7 @@ from invariance.io.compacted import member_rows
 from invariance.io.layout import (
     REDUCED_CURVES, REDUCED_FLOW, REDUCED_KNN, REDUCED_ROBUSTNESS, REDUCED_ROBUSTNESS_CORRELATION, REDUCED_ROBUSTNESS_EARLY,
     REDUCED_INDEX, REDUCED_ROBUSTNESS_SEARCH, REDUCED_STATUS, ROBUSTNESS_PLOT, PLOTS, RUNS_COMPARED_PLOT, Unit, dynamics_plot_key,
-    is_compacted, layer_curves_plot_key,
+    compaction_record_key, is_compacted, layer_curves_plot_key,
 )  # fmt: skip
 from invariance.io.run_metrics import metrics_fingerprint, read_run_metrics
 from invariance.io.schemas import Schema, conform
@@ -102,8 +102,8 @@ def _read_shards(plan: Plan, store: Store, units: list[Unit], schema: Schema) ->
             log.warning("%s: not a readable Parquet file (%s: %s); its shards are recomputed by the next run",
                         store.url(key), type(exc).__name__, exc)  # fmt: skip
             unreadable += members
-            if is_compacted(key):  # its name would count its shards as done again: gone with their records
-                store.remove([key])
+            if is_compacted(key):  # its name would count its shards as done again: gone with its record
+                store.remove([key, compaction_record_key(key)])
     try:
         return (conform(pl.concat(frames, how="diagonal_relaxed"), schema) if frames else pl.DataFrame()), unreadable
     except pl.exceptions.PolarsError as exc:

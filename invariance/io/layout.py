@@ -14,6 +14,7 @@ Under a run's ``output`` (hive-style, one writer per key):
     knn/settings=<knn hash>/pretrained.parquet                              kNN shard of pt (one per run)
     <data folder>/compacted-<members hash>.parquet    the shards of a complete folder, compacted (a row group each)
     _raw/<shard key>                                  raw shards kept after compaction (``compaction.keep_raw``)
+    _manifests/compacted/<compacted key>.json         a compacted file's completion record (its shards' records)
     _manifests/settings=<hash>/...                                        completion records
     _manifests/inversions/<hash>/layer<j>_seed<s>.json                    cached pt inversions
     _manifests/leases/settings=<hash>.json                                the run lease
@@ -223,6 +224,7 @@ Unit = StirUnit | PointUnit | InversionUnit | KnnUnit
 
 
 COMPACTED_PREFIX = "compacted-"
+COMPACTED_RECORDS = f"{MANIFESTS}/compacted/"
 RAW_ARCHIVE = "_raw"
 # the Parquet key-value metadata of a compacted file: JSON [[shard file name, rows], ...] in row order
 COMPACTED_MEMBERS = "invariance.members"
@@ -234,6 +236,13 @@ def compacted_key(folder: str, member_names: list[str]) -> str:
     a read whether a folder's file holds exactly the shards it plans there."""
     digest = hashlib.sha256("\n".join(sorted(member_names)).encode()).hexdigest()[:16]
     return f"{folder}/{COMPACTED_PREFIX}{digest}.parquet"
+
+
+def compaction_record_key(compacted: str) -> str:
+    """The completion record of the compacted file ``compacted``: ``_manifests/compacted/<its key>.json``.
+    It holds the records of the shards the file holds, which are then removed: a listing of
+    ``_manifests/`` grows by one key per compacted folder, not one per shard."""
+    return f"{MANIFESTS}/compacted/{compacted.removesuffix('.parquet')}.json"
 
 
 def is_compacted(key: str) -> bool:
