@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import shlex
@@ -202,3 +203,99 @@ def test_discover_checkpoints_rejects_two_files_for_one_epoch(tmp_path):
     (tmp_path / "epoch=03.safetensors").write_bytes(b"x")
     with pytest.raises(CheckpointError, match="epoch 3 matches two files"):
         discover_checkpoints(f"{tmp_path}/epoch={{epoch}}.safetensors")
+
+
+# ---- the per-user cache of local checkpoints' content hashes (issue 28) ----
+
+
+@pytest.fixture
+def fingerprint_cache(tmp_path, monkeypatch):
+    """A cache of this test's own; files count as settled at once (SETTLED_NS 0: a test's files are
+    younger than the 2 s a real one waits out)."""
+    from invariance.io import fingerprint_cache
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(fingerprint_cache, "SETTLED_NS", 0)
+    return fingerprint_cache.fingerprint_cache_path()
+
+
+@pytest.fixture
+def opened(monkeypatch):
+    """The paths fingerprint_file opens (io/storage.py's ``open``)."""
+    from invariance.io import storage
+
+    paths: list[str] = []
+
+    def counting_open(path, *args, **kwargs):
+        paths.append(os.path.basename(str(path)))
+        return open(path, *args, **kwargs)
+
+    monkeypatch.setattr(storage, "open", counting_open, raising=False)
+    return paths
+
+
+def test_a_second_plan_does_not_read_unchanged_checkpoints(tmp_path, fingerprint_cache, opened):
+    from invariance.io.checkpoints import weights_fingerprint
+
+    for epoch in (1, 2, 3):
+        save_file({"w": torch.full((64,), float(epoch))}, str(tmp_path / f"epoch={epoch}.safetensors"))
+    pattern = f"{tmp_path}/epoch={{epoch}}.safetensors"
+    first = [c.fingerprint for c in discover_checkpoints(pattern)]
+    assert sorted(opened) == [f"epoch={e}.safetensors" for e in (1, 2, 3)] and fingerprint_cache.is_file()
+    opened.clear()
+    assert [c.fingerprint for c in discover_checkpoints(pattern)] == first
+    assert weights_fingerprint(str(tmp_path / "epoch=2.safetensors")) == first[1]  # a worker's check: the same cache
+    assert opened == []
+    # epoch 2 retrained: other bytes of the same size, a new modification time
+    path = tmp_path / "epoch=2.safetensors"
+    size = path.stat().st_size
+    save_file({"w": torch.full((64,), 9.0)}, str(path))
+    assert path.stat().st_size == size
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    again = [c.fingerprint for c in discover_checkpoints(pattern)]
+    assert opened == ["epoch=2.safetensors"]
+    assert again[0] == first[0] and again[2] == first[2] and again[1] != first[1]
+    # the hash is the file's content, cached or not: a fresh cache gives the same
+    fingerprint_cache.unlink()
+    assert [c.fingerprint for c in discover_checkpoints(pattern)] == again
+
+
+def test_a_file_written_just_before_it_is_hashed_is_not_cached(tmp_path, monkeypatch, opened):
+    # SETTLED_NS as shipped: a write in the same timestamp tick as the hash could leave the stat unchanged
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    save_file({"w": torch.zeros(8)}, str(tmp_path / "epoch=1.safetensors"))
+    pattern = f"{tmp_path}/epoch={{epoch}}.safetensors"
+    discover_checkpoints(pattern)
+    discover_checkpoints(pattern)
+    assert opened == ["epoch=1.safetensors"] * 2
+
+
+def test_a_corrupt_or_concurrently_written_cache_is_harmless(tmp_path, fingerprint_cache, opened):
+    from invariance.io.fingerprint_cache import FingerprintCache
+
+    for epoch in (1, 2):
+        save_file({"w": torch.full((8,), float(epoch))}, str(tmp_path / f"epoch={epoch}.safetensors"))
+    pattern = f"{tmp_path}/epoch={{epoch}}.safetensors"
+    fingerprint_cache.parent.mkdir(parents=True)
+    for garbage in ("{not json", '{"format": 1, "entries": []}', '{"format": 1, "entries": {"x": 5}}', "[]"):
+        fingerprint_cache.write_text(garbage)
+        expected = [c.fingerprint for c in discover_checkpoints(pattern)]
+    opened.clear()
+    assert [c.fingerprint for c in discover_checkpoints(pattern)] == expected and opened == []
+    # a cache entry for this path but another stat (the file replaced) is not used
+    entries = json.loads(fingerprint_cache.read_text())["entries"]
+    entry = entries[str(tmp_path / "epoch=1.safetensors")]
+    entry[5] = "0" * 16
+    entry[3] -= 1
+    fingerprint_cache.write_text(json.dumps({"format": 1, "entries": entries}))
+    assert [c.fingerprint for c in discover_checkpoints(pattern)] == expected
+    # two processes saving at once: the file stays whole, the last writer merges what the first wrote
+    one, two = FingerprintCache(fingerprint_cache), FingerprintCache(fingerprint_cache)
+    status = os.stat(tmp_path / "epoch=1.safetensors")
+    one.put("/elsewhere/a", status, "a" * 16, max(status.st_mtime_ns, status.st_ctime_ns) + 1)
+    two.put("/elsewhere/b", status, "b" * 16, max(status.st_mtime_ns, status.st_ctime_ns) + 1)
+    one.save()
+    two.save()
+    merged = FingerprintCache(fingerprint_cache)
+    assert merged.get("/elsewhere/a", status) == "a" * 16 and merged.get("/elsewhere/b", status) == "b" * 16
+    assert not [p for p in fingerprint_cache.parent.iterdir() if p.name.endswith(".tmp")]

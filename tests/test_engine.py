@@ -152,3 +152,32 @@ def test_model_strict_changes_no_settings_hash(tmp_path: Path) -> None:
     raw = tiny_config(tmp_path, str(tmp_path / "out"))
     loose = {**raw, "model": {**raw["model"], "strict": False}}
     assert settings_hash(parse_config(raw).numbers_settings()) == settings_hash(parse_config(loose).numbers_settings())
+
+
+def test_missing_per_point_is_counted_once_per_state_of_done(tmp_path: Path, monkeypatch) -> None:
+    """The reduce asks ~8 times (incomplete checkpoints, points, epochs, path points): one pass over
+    the units per state of ``done``, whether ``done`` is replaced (refresh) or changed in place
+    (the reduce's _forget discards records); the counts as before."""
+    _, _, plan, _ = open_tiny_run(tmp_path, [1, 2], seeds=[0])
+
+    def uncached() -> dict:
+        plan._missing_points = None
+        return dict(plan.missing_per_point())
+
+    everything = uncached()
+    assert everything == {("", 1, 1.0): 7, ("", 2, 1.0): 7}  # 6 STIR + CKA per checkpoint (subspace does not gate)
+    passes = []
+    original = plan.missing
+    monkeypatch.setattr(plan, "missing", lambda *a: passes.append(a) or original(*a))
+    first = plan.missing_per_point()
+    first[("", 1, 1.0)] = 99  # a caller's change to its copy is not kept
+    assert plan.missing_per_point() == everything and plan.incomplete_checkpoints() == {("", 1): 7, ("", 2): 7}
+    assert plan.incomplete_points() == set(everything) and plan.incomplete_epochs() == {1: 7, 2: 7}
+    assert passes == []
+    epoch_one = [plan.record_key(u) for u in plan.all_units() if getattr(u, "epoch", None) == 1]
+    plan.done.update(epoch_one)  # in place
+    assert plan.missing_per_point() == {("", 2, 1.0): 7} == uncached()
+    plan.done.discard(epoch_one[0])
+    assert plan.missing_per_point() == uncached() and ("", 1, 1.0) in plan.missing_per_point()
+    plan.done = set()  # replaced
+    assert plan.missing_per_point() == everything

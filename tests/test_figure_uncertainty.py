@@ -203,6 +203,41 @@ def test_lines_on_top_of_each_other_are_named() -> None:
     assert not plots.layer_curves_figure(table).axes[0].texts
 
 
+def test_many_coinciding_epochs_keep_a_short_note_and_full_size_panels() -> None:
+    """14 epochs of which 13 are copies of epoch 2 (an LP stage leaves the backbone unchanged; the rerun
+    bench's epochs are copies): the note listed all 11 drawn copies, wrapped to the figure's width,
+    and the constrained layout gave up ("axes sizes collapsed to zero"), drawing each panel a sliver."""
+    import warnings
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    table = curves_table([1, 2], seeds=3)
+    copies = [table.filter(pl.col("epoch") == 2).with_columns(pl.lit(e, dtype=pl.Int64).alias("epoch")) for e in range(3, 15)]
+    same = pl.concat([table, *copies])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        figure = plots.layer_curves_figure(same)
+        plots.png_bytes(figure)
+    assert not [w for w in caught if "constrained_layout" in str(w.message)], [str(w.message) for w in caught]
+    plain = plots.layer_curves_figure(table)
+    plots.png_bytes(plain)
+    widths = [axis.get_position().width for axis in figure.axes[:3]]
+    assert min(widths) > 0.9 * min(axis.get_position().width for axis in plain.axes[:3]), widths
+    renderer = FigureCanvasAgg(figure).get_renderer()
+    for axis in figure.axes[:3]:
+        (note,) = [text.get_text() for text in axis.texts]
+        assert note == "on top of each other: epoch 2 = 10 others (epochs 3, 5-10, 12-14)"
+        extent, box = axis.texts[0].get_window_extent(renderer), axis.get_window_extent(renderer)
+        assert box.x0 <= extent.x0 and extent.x1 <= box.x1
+
+
+def test_a_coinciding_group_is_named_in_a_few_words_whatever_its_size() -> None:
+    assert plots.coinciding_text(["epoch 2", "epoch 5", "epoch 9"]) == "epoch 2 = epoch 5 = epoch 9"
+    spread = [f"epoch {e}" for e in range(1, 501, 45)]
+    assert plots.coinciding_text(spread) == "epoch 1 = 11 others (epochs 46 to 496)"
+    assert plots.coinciding_text(["a", "b", "c", "d", "e"]) == "a = 4 others (b ... e)"
+
+
 def robustness_inputs(runs: tuple[str, ...]) -> tuple[pl.DataFrame, pl.DataFrame]:
     rows = []
     for run in runs:

@@ -12,8 +12,10 @@ lines that coincide are named in a note, since one hides the other.
 
 from __future__ import annotations
 
-import math
 import io
+import math
+import re
+import textwrap
 from typing import Any, Sequence
 
 import matplotlib
@@ -210,17 +212,61 @@ def _coinciding(lines: dict[str, tuple[np.ndarray, np.ndarray]], tolerance: floa
     return [group for group in groups if len(group) > 1]
 
 
+# a coinciding group of more names than this is shortened ("epoch 2 = 10 others (epochs 3, 5-10, 12-14)")
+NOTE_NAMES = 3
+# a note shows this many groups at most (one line each), each wrapped at NOTE_WIDTH characters: a note
+# as wide as its panel made the constrained layout collapse every panel to a sliver
+NOTE_GROUPS = 3
+NOTE_WIDTH = 72
+_NUMBERED = re.compile(r"^(?P<prefix>\D*?)\s*(?P<number>-?\d+)$")
+
+
+def _ranges(numbers: list[int]) -> str:
+    """``[3, 5, 6, 7, 9]`` as ``"3, 5-7, 9"``."""
+    spans: list[list[int]] = []
+    for number in sorted(numbers):
+        if spans and number == spans[-1][1] + 1:
+            spans[-1][1] = number
+        else:
+            spans.append([number, number])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+
+
+def coinciding_text(group: Sequence[str]) -> str:
+    """One group of coinciding lines in a few words, whatever its size: ``"epoch 2 = epoch 5"`` up to
+    NOTE_NAMES names, else the first and a count (``"epoch 2 = 10 others (epochs 3, 5-10, 12-14)"``,
+    or ``"epochs 3 to 500"`` where the ranges are long)."""
+    if len(group) <= NOTE_NAMES:
+        return " = ".join(group)
+    first, others = group[0], list(group[1:])
+    matches = [_NUMBERED.match(name) for name in others]
+    prefixes = {m.group("prefix") for m in matches if m}
+    if all(matches) and len(prefixes) == 1:
+        prefix = prefixes.pop()
+        numbers = [int(m.group("number")) for m in matches]  # type: ignore[union-attr]
+        plural = f"{prefix}s " if prefix else ""
+        ranges = _ranges(numbers)
+        which = plural + (ranges if len(ranges) <= 24 else f"{min(numbers)} to {max(numbers)}")
+    else:
+        which = f"{others[0]} ... {others[-1]}"
+    return f"{first} = {len(others)} others ({which})"
+
+
 def note_coinciding(axis: Any, lines: dict[str, tuple[np.ndarray, np.ndarray]], height: float = 0.01) -> list[list[str]]:
     """Names lines drawn on top of each other in a note at the panel's bottom ("on top of each
-    other: epoch 1 = epoch 2"; ``height``: its place in axes coordinates); returns the groups."""
+    other: epoch 1 = epoch 2"; ``height``: its place in axes coordinates); returns the groups. The
+    note stays short however many lines coincide (a group of many is counted, at most NOTE_GROUPS
+    groups are named), so it never widens the panel's layout."""
     values = np.concatenate([y for _, y in lines.values()]) if lines else np.array([])
     finite = values[np.isfinite(values)]
     span = float(np.ptp(finite)) if len(finite) else 0.0
     groups = _coinciding(lines, COINCIDE_FRACTION * span if span > 0 else 1e-12)
     if groups:
-        text = "on top of each other: " + "; ".join(" = ".join(group) for group in groups)
-        axis.text(0.01, height, text, transform=axis.transAxes, fontsize=7, color="dimgrey", va="bottom", ha="left",
-                  wrap=True)  # fmt: skip
+        parts = [coinciding_text(group) for group in groups[:NOTE_GROUPS]]
+        if len(groups) > NOTE_GROUPS:
+            parts.append(f"and {len(groups) - NOTE_GROUPS} more groups")
+        text = textwrap.fill("on top of each other: " + "; ".join(parts), NOTE_WIDTH)
+        axis.text(0.01, height, text, transform=axis.transAxes, fontsize=7, color="dimgrey", va="bottom", ha="left")
     return groups
 
 

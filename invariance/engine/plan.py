@@ -56,6 +56,10 @@ class Plan:
     # missing, the reducer's partitions), computed once per unit (the hashes are fixed once planned)
     _record_keys: dict[Unit, str] = field(default_factory=dict, init=False, repr=False, compare=False)
     _data_keys: dict[Unit, str] = field(default_factory=dict, init=False, repr=False, compare=False)
+    # (the done set it was counted for, missing_per_point's counts): asked for ~8 times per reduce,
+    # each a pass over every unit; counted again whenever ``done`` differs (refresh, _forget's discard)
+    _missing_points: tuple[frozenset[str], Counter] | None = field(default=None, init=False, repr=False,
+                                                                   compare=False)  # fmt: skip
 
     def keep_checks(self, store: Store) -> None:
         """Keep the verdict of this plan's checks, so that a later plan of the same inputs builds no
@@ -189,12 +193,17 @@ class Plan:
     def missing_per_point(self) -> Counter[tuple[str, int, float]]:
         """{(run, epoch, alpha): its gating shards (STIR, CKA: the measures whose rows the curves
         need) not yet complete}, for every point (a checkpoint at alpha 1, or a point of its weight
-        path) with one missing."""
+        path) with one missing. Counted once per state of ``done`` (compared by content: whatever
+        replaced or changed it in place), a copy returned."""
+        cached = self._missing_points
+        if cached is not None and cached[0] == self.done:
+            return Counter(cached[1])
         counts: Counter[tuple[str, int, float]] = Counter()
         for measure in self.measures:
             if measure.gates_checkpoint:
                 counts.update(point for point in map(measure.point, self.missing(measure.name)) if point is not None)
-        return counts
+        self._missing_points = (frozenset(self.done), counts)
+        return Counter(counts)
 
     def incomplete_checkpoints(self) -> dict[tuple[str, int], int]:
         """{(run, epoch): number of the checkpoint's own gating shards (at alpha 1) not yet

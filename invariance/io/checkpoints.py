@@ -18,6 +18,7 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 
 from invariance.errors import CheckpointError, StorageError
+from invariance.io.fingerprint_cache import FingerprintCache
 from invariance.io.storage import fingerprint_file, open_filesystem, redact
 
 EPOCH_PLACEHOLDER = "{epoch}"
@@ -121,6 +122,7 @@ def discover_checkpoints(pattern: str, storage_options: dict[str, Any] | None = 
             f"checkpoints: cannot list {redact(pattern)!r}: {type(exc).__name__}: {redact(str(exc))}"
         ) from exc
     found: dict[tuple[str, int], Checkpoint] = {}
+    hashes = FingerprintCache()  # local files' hashes by stat: an unchanged file is not read again
     for path, info in sorted(candidates.items()):
         match = matcher.match(path)
         if match is None or info.get("type", "file") != "file":
@@ -141,10 +143,11 @@ def discover_checkpoints(pattern: str, storage_options: dict[str, Any] | None = 
             )
         if info.get("size") == 0:  # from the listing: a 0-byte file would fail each of its shards in the workers
             raise empty_weights_error("checkpoints", url)
-        fingerprint = fingerprint_file(fs, path, info)  # as a worker reads it (weights_fingerprint): one function
+        fingerprint = fingerprint_file(fs, path, info, hashes)  # as a worker reads it (weights_fingerprint): one function
         name_from = before.replace(RUN_PLACEHOLDER, run)
         found[run, epoch] = Checkpoint(epoch=epoch, name=_checkpoint_name(path, name_from), url=url,
                                        fingerprint=fingerprint, run=run)  # fmt: skip
+    hashes.save()
     return sorted(found.values(), key=lambda c: c.key)
 
 

@@ -13,6 +13,7 @@ import io
 import logging
 import os
 import re
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -21,6 +22,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from invariance.errors import StorageError
+from invariance.io.fingerprint_cache import FingerprintCache, stat_key
 from invariance.io.layout import write_probe_key
 
 if TYPE_CHECKING:
@@ -241,18 +243,40 @@ def fingerprint_info(info: dict[str, Any]) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
-def fingerprint_file(fs: fsspec.AbstractFileSystem, path: str, info: dict[str, Any] | None = None) -> str:
+def fingerprint_file(fs: fsspec.AbstractFileSystem, path: str, info: dict[str, Any] | None = None,
+                     cache: FingerprintCache | None = None) -> str:  # fmt: skip
     """Identity of the file at ``path``, the one function the plan (``info``: its listing entry)
     and the workers (``info`` left out: ``fs.info``) both call: a content hash for local files up
-    to CONTENT_HASH_LIMIT (copies and rewrites with the same bytes keep it), else ``fingerprint_info``."""
+    to CONTENT_HASH_LIMIT (copies and rewrites with the same bytes keep it), else ``fingerprint_info``.
+    A local file's hash is kept in the per-user ``cache`` (io/fingerprint_cache.py; one of its own,
+    saved at once, when left out): a file whose stat is unchanged is not read again."""
     info = info if info is not None else fs.info(path)
     if isinstance(fs, LocalFileSystem) and (info.get("size") or 0) <= CONTENT_HASH_LIMIT:
-        digest = hashlib.sha256()
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-        return digest.hexdigest()[:16]
+        return content_hash(path, cache)
     return fingerprint_info(info)
+
+
+def content_hash(path: str, cache: FingerprintCache | None = None) -> str:
+    """The first 16 hex digits of the SHA-256 of the local file at ``path``; from ``cache``, without
+    opening the file, when its stat is the one it was hashed at."""
+    own = cache is None
+    cache = cache if cache is not None else FingerprintCache()
+    name = os.path.abspath(path)
+    found = cache.get(name, os.stat(path))
+    if found is not None:
+        return found
+    with open(path, "rb") as handle:
+        status, read_at = os.fstat(handle.fileno()), time.time_ns()
+        digest = hashlib.sha256()
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+        unchanged = stat_key(os.fstat(handle.fileno())) == stat_key(status)
+    text = digest.hexdigest()[:16]
+    if unchanged:  # else written to while it was read: hashed again next time
+        cache.put(name, status, text, read_at)
+        if own:
+            cache.save()
+    return text
 
 
 def same_location(url: str, storage_options: dict[str, Any] | None = None) -> tuple[str, str]:
