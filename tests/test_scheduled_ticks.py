@@ -198,6 +198,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     manifests' config URL: checkpoints, data, config and output all in s3://lab."""
     from invariance.config import parse_config
     from invariance.engine.execute import execute_in_process
+    from invariance.engine.compact import compact
     from invariance.engine.reduce import reduce_plan
     from invariance.engine.steps import Workspace
     from tests.helpers import open_in_process
@@ -235,7 +236,8 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
             store, plan, spec = open_in_process(parse_config(raw))
             summary = execute_in_process(plan, spec, Workspace("cpu"))
             assert not summary.failures, summary.failures
-            plan.refresh(store)  # a finished run: its reduce too (a run stopped before it is work for the next tick)
+            plan.refresh(store)  # a finished run: its compaction and reduce too (either left undone is work for the next tick)
+            compact(plan, store)
             reduce_plan(plan, store, make_plots=False)
         yield lab
     finally:
