@@ -24,7 +24,7 @@ import polars as pl
 from invariance.engine.plan import Plan
 from invariance.errors import StorageError
 from invariance.io.compacted import compacted_bytes, compacted_members, member_rows
-from invariance.io.layout import Unit, compacted_key, compaction_record_key, is_compacted, raw_archive_key
+from invariance.io.layout import MANIFESTS, Unit, compacted_key, compaction_record_key, is_compacted, raw_archive_key
 from invariance.io.storage import Store
 
 log = logging.getLogger(__name__)
@@ -194,7 +194,7 @@ def _retire(store: Store, folder: _Folder, keep_raw: bool, plan: Plan) -> None:
     ``keep_raw``) and the older compacted files it carried."""
     if keep_raw:
         for key in folder.leftovers:
-            if not is_compacted(key):
+            if not is_compacted(key) and not key.startswith(f"{MANIFESTS}/"):  # a raw shard, not a superseded file's record
                 store.copy(key, raw_archive_key(key))
     store.remove(folder.leftovers)
     plan.present.difference_update(folder.leftovers)
