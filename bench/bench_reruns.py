@@ -45,7 +45,7 @@ from collections import Counter
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.helpers, tests.servers
 
@@ -217,6 +217,17 @@ def _has_point(unit: Any) -> bool:
     return all(hasattr(unit, name) for name in ("epoch", "checkpoint", "checkpoint_url", "run"))
 
 
+def compute_first_and_copy(config: Any, store: Store, first: Path, paths: Iterable[Path]) -> None:
+    """Compute every unit of ``config`` (only ``first`` exists yet) in process, then copy ``first``
+    to every other checkpoint path of the history: ``clone_missing`` then copies its shards."""
+    plan = make_plan(config, store)
+    execute_in_process(plan, RunSpec.from_plan(config, store, plan), Workspace("cpu"), progress=None)
+    for path in paths:
+        if path != first:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(first, path)
+
+
 def clone_missing(plan: Plan, store: Store) -> int:
     """Write every missing unit's shard and completion record as copies of the done unit it equals
     at another checkpoint (the same content fingerprint), with its own epoch, checkpoint and run.
@@ -255,14 +266,8 @@ def build_history(root: Path, case: Case, output: str, log) -> HistoryResult:  #
     write_checkpoint(first, seed=1)
     config = run_config(root, case, output)
     store = Store(config.output, config.storage_options)
-    plan = make_plan(config, store)
-    execute_in_process(plan, RunSpec.from_plan(config, store, plan), Workspace("cpu"), progress=None)
-    for run in case.run_names:
-        for epoch in range(1, case.epochs + 1):
-            path = checkpoint_path(root, case, run, epoch)
-            if path != first:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(first, path)
+    compute_first_and_copy(config, store, first, (checkpoint_path(root, case, run, epoch)
+                                                  for run in case.run_names for epoch in range(1, case.epochs + 1)))
     plan = make_plan(config, store)
     cloned = clone_missing(plan, store)
     plan.refresh(store)

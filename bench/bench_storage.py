@@ -43,7 +43,6 @@ import json
 import os
 import platform
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -63,12 +62,12 @@ from safetensors.torch import save_file  # noqa: E402
 
 import invariance.engine.reduce as reduce_module  # noqa: E402
 import jobs.run as run_module  # noqa: E402
-from bench_reruns import clone_missing, pin_code_fingerprints  # noqa: E402
+from bench_reruns import clone_missing, compute_first_and_copy, pin_code_fingerprints  # noqa: E402
 from invariance.config import ModelConfig, parse_config  # noqa: E402
 from invariance.core.models import build_network  # noqa: E402
 from invariance.engine.execute import execute_in_process  # noqa: E402
 from invariance.engine.plan import make_plan  # noqa: E402
-from invariance.engine.steps import RunSpec, Workspace  # noqa: E402
+from invariance.engine.steps import Workspace  # noqa: E402
 from invariance.errors import ConfigError  # noqa: E402
 from invariance.io.layout import MANIFESTS, REDUCED_INDEX  # noqa: E402
 from invariance.io.storage import Store  # noqa: E402
@@ -177,14 +176,8 @@ def build_history(root: Path, shape: Shape, output: Path, log: Callable[[str], N
     first = write_checkpoint(root, shape, shape.run_names[0], 1, seed=1)
     config = run_config(root, shape, str(output), compaction=False)
     store = Store(config.output, config.storage_options)
-    plan = make_plan(config, store)
-    execute_in_process(plan, RunSpec.from_plan(config, store, plan), Workspace("cpu"), progress=None)
-    for run in shape.run_names:
-        for epoch in range(1, shape.epochs + 1):
-            path = checkpoint_path(root, shape, run, epoch)
-            if path != first:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(first, path)
+    compute_first_and_copy(config, store, first, (checkpoint_path(root, shape, run, epoch)
+                                                  for run in shape.run_names for epoch in range(1, shape.epochs + 1)))
     computed = time.perf_counter() - started
     plan = make_plan(config, store)
     cloned = clone_missing(plan, store)
