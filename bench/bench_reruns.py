@@ -8,15 +8,18 @@ The history is made cheaply: the N checkpoint files are copies of one perturbed 
 fingerprint); the first checkpoint is computed for real (execute_in_process), its shards and
 completion records are then cloned to every other checkpoint's keys (the plan's data_key/record_key;
 the shards' epoch/checkpoint/run columns and the records' epoch/checkpoint/run/data fields
-rewritten), and the history is reduced once (that first reduce is not the rerun's). The S3 store
-gets a copy of the local history's output (uploaded straight to the server, not counted). Then one
-new checkpoint (another perturbation, the last run's next epoch in a study) is written and the
-rerun timed on each store: ``make_plan``; ``execute_in_process`` (the new checkpoint's units, for
-real); ``plan.refresh`` (one listing, counted with the plan); ``reduce_plan`` less its report;
-``write_report``. Before the rerun, one untimed plan stands for the previous tick: it keeps the
-checkpoints' content hashes in the per-user cache (``$XDG_CACHE_HOME``: a folder of the bench's
-own), so the rerun's plan reads only the new file, as a scheduled tick does. Tiny ViT (3 layers),
-seeds [0], no kNN, no interpolation, torch on 1 thread.
+rewritten), the history compacted (one file and one record per data folder, as ``invariance run``
+leaves every complete folder; ``--raw``: not, as with ``compaction.enabled: false``) and reduced once
+(that first reduce is not the rerun's). The S3 store gets a copy of the local history's output
+(uploaded straight to the server, not counted). Then one new checkpoint (another perturbation, the
+last run's next epoch in a study) is written and the rerun timed on each store, in the order of
+``invariance run``: ``make_plan``; ``execute_in_process`` (the new checkpoint's units, for real);
+``plan.refresh`` of the new units' folders (counted with the plan); ``compact`` (the new
+checkpoint's folders); ``reduce_plan`` less its report; ``write_report``. Before the rerun, one
+untimed plan stands for the previous tick: it keeps the checkpoints' content hashes in the
+per-user cache (``$XDG_CACHE_HOME``: a folder of the bench's own), so the rerun's plan reads only
+the new file, as a scheduled tick does. Tiny ViT (3 layers), seeds [0], no kNN, no interpolation,
+torch on 1 thread.
 
 Memory of the reduce: the peak resident set of the process during ``reduce_plan`` (Linux: VmHWM
 reset through /proc/self/clear_refs before it, read after), less the resident set before it; the
@@ -56,6 +59,7 @@ from safetensors.torch import save_file  # noqa: E402
 
 import invariance.engine.reduce as reduce_module  # noqa: E402
 from invariance.config import parse_config  # noqa: E402
+from invariance.engine.compact import compact  # noqa: E402
 from invariance.engine.execute import execute_in_process  # noqa: E402
 from invariance.engine.plan import Plan, make_plan  # noqa: E402
 from invariance.io.fingerprint_cache import SETTLED_NS  # noqa: E402
@@ -102,6 +106,7 @@ class RerunResult:
     computed_epochs: list[int]  # the epochs of the units executed
     plan_s: float  # make_plan + plan.refresh after the execute
     execute_s: float
+    compact_s: float  # the new checkpoint's folders made one file each (0 with --raw)
     reduce_s: float  # reduce_plan less write_report
     report_s: float
     total_s: float
@@ -125,6 +130,7 @@ class HistoryResult:
     first_reduce_s: float
     first_reduce_rss_mib: float
     first_reduce_peak_mib: float
+    compact_s: float = 0.0  # the history compacted before its first reduce, as the ticks that made it left it
     upload_s: float = 0.0  # the output copied to S3
 
 
@@ -259,8 +265,9 @@ def clone_missing(plan: Plan, store: Store) -> int:
     return count
 
 
-def build_history(root: Path, case: Case, output: str, log) -> HistoryResult:  # noqa: ANN001
-    """``case``'s checkpoints done and reduced once, in ``output`` (a local folder)."""
+def build_history(root: Path, case: Case, output: str, log, compaction: bool = True) -> HistoryResult:  # noqa: ANN001
+    """``case``'s checkpoints done, compacted (as ``invariance run`` leaves every complete folder;
+    not with ``compaction`` false) and reduced once, in ``output`` (a local folder)."""
     started = time.perf_counter()
     first = checkpoint_path(root, case, case.run_names[0], 1)
     write_checkpoint(first, seed=1)
@@ -273,7 +280,13 @@ def build_history(root: Path, case: Case, output: str, log) -> HistoryResult:  #
     plan.refresh(store)
     assert not plan.missing(), f"{len(plan.missing())} units still missing after cloning"
     build = time.perf_counter() - started
-    log(f"  {case.name}: history built in {build:.1f} s ({cloned} units cloned); first reduce ...")
+    log(f"  {case.name}: history built in {build:.1f} s ({cloned} units cloned)")
+    started = time.perf_counter()
+    if compaction:
+        summary = compact(plan, store)
+        log(f"  {case.name}: {summary.describe()}")
+    compacted = time.perf_counter() - started
+    log(f"  {case.name}: first reduce ...")
     started = time.perf_counter()
     with peak_memory() as memory:
         reduce_plan(plan, store, settings=config.numbers_settings())
@@ -285,7 +298,7 @@ def build_history(root: Path, case: Case, output: str, log) -> HistoryResult:  #
                  for run in case.run_names for epoch in (1, case.epochs))  # fmt: skip
     time.sleep(max(0.0, (newest + SETTLED_NS - time.time_ns()) / 1e9 + 0.1))
     make_plan(config, store)
-    return HistoryResult(case.name, case.checkpoints, build, first_reduce, memory["rss_mib"], memory["peak_mib"])
+    return HistoryResult(case.name, case.checkpoints, build, first_reduce, memory["rss_mib"], memory["peak_mib"], compacted)
 
 
 # --- the rerun -----------------------------------------------------------------------------------
@@ -313,8 +326,10 @@ class ReportTimer:
         reduce_module.write_report = self.original
 
 
-def rerun(config: Any, case: Case, store_kind: str, new_epoch: int, proxy: Any = None) -> RerunResult:
-    """One scheduled tick in process, timed phase by phase (and its S3 requests counted)."""
+def rerun(config: Any, case: Case, store_kind: str, new_epoch: int, proxy: Any = None,
+          compaction: bool = True) -> RerunResult:  # fmt: skip
+    """One scheduled tick in process, timed phase by phase (and its S3 requests counted), in the
+    order of ``invariance run``: plan, execute, refresh, compact (with ``compaction``), reduce, report."""
     phases: dict[str, Counter] = {}
 
     def mark(name: str) -> None:
@@ -333,9 +348,13 @@ def rerun(config: Any, case: Case, store_kind: str, new_epoch: int, proxy: Any =
     summary = execute_in_process(plan, RunSpec.from_plan(config, store, plan), Workspace("cpu"), progress=None)
     executed = time.perf_counter()
     mark("execute")
-    plan.refresh(store)
+    plan.refresh(store, missing)  # as `invariance run`: the executed units' folders listed again
     refreshed = time.perf_counter()
     mark("refresh")
+    if compaction:
+        compact(plan, store)
+    compacted = time.perf_counter()
+    mark("compact")
     with ReportTimer() as report, peak_memory() as memory:
         result = reduce_plan(plan, store, settings=config.numbers_settings())
     reduced = time.perf_counter()
@@ -350,7 +369,7 @@ def rerun(config: Any, case: Case, store_kind: str, new_epoch: int, proxy: Any =
         case=case.name, store=store_kind, history=case.checkpoints, new_units=len(missing), computed=summary.completed,
         computed_epochs=sorted({getattr(u, "epoch", -1) for u in missing}),
         plan_s=(planned - started) + (refreshed - executed), execute_s=executed - planned,
-        reduce_s=(reduced - refreshed) - report.seconds, report_s=report.seconds, total_s=reduced - started,
+        compact_s=compacted - refreshed, reduce_s=(reduced - compacted) - report.seconds, report_s=report.seconds, total_s=reduced - started,
         figures_written=len(figures), old_epoch_figures_written=len(old),
         reduce_rss_mib=memory["rss_mib"], reduce_peak_mib=memory["peak_mib"],
         requests=dict(requests), requests_by_phase={k: dict(v) for k, v in phases.items()},
@@ -402,7 +421,7 @@ class S3:
 
 
 def run_bench(sizes: Sequence[int], study: tuple[int, int] | None, stores: Sequence[str], root: Path,
-              log=print) -> tuple[list[HistoryResult], list[RerunResult]]:  # fmt: skip
+              log=print, compaction: bool = True) -> tuple[list[HistoryResult], list[RerunResult]]:  # fmt: skip
     cases = [Case(n) for n in sizes] + ([Case(study[1], study[0])] if study else [])
     pin_code_fingerprints()
     # the checkpoint fingerprints' per-user cache (io/fingerprint_cache.py): the bench's own
@@ -415,7 +434,7 @@ def run_bench(sizes: Sequence[int], study: tuple[int, int] | None, stores: Seque
         for case in cases:
             log(f"{case.name}: {case.checkpoints} checkpoints done, then one new")
             local_out = root / case.slug / "out"
-            histories.append(build_history(root, case, str(local_out), log))
+            histories.append(build_history(root, case, str(local_out), log, compaction))
             if s3 is not None:
                 histories[-1].upload_s = s3.upload(local_out, case.slug)
                 log(f"  {case.name}: history copied to S3 in {histories[-1].upload_s:.1f} s")
@@ -424,13 +443,13 @@ def run_bench(sizes: Sequence[int], study: tuple[int, int] | None, stores: Seque
             for kind in stores:
                 if kind == "local":
                     config = run_config(root, case, str(local_out))
-                    result = rerun(config, case, kind, new_epoch)
+                    result = rerun(config, case, kind, new_epoch, compaction=compaction)
                 else:
                     config = run_config(root, case, s3.url(case.slug), s3.options())
-                    result = rerun(config, case, kind, new_epoch, s3.proxy)
+                    result = rerun(config, case, kind, new_epoch, s3.proxy, compaction)
                 reruns.append(result)
                 log(f"  {case.name} {kind}: rerun {result.total_s:.1f} s (plan {result.plan_s:.2f}, execute "
-                    f"{result.execute_s:.1f}, reduce {result.reduce_s:.2f}, report {result.report_s:.2f}), "
+                    f"{result.execute_s:.1f}, compact {result.compact_s:.2f}, reduce {result.reduce_s:.2f}, report {result.report_s:.2f}), "
                     f"{result.computed} units computed" + (f", requests {result.requests}" if result.requests else ""))  # fmt: skip
     finally:
         if s3 is not None:
@@ -460,19 +479,20 @@ def ratios(reruns: Sequence[RerunResult]) -> dict[str, float]:
 
 def markdown(histories: Sequence[HistoryResult], reruns: Sequence[RerunResult]) -> str:
     kinds = ("GET", "HEAD", "LIST", "PUT")
-    lines = ["| history | store | plan | execute | reduce | report | rerun | rerun - execute | units computed "
+    lines = ["| history | store | plan | execute | compact | reduce | report | rerun | rerun - execute | units computed "
              "| figures written (old epochs) | reduce peak | S3 requests GET / HEAD / LIST / PUT (other) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in reruns:
         other = sum(v for k, v in r.requests.items() if k not in kinds)
         requests = (" / ".join(str(r.requests.get(k, 0)) for k in kinds) + (f" ({other})" if other else "")) if r.store == "s3" else "-"
-        lines.append(f"| {r.case} | {r.store} | {r.plan_s:.2f} s | {r.execute_s:.1f} s | {r.reduce_s:.2f} s | {r.report_s:.2f} s "
+        lines.append(f"| {r.case} | {r.store} | {r.plan_s:.2f} s | {r.execute_s:.1f} s | {r.compact_s:.2f} s | {r.reduce_s:.2f} s | {r.report_s:.2f} s "
                      f"| {r.total_s:.1f} s | {r.without_execute_s:.2f} s | {r.computed} of epoch {r.computed_epochs} "
                      f"| {r.figures_written} ({r.old_epoch_figures_written}) | +{r.reduce_peak_mib:.0f} MiB "
                      f"| {requests} |")  # fmt: skip
-    lines += ["", "| history | build (untimed setup) | first reduce (everything) | its peak | S3 upload |", "|---|---|---|---|---|"]
+    lines += ["", "| history | build (untimed setup) | its compaction | first reduce (everything) | its peak | S3 upload |",
+              "|---|---|---|---|---|---|"]  # fmt: skip
     for h in histories:
-        lines.append(f"| {h.case} | {h.build_s:.1f} s | {h.first_reduce_s:.1f} s | +{h.first_reduce_peak_mib:.0f} MiB "
+        lines.append(f"| {h.case} | {h.build_s:.1f} s | {h.compact_s:.1f} s | {h.first_reduce_s:.1f} s | +{h.first_reduce_peak_mib:.0f} MiB "
                      f"(from {h.first_reduce_rss_mib:.0f}) | {h.upload_s:.1f} s |")  # fmt: skip
     return "\n".join(lines)
 
@@ -485,6 +505,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--stores", nargs="+", choices=["local", "s3"], default=["local", "s3"])
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--keep", type=Path, help="build under this folder and keep it (default: a temporary one)")
+    parser.add_argument("--raw", action="store_true",
+                        help="no compaction (an output of compaction.enabled: false): raw shards and one record each")  # fmt: skip
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     study = tuple(args.study) if args.study[0] > 1 and args.study[1] > 0 else None
@@ -497,10 +519,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.keep:
         args.keep.mkdir(parents=True, exist_ok=True)
-        histories, reruns = run_bench(args.sizes, study, args.stores, args.keep, log)
+        histories, reruns = run_bench(args.sizes, study, args.stores, args.keep, log, not args.raw)
     else:
         with tempfile.TemporaryDirectory(prefix="bench_reruns_") as folder:
-            histories, reruns = run_bench(args.sizes, study, args.stores, Path(folder), log)
+            histories, reruns = run_bench(args.sizes, study, args.stores, Path(folder), log, not args.raw)
     print()
     print(markdown(histories, reruns))
     found = ratios(reruns)

@@ -334,11 +334,13 @@ def run(config: RunConfig | str, progress: bool = True, num_cpus: int | None = N
         plan.refresh(store)
         for attempt in range(2):
             if plan.missing_keys:
+                submitted = plan.missing()
                 connect_ray(num_cpus)
                 _merge(execution, execute(plan, spec, progress=progress, lease_lost=lambda: lease.lost,
                                           can_grow=bool(os.environ.get("RAY_ADDRESS")),
                                           run_started=started if execution.first_task_seconds is None else None))  # fmt: skip
-                plan.refresh(store)
+                # under the lease only this execution wrote: its units' folders listed again, not the output
+                plan.refresh(store, submitted)
             if lease.lost:  # the run that holds the lease now reduces; an older view must not overwrite it
                 print("lost the run lease: reduced/ is left to the run that holds it", file=sys.stderr)
                 reduced = ReduceResult(pl.DataFrame(), [], plan.incomplete_epochs())

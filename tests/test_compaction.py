@@ -293,3 +293,40 @@ def test_two_compactions_at_once_leave_each_row_once(computed: Path, tmp_path: P
     assert all(is_compacted(f) for f in _data_files(folder) if f.startswith("stir/"))
     assert_frame_equal(_raw_rows(folder), before, check_exact=True)
     assert not _open(folder)[2].missing()
+
+
+def test_a_refresh_of_the_units_an_execution_wrote_lists_their_folders_and_finds_what_a_full_one_does(
+    computed: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`invariance run` refreshes after its execution only the folders of the units it submitted
+    (under the lease nothing else changes): the same done units, shards, records and compacted
+    holders as a full refresh, here with a weight-path point's shards written raw beside a folder's
+    compacted file and a checkpoint's CKA record among the other checkpoints' records."""
+    folder = _copy(computed, tmp_path)
+    config, store, plan = _open(folder, alphas=None)
+    compact(plan, store)  # alpha 1's shards compacted; alpha 0.5's stay raw beside them
+    config, store, plan = _open(folder)
+    gone = [u for u in plan.all_units() if getattr(u, "epoch", None) == 2 and (getattr(u, "alpha", 1.0) != 1.0 or u.measure == "cka")]
+    assert any(u.measure == "stir" for u in gone) and any(u.measure == "cka" for u in gone)
+    for unit in gone:  # the units to compute again: their shards and records removed
+        for key in (plan.data_key(unit), plan.record_key(unit)):
+            if (folder / "out" / key).exists():
+                (folder / "out" / key).unlink()
+    store, plan, spec = open_in_process(config)
+    assert {plan.record_key(u) for u in plan.missing()} == {plan.record_key(u) for u in gone}
+    submitted = plan.missing()
+    execute_in_process(plan, spec, Workspace("cpu"))
+    listed: list[str] = []  # what the refresh asks for (a local disk lists a prefix's folder and filters it)
+    original_list, original_starting = Store.list, Store.list_starting
+    monkeypatch.setattr(Store, "list", lambda self, prefix: listed.append(prefix) or original_list(self, prefix))
+    monkeypatch.setattr(Store, "list_starting", lambda self, start: listed.append(start) or
+                        [key for key in original_list(self, start.rpartition("/")[0]) if key.startswith(start)])  # fmt: skip
+    plan.refresh(store, submitted)
+    assert listed and all("epoch=2" in prefix for prefix in listed), [p for p in listed if "epoch=2" not in p]
+    assert any("/cka/epoch=2" in prefix for prefix in listed if prefix.startswith("_manifests/")), listed  # not every epoch's
+    monkeypatch.undo()
+    full = make_plan(config, store)
+    assert not plan.missing() and not full.missing()
+    assert (plan.done, plan.present, plan.records, plan.holder) == (full.done, full.present, full.records, full.holder)
+    compact(plan, store)
+    assert_frame_equal(_raw_rows(folder), _raw_rows(_copy(computed, tmp_path / "again")), check_exact=True)

@@ -4,6 +4,7 @@ and heads of old epochs: none; listings: one page per 1,000 keys (the same count
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -22,27 +23,34 @@ from tests.servers import s3_server  # noqa: F401 - fixture
 pytestmark = pytest.mark.slow
 
 
-def _tick(config) -> None:
-    """One scheduled tick in process, as ``invariance run`` does it: plan, compute what is new, compact, reduce."""
+def _tick(config, direct: Store) -> None:
+    """One scheduled tick in process, as ``invariance run`` does it: plan, compute what is new, list
+    again the folders of what it computed, compact, reduce. That refresh finds what a full one would
+    (checked through ``direct``, the server without the counting proxy)."""
     store = Store(config.output, config.storage_options)
     plan = make_plan(config, store)
     if plan.missing_keys:
+        submitted = plan.missing()
         execute_in_process(plan, RunSpec.from_plan(config, store, plan), Workspace("cpu"))
-        plan.refresh(store)
+        plan.refresh(store, submitted)
+        full = copy.copy(plan)
+        full.refresh(direct)
+        assert (plan.done, plan.present, plan.records, plan.holder) == (full.done, full.present, full.records, full.holder)
     compact(plan, store)
     reduce_plan(plan, store, settings=config.numbers_settings())
 
 
-def _requests_of_one_new_checkpoint(tmp_path: Path, proxy: CountingProxy, history: int, bucket: str) -> dict[str, int]:
+def _requests_of_one_new_checkpoint(tmp_path: Path, proxy: CountingProxy, server, history: int, bucket: str) -> dict[str, int]:
     write_checkpoints(tmp_path / "ckpt", epochs=list(range(1, history + 1)))
     write_eval_parquet(tmp_path / "data")
     raw = tiny_config(tmp_path, f"s3://{bucket}/out", seeds=[0], storage_options=proxy.server().fsspec_options())
     config = parse_config(raw)
-    _tick(config)  # the history
-    _tick(config)  # settled: nothing new
+    direct = Store(f"s3://{bucket}/out", server.fsspec_options())
+    _tick(config, direct)  # the history
+    _tick(config, direct)  # settled: nothing new
     write_epoch(tmp_path / "ckpt", None, history + 1)
     proxy.reset()
-    _tick(config)
+    _tick(config, direct)
     counts = dict(proxy.counts)
     # a flow heatmap of an old epoch is redrawn only when its run's colour range crosses a 1-2-5 step
     counts["PUT old flow heatmaps"] = sum(1 for kind, key in proxy.keys if kind == "PUT" and "/plots/flow/" in key
@@ -55,8 +63,8 @@ def test_the_requests_of_a_rerun_with_one_new_checkpoint_do_not_grow_with_the_hi
     try:
         s3_server.make_bucket("short")
         s3_server.make_bucket("long")
-        short = _requests_of_one_new_checkpoint(tmp_path / "short", proxy, 1, "short")
-        long = _requests_of_one_new_checkpoint(tmp_path / "long", proxy, 5, "long")
+        short = _requests_of_one_new_checkpoint(tmp_path / "short", proxy, s3_server, 1, "short")
+        long = _requests_of_one_new_checkpoint(tmp_path / "long", proxy, s3_server, 5, "long")
     finally:
         proxy.close()
     print(f"\nrequests of a rerun with one new checkpoint: after 1 epoch {short}; after 5 epochs {long}")

@@ -58,8 +58,8 @@ class Counter:
         monkeypatch.setattr(Store, "get", counted_get)
         draw = reduce_module._draw
 
-        def counted_draw(store, figures, stored, files, code, result, partitions=None):
-            drawn = draw(store, figures, stored, files, code, result, partitions)
+        def counted_draw(store, figures, stored, files, code, result, partitions=None, listed=None):
+            drawn = draw(store, figures, stored, files, code, result, partitions, listed)
             self.drawn += list(drawn)
             return drawn
 

@@ -10,6 +10,7 @@ import logging
 import posixpath
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Sequence
 
 from invariance.config import RunConfig, settings_hash
 from invariance.core.interpolation import check_interpolable
@@ -26,6 +27,9 @@ from invariance.measures import Measure, active_measures, measure_of
 from invariance.measures.base import PlanSetup
 
 log = logging.getLogger(__name__)
+
+# a refresh of some units lists their folders one by one up to this many, else everything at once
+PARTIAL_REFRESH_FOLDERS = 32
 
 
 @dataclass
@@ -84,16 +88,26 @@ class Plan:
         """The run's measure called ``name``."""
         return next(measure for measure in self.measures if measure.name == name)
 
-    def refresh(self, store: Store) -> None:
+    def refresh(self, store: Store, units: Sequence[Unit] | None = None) -> None:
         """Re-read what is done, e.g. after an execution: one listing of the completion records
         and one of each kind's data folder. A unit is done when its record and its raw shard exist,
         or when a compacted file with its record holds it (the records of the shards it holds are
         removed then: ``invariance.engine.compact``). The file whose name is the hash of a folder's
         planned shards holds them all, known without a read; another compacted file of a folder
         (shards beyond the plan's) is opened, its footer only, while a planned shard of its folder
-        is held by none. A record whose data is gone (a deleted shard) leaves the unit missing."""
+        is held by none. A record whose data is gone (a deleted shard) leaves the unit missing.
+
+        ``units`` (e.g. those an execution just wrote): only their folders are listed again (their
+        data folders, their records' folders, a compacted file's record), at most
+        PARTIAL_REFRESH_FOLDERS of them, else everything; what else the last refresh found stands.
+        Only for a plan whose other folders nobody changed since (the run holding the lease)."""
+        if units is not None:
+            data_folders = {posixpath.dirname(self.data_key(u)) for u in units}
+            record_folders = {posixpath.dirname(self.record_key(u)) for u in units}
+            if len(data_folders) + len(record_folders) <= PARTIAL_REFRESH_FOLDERS:
+                self._refresh_folders(store, data_folders, record_folders)
+                return
         records = set(store.list(MANIFESTS))
-        compacted_records = {key for key in records if key.startswith(COMPACTED_RECORDS)}
         folder_units = self.folder_units(smallest=1)  # a folder of one planned shard may hold a compacted file too
         present: set[str] = set()
         folders: dict[tuple[str, type], list[str]] = {}
@@ -104,10 +118,52 @@ class Plan:
         for keys in folders.values():
             present.update(store.list(posixpath.commonpath(keys)))
         self.records, self.present, self.holder = records, present, {}
+        self._hold(store, folder_units)
+        recorded = [u for u in self.all_units() if self.record_key(u) in records]
+        self.done = {self.record_key(u) for u in recorded if self.data_key(u) in present}
+        self.done.update(self.record_key(u) for units in folder_units.values() for u in units if self.data_key(u) in self.holder)
+        self._warn_lost(store, recorded)
+
+    def _refresh_folders(self, store: Store, data_folders: set[str], record_folders: set[str]) -> None:
+        """``refresh`` of the units whose data or record lies in these folders: each data folder
+        listed once (a compacted file's record prefix only where its folder holds one); of a folder
+        of records, the keys that begin as these units' do (one checkpoint's among all of theirs)."""
+        def under(key: str, prefixes: set[str]) -> bool:
+            return any(key.startswith(prefix) for prefix in prefixes)
+
+        listed = {folder: store.list(folder) for folder in sorted(data_folders)}
+        present = {key for keys in listed.values() for key in keys}
+        data_prefixes = {f"{folder}/" for folder in data_folders}
+        starts = {folder: [] for folder in record_folders}
+        for unit in self.all_units():
+            key = self.record_key(unit)
+            if posixpath.dirname(key) in starts and (under(self.data_key(unit), data_prefixes)):
+                starts[posixpath.dirname(key)].append(key)
+        record_prefixes = {posixpath.commonprefix(keys) if keys else f"{folder}/" for folder, keys in starts.items()}
+        record_prefixes |= {f"{COMPACTED_RECORDS}{folder}/" for folder, keys in listed.items() if any(map(is_compacted, keys))}
+        records = {key for prefix in sorted(record_prefixes) for key in store.list_starting(prefix)}
+        self.present = {key for key in self.present if not under(key, data_prefixes)} | present
+        self.records = {key for key in self.records if not under(key, record_prefixes)} | records
+        self.holder = {key: file for key, file in self.holder.items() if not under(key, data_prefixes)}
+        folder_units = {folder: units for folder, units in self.folder_units(smallest=1).items() if folder in data_folders}
+        self._hold(store, folder_units)
+        affected = [u for u in self.all_units() if under(self.data_key(u), data_prefixes) or under(self.record_key(u), record_prefixes)]
+        done = set(self.done)  # a new set: the missing-per-point count compares the last one by content
+        for unit in affected:
+            key, data = self.record_key(unit), self.data_key(unit)
+            if (key in self.records and data in self.present) or (posixpath.dirname(data) in folder_units and data in self.holder):
+                done.add(key)
+            else:
+                done.discard(key)
+        self.done = done
+        self._warn_lost(store, [u for u in affected if self.record_key(u) in self.records])
+
+    def _hold(self, store: Store, folder_units: dict[str, list[Unit]]) -> None:
+        """``holder`` for the shards of ``folder_units``'s folders, from ``present`` and ``records``."""
         files: dict[str, list[str]] = {}
-        for key in sorted(filter(is_compacted, present)):
-            if compaction_record_key(key) in compacted_records:  # a file without its record: not yet
-                files.setdefault(posixpath.dirname(key), []).append(key)
+        for key in sorted(filter(is_compacted, self.present)):
+            if posixpath.dirname(key) in folder_units and compaction_record_key(key) in self.records:
+                files.setdefault(posixpath.dirname(key), []).append(key)  # a file without its record: not yet
         for folder, units in folder_units.items():
             keys = [self.data_key(u) for u in units]
             compacted = compacted_key(folder, [posixpath.basename(key) for key in keys])
@@ -117,9 +173,8 @@ class Plan:
                 for key in files[folder]:
                     for name in compacted_members(store, key):
                         self.holder.setdefault(f"{folder}/{name}", key)
-        recorded = [u for u in self.all_units() if self.record_key(u) in records]
-        self.done = {self.record_key(u) for u in recorded if self.data_key(u) in present}
-        self.done.update(self.record_key(u) for units in folder_units.values() for u in units if self.data_key(u) in self.holder)
+
+    def _warn_lost(self, store: Store, recorded: list[Unit]) -> None:
         lost = [u for u in recorded if not self.has_data(self.data_key(u))]
         if lost:
             log.warning("%d completion records without their data (e.g. %s): recomputing them",

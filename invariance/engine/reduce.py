@@ -420,7 +420,8 @@ def reduce_plan(
         result.extra_tables.update(reduced.report_tables)
         result.report_fields.update(reduced.report)
         measure_status.update(reduced.status)
-    drawn = _draw(store, figures, stored_files, files, code, result, partitions)
+    plot_keys: set[str] = set()  # one listing of plots/ for the figures and the report: filled by the first _draw
+    drawn = _draw(store, figures, stored_files, files, code, result, partitions, plot_keys)
     titled = {figure.title: figure.key for figure in figures if figure.title}
     result.path_plots = _Pngs(store, drawn, titled)  # type: ignore[assignment]
     result.figure_keys = titled
@@ -435,6 +436,8 @@ def reduce_plan(
         robustness_keys, table, result.robustness_summary = _robustness(store, metrics.plain(curves), plan.checkpoints,
                                                                         plan.depth, make_plots, plan.layer_names)  # fmt: skip
         result.written += robustness_keys
+        if plot_keys:  # the report finds the robustness figure in the listing it shares
+            plot_keys.update(key for key in robustness_keys if key.startswith(f"{PLOTS}/"))
     else:
         table = _stored(store, REDUCED_ROBUSTNESS) if complete and index.get("robustness") else None
         table = table if table is not None else pl.DataFrame()
@@ -443,7 +446,7 @@ def reduce_plan(
         if make_plots and not result.runs_compared.is_empty():
             compared = result.runs_compared
             drawn.update(_draw(store, [Figure(RUNS_COMPARED_PLOT, compared, lambda: plots.runs_compared_png(
-                compared, robustness.spread_layers(plan.depth)))], stored_files, files, code, result))  # fmt: skip
+                compared, robustness.spread_layers(plan.depth)))], stored_files, files, code, result, listed=plot_keys))  # fmt: skip
     status = {
         "settings": plan.settings_hash,
         "complete_epochs": result.complete_epochs,
@@ -464,7 +467,7 @@ def reduce_plan(
         }
     status_changed = _stored_status(store) != status
     if make_plots:  # rewritten only when its bytes change (the settings shown may change alone)
-        result.written += write_report(store, plan, result, outputs, settings or {})
+        result.written += write_report(store, plan, result, outputs, settings or {}, plot_keys or None)
     if result.written or status_changed:
         stamped = {**status, "reduced_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         store.put(REDUCED_STATUS, json.dumps(stamped, indent=1).encode())
@@ -480,12 +483,15 @@ def reduce_plan(
 
 
 def _draw(store: Store, figures: list[Figure], stored: dict[str, str], files: dict[str, str], code: str,
-          result: ReduceResult, partitions: dict[str, str] | None = None) -> dict[str, bytes]:  # fmt: skip
+          result: ReduceResult, partitions: dict[str, str] | None = None, listed: set[str] | None = None) -> dict[str, bytes]:  # fmt: skip
     """Draw and write the figures whose rows (or code) changed since they were drawn, or whose file
     is gone; record every figure's hash in ``files``. A figure of one checkpoint (``partition``) is
     keyed by its checkpoint's shard hash instead of its rows (its rows derive from those shards
-    alone): no hash over the rows of every old epoch. Returns {key: PNG} of those drawn."""
-    present = set(store.list(PLOTS)) if figures else set()
+    alone): no hash over the rows of every old epoch. ``listed``: the keys under ``plots/``, listed
+    here when empty (one listing per reduce), the figures written added. Returns {key: PNG} of those drawn."""
+    present = set() if listed is None else listed
+    if figures and not present:
+        present.update(store.list(PLOTS))
     drawn = {}
     for figure in figures:
         if figure.partition and partitions and figure.partition in partitions:
@@ -498,6 +504,7 @@ def _draw(store: Store, figures: list[Figure], stored: dict[str, str], files: di
         drawn[figure.key] = figure.render()
         if store.put_if_changed(figure.key, drawn[figure.key]):
             result.written.append(figure.key)
+        present.add(figure.key)
     return drawn
 
 

@@ -72,10 +72,10 @@ def _stored_table(store: Store, key: str) -> pl.DataFrame:
 class _Files:
     """The figures under ``plots/`` (one listing plus what this reduce wrote) and their bytes."""
 
-    def __init__(self, store: Store, outputs: dict[str, bytes]) -> None:
+    def __init__(self, store: Store, outputs: dict[str, bytes], listed: set[str] | None = None) -> None:
         self.store, self.outputs = store, outputs
         try:
-            listed = store.list(PLOTS)
+            listed = store.list(PLOTS) if listed is None else listed
         except StorageError as exc:
             log.warning("report: plots/ not listed (%s); the figures of this reduce only", exc)
             listed = []
@@ -296,10 +296,12 @@ def _base_inputs(plan: Plan, result: "ReduceResult", settings: dict, store: Stor
     return inputs
 
 
-def write_report(store: Store, plan: Plan, result: "ReduceResult", outputs: dict[str, bytes], settings: dict) -> list[str]:
+def write_report(store: Store, plan: Plan, result: "ReduceResult", outputs: dict[str, bytes], settings: dict,
+                 plot_keys: set[str] | None = None) -> list[str]:  # fmt: skip
     """``reports/index.html`` (and a study's ``reports/runs/<run>.html``) from this reduce's tables
-    and figures; each written only when it changed. The keys written."""
-    files = _Files(store, outputs)
+    and figures; each written only when it changed. ``plot_keys``: the keys under ``plots/`` as the
+    reduce listed them (with what it wrote); None: listed here. The keys written."""
+    files = _Files(store, outputs, plot_keys)
     titles = _measure_titles(result, outputs)
     run_metrics = _run_metrics(store) if result.complete_checkpoints else {}
     robustness = _embedded(files, ROBUSTNESS_PLOT, "Robustness link: forgetting spread and corrupted accuracy",

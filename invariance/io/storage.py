@@ -495,6 +495,29 @@ class Store:
             return []
         except Exception as exc:  # noqa: BLE001
             raise StorageError(f"cannot list {self.url(prefix)}: {type(exc).__name__}: {redact(str(exc))}") from exc
+        return self._keys(found)
+
+    def list_starting(self, start: str) -> list[str]:
+        """Keys that begin with ``start``: a folder and the beginning of names in it (e.g. one
+        checkpoint's records among every checkpoint's). On an object store one listing of that
+        prefix alone (a page per 1,000 of its keys, not of the folder's); on a local disk, or a
+        filesystem without server-side prefixes, the folder's listing filtered."""
+        folder, _, name = start.rpartition("/")
+        if not name or isinstance(self.fs, LocalFileSystem):
+            return [key for key in self.list(folder) if key.startswith(start)]
+        try:
+            self.fs.invalidate_cache()
+            found = self.fs.find(self.path(folder), prefix=name)
+        except TypeError:  # no ``prefix`` argument: the folder, filtered
+            return [key for key in self.list(folder) if key.startswith(start)]
+        except FileNotFoundError:
+            return []
+        except Exception as exc:  # noqa: BLE001
+            raise StorageError(f"cannot list {self.url(start)}*: {type(exc).__name__}: {redact(str(exc))}") from exc
+        return [key for key in self._keys(found) if key.startswith(start)]
+
+    def _keys(self, found: list[str]) -> list[str]:
+        """Listed paths as keys relative to the root, sorted, temporary files left out."""
         start = len(self._root_path) + 1
         keys = [p[start:] if p.startswith(self._root_path + "/") else p for p in found]
         return sorted(k for k in keys if not is_temporary(k))
