@@ -96,10 +96,12 @@ NOISE_MULTIPLE = 2.0
 
 
 def t_critical(n_seeds: int) -> float | None:
-    """Student's t quantile of the CONFIDENCE interval of a mean of ``n_seeds`` values; None below 2."""
-    from scipy import stats
+    """Student's t quantile of the CONFIDENCE interval of a mean of ``n_seeds`` values; None below 2.
+    ``scipy.special.stdtrit`` is what ``scipy.stats.t.ppf`` computes, without importing
+    ``scipy.stats`` (1.5 s of every reduce's process)."""
+    from scipy import special
 
-    return float(stats.t.ppf(0.5 + CONFIDENCE / 2, n_seeds - 1)) if n_seeds >= 2 else None
+    return float(special.stdtrit(n_seeds - 1, 0.5 + CONFIDENCE / 2)) if n_seeds >= 2 else None
 
 
 def _interval(value: str) -> list[pl.Expr]:
