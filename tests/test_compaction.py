@@ -330,3 +330,11 @@ def test_a_refresh_of_the_units_an_execution_wrote_lists_their_folders_and_finds
     assert (plan.done, plan.present, plan.records, plan.holder) == (full.done, full.present, full.records, full.holder)
     compact(plan, store)
     assert_frame_equal(_raw_rows(folder), _raw_rows(_copy(computed, tmp_path / "again")), check_exact=True)
+    # more folders than a partial refresh lists one by one: one listing of everything instead
+    import invariance.engine.plan as plan_module
+
+    monkeypatch.setattr(plan_module, "PARTIAL_REFRESH_FOLDERS", 2)
+    monkeypatch.setattr(Store, "list", lambda self, prefix: listed.append(prefix) or original_list(self, prefix))
+    listed.clear()
+    plan.refresh(store, submitted)
+    assert "_manifests" in listed

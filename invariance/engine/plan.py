@@ -145,13 +145,13 @@ class Plan:
         self.present = {key for key in self.present if not under(key, data_prefixes)} | present
         self.records = {key for key in self.records if not under(key, record_prefixes)} | records
         self.holder = {key: file for key, file in self.holder.items() if not under(key, data_prefixes)}
-        folder_units = {folder: units for folder, units in self.folder_units(smallest=1).items() if folder in data_folders}
-        self._hold(store, folder_units)
+        every_folder = self.folder_units(smallest=1)
+        self._hold(store, {folder: units for folder, units in every_folder.items() if folder in data_folders})
         affected = [u for u in self.all_units() if under(self.data_key(u), data_prefixes) or under(self.record_key(u), record_prefixes)]
         done = set(self.done)  # a new set: the missing-per-point count compares the last one by content
-        for unit in affected:
+        for unit in affected:  # as a full refresh decides
             key, data = self.record_key(unit), self.data_key(unit)
-            if (key in self.records and data in self.present) or (posixpath.dirname(data) in folder_units and data in self.holder):
+            if (key in self.records and data in self.present) or (posixpath.dirname(data) in every_folder and data in self.holder):
                 done.add(key)
             else:
                 done.discard(key)
