@@ -119,10 +119,8 @@ class Plan:
             present.update(store.list(posixpath.commonpath(keys)))
         self.records, self.present, self.holder = records, present, {}
         self._hold(store, folder_units)
-        recorded = [u for u in self.all_units() if self.record_key(u) in records]
-        self.done = {self.record_key(u) for u in recorded if self.data_key(u) in present}
-        self.done.update(self.record_key(u) for units in folder_units.values() for u in units if self.data_key(u) in self.holder)
-        self._warn_lost(store, recorded)
+        self.done = {self.record_key(u) for u in self.all_units() if self._listed_done(u, folder_units)}
+        self._warn_lost(store, self.all_units())
 
     def _refresh_folders(self, store: Store, data_folders: set[str], record_folders: set[str]) -> None:
         """``refresh`` of the units whose data or record lies in these folders: each data folder
@@ -137,9 +135,9 @@ class Plan:
         starts = {folder: [] for folder in record_folders}
         for unit in self.all_units():
             key = self.record_key(unit)
-            if posixpath.dirname(key) in starts and (under(self.data_key(unit), data_prefixes)):
+            if posixpath.dirname(key) in starts and under(self.data_key(unit), data_prefixes):
                 starts[posixpath.dirname(key)].append(key)
-        record_prefixes = {posixpath.commonprefix(keys) if keys else f"{folder}/" for folder, keys in starts.items()}
+        record_prefixes = {posixpath.commonprefix(keys) for keys in starts.values()}  # each holds its own units' keys
         record_prefixes |= {f"{COMPACTED_RECORDS}{folder}/" for folder, keys in listed.items() if any(map(is_compacted, keys))}
         records = {key for prefix in sorted(record_prefixes) for key in store.list_starting(prefix)}
         self.present = {key for key in self.present if not under(key, data_prefixes)} | present
@@ -149,14 +147,20 @@ class Plan:
         self._hold(store, {folder: units for folder, units in every_folder.items() if folder in data_folders})
         affected = [u for u in self.all_units() if under(self.data_key(u), data_prefixes) or under(self.record_key(u), record_prefixes)]
         done = set(self.done)  # a new set: the missing-per-point count compares the last one by content
-        for unit in affected:  # as a full refresh decides
-            key, data = self.record_key(unit), self.data_key(unit)
-            if (key in self.records and data in self.present) or (posixpath.dirname(data) in every_folder and data in self.holder):
-                done.add(key)
+        for unit in affected:
+            if self._listed_done(unit, every_folder):
+                done.add(self.record_key(unit))
             else:
-                done.discard(key)
+                done.discard(self.record_key(unit))
         self.done = done
-        self._warn_lost(store, [u for u in affected if self.record_key(u) in self.records])
+        self._warn_lost(store, affected)
+
+    def _listed_done(self, unit: Unit, folders: dict[str, list[Unit]]) -> bool:
+        """Whether the last listings show ``unit`` done: its record and its raw shard, or its shard
+        held by a compacted file (with its record) in one of ``folders`` (every planned data folder)."""
+        data = self.data_key(unit)
+        return (self.record_key(unit) in self.records and data in self.present) or (
+            posixpath.dirname(data) in folders and data in self.holder)
 
     def _hold(self, store: Store, folder_units: dict[str, list[Unit]]) -> None:
         """``holder`` for the shards of ``folder_units``'s folders, from ``present`` and ``records``."""
@@ -174,8 +178,9 @@ class Plan:
                     for name in compacted_members(store, key):
                         self.holder.setdefault(f"{folder}/{name}", key)
 
-    def _warn_lost(self, store: Store, recorded: list[Unit]) -> None:
-        lost = [u for u in recorded if not self.has_data(self.data_key(u))]
+    def _warn_lost(self, store: Store, units: list[Unit]) -> None:
+        """Logs the units of ``units`` with a record but no data (a deleted shard): they are computed again."""
+        lost = [u for u in units if self.record_key(u) in self.records and not self.has_data(self.data_key(u))]
         if lost:
             log.warning("%d completion records without their data (e.g. %s): recomputing them",
                         len(lost), store.url(self.data_key(lost[0])))  # fmt: skip
